@@ -1,0 +1,36 @@
+"""Reading checkpoints written by :class:`gcmodels.module.GCClassifier`, with clear errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_hparams(path: str | Path) -> dict:
+    """Hyper-parameters stored in a Lightning checkpoint; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"not a readable PyTorch checkpoint: {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"not a checkpoint of this project (no hyper_parameters/state_dict): {path}")
+    return dict(checkpoint["hyper_parameters"])
+
+
+def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool) -> None:
+    """Refuse to resume from a checkpoint of another architecture, pooling or class count."""
+    saved = read_hparams(path)
+    saved_model = dict(saved.get("model") or {})
+    problems = []
+    for key in ("name", "pooling"):
+        if saved_model.get(key) != model.get(key):
+            problems.append(f"model.{key}: checkpoint has {saved_model.get(key)!r}, config has {model.get(key)!r}")
+    if saved.get("num_classes") != num_classes:
+        problems.append(f"number of classes: checkpoint has {saved.get('num_classes')}, data has {num_classes}")
+    if bool(saved.get("multilabel", False)) != bool(multilabel):
+        problems.append(f"multilabel: checkpoint has {saved.get('multilabel')}, data has {multilabel}")
+    if problems:
+        raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))

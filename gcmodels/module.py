@@ -1,0 +1,152 @@
+"""The LightningModule: one classifier, trained with cross-entropy (``ce``) or with the GC loss (``gc``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
+
+from gcmodels.gradcam import MODES as CAM_MODES
+from gcmodels.networks import ExplainableNet, build_network
+from gcmodels.objective import gc_objective
+from losses import classification_loss, random_layout
+
+LOSSES = ("ce", "gc")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("step", "cosine", "none")
+
+
+def check_loss_options(name: str, lam: float, cam_mode: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"loss.name={name!r} is unknown; allowed: {list(LOSSES)}")
+    if not isinstance(lam, (int, float)) or lam < 0:
+        raise ValueError(f"loss.lambda must be a number >= 0, got {lam!r}")
+    if cam_mode not in CAM_MODES:
+        raise ValueError(f"loss.cam_mode={cam_mode!r} is unknown; allowed: {list(CAM_MODES)}")
+
+
+def check_optim_options(optimizer: dict, scheduler: dict) -> None:
+    if optimizer.get("name") not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={optimizer.get('name')!r} is unknown; allowed: {list(OPTIMIZERS)}")
+    if not optimizer.get("lr", 0) > 0:
+        raise ValueError(f"optimizer.lr must be > 0, got {optimizer.get('lr')!r}")
+    if scheduler.get("name") not in SCHEDULERS:
+        raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
+
+
+class GCClassifier(pl.LightningModule):
+    """Image classifier trained with ``loss.name=ce`` or ``gc`` (CE + lambda * Grad-CAM consistency).
+
+    ``model`` describes the network (``name``, ``pooling``, ``pretrained``) and is stored in the
+    checkpoint's hyper-parameters, so a checkpoint rebuilds its own network
+    (:meth:`from_checkpoint`). ``net`` overrides the built network (tests use tiny networks).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        num_classes: int,
+        multilabel: bool = False,
+        loss: str = "gc",
+        lam: float = 1.0,
+        cam_mode: str = "elementwise",
+        detach_target: bool = False,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        layout_seed: int = 0,
+        net: ExplainableNet | None = None,
+    ):
+        super().__init__()
+        optimizer = dict(optimizer or {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4})
+        scheduler = dict(scheduler or {"name": "step", "step_size": 30, "gamma": 0.1})
+        check_loss_options(loss, lam, cam_mode)
+        check_optim_options(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net if net is not None else build_network(
+            model["name"], num_classes, model.get("pooling", "avg"), model.get("pretrained", False)
+        )
+        self._layout_generator: torch.Generator | None = None
+        if multilabel:
+            self.train_acc = MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
+            self.val_acc = MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
+        else:
+            self.train_acc = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+            self.val_acc = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+
+    @property
+    def accuracy_name(self) -> str:
+        return "f1" if self.hparams.multilabel else "acc"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "GCClassifier":
+        """Load a checkpoint written by this class, rebuilding the network it describes."""
+        return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def layout_generator(self) -> torch.Generator:
+        """Per-process random stream for cells and distractors: reproducible for a seed and
+        different on each DDP rank."""
+        if self._layout_generator is None:
+            self._layout_generator = torch.Generator().manual_seed(
+                int(self.hparams.layout_seed) * 1000 + self.global_rank
+            )
+        return self._layout_generator
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch["image"], batch["target"]
+        size = images.shape[0]
+        self.log("train/skipped_corrupt", float(batch.get("skipped", 0)), on_step=False, on_epoch=True,
+                 reduce_fx="sum", sync_dist=True, batch_size=max(size, 1))
+        if size == 0:
+            return None
+        if self.hparams.loss == "gc":
+            layout = random_layout(targets, self.hparams.num_classes, self.layout_generator())
+            out = gc_objective(
+                self.net, images, targets, layout, float(self.hparams.lam),
+                self.hparams.cam_mode, self.hparams.detach_target,
+            )
+            loss, logits = out.loss, out.logits
+            self.log("train/gc", out.consistency, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+            self.log("train/gc_left_out", float(size - out.num_composites), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True, batch_size=size)
+            self.log("train/ce", out.classification, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        else:
+            logits = self.net(images)
+            loss = classification_loss(logits, targets)
+            self.log("train/ce", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        self.train_acc(logits.detach(), targets.long() if targets.dim() > 1 else targets)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(f"train/{self.accuracy_name}", self.train_acc, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images, targets = batch["image"], batch["target"]
+        if images.shape[0] == 0:
+            return
+        logits = self.net(images)
+        self.val_acc(logits, targets.long() if targets.dim() > 1 else targets)
+        size = images.shape[0]
+        self.log("val/loss", classification_loss(logits, targets), sync_dist=True, batch_size=size)
+        self.log(f"val/{self.accuracy_name}", self.val_acc, prog_bar=True, batch_size=size)
+
+    def configure_optimizers(self):
+        opt_cfg = dict(self.hparams.optimizer)
+        name, lr = opt_cfg.pop("name"), opt_cfg.pop("lr")
+        if name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=lr, **opt_cfg)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=lr, **opt_cfg)
+        sched_cfg = dict(self.hparams.scheduler)
+        sched_name = sched_cfg.pop("name")
+        if sched_name == "none":
+            return optimizer
+        if sched_name == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, **sched_cfg)
+        else:
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, **sched_cfg)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,99 @@
+"""Classifiers split at the layer Grad-CAM explains: ``normalize -> features -> head``.
+
+The split makes the explained layer explicit: ``features(x)`` returns the activations ``A``
+(ResNet: ``layer4`` output; AlexNet: conv5 after its ReLU) and ``head(A)`` returns the logits.
+Images enter in pixel space ([0, 1]); normalisation is the network's first step, so composites
+and adversarial perturbations (FGSM) are built in pixel space.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Per-channel affine normalisation as a module, so it is part of the differentiable graph."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ExplainableNet(nn.Module):
+    """A classifier whose explained layer is the output of ``features``."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, normalize: nn.Module | None = None):
+        super().__init__()
+        self.normalize = normalize if normalize is not None else nn.Identity()
+        self.features = features
+        self.head = head
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+
+def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool) -> ExplainableNet:
+    builder = getattr(models, arch)
+    weights = "DEFAULT" if pretrained else None
+    net = builder(weights=weights)
+    if net.fc.out_features != num_classes:
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    features = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    # GMP (paper): global max instead of global average pooling before fc; same weights otherwise.
+    pool = nn.AdaptiveAvgPool2d(1) if pooling == "avg" else nn.AdaptiveMaxPool2d(1)
+    head = nn.Sequential(pool, nn.Flatten(1), net.fc)
+    return ExplainableNet(features, head, Normalize())
+
+
+def _alexnet(num_classes: int, pooling: str, pretrained: bool) -> ExplainableNet:
+    if pooling != "avg":
+        # AlexNet has no global pooling to swap: its head is maxpool + 6x6 adaptive pool + MLP.
+        raise ValueError(
+            f"model.pooling={pooling!r} is not available for alexnet: global max pooling (GMP) "
+            "replaces a ResNet's global average pooling; use model.pooling=avg with alexnet"
+        )
+    net = models.alexnet(weights="DEFAULT" if pretrained else None)
+    if net.classifier[-1].out_features != num_classes:
+        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
+    # features[:-1] ends with conv5's ReLU (13x13 at 224 px); its last max-pool moves to the head.
+    features = net.features[:-1]
+    head = nn.Sequential(net.features[-1], net.avgpool, nn.Flatten(1), net.classifier)
+    return ExplainableNet(features, head, Normalize())
+
+
+ARCHITECTURES: dict[str, Callable[[int, str, bool], ExplainableNet]] = {
+    "resnet18": lambda n, p, w: _resnet("resnet18", n, p, w),
+    "resnet50": lambda n, p, w: _resnet("resnet50", n, p, w),
+    "alexnet": _alexnet,
+}
+POOLINGS = ("avg", "max")
+
+
+def build_network(
+    name: str, num_classes: int, pooling: str = "avg", pretrained: bool = False
+) -> ExplainableNet:
+    """Build ``name`` with ``num_classes`` outputs; ``pretrained`` loads torchvision's ImageNet
+    weights (from the local torch cache or a download) and replaces the last layer when the
+    class count differs."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"model.name={name!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {list(POOLINGS)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"number of classes must be an integer >= 2, got {num_classes!r}")
+    return ARCHITECTURES[name](num_classes, pooling, pretrained)

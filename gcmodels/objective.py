@@ -1,0 +1,58 @@
+"""The training objective: classification loss plus lambda times the Grad-CAM consistency loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gcmodels.gradcam import gradcam
+from gcmodels.networks import ExplainableNet
+from losses import CompositeLayout, classification_loss, composite_target, consistency_l1, make_composite
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    classification: torch.Tensor
+    consistency: torch.Tensor
+    logits: torch.Tensor
+    num_composites: int
+
+
+def gc_objective(
+    net: ExplainableNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    layout: CompositeLayout,
+    lam: float,
+    cam_mode: str = "elementwise",
+    detach_target: bool = False,
+) -> ObjectiveOutput:
+    """``classification(f(x), y) + lam * L1(g_c, comp(k, g_x, 0, 0, 0))`` for one batch.
+
+    Both Grad-CAM maps keep their graph (``create_graph=True``): the caller's single ordinary
+    ``backward()`` of ``loss`` then runs the second-order backward through ``dy/dA``. The target
+    ``g_x`` is not detached unless ``detach_target`` (the authors' code does not detach it).
+    Samples whose layout is invalid (no distractor in the batch) are left out of the GC term.
+    """
+    positive = layout.positive.clamp(min=0)
+    logits, maps = gradcam(net, images, positive, cam_mode, create_graph=True)
+    classification = classification_loss(logits, targets)
+    keep = layout.valid.nonzero().squeeze(1)
+    if keep.numel() == 0:
+        consistency = logits.new_zeros(())
+    else:
+        kept = layout.select(layout.valid)
+        composites = make_composite(images, keep, kept)
+        _, composite_maps = gradcam(net, composites, kept.positive, cam_mode, create_graph=True)
+        target = composite_target(maps[keep], kept.cells, composite_maps.shape[-2:])
+        if detach_target:
+            target = target.detach()
+        consistency = consistency_l1(composite_maps, target)
+    return ObjectiveOutput(
+        loss=classification + lam * consistency,
+        classification=classification,
+        consistency=consistency,
+        logits=logits,
+        num_composites=int(keep.numel()),
+    )

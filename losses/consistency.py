@@ -1,0 +1,24 @@
+"""Loss terms of the GC objective (Pillai & Pirsiavash, Eq. 4-5), as pure tensor functions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices ``[B]``; BCE with logits for multi-hot targets ``[B, K]``."""
+    if targets.dim() == 1:
+        return F.cross_entropy(logits, targets.long())
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+def consistency_l1(composite_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the composites' normalised maps and their targets, averaged over the
+    batch and the map cells (zero for an empty batch, so it can always be added)."""
+    if composite_maps.shape != targets.shape:
+        raise ValueError(
+            f"composite maps {tuple(composite_maps.shape)} and targets {tuple(targets.shape)} differ in shape"
+        )
+    if composite_maps.numel() == 0:
+        return composite_maps.sum()
+    return (composite_maps - targets).abs().mean()
