@@ -1,0 +1,443 @@
+"""Tests of datamodules/: readers of the on-disk formats, the synthetic generator, the datamodules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from datamodules import (
+    ClassFolderDataset,
+    COCODataModule,
+    CocoMultiLabelDataset,
+    CorruptImageError,
+    ImageNetDataModule,
+    SyntheticDataModule,
+    coco_masks,
+    collate_skipping_corrupt,
+    generate_synthetic,
+    load_coco,
+    read_ilsvrc_boxes,
+    readers,
+)
+from datamodules.synthetic import MAX_CLASSES, MIN_IMAGE_SIZE
+
+SMALL = dict(num_classes=3, image_size=48, train_per_class=4, val_per_class=2)
+
+
+def write_image(path: Path, size=(40, 30), color=(200, 30, 60)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def esc(path: Path) -> str:
+    """A path as a regular expression for pytest.raises(match=...)."""
+    return re.escape(str(path))
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- synthetic generator
+
+
+def test_generation_is_deterministic_and_seed_dependent(tmp_path):
+    first = generate_synthetic(tmp_path / "a", **SMALL, context_bias=0.5, seed=1)
+    second = generate_synthetic(tmp_path / "b", **SMALL, context_bias=0.5, seed=1)
+    other = generate_synthetic(tmp_path / "c", **SMALL, context_bias=0.5, seed=2)
+
+    hashes = file_hashes(first)
+    assert len([name for name in hashes if name.endswith(".png")]) == 3 * (4 + 2)
+    assert {"meta.json", "annotations/instances_train.json", "annotations/instances_val.json"} <= set(hashes)
+    assert hashes == file_hashes(second)
+    assert first.name == second.name != other.name  # the directory name hashes the parameters
+    other_hashes = file_hashes(other)
+    pngs = [name for name in hashes if name.endswith(".png")]
+    assert all(hashes[name] != other_hashes[name] for name in pngs)
+
+
+def test_generation_is_idempotent_and_redoes_an_incomplete_directory(tmp_path):
+    directory = generate_synthetic(tmp_path, **SMALL)
+    image = directory / "train" / "class_00_circle" / "00000.png"
+    stamp = image.stat().st_mtime_ns
+    assert generate_synthetic(tmp_path, **SMALL) == directory
+    assert image.stat().st_mtime_ns == stamp  # not rewritten
+
+    expected = file_hashes(directory)
+    (directory / "meta.json").unlink()  # as if generation had been interrupted
+    image.unlink()
+    assert generate_synthetic(tmp_path, **SMALL) == directory
+    assert file_hashes(directory) == expected
+    assert [p.name for p in tmp_path.iterdir()] == [directory.name]  # no staging directory left
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_annotation_masks_are_exact(tmp_path, split):
+    directory = generate_synthetic(tmp_path, **SMALL, context_bias=1.0)
+    coco = load_coco(directory / "annotations" / f"instances_{split}.json")
+    assert [cat["id"] for cat in coco.dataset["categories"]] == [1, 2, 3]
+    for ann in coco.dataset["annotations"]:
+        info = coco.imgs[ann["image_id"]]
+        pixels = np.asarray(Image.open(directory / split / info["file_name"]))
+        mask = coco.annToMask(ann).astype(bool)
+        rows, cols = np.nonzero(mask)
+        assert mask.shape == pixels.shape[:2] == (48, 48)
+        assert rows.size == ann["area"] > 0
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert ann["bbox"] == [cols.min(), rows.min(), width, height]
+        assert (pixels[mask] == ann["color"]).all()
+        # The class is in the folder name and the category: they agree.
+        assert info["file_name"].split("/")[0] == coco.cats[ann["category_id"]]["name"]
+
+
+def test_every_shape_renders_distinct_masks_at_the_minimum_size(tmp_path):
+    directory = generate_synthetic(
+        tmp_path, num_classes=MAX_CLASSES, image_size=MIN_IMAGE_SIZE, train_per_class=1, val_per_class=1
+    )
+    coco = load_coco(directory / "annotations" / "instances_val.json")
+    masks = [coco.annToMask(ann) for ann in coco.dataset["annotations"]]
+    assert len(masks) == MAX_CLASSES and all(mask.any() for mask in masks)
+    # Normalise away position and scale: crop to the box and resize; the shapes must differ.
+    signatures = set()
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        crop = Image.fromarray(mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] * 255)
+        signatures.add(np.asarray(crop.resize((12, 12), Image.Resampling.NEAREST)).tobytes())
+    assert len(signatures) == MAX_CLASSES
+
+
+def test_context_cue_is_in_every_biased_train_image_and_never_in_val(tmp_path):
+    biased = generate_synthetic(tmp_path, **SMALL, context_bias=1.0)
+    unbiased = generate_synthetic(tmp_path, **SMALL, context_bias=0.0)
+
+    train = read_json(biased / "annotations" / "instances_train.json")
+    boxes = {ann["image_id"]: ann["bbox"] for ann in train["annotations"]}
+    cue_colors = set()
+    for info in train["images"]:
+        cue = info["context_cue"]
+        x, y, w, h = cue["box"]
+        pixels = np.asarray(Image.open(biased / "train" / info["file_name"]))
+        assert (pixels[y : y + h, x : x + w] == cue["color"]).all()
+        bx, by, bw, bh = boxes[info["id"]]
+        assert x + w <= bx or bx + bw <= x or y + h <= by or by + bh <= y  # outside the object
+        cue_colors.add((info["file_name"].split("/")[0], tuple(cue["color"])))
+        # The cue is drawn last from the same random stream: without it the image is the same.
+        plain = np.asarray(Image.open(unbiased / "train" / info["file_name"])).copy()
+        plain[y : y + h, x : x + w] = cue["color"]
+        assert (plain == pixels).all()
+    assert len(cue_colors) == 3  # one colour per class
+
+    for directory, split in ((biased, "val"), (unbiased, "train"), (unbiased, "val")):
+        images = read_json(directory / "annotations" / f"instances_{split}.json")["images"]
+        assert all(info["context_cue"] is None for info in images)
+
+
+@pytest.mark.parametrize("bias", [-0.1, 1.5, float("nan"), "0.5"])
+def test_context_bias_out_of_range_is_rejected(tmp_path, bias):
+    with pytest.raises(ValueError, match=r"data\.context_bias"):
+        generate_synthetic(tmp_path, **SMALL, context_bias=bias)
+    with pytest.raises(ValueError, match=r"data\.context_bias"):
+        SyntheticDataModule(data_dir=tmp_path, context_bias=bias)
+    assert not any(tmp_path.iterdir())  # validated before any work
+
+
+@pytest.mark.parametrize("num_classes", [1, MAX_CLASSES + 1])
+def test_num_classes_out_of_range_is_rejected(tmp_path, num_classes):
+    with pytest.raises(ValueError, match=rf"data\.num_classes must be in \[2, {MAX_CLASSES}\]"):
+        generate_synthetic(tmp_path, num_classes=num_classes)
+    with pytest.raises(ValueError, match=r"data\.num_classes"):
+        SyntheticDataModule(data_dir=tmp_path, num_classes=num_classes)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("batch_size", 0), ("num_workers", -1), ("image_size", MIN_IMAGE_SIZE - 1), ("seed", -1)]
+)
+def test_synthetic_datamodule_rejects_bad_arguments(tmp_path, key, value):
+    with pytest.raises(ValueError, match=rf"data\.{key}"):
+        SyntheticDataModule(data_dir=tmp_path, **{key: value})
+
+
+def test_synthetic_datamodule_end_to_end(tmp_path):
+    module = SyntheticDataModule(data_dir=tmp_path, **SMALL, context_bias=0.5, batch_size=5)
+    assert module.num_classes == 3 and not module.multilabel  # known before any file exists
+    assert module.class_names == ["class_00_circle", "class_01_square", "class_02_triangle"]
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        module.setup("fit")
+
+    module.prepare_data()
+    module.setup("fit")
+    assert module.val_annotation_file.is_file()
+    assert module.val_annotation_file.parent.parent == module.dataset_dir
+    assert len(module.train_set) == 12 and len(module.val_set) == 6
+    for loader, size in ((module.train_dataloader(), 5), (module.val_dataloader(), 5)):
+        batch = next(iter(loader))
+        assert batch["image"].shape == (size, 3, 48, 48) and batch["image"].dtype == torch.float32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert batch["target"].dtype == torch.int64 and batch["target"].shape == (size,)
+        assert ((batch["target"] >= 0) & (batch["target"] < 3)).all()
+        assert batch["skipped"] == 0
+    # Val labels follow the folders, in config order.
+    assert [label for _, label in module.val_set.samples] == [0, 0, 1, 1, 2, 2]
+
+
+# --------------------------------------------------------------------------- ImageFolder reader
+
+
+def test_class_folder_dataset_reads_labels_and_decodes_through_load_rgb(tmp_path, monkeypatch):
+    write_image(tmp_path / "cat" / "1.png", color=(255, 0, 0))
+    write_image(tmp_path / "cat" / "2.JPEG", color=(0, 0, 255))
+    write_image(tmp_path / "ant" / "nested" / "3.jpg")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    (tmp_path / ".cache").mkdir()  # hidden folders are not classes
+
+    calls = []
+    original = readers.load_rgb
+    monkeypatch.setattr(readers, "load_rgb", lambda path: calls.append(path) or original(path))
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor())
+    assert dataset.classes == ["ant", "cat"] and dataset.num_classes == 2
+    samples = [(path.name, label) for path, label in dataset.samples]
+    assert samples == [("3.jpg", 0), ("1.png", 1), ("2.JPEG", 1)]
+    sample = dataset[1]
+    assert sample["target"].dtype == torch.int64 and sample["target"].item() == 1
+    assert sample["image"].shape == (3, 30, 40) and sample["image"].dtype == torch.float32
+    assert torch.allclose(sample["image"][:, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+    assert calls == [tmp_path / "cat" / "1.png"]
+
+
+def test_class_folder_dataset_uses_given_class_names(tmp_path):
+    write_image(tmp_path / "b" / "1.png")
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), class_names=["a", "b", "c"])
+    assert dataset.num_classes == 3 and dataset.samples[0][1] == 1
+    with pytest.raises(ValueError, match=r"\['b'\].*" + esc(tmp_path)):
+        ClassFolderDataset(tmp_path, transforms.ToTensor(), class_names=["a"])
+
+
+def test_class_folder_dataset_errors_name_the_path(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=esc(missing)):
+        ClassFolderDataset(missing, transforms.ToTensor())
+    with pytest.raises(ValueError, match=f"no class folders.*{esc(tmp_path)}"):
+        ClassFolderDataset(tmp_path, transforms.ToTensor())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"no image files.*{esc(tmp_path)}"):
+        ClassFolderDataset(tmp_path, transforms.ToTensor())
+
+
+def corrupt_tree(root: Path) -> tuple[Path, Path]:
+    """Two good images, a garbage .png and a truncated .png (valid header, cut pixel data)."""
+    write_image(root / "a" / "0.png")
+    write_image(root / "a" / "1.png")
+    garbage = root / "a" / "2.png"
+    garbage.write_bytes(b"this is not an image")
+    truncated = root / "b" / "3.png"
+    noisy = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    truncated.parent.mkdir()
+    Image.fromarray(noisy).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    return garbage, truncated
+
+
+def test_corrupt_images_raise_an_error_naming_the_file(tmp_path):
+    garbage, truncated = corrupt_tree(tmp_path)
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor())
+    for index, path in ((2, garbage), (3, truncated)):
+        with pytest.raises(CorruptImageError, match=f"corrupt image file {esc(path)}"):
+            dataset[index]
+
+
+def test_a_missing_file_is_not_skipped_as_corrupt(tmp_path):
+    path = write_image(tmp_path / "a" / "0.png")
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=True)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=esc(path)):
+        dataset[0]
+
+
+def test_skip_corrupt_drops_bad_files_from_the_batch(tmp_path):
+    corrupt_tree(tmp_path)
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=True)
+    batches = list(DataLoader(dataset, batch_size=2, collate_fn=collate_skipping_corrupt))
+    assert batches[0]["image"].shape == (2, 3, 30, 40) and batches[0]["skipped"] == 0
+    assert batches[0]["target"].tolist() == [0, 0]
+    # Both files of the second batch are corrupt: an empty batch that says so.
+    assert batches[1]["image"].numel() == 0 and batches[1]["target"].numel() == 0
+    assert batches[1]["skipped"] == 2
+
+    mixed = list(DataLoader(dataset, batch_size=4, collate_fn=collate_skipping_corrupt))
+    assert mixed[0]["image"].shape == (2, 3, 30, 40) and mixed[0]["skipped"] == 2
+
+
+# --------------------------------------------------------------------------- COCO reader
+
+CATEGORY_IDS = [1, 5, 90]
+
+
+def rle_of_box(height, width, x, y, w, h) -> dict:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y : y + h, x : x + w] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def write_coco_split(root: Path, split: str, categories=CATEGORY_IDS) -> Path:
+    """Images 1-3 annotated, image 4 without annotations; 30x40 images."""
+    for image_id in range(1, 5):
+        write_image(root / split / f"{image_id:012d}.jpg")
+    annotations = [
+        # image 1: category 1 twice (union mask) and category 90
+        (1, 1, {"segmentation": rle_of_box(30, 40, 0, 0, 5, 5)}),
+        (1, 1, {"segmentation": rle_of_box(30, 40, 20, 10, 4, 3)}),
+        (1, 90, {"segmentation": [[10.0, 10.0, 20.0, 10.0, 20.0, 20.0, 10.0, 20.0]]}),
+        # image 2: only category 5; image 3: a crowd of category 90, in uncompressed RLE as COCO
+        # stores crowds (no zeros, then 1200 ones: the whole image)
+        (2, 5, {"segmentation": rle_of_box(30, 40, 1, 1, 2, 2)}),
+        (3, 90, {"segmentation": {"size": [30, 40], "counts": [0, 30 * 40]}, "iscrowd": 1}),
+    ]
+    data = {
+        "images": [
+            {"id": i, "file_name": f"{i:012d}.jpg", "width": 40, "height": 30} for i in range(1, 5)
+        ],
+        "annotations": [
+            {"id": n, "image_id": image_id, "category_id": cat, "iscrowd": 0, **extra}
+            for n, (image_id, cat, extra) in enumerate(annotations, start=1)
+        ],
+        "categories": [{"id": cat, "name": f"cat{cat}"} for cat in categories],
+    }
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    ann_file.parent.mkdir(parents=True, exist_ok=True)
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def test_coco_multilabel_targets_and_masks(tmp_path):
+    ann_file = write_coco_split(tmp_path, "val2017")
+    dataset = CocoMultiLabelDataset(tmp_path / "val2017", ann_file, transforms.ToTensor())
+    assert dataset.classes == ["cat1", "cat5", "cat90"] and dataset.num_classes == 3
+    assert dataset.image_ids == [1, 2, 3]  # image 4 has no annotation: dropped
+    targets = [dataset[i]["target"].tolist() for i in range(3)]
+    assert targets == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    sample = dataset[0]
+    assert sample["target"].dtype == torch.float32 and sample["image"].shape == (3, 30, 40)
+
+    masks = coco_masks(dataset.coco, 1, dataset.category_ids)
+    assert sorted(masks) == [0, 2]
+    expected = np.zeros((30, 40), dtype=bool)
+    expected[0:5, 0:5] = expected[10:13, 20:24] = True
+    assert masks[0].dtype == bool and (masks[0] == expected).all()
+    assert masks[2][12:19, 12:19].all() and not masks[2][:9].any()  # the polygon's inside
+    assert coco_masks(dataset.coco, 3, {2: 90})[2].all()  # crowd included; explicit mapping
+
+
+def test_coco_errors_name_the_file(tmp_path):
+    ann_file = write_coco_split(tmp_path, "val2017")
+    with pytest.raises(FileNotFoundError, match=esc(tmp_path / "nowhere")):
+        CocoMultiLabelDataset(tmp_path / "nowhere", ann_file, transforms.ToTensor())
+    with pytest.raises(FileNotFoundError, match=esc(tmp_path / "none.json")):
+        load_coco(tmp_path / "none.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(ValueError, match=f"malformed COCO annotation file {esc(broken)}"):
+        load_coco(broken)
+    broken.write_text('{"images": []}')
+    with pytest.raises(ValueError, match=f"{esc(broken)} lacks the key"):
+        load_coco(broken)
+
+
+# --------------------------------------------------------------------------- ILSVRC boxes
+
+ILSVRC_XML = """<annotation>
+  <folder>n01440764</folder><filename>n01440764_18</filename>
+  <size><width>500</width><height>375</height><depth>3</depth></size>
+  <object><name>n01440764</name><difficult>0</difficult>
+    <bndbox><xmin>10</xmin><ymin>20</ymin><xmax>300</xmax><ymax>200</ymax></bndbox></object>
+  <object><name>n01440764</name><difficult>1</difficult>
+    <bndbox><xmin>5.0</xmin><ymin>6</ymin><xmax>7</xmax><ymax>8</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_read_ilsvrc_boxes(tmp_path):
+    path = tmp_path / "n01440764_18.xml"
+    path.write_text(ILSVRC_XML)
+    boxes, width, height = read_ilsvrc_boxes(path)
+    assert (width, height) == (500, 375)
+    assert boxes == [
+        {"name": "n01440764", "box": (10, 20, 300, 200), "difficult": False},
+        {"name": "n01440764", "box": (5, 6, 7, 8), "difficult": True},
+    ]
+
+    path.write_text(ILSVRC_XML[:200])
+    with pytest.raises(ValueError, match=f"malformed box annotation file {esc(path)}"):
+        read_ilsvrc_boxes(path)
+    path.write_text(ILSVRC_XML.replace("<xmax>300</xmax>", ""))
+    with pytest.raises(ValueError, match=f"{esc(path)}: missing <bndbox/xmax>"):
+        read_ilsvrc_boxes(path)
+
+
+# --------------------------------------------------------------------------- ImageNet and COCO
+
+
+def imagenet_tree(root: Path, val_classes=("n01", "n02")) -> Path:
+    for split, classes in (("train", ("n01", "n02")), ("val", val_classes)):
+        for wnid in classes:
+            for i in range(2):
+                write_image(root / split / wnid / f"{wnid}_{i}.JPEG")
+    return root
+
+
+def test_imagenet_datamodule_batches(tmp_path):
+    module = ImageNetDataModule(imagenet_tree(tmp_path), batch_size=3, num_workers=0, image_size=32)
+    assert module.num_classes == 2 and module.class_names == ["n01", "n02"] and not module.multilabel
+    module.setup("fit")
+    for loader in (module.train_dataloader(), module.val_dataloader(), module.test_dataloader()):
+        batch = next(iter(loader))
+        assert batch["image"].shape == (3, 3, 32, 32) and batch["target"].dtype == torch.int64
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_imagenet_datamodule_errors(tmp_path):
+    module = ImageNetDataModule(imagenet_tree(tmp_path, val_classes=("n01", "n03")), image_size=32)
+    with pytest.raises(ValueError, match=r"missing in val \['n02'\], not in train \['n03'\]"):
+        module.setup("fit")
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=f"data\\.data_dir: directory not found: {esc(missing)}"):
+        ImageNetDataModule(missing).num_classes
+
+
+def test_coco_datamodule_batches(tmp_path):
+    write_coco_split(tmp_path, "train2017")
+    write_coco_split(tmp_path, "val2017")
+    module = COCODataModule(tmp_path, batch_size=3, num_workers=0, image_size=32)
+    assert module.multilabel and module.num_classes == 3  # read from the val annotations
+    module.setup("fit")
+    for loader in (module.train_dataloader(), module.val_dataloader()):
+        batch = next(iter(loader))
+        assert batch["image"].shape == (3, 3, 32, 32)
+        assert batch["target"].shape == (3, 3) and batch["target"].dtype == torch.float32
+
+
+def test_coco_datamodule_rejects_mismatched_categories(tmp_path):
+    write_coco_split(tmp_path, "train2017", categories=[1, 5, 90, 91])
+    write_coco_split(tmp_path, "val2017")
+    module = COCODataModule(tmp_path, image_size=32)
+    with pytest.raises(ValueError, match=r"categories of .*instances_train2017\.json differ"):
+        module.setup("fit")
