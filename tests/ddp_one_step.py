@@ -1,0 +1,85 @@
+"""One GC optimisation step under Lightning DDP on 2 CPU processes (gloo); run by test_ddp.py.
+
+Usage: ``python -m tests.ddp_one_step OUT_DIR``. Each rank saves its batch, the composite layout
+it drew and its parameters after the step to ``OUT_DIR/rank{r}.pt``; rank 0 also saves the
+initial parameters. Lightning's subprocess launcher re-runs this module for rank 1.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import gcmodels.module
+from gcmodels.module import GCClassifier
+from tests.nets import tiny_net
+
+NUM_CLASSES = 4
+NUM_IMAGES = 8
+LAMBDA = 5.0
+OPTIMIZER = {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+class FixedImages(Dataset):
+    """8 fixed random images, labels 0..3 twice; DistributedSampler gives rank r items r, r+2, ..."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(123)
+        self.images = torch.rand(NUM_IMAGES, 3, 12, 12, generator=generator, dtype=torch.float64)
+        self.targets = torch.arange(NUM_IMAGES) % NUM_CLASSES
+
+    def __len__(self):
+        return NUM_IMAGES
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "target": self.targets[index]}
+
+
+def build_module() -> GCClassifier:
+    torch.manual_seed(0)
+    return GCClassifier(
+        model={"name": "tiny", "pooling": "avg", "pretrained": False}, num_classes=NUM_CLASSES, loss="gc",
+        lam=LAMBDA, optimizer=OPTIMIZER, scheduler={"name": "none"}, net=tiny_net(NUM_CLASSES).double(),
+    )
+
+
+def main(out_dir: Path) -> None:
+    recorded = {}
+    draw_layout = gcmodels.module.random_layout
+
+    def recording_layout(*args, **kwargs):
+        recorded["layout"] = draw_layout(*args, **kwargs)
+        return recorded["layout"]
+
+    gcmodels.module.random_layout = recording_layout
+    module = build_module()
+    initial = {k: v.clone() for k, v in module.net.state_dict().items()}
+
+    class RecordBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            recorded["batch"] = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=1, precision="64-true", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RecordBatch()], use_distributed_sampler=True,
+    )
+    loader = DataLoader(FixedImages(), batch_size=NUM_IMAGES // 2, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    layout = recorded["layout"]
+    torch.save(
+        {
+            "initial": initial,
+            "after": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
+            "batch": recorded["batch"],
+            "layout": {name: getattr(layout, name) for name in ("positive", "cells", "distractors", "valid")},
+        },
+        out_dir / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
