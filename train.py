@@ -75,8 +75,11 @@ def save_heatmaps(module: GCClassifier, datamodule, cfg: DictConfig) -> Path | N
     count = int(cfg.heatmap_images)
     if count <= 0:
         return None
-    batch = next(iter(datamodule.val_dataloader()))
-    images, targets = batch["image"][:count], batch["target"][:count]
+    # Images spread over the validation set, so that several classes are shown.
+    loader = datamodule.val_dataloader()
+    picks = torch.linspace(0, len(loader.dataset) - 1, count).long().unique().tolist()
+    batch = loader.collate_fn([loader.dataset[i] for i in picks])
+    images, targets = batch["image"], batch["target"]
     classes = targets if targets.dim() == 1 else targets.float().argmax(1)
     path = Path(cfg.output_dir, "heatmaps.png")
     save_gradcam_grid(module.net.cpu().eval(), images, classes, path, mode=cfg.loss.cam_mode,

@@ -39,6 +39,9 @@ def gradcam_from_activations(
             f"{tuple(activations.shape)}"
         )
     (grads,) = torch.autograd.grad(scores.sum(), activations, create_graph=create_graph)
+    # Maps in float32 even under mixed precision: the eps of the normalisation vanishes in fp16.
+    dtype = torch.promote_types(activations.dtype, torch.float32)
+    grads, activations = grads.to(dtype), activations.to(dtype)
     if mode == "standard":
         grads = grads.mean(dim=(2, 3), keepdim=True)
     maps = F.relu((grads * activations).sum(dim=1))

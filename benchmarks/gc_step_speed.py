@@ -1,0 +1,122 @@
+"""Speed of a GC training step against a CE step, and images decoded per training sample.
+
+    python benchmarks/gc_step_speed.py [--sizes 112 224] [--batch 16] [--steps 5] [--device cpu]
+
+Both step kinds are timed in the same run, alternating, so the ratio is robust to machine noise.
+Target (issue 2): GC/CE step-time ratio <= 5.5 at 224 px (the composite alone has 4x the pixels,
+so about 5 is the floor); 1.0 decoded image per sample (distractors come from the batch).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules import readers  # noqa: E402
+from datamodules.synthetic import SyntheticDataModule  # noqa: E402
+from gcmodels.module import GCClassifier  # noqa: E402
+from gcmodels.networks import build_network  # noqa: E402
+from gcmodels.objective import gc_objective  # noqa: E402
+from losses import classification_loss, random_layout  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(size: int, batch: int, steps: int, device: torch.device, precision: str) -> dict[str, float]:
+    """Median seconds of a CE step and a GC step (forward, backward, SGD update) for ResNet18."""
+    torch.manual_seed(0)
+    net = build_network("resnet18", 10).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    images = torch.rand(batch, 3, size, size, device=device)
+    targets = torch.arange(batch, device=device) % 10
+    generator = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def ce_step():
+        with autocast:
+            loss = classification_loss(net(images), targets)
+        return loss
+
+    def gc_step():
+        with autocast:
+            return gc_objective(net, images, targets, random_layout(targets, 10, generator), lam=1.0).loss
+
+    times: dict[str, list[float]] = {"ce": [], "gc": []}
+    for index in range(steps + 1):  # the first round warms up
+        for name, step in (("ce", ce_step), ("gc", gc_step)):
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step().backward()
+            optimizer.step()
+            synchronize(device)
+            if index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def decoded_per_sample(batches: int = 4) -> float:
+    """Images decoded per training sample during GC training on the synthetic data (reader calls
+    counted through ``readers.load_rgb``, the one decode point of every dataset)."""
+    calls = 0
+    original = readers.load_rgb
+
+    def counting_load(path):
+        nonlocal calls
+        calls += 1
+        return original(path)
+
+    readers.load_rgb = counting_load
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            data = SyntheticDataModule(data_dir=root, num_classes=4, image_size=64, train_per_class=8,
+                                       val_per_class=1, batch_size=8, num_workers=0)
+            module = GCClassifier(model={"name": "resnet18", "pooling": "avg"}, num_classes=4, loss="gc")
+            samples = 0
+
+            class CountSamples(pl.Callback):
+                def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                    nonlocal samples
+                    samples += batch["image"].shape[0]
+
+            trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
+                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[CountSamples()])
+            trainer.fit(module, datamodule=data)
+    finally:
+        readers.load_rgb = original
+    return calls / samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"ResNet18, batch {args.batch}, {args.steps} timed steps each, device {device}, {args.precision}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'size':>5} {'CE img/s':>10} {'GC img/s':>10} {'GC/CE time':>11}")
+    for size in args.sizes:
+        times = step_times(size, args.batch, args.steps, device, args.precision)
+        print(f"{size:>5} {args.batch / times['ce']:>10.1f} {args.batch / times['gc']:>10.1f} "
+              f"{times['gc'] / times['ce']:>11.2f}")
+    print(f"decoded images per training sample in GC mode: {decoded_per_sample():.2f}")
+
+
+if __name__ == "__main__":
+    main()
