@@ -43,7 +43,7 @@ def build_loggers(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(conf) for conf in cfg.logger.values()]
 
 
-def summarise(trainer: pl.Trainer, module: GCClassifier, cfg: DictConfig, heatmaps: Path | None) -> dict:
+def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> dict:
     checkpoint = trainer.checkpoint_callback
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     summary = {
@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> dict | None:
     if not trainer.is_global_zero:
         return None
     heatmaps = save_heatmaps(module, datamodule, cfg)
-    return summarise(trainer, module, cfg, heatmaps)
+    return summarise(trainer, cfg, heatmaps)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

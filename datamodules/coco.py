@@ -11,6 +11,7 @@ from .common import (
     imagenet_eval_transform,
     imagenet_train_transform,
 )
+from .localization import CocoMaskDataset
 from .readers import CocoMultiLabelDataset, Transform
 
 
@@ -66,6 +67,12 @@ class COCODataModule(ImageDataModule):
     @property
     def val_annotation_file(self) -> Path:
         return self._ann_file(self.val_split)
+
+    def localization_dataset(self) -> CocoMaskDataset:
+        """One trial per (validation image, ground-truth class), with the class's segmentation
+        mask, resized and centre-cropped with the image."""
+        return CocoMaskDataset(self.data_dir / self.val_split, self.val_annotation_file,
+                               self._val_dataset().category_ids, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         val_set = self._val_dataset()

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 
 from .common import ImageDataModule, check_int
+from .localization import CocoMaskDataset
 from .readers import ClassFolderDataset
 
 # Bump when the generator's output changes, so that data cached by an older version is not reused.
@@ -377,6 +378,10 @@ class SyntheticDataModule(ImageDataModule):
     @property
     def val_annotation_file(self) -> Path:
         return self.dataset_dir / "annotations" / "instances_val.json"
+
+    def localization_dataset(self) -> CocoMaskDataset:
+        """Validation images with their object's exact mask (category id = class index + 1)."""
+        return CocoMaskDataset(self.dataset_dir / "val", self.val_annotation_file, range(1, self.num_classes + 1))
 
     def prepare_data(self) -> None:
         generate_synthetic(self.data_dir, **dataclasses.asdict(self.params))

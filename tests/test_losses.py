@@ -2,11 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gcmodels.gradcam import gradcam
 from gcmodels.networks import build_network
 from gcmodels.objective import gc_objective
 from losses import (
     CompositeLayout,
     choose_distractors,
+    classification_loss,
     composite_target,
     consistency_l1,
     label_sets,
@@ -192,9 +194,6 @@ def test_detached_target_gradient_treats_the_target_as_a_constant():
     detached = gc_objective(net, images, targets, layout, lam=3.0, detach_target=True)
     (grad_detached,) = torch.autograd.grad(detached.loss, weight)
     # Reference: the same loss with the target computed once and frozen as a constant.
-    from gcmodels.gradcam import gradcam
-    from losses import classification_loss
-
     logits, maps = gradcam(net, images, targets, create_graph=True)
     kept = torch.arange(4)
     composites = make_composite(images, kept, layout)
