@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.registry import build_datamodule
+from datamodules.registry import datamodule_from_config
 from gcmodels.checkpoints import check_resume_compatible
 from gcmodels.module import GCClassifier
 from evaluation.figures import save_gradcam_grid
@@ -90,9 +90,7 @@ def save_heatmaps(module: GCClassifier, datamodule, cfg: DictConfig) -> Path | N
 def run(cfg: DictConfig) -> dict | None:
     """Train as configured; returns the summary on the main process (None on other ranks)."""
     pl.seed_everything(cfg.seed, workers=True)
-    data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
-    data_kwargs.pop("monitor")
-    datamodule = build_datamodule(data_kwargs.pop("name"), **data_kwargs)
+    datamodule = datamodule_from_config(OmegaConf.to_container(cfg.data, resolve=True))
     module = build_module(cfg, datamodule)
     if cfg.ckpt_path:
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Mapping
 
 import pytorch_lightning as pl
 
@@ -10,6 +11,13 @@ DATAMODULES = {
     "imagenet": ("datamodules.imagenet", "ImageNetDataModule"),
     "coco": ("datamodules.coco", "COCODataModule"),
 }
+
+
+def datamodule_from_config(config: Mapping) -> pl.LightningDataModule:
+    """The datamodule a ``data`` config group describes (``name`` picks it; ``monitor`` is the
+    metric the checkpoint callback watches, not an argument)."""
+    kwargs = {key: value for key, value in config.items() if key not in ("name", "monitor")}
+    return build_datamodule(config["name"], **kwargs)
 
 
 def build_datamodule(name: str, **kwargs) -> pl.LightningDataModule:

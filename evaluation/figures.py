@@ -1,4 +1,4 @@
-"""Pictures of explanations: Grad-CAM overlays on images."""
+"""Pictures of explanations: heatmap overlays on images, in a grid."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +13,41 @@ import torch.nn.functional as F
 
 from gcmodels.gradcam import gradcam
 
+# One picture of a grid: (image [3,H,W] in [0,1], heatmap [h,w] or None, caption).
+Panel = tuple[torch.Tensor, torch.Tensor | None, str]
+
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Maps ``[B, h, w]`` bilinearly resized to the image size ``[B, H, W]``."""
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | Path, title: str) -> Path:
+    """Save a grid with one row per ``(row label, panels)``; heatmaps are upsampled to their
+    image, min-max scaled and drawn over it."""
+    columns = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 2.1 * len(rows)), squeeze=False)
+    for r, (label, panels) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(panels):
+                continue
+            image, heatmap, caption = panels[c]
+            ax.imshow(image.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
+            if heatmap is not None:
+                heat = upsample_maps(heatmap.detach().float().cpu()[None], tuple(image.shape[-2:]))[0]
+                heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
+                ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(caption, fontsize=6)
+        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
+                        ha="right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def save_gradcam_grid(
@@ -27,27 +58,11 @@ def save_gradcam_grid(
     mode: str = "elementwise",
     class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Save a 2-row grid: the images, and their Grad-CAM maps (for ``classes``) over them."""
+    """Save the images and, below them, their Grad-CAM maps for ``classes``."""
     logits, maps = gradcam(net, images, classes, mode)
-    maps = upsample_maps(maps.detach(), tuple(images.shape[-2:]))
     predicted = logits.argmax(1)
-    count = images.shape[0]
-    fig, axes = plt.subplots(2, count, figsize=(1.8 * count, 4.0), squeeze=False)
-    for i in range(count):
-        picture = images[i].permute(1, 2, 0).clamp(0, 1).numpy()
-        heat = maps[i]
-        heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
-        name = class_names[int(classes[i])] if class_names else str(int(classes[i]))
-        guess = class_names[int(predicted[i])] if class_names else str(int(predicted[i]))
-        axes[0, i].imshow(picture)
-        axes[0, i].set_title(f"{name}\npred: {guess}", fontsize=7)
-        axes[1, i].imshow(picture)
-        axes[1, i].imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.suptitle(f"Grad-CAM ({mode}) of the labelled class", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    name = (lambda k: class_names[int(k)]) if class_names else (lambda k: str(int(k)))
+    plain = [(image, None, f"{name(c)}\npred: {name(p)}") for image, c, p in zip(images, classes, predicted)]
+    overlays = [(image, heat, name(c)) for image, heat, c in zip(images, maps, classes)]
+    return save_overlay_grid([("image", plain), ("Grad-CAM", overlays)], path,
+                             f"Grad-CAM ({mode}) of the labelled class")

@@ -1,0 +1,206 @@
+"""Explanation-quality metrics as torchmetrics ``Metric``s (paper section 4.3), in percent.
+
+Every state is a sum (``dist_reduce_fx="sum"``), so under DDP each process scores its own images
+and ``compute()`` adds the counts over processes. Heatmaps ``[B, h, w]`` may be smaller than the
+masks: they are upsampled bilinearly to the mask size before scoring. Images that cannot be
+scored (all-zero heatmap, empty mask) are skipped; ``compute()`` reports how many as "skipped".
+Results are float64 tensors (counts included), ready for ``log_dict``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from evaluation.metrics import functional
+
+__all__ = [
+    "ContentHeatmap",
+    "FGSMRobustness",
+    "NegativeQuadrantsHeatmap",
+    "PointingGame",
+    "StochasticPointingGame",
+]
+
+
+def _count() -> torch.Tensor:
+    return torch.tensor(0, dtype=torch.long)
+
+
+def _percent(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """100 * part / whole in float64; NaN when nothing was scored."""
+    return 100 * part.double() / whole.double()
+
+
+class _MeanScore(Metric):
+    """Mean of per-image scores in [0, 1], in percent; NaN scores are skipped and counted."""
+
+    is_differentiable = False
+    full_state_update = False
+    score_name: str
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("scored", _count(), dist_reduce_fx="sum")
+        self.add_state("skipped", _count(), dist_reduce_fx="sum")
+
+    def _add_scores(self, scores: torch.Tensor) -> None:
+        valid = ~scores.isnan()
+        self.score_sum += scores[valid].sum(dtype=torch.float64)
+        self.scored += valid.sum()
+        self.skipped += (~valid).sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {self.score_name: _percent(self.score_sum, self.scored), "skipped": self.skipped.double()}
+
+
+class PointingGame(_MeanScore):
+    """Pointing game: hit iff the heatmap's maximum lies within ``tolerance`` px of the mask.
+
+    ``update(heatmaps, masks, classes=None)``. Without ``num_classes``, ``compute()`` gives
+    ``{"pg": hits / trials, "skipped"}``. With ``num_classes`` every update needs ``classes``
+    (long ``[B]``: the class each heatmap explains; on COCO each (image, class) pair is one
+    trial) and "pg" is the mean of the per-class accuracies over the classes that had trials
+    (TorchRay's COCO convention), with the pooled hits / trials as "pg_micro".
+    """
+
+    higher_is_better = True
+    score_name = "pg"
+
+    def __init__(self, tolerance: float = 15, num_classes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.tolerance = tolerance
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.add_state("class_hits", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("class_trials", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None) -> None:
+        if (classes is None) != (self.num_classes is None):
+            raise ValueError("PointingGame: pass classes to update() if and only if num_classes was given")
+        hits = functional.pointing_game(functional.upsample(heatmaps, masks.shape[-2:]), masks, self.tolerance)
+        self._add_scores(hits)
+        if classes is None:
+            return
+        if classes.shape != hits.shape or ((classes < 0) | (classes >= self.num_classes)).any():
+            raise ValueError(f"classes must be [B] = [{hits.shape[0]}] with values in 0..{self.num_classes - 1}")
+        scored = ~hits.isnan()
+        self.class_trials += torch.bincount(classes[scored], minlength=self.num_classes)
+        self.class_hits += torch.bincount(classes[hits == 1], minlength=self.num_classes)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        pooled = super().compute()
+        if self.num_classes is None:
+            return pooled
+        tried = self.class_trials > 0
+        per_class = _percent(self.class_hits[tried], self.class_trials[tried])
+        return {"pg": per_class.mean(), "pg_micro": pooled["pg"], "skipped": pooled["skipped"]}
+
+
+class StochasticPointingGame(Metric):
+    """Stochastic pointing game: ``num_samples`` points drawn from the normalised heatmap, each
+    scored like PG; per-image score = hit fraction. ``update(heatmaps, masks)``.
+
+    Every update draws ``num_runs`` independent runs from a generator seeded by ``(seed, number of
+    updates so far)``, so the same seed and the same sequence of updates give the same result.
+    ``compute()`` -> ``{"spg": mean over runs of the run's mean score, "spg_std": sample standard
+    deviation (n - 1) over runs, "skipped"}``. Processes under DDP count their own updates, so
+    they use the same seeds, on different images.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    # The seed follows update_count. torchmetrics' reduce-state forward() resets the metric before
+    # every batch's update, so each batch would see the same count and draw the same seed; the
+    # full-state forward() first updates the accumulated state, with the running count.
+    full_state_update = True
+
+    def __init__(self, tolerance: float = 15, num_samples: int = 100, num_runs: int = 5, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if num_runs < 2:
+            raise ValueError(f"num_runs must be >= 2 to give a standard deviation over runs, got {num_runs}")
+        self.tolerance = tolerance
+        self.num_samples = num_samples
+        self.num_runs = num_runs
+        self.seed = seed
+        self.add_state("run_sums", torch.zeros(num_runs, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("scored", _count(), dist_reduce_fx="sum")
+        self.add_state("skipped", _count(), dist_reduce_fx="sum")
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # update_count already counts the update being made.
+        seed = np.random.SeedSequence([self.seed, self.update_count]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
+        heatmaps = functional.upsample(heatmaps, masks.shape[-2:])
+        scores = functional._stochastic_scores(
+            heatmaps, masks, self.num_samples, self.num_runs, self.tolerance, self._generator(heatmaps.device)
+        )
+        valid = ~scores[:, 0].isnan()
+        self.run_sums += scores[valid].sum(0, dtype=torch.float64)
+        self.scored += valid.sum()
+        self.skipped += (~valid).sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        run_means = _percent(self.run_sums, self.scored)
+        return {"spg": run_means.mean(), "spg_std": run_means.std(), "skipped": self.skipped.double()}
+
+
+class ContentHeatmap(_MeanScore):
+    """Content heatmap: share of heatmap mass on mask pixels. ``update(heatmaps, masks)``;
+    ``compute()`` -> ``{"ch", "skipped"}``."""
+
+    higher_is_better = True
+    score_name = "ch"
+
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
+        self._add_scores(functional.content_heatmap(functional.upsample(heatmaps, masks.shape[-2:]), masks))
+
+
+class NegativeQuadrantsHeatmap(_MeanScore):
+    """Negative quadrants heatmap: share of a 2x2 composite's heatmap mass in the three cells
+    other than the positive image's. ``update(heatmaps, positive_cell)`` with heatmaps of any size
+    (the share does not depend on it); ``compute()`` -> ``{"nqh", "skipped"}``. Lower is better."""
+
+    higher_is_better = False
+    score_name = "nqh"
+
+    def update(self, heatmaps: torch.Tensor, positive_cell: torch.Tensor) -> None:
+        self._add_scores(functional.negative_quadrants_heatmap(heatmaps, positive_cell))
+
+
+class FGSMRobustness(Metric):
+    """Top-1 accuracy (%) under FGSM for each ``eps`` in ``eps_list`` (units of 1/255).
+
+    ``update(net, images, targets)``: images in pixel space [0, 1], targets class indices ``[B]``;
+    put ``net`` in eval mode. Defined for single-label top-1 only: multi-hot targets raise.
+    ``compute()`` -> ``{"eps=1": accuracy, "eps=2": ..., ...}``."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, eps_list: Sequence[float] = (1, 2, 8, 16, 32, 64), **kwargs):
+        super().__init__(**kwargs)
+        self.eps_list = tuple(eps_list)
+        self.add_state("correct", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", _count(), dist_reduce_fx="sum")
+
+    def update(self, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.dim() != 1 or targets.is_floating_point():
+            raise ValueError(
+                "FGSM robustness is defined here for single-label top-1 accuracy: targets must be class "
+                f"indices [B], got {targets.dtype} {tuple(targets.shape)} (multi-label targets?)"
+            )
+        for index, eps in enumerate(self.eps_list):
+            adversarial = functional.fgsm(net, images, targets, eps / 255)
+            with torch.no_grad():
+                self.correct[index] += (net(adversarial).argmax(1) == targets).sum()
+        self.total += targets.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"eps={eps:g}": _percent(correct, self.total) for eps, correct in zip(self.eps_list, self.correct)}

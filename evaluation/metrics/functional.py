@@ -1,0 +1,277 @@
+"""Explanation-quality metrics as pure functions of batched tensors (paper section 4.3).
+
+Inputs: ``heatmaps`` float ``[B, H, W]``, finite and non-negative, already at the mask's size
+(see :func:`upsample`); ``masks`` bool ``[B, H, W]``. Every score function returns one score per
+image, and NaN for an image that cannot be scored (all-zero heatmap, or empty mask where a mask is
+used; :func:`valid_pairs`), never 0 or 1, so that callers skip and count such images.
+
+Tolerance (PG, SPG): a pixel ``p`` is a hit iff some mask pixel ``q`` has ``||p - q|| < tolerance``
+(strict), i.e. ``p`` lies in the mask dilated by the disc of offsets ``dy^2 + dx^2 < tolerance^2``.
+:func:`dilate_masks` builds that dilated mask for whole images. PG and SPG only need it at one
+and at ``num_samples`` points per image, so they test those points directly against the same
+disc (:func:`_hits_at`), row by row with prefix sums of the mask: one pass over the mask and
+``O(points * tolerance)`` look-ups per image instead of ``O(H * W * tolerance)`` for dilating the
+whole mask. Both are tested against a per-pixel distance computation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from losses import classification_loss
+
+__all__ = [
+    "content_heatmap",
+    "dilate_masks",
+    "fgsm",
+    "negative_quadrants_heatmap",
+    "pointing_game",
+    "stochastic_pointing_game",
+    "upsample",
+    "valid_pairs",
+]
+
+
+def _check_heatmaps(heatmaps: torch.Tensor) -> None:
+    if heatmaps.dim() != 3 or not heatmaps.is_floating_point():
+        raise ValueError(f"heatmaps must be a float tensor [B, H, W], got {heatmaps.dtype} {tuple(heatmaps.shape)}")
+    # One reduction for both checks: NaN propagates through aminmax, -inf fails ``low >= 0``.
+    low, high = torch.aminmax(heatmaps) if heatmaps.numel() else (0, 0)
+    if not (low >= 0 and high < math.inf):
+        raise ValueError("heatmaps must be finite and non-negative")
+
+
+def _check_masks(heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
+    if masks.dtype != torch.bool or masks.shape != heatmaps.shape:
+        raise ValueError(
+            f"masks must be bool with the heatmaps' shape {tuple(heatmaps.shape)}, "
+            f"got {masks.dtype} {tuple(masks.shape)} (upsample the heatmaps to the mask size first)"
+        )
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance}")
+
+
+def _valid(heatmaps: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    return _valid_from_peaks(heatmaps.flatten(1).amax(1), masks)
+
+
+def _valid_from_peaks(peak_values: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """``peak_values``: each heatmap's maximum; non-negative maps are all zero iff it is 0."""
+    valid = peak_values > 0
+    if masks is not None:
+        # The max of the bytes: on CPU much faster than ``any`` on bool.
+        valid &= masks.flatten(1).view(torch.uint8).amax(1) > 0
+    return valid
+
+
+def _nan_where_invalid(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(~valid, math.nan)
+
+
+def valid_pairs(heatmaps: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[B]``: False for an all-zero heatmap (it cannot be normalised) and, when ``masks``
+    are given, for an empty mask (nothing to point at)."""
+    _check_heatmaps(heatmaps)
+    if masks is not None:
+        _check_masks(heatmaps, masks)
+    return _valid(heatmaps, masks)
+
+
+@functools.lru_cache(maxsize=None)
+def _disc_half_widths(tolerance: float) -> tuple[int, ...]:
+    """``widths[|dy|]``: the disc's row at vertical offset ``dy`` spans ``dx`` in
+    ``[-widths[|dy|], widths[|dy|]]``, for ``|dy| <= radius`` (the largest integer < tolerance)."""
+    radius = math.ceil(tolerance) - 1
+    squared = tolerance * tolerance
+    return tuple(max(dx for dx in range(radius + 1) if dx * dx + dy * dy < squared) for dy in range(radius + 1))
+
+
+def _widen_rows_by_one(masks: torch.Tensor) -> torch.Tensor:
+    widened = masks.clone()
+    widened[..., 1:] |= masks[..., :-1]
+    widened[..., :-1] |= masks[..., 1:]
+    return widened
+
+
+def dilate_masks(masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
+    """bool ``[B, H, W]``: pixels at distance < ``tolerance`` (strict) from some mask pixel.
+
+    The disc is a stack of horizontal runs, one per row offset ``dy``; the dilated mask is the OR
+    over ``dy`` of the mask widened horizontally by the run's half-width and shifted by ``dy``."""
+    if masks.dim() != 3 or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be bool [B, H, W], got {masks.dtype} {tuple(masks.shape)}")
+    _check_tolerance(tolerance)
+    half_widths = _disc_half_widths(float(tolerance))
+    height = masks.shape[1]
+    dilated = torch.zeros_like(masks)
+    widened, widened_by = masks, 0
+    # From the outermost row offset inwards the half-widths only grow, so one horizontal
+    # dilation is widened step by step rather than recomputed for every row offset.
+    for dy in range(min(len(half_widths), height) - 1, -1, -1):
+        while widened_by < half_widths[dy]:
+            widened, widened_by = _widen_rows_by_one(widened), widened_by + 1
+        dilated[:, dy:] |= widened[:, :height - dy]  # mask pixel dy rows above
+        dilated[:, :height - dy] |= widened[:, dy:]  # mask pixel dy rows below
+    return dilated
+
+
+def _hits_at(masks: torch.Tensor, points: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """bool ``[B, P]``: whether each point (flat index into ``H * W``, long ``[B, P]``) lies within
+    ``tolerance`` (strict) of a mask pixel, i.e. in ``dilate_masks(masks, tolerance)``.
+
+    For each row offset ``dy`` of the disc, the mask row ``y + dy`` holds a pixel in the columns
+    ``x - w .. x + w`` iff its prefix sums differ across that span."""
+    _, height, width = masks.shape
+    half_widths = torch.tensor(_disc_half_widths(float(tolerance)), device=masks.device)
+    radius = len(half_widths) - 1
+    dy = torch.arange(-radius, radius + 1, device=masks.device)
+    half_width = half_widths[dy.abs()]
+
+    rows = points.div(width, rounding_mode="floor").unsqueeze(-1) + dy  # [B, P, 2r+1]
+    cols = points.remainder(width).unsqueeze(-1)
+    row_inside = (rows >= 0) & (rows < height)
+    rows = rows.clamp(0, height - 1)
+    table = masks
+    if points.shape[1] * len(dy) < height:
+        # Few points (PG): prefix sums of just the rows they reach, gathered in (point, dy) order.
+        table = masks.gather(1, rows.flatten(1).unsqueeze(-1).expand(-1, -1, width))
+        rows = torch.arange(rows.shape[1] * rows.shape[2], device=masks.device).view(rows.shape[1:])
+    row_start = rows * width
+    first = row_start + (cols - half_width).clamp(min=0)
+    last = row_start + (cols + half_width).clamp(max=width - 1)
+
+    # Mask pixels in the row up to here. This cumulative sum is the costliest pass: int16 when a
+    # row's count fits, as it is cheaper to write than int32.
+    count_dtype = torch.int16 if width < 2**15 else torch.int32
+    row_prefix = table.cumsum(-1, dtype=count_dtype).flatten(1)
+    flat_table = table.flatten(1)
+
+    def lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return values.gather(1, index.flatten(1)).view(index.shape)
+
+    # Inclusive prefix sums: count over [first, last] = prefix[last] - prefix[first] + mask[first].
+    count = lookup(row_prefix, last) - lookup(row_prefix, first) + lookup(flat_table, first)
+    return ((count > 0) & row_inside).any(-1)
+
+
+def pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
+    """Per-image PG result, float ``[B]``: 1.0 hit, 0.0 miss, NaN invalid (see :func:`valid_pairs`).
+
+    Hit iff the heatmap's maximum lies within ``tolerance`` of the mask. Ties between maximal
+    pixels: the first in row-major order (the documented rule of ``torch.max`` over a dim)."""
+    _check_heatmaps(heatmaps)
+    _check_masks(heatmaps, masks)
+    _check_tolerance(tolerance)
+    peak_values, peaks = heatmaps.flatten(1).max(1)
+    hits = _hits_at(masks, peaks.unsqueeze(1), tolerance).squeeze(1)
+    return _nan_where_invalid(hits.to(heatmaps.dtype), _valid_from_peaks(peak_values, masks))
+
+
+def _sample_points(heatmaps: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """long ``[B, num_samples]``: flat indices drawn with replacement from each heatmap taken as a
+    distribution (``torch.multinomial`` normalises the rows). All-zero heatmaps have no
+    distribution; they draw uniformly, and their scores are NaN anyway."""
+    weights = heatmaps.flatten(1)
+    empty = weights.amax(1) <= 0
+    if empty.any():
+        weights = weights.masked_fill(empty.unsqueeze(1), 1.0)
+    return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+
+
+def _stochastic_scores(
+    heatmaps: torch.Tensor, masks: torch.Tensor, num_samples: int, num_runs: int, tolerance: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """float ``[B, num_runs]``: hit fraction of ``num_samples`` points in each of ``num_runs``
+    independent runs (one draw of ``num_runs * num_samples`` points, split in runs)."""
+    _check_heatmaps(heatmaps)
+    _check_masks(heatmaps, masks)
+    _check_tolerance(tolerance)
+    if num_samples < 1 or num_runs < 1:
+        raise ValueError(f"num_samples and num_runs must be >= 1, got {num_samples} and {num_runs}")
+    points = _sample_points(heatmaps, num_runs * num_samples, generator)
+    hits = _hits_at(masks, points, tolerance).view(-1, num_runs, num_samples)
+    scores = hits.to(heatmaps.dtype).mean(-1)
+    return _nan_where_invalid(scores, _valid(heatmaps, masks).unsqueeze(1))
+
+
+def stochastic_pointing_game(
+    heatmaps: torch.Tensor, masks: torch.Tensor, num_samples: int = 100, tolerance: float = 15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-image SPG score, float ``[B]``: the fraction of ``num_samples`` points drawn from the
+    normalised heatmap that lie within ``tolerance`` of the mask; NaN for invalid images.
+    The points are those of ``_sample_points(heatmaps, num_samples, generator)``."""
+    return _stochastic_scores(heatmaps, masks, num_samples, 1, tolerance, generator).squeeze(1)
+
+
+def content_heatmap(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image CH, float ``[B]``: share of heatmap mass on mask pixels (no tolerance); NaN for
+    invalid images."""
+    _check_heatmaps(heatmaps)
+    _check_masks(heatmaps, masks)
+    inside = torch.where(masks, heatmaps, 0).flatten(1).sum(1)
+    share = inside / heatmaps.flatten(1).sum(1)
+    return _nan_where_invalid(share, _valid(heatmaps, masks))
+
+
+def negative_quadrants_heatmap(heatmaps: torch.Tensor, positive_cell: torch.Tensor) -> torch.Tensor:
+    """Per-composite NQH, float ``[B]``: share of heatmap mass in the three cells other than
+    ``positive_cell`` (long ``[B]``; 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right);
+    NaN for an all-zero heatmap. Scale-free, so any map size works. An odd size is split at
+    ``H // 2`` and ``W // 2``: the middle row belongs to the bottom cells and the middle column to
+    the right cells."""
+    _check_heatmaps(heatmaps)
+    height, width = heatmaps.shape[1:]
+    if height < 2 or width < 2:
+        raise ValueError(f"a 2x2 composite's heatmap needs at least 2x2 pixels, got {height}x{width}")
+    if positive_cell.shape != heatmaps.shape[:1] or ((positive_cell < 0) | (positive_cell > 3)).any():
+        raise ValueError(f"positive_cell must be [B] = [{heatmaps.shape[0]}] with values in 0..3")
+    top, left = height // 2, width // 2
+    cells = (heatmaps[:, :top, :left], heatmaps[:, :top, left:], heatmaps[:, top:, :left], heatmaps[:, top:, left:])
+    cell_mass = torch.stack([cell.sum((1, 2)) for cell in cells], 1)
+    total = cell_mass.sum(1)
+    positive = cell_mass.gather(1, positive_cell.long().unsqueeze(1)).squeeze(1)
+    return _nan_where_invalid((total - positive) / total, _valid(heatmaps, None))
+
+
+def upsample(heatmaps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize ``[B, h, w] -> [B, H, W]`` (``align_corners=False``). Bilinear weights are
+    convex, so non-negative maps stay non-negative and all-zero maps stay all-zero."""
+    _check_heatmaps(heatmaps)
+    size = tuple(size)
+    if tuple(heatmaps.shape[-2:]) == size:
+        return heatmaps
+    return F.interpolate(heatmaps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def fgsm(
+    net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: float,
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
+) -> torch.Tensor:
+    """FGSM adversarial images: ``clip(x + eps * sign(grad_x loss(net(x), y)), 0, 1)``.
+
+    ``images`` in pixel space [0, 1] and ``eps`` in pixel units (8/255, not 8). ``loss="ce"`` is
+    the project's classification loss: cross-entropy for class indices ``[B]``, BCE with logits
+    for multi-hot targets ``[B, K]``; a callable ``loss(logits, targets) -> scalar`` replaces it.
+    Only the input's gradient is taken (``torch.autograd.grad``), so the parameters' ``.grad``
+    stay untouched; it works under ``torch.no_grad()``. Put ``net`` in eval mode first: in train
+    mode batch norm would mix the images and update its running statistics."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("fgsm needs gradients, which inference mode forbids: run with inference_mode=False")
+    if loss == "ce":
+        loss = classification_loss
+    elif not callable(loss):
+        raise ValueError(f"loss must be 'ce' or a callable, got {loss!r}")
+    inputs = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        # classification_loss averages over the batch: a positive factor, so the signs are unchanged.
+        (gradient,) = torch.autograd.grad(loss(net(inputs), targets), inputs)
+    return (images.detach() + eps * gradient.sign()).clamp(0, 1)

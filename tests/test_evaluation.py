@@ -1,0 +1,202 @@
+"""Checkpoint evaluation: the engine on data with known answers, the report files, the script."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics
+from evaluation.report import write_reports
+from tests.nets import tiny_net
+from tests.test_train import TINY, assert_ok, read_summary, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SquaresData(Dataset):
+    """Dark images with one bright square (channel 0) whose pixels are the mask; 4 classes."""
+
+    def __init__(self, count=12, size=32):
+        generator = torch.Generator().manual_seed(0)
+        self.items = []
+        for index in range(count):
+            image = torch.zeros(3, size, size)
+            top, left = torch.randint(0, size - 8, (2,), generator=generator).tolist()
+            image[0, top:top + 8, left:left + 8] = 1.0
+            self.items.append({"image": image, "target": torch.tensor(index % 4), "mask": image[0] > 0})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+class SquaresModule:
+    num_classes = 4
+    multilabel = False
+
+    def __init__(self):
+        self.data = SquaresData()
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=5)
+
+    def localization_dataset(self):
+        return self.data
+
+
+def oracle(net, images, classes):
+    """Heatmap = the bright square itself: every localisation metric must score 100%."""
+    return images[:, 0]
+
+
+def uniform(net, images, classes):
+    return torch.ones(images.shape[0], images.shape[2] // 4, images.shape[3] // 4)
+
+
+def test_oracle_explainer_scores_100_and_uniform_nqh_is_75():
+    net = tiny_net(num_classes=4)
+    results = ExplanationEvaluator(oracle, ["pg", "spg", "ch"], 4).run(net, SquaresModule(), progress=False)
+    assert results["pg"] == pytest.approx(100.0)
+    assert results["spg"] == pytest.approx(100.0) and results["spg_std"] == pytest.approx(0.0)
+    assert results["ch"] == pytest.approx(100.0)
+    results = ExplanationEvaluator(uniform, ["nqh", "ch"], 4).run(net, SquaresModule(), progress=False)
+    assert results["nqh"] == pytest.approx(75.0)
+    assert results["ch"] == pytest.approx(100.0 * 64 / 32**2)  # square area over image area
+
+
+def test_accuracy_and_capped_evaluation_spread_over_classes():
+    net = tiny_net(num_classes=4)
+    data = SquaresModule()
+    results = ExplanationEvaluator(oracle, ["acc"], 4).run(net, data, progress=False)
+    with torch.no_grad():
+        predicted = torch.stack([net(item["image"][None])[0] for item in data.data.items]).argmax(1)
+    expected = (predicted == torch.tensor([item["target"] for item in data.data.items])).float().mean()
+    assert results["acc"] == pytest.approx(100.0 * float(expected))
+    capped = ExplanationEvaluator(oracle, ["pg"], 4).run(net, data, max_images=4, progress=False)
+    assert capped["pg"] == pytest.approx(100.0)
+
+
+def test_bad_metric_names_and_missing_masks():
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['iou'\]; valid metrics: \['acc', 'pg', 'spg', 'ch', 'nqh', 'fgsm'\]"):
+        check_metrics(["pg", "iou"])
+
+    class NoMasks:
+        multilabel = False
+
+    with pytest.raises(ValueError, match=r"metric\(s\) \['pg', 'ch'\] need ground-truth object masks or boxes"):
+        check_data_supports(NoMasks(), ["acc", "pg", "ch"], "imagenet")
+
+    class MultiLabel(SquaresModule):
+        multilabel = True
+
+    with pytest.raises(ValueError, match="metric 'fgsm' is top-1 accuracy under attack, defined for single-label data"):
+        check_data_supports(MultiLabel(), ["acc", "fgsm"], "coco")
+
+
+def test_report_files_follow_the_papers_tables(tmp_path):
+    rows = [
+        {"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
+         "results": {"acc": 69.4, "pg": 79.8, "spg": 60.5, "spg_std": 0.1, "ch": 54.4, "nqh": 24.4,
+                     "fgsm": {"eps=1": 30.0, "eps=2": 10.0}, "skipped": {"pg": 0, "nqh": 2}}},
+        {"checkpoint": "b.ckpt", "model": "resnet18", "pooling": "max", "loss": "gc", "lambda": 25.0,
+         "results": {"acc": 69.0, "pg": 79.6, "spg": 68.7, "spg_std": 0.2, "ch": 65.4, "nqh": 31.2,
+                     "fgsm": {"eps=1": 40.0, "eps=2": 20.0}, "skipped": {"pg": 1, "nqh": 0}}},
+    ]
+    paths = write_reports(rows, tmp_path, {"explainer": "gradcam", "data": "synthetic"})
+    markdown = paths["md"].read_text()
+    assert "| model | Top-1 | PG | SPG | CH | NQH |" in markdown
+    assert "| resnet18 baseline | 69.40 | 79.80 | 60.50 ± 0.10 | 54.40 | 24.40 |" in markdown
+    assert "| resnet18+GMP GC (lambda=25) | 69.00 | 79.60 | 68.70 ± 0.20 | 65.40 | 31.20 |" in markdown
+    assert "| model | eps=1 | eps=2 |" in markdown and "| resnet18+GMP GC (lambda=25) | 40.00 | 20.00 |" in markdown
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["checkpoint"] for row in table] == ["a.ckpt", "b.ckpt"]
+    assert table[1]["spg_std"] == "0.2" and table[0]["fgsm_eps=2"] == "10.0" and table[0]["skipped_nqh"] == "2"
+    assert json.loads(paths["json"].read_text())["checkpoints"][1]["results"]["skipped"] == {"pg": 1, "nqh": 0}
+
+
+def evaluate(out: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
+               *[item for item in TINY if item.startswith("data.")], *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny trained checkpoints (CE and GC) and their data directory."""
+    root = tmp_path_factory.mktemp("trained")
+    paths = []
+    for loss in ("ce", "gc"):
+        assert_ok(train(root / loss, root / "data", f"loss={loss}",
+                        "callbacks.explanation_metrics.max_images=12", "callbacks.fgsm_robustness.max_images=12"))
+        paths.append(read_summary(root / loss)["last_checkpoint"])
+    return paths, root / "data"
+
+
+def test_training_logs_explanation_metrics(checkpoints):
+    (ce, _), _ = checkpoints
+    out = Path(ce).parents[1]
+    with open(next(out.glob("csv/version_*/metrics.csv"))) as handle:
+        columns = set(next(csv.reader(handle)))
+    assert {"explain/pg", "explain/spg", "explain/spg_std", "explain/ch", "explain/nqh", "explain/fgsm/eps=8"} <= columns
+    assert list(out.glob("csv/version_*/explanations/epoch000.png"))
+
+
+def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, checkpoints):
+    (ce, gc), data_dir = checkpoints
+    run = evaluate(tmp_path, data_dir, f"ckpt_path=[{ce},{gc}]", "max_images=12", "fgsm.eps=[2,8]")
+    assert_ok(run)
+    for name in ("report.md", "report.csv", "report.json", "heatmaps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [row["loss"] for row in report["checkpoints"]] == ["ce", "gc"]
+    for row in report["checkpoints"]:
+        results = row["results"]
+        for key in ("acc", "pg", "spg", "ch", "nqh"):
+            assert 0.0 <= results[key] <= 100.0, (key, results[key])
+        assert set(results["fgsm"]) == {"eps=2", "eps=8"}
+        assert results["spg_std"] >= 0 and "skipped" in results
+    assert "Table 1" in run.stdout and "Table 6" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ckpt_path=/no/such.ckpt"], "checkpoint not found: /no/such.ckpt"),
+        (["explainer=lime"], "valid"),
+        (["metrics=[acc,iou]"], "unknown metric(s) ['iou']; valid metrics"),
+        (["data.num_classes=4"], "classes, but data 'synthetic' has 4"),
+    ],
+)
+def test_evaluation_bad_input(tmp_path, checkpoints, overrides, message):
+    (ce, _), data_dir = checkpoints
+    run = evaluate(tmp_path, data_dir, f"ckpt_path={ce}", *overrides)
+    assert run.returncode != 0
+    assert message in run.stderr, run.stderr[-3000:]
+
+
+def test_evaluation_refuses_a_file_that_is_not_a_checkpoint(tmp_path, checkpoints):
+    _, data_dir = checkpoints
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not a checkpoint")
+    run = evaluate(tmp_path / "out", data_dir, f"ckpt_path={bogus}")
+    assert run.returncode != 0 and f"not a readable PyTorch checkpoint: {bogus}" in run.stderr
+
+
+def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
+    (ce, _), _ = checkpoints
+    data = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for wnid in ("n01", "n02", "n03"):
+            (data / split / wnid).mkdir(parents=True)
+    command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={tmp_path / 'out'}", "data=imagenet",
+               f"data.data_dir={data}", f"ckpt_path={ce}", "metrics=[acc,pg]"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "metric(s) ['pg'] need ground-truth object masks or boxes" in run.stderr

@@ -1,0 +1,300 @@
+import pytest
+import torch
+from torch import nn
+
+from evaluation.explainers import (
+    EXPLAINERS,
+    ContrastiveExcitationBackprop,
+    FullGrad,
+    Gradient,
+    GradCAM,
+    IntegratedGradients,
+    SmoothGrad,
+    build_explainer,
+)
+from gcmodels.networks import ExplainableNet, Normalize, build_network
+from tests.nets import tiny_net
+
+
+def randomise_batchnorm(net: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, some scales negative, so batch
+    norm's effective bias and sign matter."""
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(size, generator=generator))
+            module.bias.data.copy_(torch.randn(size, generator=generator) * 0.3)
+    return net
+
+
+def relu_net(num_classes: int = 5) -> ExplainableNet:
+    """A small piecewise-linear net with every kind of bias: conv, batch norm, Normalize, linear."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    features = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(6, num_classes))
+    return randomise_batchnorm(ExplainableNet(features, head, Normalize()), generator).eval()
+
+
+def images_and_targets(batch=2, size=16, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(batch, 3, size, size, generator=generator, dtype=dtype)
+    return images, torch.arange(batch) % 3
+
+
+def target_logits(net, images, targets):
+    with torch.no_grad():
+        return net(images).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------- Grad-CAM
+
+
+@pytest.mark.parametrize("mode", ["elementwise", "standard"])
+def test_gradcam_of_linear_head_has_closed_form(mode):
+    net = relu_net()
+    images, targets = images_and_targets()
+    activations = net.forward_features(images).detach()
+    weights = net.head[2].weight[targets].detach()  # [B, C]
+    h, w = activations.shape[-2:]
+    expected = torch.relu(torch.einsum("bc,bchw->bhw", weights, activations) / (h * w))
+    maps = GradCAM(mode)(net, images, targets)
+    assert maps.shape == (2, h, w)
+    assert torch.allclose(maps, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["elementwise", "standard"])
+def test_gradcam_at_inner_layer_matches_split_network(mode):
+    # features.0 is a conv followed by an in-place ReLU, which must not spoil the captured map.
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 5, 3), nn.ReLU())
+    net = ExplainableNet(features, tiny_net(num_classes=3, channels=5).head, Normalize())
+    images, targets = images_and_targets()
+    inner = features[0](net.normalize(images)).detach().requires_grad_(True)
+    scores = net.head(features[1:](inner.clone())).gather(1, targets.view(-1, 1)).sum()
+    (grads,) = torch.autograd.grad(scores, inner)
+    if mode == "standard":
+        grads = grads.mean(dim=(2, 3), keepdim=True)
+    expected = torch.relu((grads * inner).sum(1)).detach()
+    assert torch.allclose(GradCAM(mode, layer="features.0")(net, images, targets), expected, atol=1e-6)
+    # The explained layer named explicitly is the default.
+    assert torch.allclose(GradCAM(mode, layer="features")(net, images, targets),
+                          GradCAM(mode)(net, images, targets), atol=1e-6)
+
+
+def test_gradcam_layer_errors():
+    net = relu_net()
+    images, targets = images_and_targets()
+    with pytest.raises(ValueError, match="features.0"):
+        GradCAM(layer="features.99")(net, images, targets)
+    with pytest.raises(ValueError, match="mode"):
+        GradCAM(mode="sideways")
+    shared = nn.ReLU()  # one module called twice: which call to explain is ambiguous
+    net = ExplainableNet(nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.Conv2d(4, 4, 3), shared),
+                         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match="2 time"):
+        GradCAM(layer="features.1")(net, images, targets)
+
+
+# ----------------------------------------------------------------------------------- FullGrad
+
+
+def alexnet_with_normalize():
+    return build_network("alexnet", 6)
+
+
+def resnet18_with_batchnorm():
+    return randomise_batchnorm(build_network("resnet18", 6), torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("make_net, size", [
+    (relu_net, 16), (alexnet_with_normalize, 64), (resnet18_with_batchnorm, 64),
+])
+def test_fullgrad_completeness_and_maps(make_net, size):
+    torch.manual_seed(0)
+    net = make_net().eval().double()
+    images, targets = images_and_targets(size=size, dtype=torch.float64)
+    input_term, bias_terms = FullGrad().decompose(net, images, targets)
+    logits = target_logits(net, images, targets)
+    assert torch.allclose(input_term + bias_terms, logits, rtol=1e-6, atol=1e-9)
+    assert (bias_terms.abs() > 1e-3 * logits.abs()).all()  # the biases matter in these nets
+    maps = FullGrad()(net, images, targets)
+    assert maps.shape == (2, size, size)
+    assert (maps >= 0).all() and maps.isfinite().all()
+
+
+def test_fullgrad_refuses_training_batchnorm():
+    images, targets = images_and_targets()
+    with pytest.raises(ValueError, match="eval"):
+        FullGrad()(relu_net().train(), images, targets)
+
+
+# -------------------------------------------------------------------------------------- c-MWP
+
+
+def positive_head_net():
+    """Every weighted unit has a positive weight on an input that is always positive (the
+    classifier's dual units too), so every unit has excitatory input and no probability is
+    dropped."""
+    torch.manual_seed(0)
+    head = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Dropout(0.5), nn.Linear(24, 8), nn.ReLU(),
+        nn.Linear(8, 4),
+    )
+    with torch.no_grad():
+        for layer in (head[0], head[7], head[9]):
+            layer.weight[:, 0] = layer.weight[:, 0].abs() + 0.1
+        # conv channel 0 and hidden units 0 and 1 are positive for positive images
+        head[0].weight[0], head[0].bias[0] = head[0].weight[0].abs(), 0.1
+        head[7].weight[:2], head[7].bias[:2] = head[7].weight[:2].abs(), 0.1
+        head[9].weight[:, 1] = -head[9].weight[:, 1].abs() - 0.1  # excites the dual units
+    return ExplainableNet(nn.Identity(), head).eval().double()
+
+
+@pytest.mark.parametrize("layer", [None, "head.1", "head.4", "head.8"])
+@pytest.mark.parametrize("signal", ["target", "dual"])
+def test_mwp_conserves_probability_mass(layer, signal):
+    net = positive_head_net()
+    images, targets = images_and_targets(size=8, dtype=torch.float64)
+    mwp = ContrastiveExcitationBackprop(layer).probabilities(net, images + 0.1, targets, signal)
+    assert (mwp >= 0).all()
+    assert torch.allclose(mwp.flatten(1).sum(1), torch.ones(2, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("arch, size, layer", [
+    ("resnet18", 64, "features.5"), ("resnet50", 32, "features.6.2"), ("alexnet", 64, "features.3"),
+])
+def test_mwp_conserves_mass_through_real_networks(arch, size, layer):
+    # Fresh batch norms add no bias, so every ReLU-active unit has excitatory input.
+    torch.manual_seed(0)
+    net = build_network(arch, 5).eval().double()
+    images, targets = images_and_targets(size=size, dtype=torch.float64)
+    mwp = ContrastiveExcitationBackprop(layer).probabilities(net, images, targets, "target")
+    assert torch.allclose(mwp.flatten(1).sum(1), torch.ones(2, dtype=torch.float64), atol=1e-8)
+
+
+def test_mwp_of_hand_computed_two_layer_head():
+    head = nn.Sequential(nn.Flatten(1), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        head[1].weight.copy_(torch.tensor([[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]]))
+        head[1].bias.copy_(torch.tensor([0.5, -0.5]))  # biases change h but not the EB rule
+        head[3].weight.copy_(torch.tensor([[3.0, 1.0], [-0.5, 2.0]]))
+        head[3].bias.copy_(torch.tensor([1.0, -1.0]))
+    net = ExplainableNet(nn.Identity(), head)
+    x = torch.tensor([1.0, 2.0, 1.0]).view(1, 3, 1, 1).expand(2, 3, 1, 1)
+    targets = torch.tensor([0, 1])
+    explainer = ContrastiveExcitationBackprop()
+    # h = relu(W1 x + b1) = [1.5, 1.5]; W1+ x = [3, 3].
+    # class 0: P(h) = [3, 1] * 1.5 / 6 = [.75, .25]; P(x) = x * (W1+^T (P(h) / 3)) = [1/3, 1/6, 1/2]
+    # class 1: W2+ = [0, 2], P(h) = [0, 1], P(x) = [1/3, 2/3, 0]
+    # dual of class 0: -W2 = [-3, -1] has no positive weight: no excitation, probability dropped
+    # dual of class 1: (-W2)+ = [.5, 0], P(h) = [1, 0], P(x) = [1/3, 0, 2/3]
+    target = torch.tensor([[1 / 3, 1 / 6, 1 / 2], [1 / 3, 2 / 3, 0.0]])
+    dual = torch.tensor([[0.0, 0.0, 0.0], [1 / 3, 0.0, 2 / 3]])
+    assert torch.allclose(explainer.probabilities(net, x, targets, "target")[..., 0, 0], target)
+    assert torch.allclose(explainer.probabilities(net, x, targets, "dual")[..., 0, 0], dual)
+    assert torch.allclose(explainer.probabilities(net, x, targets)[..., 0, 0], target - dual)
+
+
+@pytest.mark.parametrize("arch, layer, map_size", [
+    ("resnet18", None, 2), ("resnet18", "features.6", 4), ("alexnet", None, 3), ("alexnet", "head.0", 1),
+])
+def test_cmwp_map_is_clipped_target_minus_dual(arch, layer, map_size):
+    torch.manual_seed(0)
+    net = build_network(arch, 5).eval()
+    images, targets = images_and_targets(batch=3, size=64)
+    explainer = ContrastiveExcitationBackprop(layer)
+    maps = explainer(net, images, targets)
+    target = explainer.probabilities(net, images, targets, "target")
+    dual = explainer.probabilities(net, images, targets, "dual")
+    assert maps.shape == (3, map_size, map_size)
+    assert torch.allclose(maps, torch.relu((target - dual).sum(1)), atol=1e-7)
+    assert (maps >= 0).all() and maps.sum() > 0
+
+
+def test_cmwp_errors():
+    images, targets = images_and_targets()
+    with pytest.raises(NotImplementedError, match="Tanh"):
+        ContrastiveExcitationBackprop()(tiny_net(), images, targets)
+    net = relu_net()
+    with pytest.raises(NotImplementedError, match="features.5"):  # conv of a conv + BN pair
+        ContrastiveExcitationBackprop("features.4")(net, images, targets)
+    with pytest.raises(ValueError, match="not a submodule"):
+        ContrastiveExcitationBackprop("features.42")(net, images, targets)
+    with pytest.raises(ValueError, match=r"\[B, C, h, w\]"):
+        ContrastiveExcitationBackprop("head.1")(net, images, targets)
+    with pytest.raises(ValueError, match="eval"):
+        ContrastiveExcitationBackprop()(net.train(), images, targets)
+
+
+# ------------------------------------------------------------------- Gradient, SmoothGrad, IG
+
+
+def test_gradient_is_max_abs_input_gradient():
+    net = tiny_net()
+    images, targets = images_and_targets()
+    inputs = images.clone().requires_grad_(True)
+    (grads,) = torch.autograd.grad(net(inputs).gather(1, targets.view(-1, 1)).sum(), inputs)
+    maps = Gradient()(net, images, targets)
+    assert maps.shape == (2, 16, 16)
+    assert torch.allclose(maps, grads.abs().amax(1))
+
+
+def test_smoothgrad_is_reproducible_and_noiseless_limit_is_gradient():
+    net = tiny_net()
+    images, targets = images_and_targets()
+    explainer = SmoothGrad(num_samples=4)
+    torch.manual_seed(3)
+    first = explainer(net, images, targets)
+    torch.manual_seed(3)
+    assert torch.equal(explainer(net, images, targets), first)
+    assert not torch.allclose(explainer(net, images, targets), first)  # fresh noise
+    assert first.shape == (2, 16, 16) and (first >= 0).all()
+    seeded = SmoothGrad(num_samples=4, seed=7)
+    state = torch.get_rng_state()
+    assert torch.equal(seeded(net, images, targets), seeded(net, images, targets))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    noiseless = SmoothGrad(num_samples=2, stdev=0.0)(net, images, targets)
+    assert torch.allclose(noiseless, Gradient()(net, images, targets), atol=1e-7)
+
+
+def test_integrated_gradients_completeness():
+    net = tiny_net().double()
+    images, targets = images_and_targets(dtype=torch.float64)
+    explainer = IntegratedGradients(steps=32)
+    attributions, delta = explainer.attributions(net, images, targets)
+    change = target_logits(net, images, targets) - target_logits(net, torch.zeros_like(images), targets)
+    assert delta.abs().max() < 1e-6 * change.abs().max()
+    assert torch.allclose(attributions.flatten(1).sum(1), change, rtol=1e-6)
+    maps = explainer(net, images, targets)
+    assert maps.shape == (2, 16, 16) and (maps >= 0).all()
+    assert torch.allclose(maps, attributions.sum(1).abs())
+
+
+# -------------------------------------------------------------------------- All explainers
+
+
+@pytest.mark.parametrize("name", sorted(EXPLAINERS))
+def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
+    net = relu_net()
+    images, targets = images_and_targets()
+    options = {"smoothgrad": {"num_samples": 3}, "integrated_gradients": {"steps": 4}}.get(name, {})
+    with torch.no_grad():
+        maps = build_explainer(name, **options)(net, images, targets)
+    assert maps.dim() == 3 and maps.shape[0] == 2 and not maps.requires_grad
+    assert maps.device == images.device and maps.isfinite().all() and (maps >= 0).all()
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def test_build_explainer():
+    assert build_explainer("gradcam_standard").mode == "standard"
+    assert build_explainer("gradcam", layer="features.0").layer == "features.0"
+    assert build_explainer("smoothgrad", num_samples=3).num_samples == 3
+    with pytest.raises(ValueError, match="fullgrad"):
+        build_explainer("lime")

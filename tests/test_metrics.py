@@ -1,0 +1,430 @@
+"""Explanation metrics against naive per-image references written here (distances to every mask
+pixel, one point at a time), hand-built maps, and a linear model whose input gradient is known."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evaluation.metrics import (
+    ContentHeatmap,
+    FGSMRobustness,
+    NegativeQuadrantsHeatmap,
+    PointingGame,
+    StochasticPointingGame,
+    functional,
+)
+from gcmodels.networks import ExplainableNet
+
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------- naive references (per image)
+
+def naive_hit(mask: np.ndarray, y: int, x: int, tolerance: float) -> bool:
+    """The point (y, x) is a hit iff its distance to some mask pixel is < tolerance."""
+    ys, xs = np.nonzero(mask)
+    return bool(np.sqrt((ys - y) ** 2 + (xs - x) ** 2).min() < tolerance)
+
+
+def naive_distance_grid(mask: np.ndarray) -> np.ndarray:
+    """Distance from every pixel to the nearest mask pixel (inf for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return np.full(mask.shape, np.inf)
+    grid_y, grid_x = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    return np.sqrt((grid_y[..., None] - ys) ** 2 + (grid_x[..., None] - xs) ** 2).min(-1)
+
+
+def scorable(heatmap: np.ndarray, mask: np.ndarray) -> bool:
+    return heatmap.any() and mask.any()
+
+
+def naive_pointing_game(heatmap: np.ndarray, mask: np.ndarray, tolerance: float) -> float:
+    if not scorable(heatmap, mask):
+        return NAN
+    y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)  # first maximum, row-major
+    return float(naive_hit(mask, y, x, tolerance))
+
+
+def naive_stochastic_pointing_game(mask: np.ndarray, points: np.ndarray, tolerance: float) -> float:
+    width = mask.shape[1]
+    return float(np.mean([naive_hit(mask, p // width, p % width, tolerance) for p in points]))
+
+
+def naive_content_heatmap(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    if not scorable(heatmap, mask):
+        return NAN
+    return float(heatmap[mask].sum() / heatmap.sum())
+
+
+def per_image(reference, *tensors, **kwargs) -> torch.Tensor:
+    arrays = [t.double().numpy() if t.is_floating_point() else t.numpy() for t in tensors]
+    return torch.tensor([reference(*items, **kwargs) for items in zip(*arrays)], dtype=torch.float64)
+
+
+def assert_scores(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0) -> None:
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------- random cases
+
+def random_cases(seed: int, batch: int = 24, height: int = 37, width: int = 53, coarse=(5, 7)):
+    """Smooth peaky heatmaps (``coarse`` size, upsampled unless ``coarse`` is None) and masks:
+    random boxes (many touching a border) and blobs, plus an empty mask, a full mask and two
+    all-zero heatmaps (one of them on an empty mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    heatmaps = torch.rand(batch, 1, *coarse, generator=generator) ** 4
+    if (height, width) != tuple(coarse):
+        heatmaps = F.interpolate(heatmaps, size=(height, width), mode="bilinear", align_corners=False)
+    heatmaps = heatmaps.squeeze(1)
+    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    for b in range(batch):
+        if b % 3 == 0:  # blob: thresholded smooth noise
+            noise = F.interpolate(torch.rand(1, 1, 4, 4, generator=generator), size=(height, width), mode="bilinear")
+            masks[b] = noise[0, 0] > 0.7
+        else:  # box, corners drawn beyond the image so that it often touches a border
+            y0, y1 = sorted(torch.randint(-height // 4, height + height // 4, (2,), generator=generator).tolist())
+            x0, x1 = sorted(torch.randint(-width // 4, width + width // 4, (2,), generator=generator).tolist())
+            masks[b, max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    masks[1] = False
+    masks[2] = True
+    heatmaps[3] = 0
+    heatmaps[1] = 0
+    return heatmaps, masks
+
+
+# ---------------------------------------------------------------- dilation and PG
+
+@pytest.fixture(scope="module")
+def masks_and_distances():
+    _, masks = random_cases(0)
+    return masks, np.stack([naive_distance_grid(m) for m in masks.numpy()])
+
+
+@pytest.mark.parametrize("tolerance", [15, 14.9, 6, 2.5, 1, 0.5])
+def test_dilate_masks_equals_distance_grid(masks_and_distances, tolerance):
+    masks, distances = masks_and_distances
+    assert torch.equal(functional.dilate_masks(masks, tolerance), torch.from_numpy(distances < tolerance))
+
+
+@pytest.mark.parametrize("tolerance", [15, 6, 1.5])
+@pytest.mark.parametrize("size", [(37, 53), (24, 24), (53, 9)])
+def test_pointing_game_equals_naive(tolerance, size):
+    heatmaps, masks = random_cases(1, height=size[0], width=size[1])
+    expected = per_image(naive_pointing_game, heatmaps, masks, tolerance=tolerance)
+    assert_scores(functional.pointing_game(heatmaps, masks, tolerance), expected)
+
+
+def test_pointing_game_sees_hits_and_misses():
+    heatmaps, masks = random_cases(2, batch=48)
+    scores = functional.pointing_game(heatmaps, masks, 4)
+    assert (scores == 1).any() and (scores == 0).any()
+
+
+@pytest.mark.parametrize(
+    "offset, tolerance, hit",
+    [
+        ((0, 14), 15, True),
+        ((0, 15), 15, False),  # exactly 15: a miss
+        ((9, 12), 15, False),  # 9^2 + 12^2 = 15^2: a miss on a diagonal
+        ((10, 11), 15, True),  # sqrt(221) = 14.87
+        ((10, 11), 14.9, True),
+        ((10, 11), 14.8, False),
+        ((-14, 0), 15, True),
+        ((-12, -9), 15, False),
+    ],
+)
+def test_pointing_game_tolerance_edges(offset, tolerance, hit):
+    mask = torch.zeros(1, 60, 60, dtype=torch.bool)
+    mask[0, 25, 25] = True
+    heatmap = torch.zeros(1, 60, 60)
+    heatmap[0, 25 + offset[0], 25 + offset[1]] = 1.0
+    assert functional.pointing_game(heatmap, mask, tolerance).item() == float(hit)
+    assert functional.dilate_masks(mask, tolerance)[0, 25 + offset[0], 25 + offset[1]].item() == hit
+
+
+def test_pointing_game_ties_take_the_first_maximum():
+    heatmap = torch.zeros(2, 10, 10)
+    heatmap[:, 0, 9] = heatmap[:, 9, 0] = 1.0  # (0, 9) comes first in row-major order
+    mask = torch.zeros(2, 10, 10, dtype=torch.bool)
+    mask[0, 9, 0] = True  # at the second maximum: a miss
+    mask[1, 0, 9] = True  # at the first: a hit
+    assert functional.pointing_game(heatmap, mask, tolerance=2).tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------- SPG and CH
+
+@pytest.mark.parametrize("tolerance", [15, 4])
+def test_stochastic_pointing_game_equals_naive_on_the_same_points(tolerance):
+    heatmaps, masks = random_cases(3, coarse=(37, 53))  # rough maps: points spread everywhere
+    points = functional._sample_points(heatmaps, 50, torch.Generator().manual_seed(7))
+    scores = functional.stochastic_pointing_game(heatmaps, masks, 50, tolerance, torch.Generator().manual_seed(7))
+    expected = torch.tensor([
+        naive_stochastic_pointing_game(m, p, tolerance) if scorable(h, m) else NAN
+        for h, m, p in zip(heatmaps.numpy(), masks.numpy(), points.numpy())
+    ], dtype=torch.float64)
+    assert_scores(scores, expected, atol=1e-6)  # k/50 in float32 against float64
+    assert ((expected > 0) & (expected < 1)).any()
+
+
+def test_sampled_points_follow_the_heatmap():
+    heatmap = torch.zeros(1, 4, 5)
+    heatmap[0, 1, 2], heatmap[0, 3, 4] = 3.0, 1.0
+    points = functional._sample_points(heatmap, 4000, torch.Generator().manual_seed(0))
+    assert set(points.unique().tolist()) == {1 * 5 + 2, 3 * 5 + 4}
+    assert abs((points == 7).float().mean().item() - 0.75) < 0.03
+
+
+def test_stochastic_pointing_game_mean_matches_its_expectation():
+    """Through the class, with small maps upsampled: the mean over images and runs of the hit
+    fraction estimates the mean heatmap mass inside the dilated mask."""
+    heatmaps, masks = random_cases(4, batch=600, height=24, width=24, coarse=(6, 6))
+    metric = StochasticPointingGame(tolerance=3, num_samples=20, num_runs=5)
+    metric.update(heatmaps[:, ::4, ::4], masks)  # 6x6 maps, upsampled to 24x24 inside
+    upsampled = F.interpolate(heatmaps[:, None, ::4, ::4], size=(24, 24), mode="bilinear")[:, 0].double()
+    valid = functional.valid_pairs(upsampled, masks)
+    inside = (upsampled * functional.dilate_masks(masks, 3)).sum((1, 2)) / upsampled.sum((1, 2))
+    p = inside[valid]
+    standard_error = (p * (1 - p)).sum().sqrt() / math.sqrt(20 * 5) / len(p)
+    result = metric.compute()
+    assert abs(result["spg"] / 100 - p.mean()) < 4 * standard_error
+    assert 0.2 < p.mean() < 0.8 and result["skipped"] == (~valid).sum()
+
+
+def test_content_heatmap_equals_naive():
+    heatmaps, masks = random_cases(5)
+    expected = per_image(naive_content_heatmap, heatmaps, masks)
+    assert_scores(functional.content_heatmap(heatmaps, masks), expected, atol=1e-6)
+
+
+def test_invalid_images_are_nan_for_every_score():
+    heatmaps, masks = random_cases(6, batch=6)  # 1: zero map + empty mask, 2: full mask, 3: zero map
+    masks[4] = False
+    expected_valid = torch.tensor([True, False, True, False, False, True])
+    assert torch.equal(functional.valid_pairs(heatmaps, masks), expected_valid)
+    assert torch.equal(functional.valid_pairs(heatmaps), heatmaps.flatten(1).amax(1) > 0)
+    for scores in (
+        functional.pointing_game(heatmaps, masks),
+        functional.stochastic_pointing_game(heatmaps, masks, generator=torch.Generator().manual_seed(0)),
+        functional.content_heatmap(heatmaps, masks),
+    ):
+        assert torch.equal(scores.isnan(), ~expected_valid)
+    nqh = functional.negative_quadrants_heatmap(heatmaps, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(nqh.isnan(), heatmaps.flatten(1).amax(1) == 0)
+
+
+def test_bad_inputs_are_refused():
+    heatmaps, masks = random_cases(7, batch=4)
+    with pytest.raises(ValueError, match="non-negative"):
+        functional.pointing_game(heatmaps - 0.5, masks)
+    with pytest.raises(ValueError, match="finite"):
+        functional.content_heatmap(heatmaps.masked_fill(masks, NAN), masks)
+    with pytest.raises(ValueError, match="bool"):
+        functional.content_heatmap(heatmaps, masks.float())
+    with pytest.raises(ValueError, match="upsample"):
+        functional.pointing_game(heatmaps[:, :10], masks)
+    with pytest.raises(ValueError, match="tolerance"):
+        functional.dilate_masks(masks, 0)
+    with pytest.raises(ValueError, match="0..3"):
+        functional.negative_quadrants_heatmap(heatmaps, torch.tensor([0, 1, 2, 4]))
+
+
+# ---------------------------------------------------------------- NQH
+
+@pytest.mark.parametrize("cell", [0, 1, 2, 3])
+def test_negative_quadrants_heatmap_for_each_cell(cell):
+    # Cell c of a 4x6 map holds mass c + 1 (spread over its 2x3 pixels); total 10.
+    cell_mass = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    heatmap = cell_mass.repeat_interleave(2, 0).repeat_interleave(3, 1)[None] / 6
+    nqh = functional.negative_quadrants_heatmap(heatmap, torch.tensor([cell]))
+    assert nqh.item() == pytest.approx((10 - (cell + 1)) / 10)
+
+
+@pytest.mark.parametrize("cell", [0, 1, 2, 3])
+def test_negative_quadrants_heatmap_splits_odd_sizes_at_half(cell):
+    heatmap = torch.zeros(1, 5, 7)
+    heatmap[0, 2, 3] = 1.0  # middle row and column: bottom-right cell
+    expected = 0.0 if cell == 3 else 1.0
+    assert functional.negative_quadrants_heatmap(heatmap, torch.tensor([cell])).item() == expected
+
+
+# ---------------------------------------------------------------- FGSM
+
+def linear_net(in_features: int, num_classes: int) -> ExplainableNet:
+    torch.manual_seed(0)
+    return ExplainableNet(nn.Identity(), nn.Sequential(nn.Flatten(1), nn.Linear(in_features, num_classes))).double()
+
+
+def fgsm_case(multilabel: bool):
+    net = linear_net(3 * 5 * 4, 6)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 5, 4, generator=generator, dtype=torch.float64)
+    images[0, 0] = 0.0  # pixels at both bounds exercise the clipping
+    images[1, 1] = 1.0
+    if multilabel:
+        targets = (torch.rand(8, 6, generator=generator) < 0.3).double()
+    else:
+        targets = torch.randint(0, 6, (8,), generator=generator)
+    return net, images, targets
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_fgsm_follows_the_closed_form_gradient(multilabel):
+    net, images, targets = fgsm_case(multilabel)
+    weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
+    logits = images.flatten(1) @ weight.T + bias
+    # d loss / d logits: softmax - onehot (CE) or sigmoid - y (BCE), up to the positive mean factor.
+    residual = torch.sigmoid(logits) - targets if multilabel else logits.softmax(1) - F.one_hot(targets, 6)
+    gradient = (residual @ weight).view_as(images)
+    eps = 8 / 255
+    with torch.no_grad():  # fgsm turns gradients on for itself
+        adversarial = functional.fgsm(net, images, targets, eps)
+    assert torch.equal(adversarial, (images + eps * gradient.sign()).clamp(0, 1))
+    assert all(parameter.grad is None for parameter in net.parameters())
+    assert not adversarial.requires_grad and adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_fgsm_takes_a_custom_loss_and_refuses_inference_mode():
+    net, images, targets = fgsm_case(False)
+    # Minus the loss: the step goes the other way.
+    toward = functional.fgsm(net, images, targets, 0.01, loss=lambda logits, y: -F.cross_entropy(logits, y))
+    away = functional.fgsm(net, images, targets, 0.01)
+    inner = (images > 0.01) & (images < 0.99)
+    assert torch.equal((toward - images)[inner].sign(), -(away - images)[inner].sign())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
+        functional.fgsm(net, images, targets, 0.01)
+
+
+# ---------------------------------------------------------------- metric classes
+
+def localisation_batches():
+    heatmaps, masks = random_cases(8, batch=30, coarse=(7, 7))
+    small = heatmaps[:, ::5, ::7].contiguous()  # 8x8 maps, upsampled to 37x53 by the classes
+    classes = torch.arange(30) % 4
+    return small, masks, classes
+
+
+def test_classes_upsample_small_heatmaps_and_match_the_naive_references():
+    small, masks, _ = localisation_batches()
+    upsampled = F.interpolate(small[:, None], size=masks.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+    for metric, name, naive in (
+        (PointingGame(), "pg", per_image(naive_pointing_game, upsampled, masks, tolerance=15)),
+        (ContentHeatmap(), "ch", per_image(naive_content_heatmap, upsampled, masks)),
+    ):
+        metric.update(small, masks)
+        result = metric.compute()
+        valid = ~naive.isnan()
+        assert result[name].item() == pytest.approx(100 * naive[valid].mean().item(), abs=1e-4)
+        assert result["skipped"] == (~valid).sum() == 2
+
+
+def assert_results_equal(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], other[key], equal_nan=True)
+
+
+def test_two_updates_equal_one_update_on_the_concatenation():
+    small, masks, classes = localisation_batches()
+    cells = torch.arange(30) % 4
+    net, images, targets = fgsm_case(False)
+    cases = [
+        (lambda: PointingGame(num_classes=5), (small, masks, classes)),
+        (PointingGame, (small, masks)),
+        (ContentHeatmap, (small, masks)),
+        (NegativeQuadrantsHeatmap, (small, cells)),
+    ]
+    for make, tensors in cases:
+        whole, split, merged = make(), make(), make()
+        whole.update(*tensors)
+        split.update(*(t[:11] for t in tensors))
+        split.update(*(t[11:] for t in tensors))
+        merged.update(*(t[:11] for t in tensors))
+        other = make()
+        other.update(*(t[11:] for t in tensors))
+        merged.merge_state(other)  # merges states with their dist_reduce_fx, as a DDP sync does
+        assert_results_equal(split.compute(), whole.compute())
+        assert_results_equal(merged.compute(), whole.compute())
+    whole, split = FGSMRobustness(eps_list=(1, 8)), FGSMRobustness(eps_list=(1, 8))
+    whole.update(net, images, targets)
+    split.update(net, images[:3], targets[:3])
+    split.update(net, images[3:], targets[3:])
+    assert_results_equal(split.compute(), whole.compute())
+
+
+def test_fgsm_robustness_counts_top1_under_attack():
+    net, images, targets = fgsm_case(False)
+    metric = FGSMRobustness(eps_list=(0, 2, 64))
+    metric.update(net, images, targets)
+    result = metric.compute()
+    assert list(result) == ["eps=0", "eps=2", "eps=64"]
+    for eps, accuracy in zip((0, 2, 64), result.values()):
+        adversarial = functional.fgsm(net, images, targets, eps / 255)
+        assert accuracy.item() == pytest.approx(100 * (net(adversarial).argmax(1) == targets).double().mean().item())
+    assert result["eps=64"] <= result["eps=0"]
+    with pytest.raises(ValueError, match="single-label"):
+        metric.update(*fgsm_case(True))
+
+
+def test_pointing_game_per_class_mean():
+    # Peaks on the mask (hit) or far from it (miss); class 2 has no trial and is left out.
+    masks = torch.zeros(6, 40, 40, dtype=torch.bool)
+    masks[:, :5, :5] = True
+    heatmaps = torch.zeros(6, 40, 40)
+    hits = [True, True, False, False, True, True]
+    for b, hit in enumerate(hits):
+        heatmaps[b, (2 if hit else 39), (2 if hit else 39)] = 1.0
+    heatmaps[5] = 0  # skipped
+    classes = torch.tensor([0, 0, 0, 1, 3, 3])
+    metric = PointingGame(num_classes=4)
+    metric.update(heatmaps, masks, classes)
+    result = metric.compute()
+    # Class 0: 2/3, class 1: 0/1, class 3: 1/1 (one skipped).
+    assert result["pg"].item() == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
+    assert result["pg_micro"].item() == pytest.approx(100 * 3 / 5)
+    assert result["skipped"] == 1
+    with pytest.raises(ValueError, match="classes"):
+        metric.update(heatmaps, masks)
+    with pytest.raises(ValueError, match="classes"):
+        PointingGame().update(heatmaps, masks, classes)
+
+
+def spg_result(seed: int, use_forward: bool = False) -> dict:
+    small, masks, _ = localisation_batches()
+    metric = StochasticPointingGame(tolerance=6, num_samples=20, num_runs=5, seed=seed)
+    step = metric.forward if use_forward else metric.update
+    step(small[:15], masks[:15])
+    step(small[15:], masks[15:])
+    return metric.compute()
+
+
+def test_stochastic_pointing_game_is_reproducible_and_varies_over_runs():
+    first = spg_result(seed=0)
+    assert_results_equal(spg_result(seed=0), first)
+    assert_results_equal(spg_result(seed=0, use_forward=True), first)
+    assert spg_result(seed=1)["spg"] != first["spg"]
+    assert first["spg_std"] > 0 and first["skipped"] == 2
+    assert 0 < first["spg"] < 100
+
+
+def test_an_empty_batch_changes_nothing():
+    small, masks, classes = localisation_batches()
+    for metric, tensors in (
+        (PointingGame(num_classes=4), (small, masks, classes)),
+        (StochasticPointingGame(), (small, masks)),
+        (ContentHeatmap(), (small, masks)),
+        (NegativeQuadrantsHeatmap(), (small, classes)),
+    ):
+        metric.update(*(t[:4] for t in tensors))
+        before = metric.compute()
+        metric.update(*(t[:0] for t in tensors))
+        assert_results_equal(metric.compute(), before)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")
+def test_empty_metric_reports_nan_not_a_number_that_looks_real():
+    assert ContentHeatmap().compute()["ch"].isnan()
+    assert PointingGame(num_classes=3).compute()["pg"].isnan()
