@@ -62,7 +62,7 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
     }
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [(key, summary[key]) for key in ("model", "pooling", "loss", "lambda", "data", "epochs")]
-    rows += [(name, f"{value:.4f}") for name, value in sorted(metrics.items()) if name.startswith("val/")]
+    rows += [(name, f"{value:.4f}") for name, value in sorted(metrics.items()) if name.startswith(("val/", "explain/"))]
     rows += [(key, summary[key]) for key in ("best_checkpoint", "last_checkpoint", "heatmaps", "output_dir")]
     width = max(len(name) for name, _ in rows)
     print("\n" + "=" * 30 + " training summary " + "=" * 30)
