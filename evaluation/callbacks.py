@@ -77,10 +77,13 @@ class ExplanationMetricsCallback(pl.Callback):
             pl_module.log(f"explain/{name}", value, rank_zero_only=True)
         rank_zero_info(f"epoch {trainer.current_epoch}: " + ", ".join(
             f"{name}={value:.2f}" for name, value in flatten(results).items() if not name.startswith("skipped")))
-        if self.overlay_images > 0 and trainer.is_global_zero:
-            self.save_overlays(trainer, pl_module)
+        if self.overlay_images > 0:
+            # trainer.log_dir is a collective call under DDP: every process asks for it.
+            folder = Path(trainer.default_root_dir if trainer.log_dir is None else trainer.log_dir, "explanations")
+            if trainer.is_global_zero:
+                self.save_overlays(trainer, pl_module, folder)
 
-    def save_overlays(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def save_overlays(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path) -> None:
         datamodule = trainer.datamodule
         dataset = datamodule.val_dataloader().dataset
         picks = torch.linspace(0, len(dataset) - 1, self.overlay_images).long().unique().tolist()
@@ -94,7 +97,6 @@ class ExplanationMetricsCallback(pl.Callback):
         pl_module.net.train(was_training)
         names = getattr(datamodule, "class_names", None)
         panels = [(image, heat, names[int(c)] if names else str(int(c))) for image, heat, c in zip(images, heatmaps, classes)]
-        folder = Path(trainer.default_root_dir if trainer.log_dir is None else trainer.log_dir, "explanations")
         folder.mkdir(parents=True, exist_ok=True)
         path = save_overlay_grid([(self.explainer_name, panels)], folder / f"epoch{trainer.current_epoch:03d}.png",
                                  f"{self.explainer_name}, epoch {trainer.current_epoch}")

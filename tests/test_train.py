@@ -85,6 +85,8 @@ def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
     assert_ok(run)
     summary = read_summary(tmp_path)
     assert summary["loss"] == "gc"
+    # The explanation callback's metrics are reduced over both processes without a deadlock.
+    assert {"explain/pg", "explain/nqh", "explain/fgsm/eps=8"} <= set().union(*logged_metrics(tmp_path))
 
 
 def test_multirun_one_output_dir_per_run(tmp_path, data_dir):
