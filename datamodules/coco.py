@@ -68,6 +68,8 @@ class COCODataModule(ImageDataModule):
     def val_annotation_file(self) -> Path:
         return self._ann_file(self.val_split)
 
+    has_localization = True
+
     def localization_dataset(self) -> CocoMaskDataset:
         """One trial per (validation image, ground-truth class), with the class's segmentation
         mask, resized and centre-cropped with the image."""

@@ -11,6 +11,7 @@ from .common import (
     imagenet_eval_transform,
     imagenet_train_transform,
 )
+from .localization import BoxMaskDataset
 from .readers import ClassFolderDataset, list_class_folders
 
 
@@ -21,6 +22,8 @@ class ImageNetDataModule(ImageDataModule):
     sorted into one folder per wnid, as for torchvision's ImageFolder, since labels are read from
     folder names. Validation classes must equal the training classes, so that class indices agree.
     Training uses RandomResizedCrop + flip, validation Resize(256/224 * size) + CenterCrop(size).
+    With ``box_dir`` (ILSVRC's validation box XML files, one per image, named after it) the
+    localisation metrics are available.
     """
 
     def __init__(
@@ -30,9 +33,11 @@ class ImageNetDataModule(ImageDataModule):
         num_workers: int = 8,
         image_size: int = 224,
         skip_corrupt: bool = False,
+        box_dir: str | Path | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, skip_corrupt)
         self.data_dir = Path(data_dir)
+        self.box_dir = Path(box_dir) if box_dir is not None else None
         self.image_size = check_int("image_size", image_size, minimum=8)
         self.save_hyperparameters()
         self._class_names: list[str] | None = None
@@ -47,6 +52,18 @@ class ImageNetDataModule(ImageDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_localization(self) -> bool:
+        """Box annotations make the localisation metrics possible (``data.box_dir``)."""
+        return self.box_dir is not None
+
+    def localization_dataset(self) -> BoxMaskDataset:
+        """Validation images masked by their boxes of their class (``box_dir/<stem>.xml``)."""
+        if self.box_dir is None:
+            raise ValueError("data.box_dir is not set: ImageNet localisation metrics need the validation box XML files")
+        images = ClassFolderDataset(self._split_dir("val"), None, self.skip_corrupt, class_names=self.class_names)
+        return BoxMaskDataset(images, self.box_dir, self.image_size)
 
     def _split_dir(self, split: str) -> Path:
         existing_dir("data_dir", self.data_dir)

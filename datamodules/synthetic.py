@@ -379,6 +379,8 @@ class SyntheticDataModule(ImageDataModule):
     def val_annotation_file(self) -> Path:
         return self.dataset_dir / "annotations" / "instances_val.json"
 
+    has_localization = True
+
     def localization_dataset(self) -> CocoMaskDataset:
         """Validation images with their object's exact mask (category id = class index + 1)."""
         return CocoMaskDataset(self.dataset_dir / "val", self.val_annotation_file, range(1, self.num_classes + 1))

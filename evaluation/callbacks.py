@@ -22,7 +22,7 @@ class ExplanationMetricsCallback(pl.Callback):
     composites) and log them as ``explain/<metric>``; also save ``overlay_images`` heatmap overlays
     as a picture (and send it to TensorBoard or W&B when those loggers are active).
 
-    On data without masks (ImageNet here) the localisation metrics are left out with a warning, and
+    On data without masks (ImageNet without box files) the localisation metrics are left out with a warning, and
     on multi-label data FGSM robustness (a top-1 accuracy) is.
     """
 
@@ -54,7 +54,7 @@ class ExplanationMetricsCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "localization_dataset"):
+        if not getattr(datamodule, "has_localization", False):
             dropped = [name for name in self.metrics if name in LOCALIZATION_METRICS]
             if dropped:
                 rank_zero_warn(f"{type(self).__name__}: {type(datamodule).__name__} has no masks or boxes; "

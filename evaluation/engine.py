@@ -41,10 +41,10 @@ def check_data_supports(datamodule, metrics: Sequence[str], data_name: str) -> N
     """Refuse, before any work, localisation metrics on data without masks or boxes, and FGSM
     robustness (a top-1 accuracy) on multi-label data."""
     wanted = [name for name in metrics if name in LOCALIZATION_METRICS]
-    if wanted and not hasattr(datamodule, "localization_dataset"):
+    if wanted and not getattr(datamodule, "has_localization", False):
         raise ValueError(
             f"metric(s) {wanted} need ground-truth object masks or boxes, and data {data_name!r} provides "
-            "none; use data with masks (synthetic, coco) or drop these metrics"
+            "none; use data with masks (synthetic, coco, imagenet with data.box_dir) or drop these metrics"
         )
     if "fgsm" in metrics and datamodule.multilabel:
         raise ValueError(f"metric 'fgsm' is top-1 accuracy under attack, defined for single-label data; "

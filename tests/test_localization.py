@@ -1,0 +1,51 @@
+"""Localisation trials: images with the mask of their class, aligned through the eval geometry."""
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from datamodules.imagenet import ImageNetDataModule
+from evaluation.engine import check_data_supports
+
+BOX_XML = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
+OBJECT = "<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+
+
+def make_imagenet(root, boxes):
+    """Two classes; val image i of class n0<i> has a red box drawn where its XML says."""
+    for split in ("train", "val"):
+        for index, (wnid, (x0, y0, x1, y1), difficult) in enumerate(boxes):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            image = Image.new("RGB", (80, 60))
+            ImageDraw.Draw(image).rectangle((x0, y0, x1, y1), fill=(255, 0, 0))
+            image.save(folder / f"ILSVRC2012_val_{index:08d}.JPEG", quality=95)
+            if split == "val":
+                (root / "boxes").mkdir(exist_ok=True)
+                objects = OBJECT.format(name=wnid, difficult=int(difficult), x0=x0, y0=y0, x1=x1, y1=y1)
+                objects += OBJECT.format(name="n09999999", difficult=0, x0=0, y0=0, x1=5, y1=5)  # another class
+                (root / "boxes" / f"ILSVRC2012_val_{index:08d}.xml").write_text(BOX_XML.format(w=80, h=60, objects=objects))
+
+
+def test_imagenet_box_masks_follow_the_image_through_resize_and_crop(tmp_path):
+    make_imagenet(tmp_path, [("n01000001", (30, 20, 59, 44), False), ("n02000002", (10, 10, 30, 30), True)])
+    data = ImageNetDataModule(tmp_path, batch_size=2, num_workers=0, image_size=32, box_dir=tmp_path / "boxes")
+    assert data.has_localization
+    trials = data.localization_dataset()
+    assert len(trials) == 1 and trials.skipped_difficult == 1  # the all-difficult image is left out
+    trial = trials[0]
+    assert trial["image"].shape == (3, 32, 32) and trial["mask"].shape == (32, 32) and trial["target"] == 0
+    red = (trial["image"][0] > 0.5) & (trial["image"][1] < 0.3)
+    overlap = (red & trial["mask"]).sum() / (red | trial["mask"]).sum()
+    assert overlap > 0.85, overlap  # the mask covers the drawn box, not the other class's box
+
+
+def test_imagenet_without_boxes_has_no_localisation(tmp_path):
+    make_imagenet(tmp_path, [("n01000001", (30, 20, 59, 44), False), ("n02000002", (10, 10, 30, 30), False)])
+    data = ImageNetDataModule(tmp_path, num_workers=0)
+    assert not data.has_localization
+    with pytest.raises(ValueError, match="data.box_dir is not set"):
+        data.localization_dataset()
+    with pytest.raises(ValueError, match=r"metric\(s\) \['spg'\] need ground-truth object masks or boxes"):
+        check_data_supports(data, ["spg"], "imagenet")
+    with pytest.raises(FileNotFoundError, match="data.box_dir: directory not found"):
+        ImageNetDataModule(tmp_path, num_workers=0, box_dir=tmp_path / "nope").localization_dataset()
