@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.registry import datamodule_from_config
 from gcmodels.checkpoints import check_resume_compatible
 from gcmodels.module import GCClassifier
+from evaluation.engine import validation_sample
 from evaluation.figures import save_gradcam_grid
 
 MODEL_KEYS = ("name", "pooling", "pretrained")
@@ -75,10 +76,7 @@ def save_heatmaps(module: GCClassifier, datamodule, cfg: DictConfig) -> Path | N
     count = int(cfg.heatmap_images)
     if count <= 0:
         return None
-    # Images spread over the validation set, so that several classes are shown.
-    loader = datamodule.val_dataloader()
-    picks = torch.linspace(0, len(loader.dataset) - 1, count).long().unique().tolist()
-    batch = loader.collate_fn([loader.dataset[i] for i in picks])
+    batch = validation_sample(datamodule, count)
     images, targets = batch["image"], batch["target"]
     classes = targets if targets.dim() == 1 else targets.float().argmax(1)
     path = Path(cfg.output_dir, "heatmaps.png")

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.registry import datamodule_from_config
-from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics
+from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics, validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.report import write_reports
@@ -40,9 +40,7 @@ def check_checkpoint(path: Path, num_classes: int, data_name: str) -> dict:
 def heatmap_panels(net, explainer, datamodule, count: int, generator: torch.Generator) -> list:
     """A few validation images with their explanations, and composites with theirs (for NQH)."""
     device = next(net.parameters()).device
-    dataset = datamodule.val_dataloader().dataset
-    picks = torch.linspace(0, len(dataset) - 1, count).long().unique().tolist()
-    batch = datamodule.val_dataloader().collate_fn([dataset[i] for i in picks])
+    batch = validation_sample(datamodule, count)
     images, targets = batch["image"].to(device), batch["target"].to(device)
     classes = targets if targets.dim() == 1 else targets.float().argmax(1)
     names = getattr(datamodule, "class_names", None) or [str(k) for k in range(int(classes.max()) + 1)]

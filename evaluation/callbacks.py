@@ -6,12 +6,17 @@ from typing import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from evaluation.engine import DEFAULT_FGSM_EPS, LOCALIZATION_METRICS, ExplanationEvaluator, check_metrics
+from evaluation.engine import (
+    DEFAULT_FGSM_EPS,
+    LOCALIZATION_METRICS,
+    ExplanationEvaluator,
+    check_metrics,
+    validation_sample,
+)
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 
@@ -85,9 +90,7 @@ class ExplanationMetricsCallback(pl.Callback):
 
     def save_overlays(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path) -> None:
         datamodule = trainer.datamodule
-        dataset = datamodule.val_dataloader().dataset
-        picks = torch.linspace(0, len(dataset) - 1, self.overlay_images).long().unique().tolist()
-        batch = datamodule.val_dataloader().collate_fn([dataset[i] for i in picks])
+        batch = validation_sample(datamodule, self.overlay_images)
         images = batch["image"].to(pl_module.device)
         targets = batch["target"]
         classes = (targets if targets.dim() == 1 else targets.float().argmax(1)).to(pl_module.device)

@@ -51,12 +51,23 @@ def check_data_supports(datamodule, metrics: Sequence[str], data_name: str) -> N
                          f"data {data_name!r} is multi-label")
 
 
+def spread_indices(length: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(length)``: validation sets are sorted by class,
+    so a capped evaluation or a picture then still sees every class."""
+    return torch.linspace(0, length - 1, min(count, length)).round().long().unique().tolist()
+
+
+def validation_sample(datamodule, count: int) -> dict:
+    """One batch of ``count`` validation images spread over the set."""
+    loader = datamodule.val_dataloader()
+    return loader.collate_fn([loader.dataset[i] for i in spread_indices(len(loader.dataset), count)])
+
+
 def shard(dataset: Dataset, rank: int, world_size: int, max_images: int | None) -> Dataset:
     """This process's share (every ``world_size``-th item) of ``max_images`` items spread evenly
-    over the set, so that a capped evaluation still sees every class."""
-    count = len(dataset) if max_images is None else min(len(dataset), max_images)
-    picks = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
-    return Subset(dataset, picks[rank::world_size])
+    over the set."""
+    count = len(dataset) if max_images is None else max_images
+    return Subset(dataset, spread_indices(len(dataset), count)[rank::world_size])
 
 
 def _batches(loader: DataLoader, device: torch.device, description: str, progress: bool):

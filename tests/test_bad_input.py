@@ -1,5 +1,4 @@
 """Bad input to train.py: each error names the key, value, path or file, before any work starts."""
-import shutil
 
 import pytest
 

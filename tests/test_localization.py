@@ -1,6 +1,5 @@
 """Localisation trials: images with the mask of their class, aligned through the eval geometry."""
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from datamodules.imagenet import ImageNetDataModule
