@@ -115,13 +115,19 @@ def test_dilate_masks_equals_distance_grid(masks_and_distances, tolerance):
 def test_pointing_game_equals_naive(tolerance, size):
     heatmaps, masks = random_cases(1, height=size[0], width=size[1])
     expected = per_image(naive_pointing_game, heatmaps, masks, tolerance=tolerance)
-    assert_scores(functional.pointing_game(heatmaps, masks, tolerance), expected)
+    valid = ~expected.isnan()
+    hits = functional.pointing_game(heatmaps, masks, tolerance)
+    assert hits.dtype == torch.bool and hits.shape == (len(heatmaps),)
+    assert torch.equal(hits[valid], expected[valid] == 1)
+    assert not hits[~valid].any()  # unscorable images are False, never a hit
+    both = functional.pointing_hits(heatmaps, masks, tolerance)
+    assert torch.equal(both[0], hits) and torch.equal(both[1], valid)
 
 
 def test_pointing_game_sees_hits_and_misses():
     heatmaps, masks = random_cases(2, batch=48)
-    scores = functional.pointing_game(heatmaps, masks, 4)
-    assert (scores == 1).any() and (scores == 0).any()
+    hits, valid = functional.pointing_hits(heatmaps, masks, 4)
+    assert hits.any() and (valid & ~hits).any()
 
 
 @pytest.mark.parametrize(
@@ -142,17 +148,18 @@ def test_pointing_game_tolerance_edges(offset, tolerance, hit):
     mask[0, 25, 25] = True
     heatmap = torch.zeros(1, 60, 60)
     heatmap[0, 25 + offset[0], 25 + offset[1]] = 1.0
-    assert functional.pointing_game(heatmap, mask, tolerance).item() == float(hit)
+    assert functional.pointing_game(heatmap, mask, tolerance).item() is hit
     assert functional.dilate_masks(mask, tolerance)[0, 25 + offset[0], 25 + offset[1]].item() == hit
 
 
-def test_pointing_game_ties_take_the_first_maximum():
-    heatmap = torch.zeros(2, 10, 10)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy's argmax, torch's
+def test_pointing_game_ties_take_the_first_maximum(dtype):
+    heatmap = torch.zeros(2, 10, 10, dtype=dtype)
     heatmap[:, 0, 9] = heatmap[:, 9, 0] = 1.0  # (0, 9) comes first in row-major order
     mask = torch.zeros(2, 10, 10, dtype=torch.bool)
     mask[0, 9, 0] = True  # at the second maximum: a miss
     mask[1, 0, 9] = True  # at the first: a hit
-    assert functional.pointing_game(heatmap, mask, tolerance=2).tolist() == [0.0, 1.0]
+    assert functional.pointing_game(heatmap, mask, tolerance=2).tolist() == [False, True]
 
 
 # ---------------------------------------------------------------- SPG and CH
@@ -200,14 +207,16 @@ def test_content_heatmap_equals_naive():
     assert_scores(functional.content_heatmap(heatmaps, masks), expected, atol=1e-6)
 
 
-def test_invalid_images_are_nan_for_every_score():
+def test_invalid_images_are_nan_for_every_score_and_false_in_the_pointing_game():
     heatmaps, masks = random_cases(6, batch=6)  # 1: zero map + empty mask, 2: full mask, 3: zero map
     masks[4] = False
     expected_valid = torch.tensor([True, False, True, False, False, True])
     assert torch.equal(functional.valid_pairs(heatmaps, masks), expected_valid)
     assert torch.equal(functional.valid_pairs(heatmaps), heatmaps.flatten(1).amax(1) > 0)
+    hits, valid = functional.pointing_hits(heatmaps, masks)
+    assert torch.equal(valid, expected_valid) and not hits[~valid].any()
+    assert not functional.pointing_game(heatmaps, masks)[~valid].any()
     for scores in (
-        functional.pointing_game(heatmaps, masks),
         functional.stochastic_pointing_game(heatmaps, masks, generator=torch.Generator().manual_seed(0)),
         functional.content_heatmap(heatmaps, masks),
     ):

@@ -8,6 +8,7 @@ Results are float64 tensors (counts included), ready for ``log_dict``.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -81,15 +82,14 @@ class PointingGame(_MeanScore):
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None) -> None:
         if (classes is None) != (self.num_classes is None):
             raise ValueError("PointingGame: pass classes to update() if and only if num_classes was given")
-        hits = functional.pointing_game(functional.upsample(heatmaps, masks.shape[-2:]), masks, self.tolerance)
-        self._add_scores(hits)
+        hits, valid = functional.pointing_hits(functional.upsample(heatmaps, masks.shape[-2:]), masks, self.tolerance)
+        self._add_scores(hits.double().masked_fill(~valid, math.nan))
         if classes is None:
             return
         if classes.shape != hits.shape or ((classes < 0) | (classes >= self.num_classes)).any():
             raise ValueError(f"classes must be [B] = [{hits.shape[0]}] with values in 0..{self.num_classes - 1}")
-        scored = ~hits.isnan()
-        self.class_trials += torch.bincount(classes[scored], minlength=self.num_classes)
-        self.class_hits += torch.bincount(classes[hits == 1], minlength=self.num_classes)
+        self.class_trials += torch.bincount(classes[valid], minlength=self.num_classes)
+        self.class_hits += torch.bincount(classes[hits], minlength=self.num_classes)
 
     def compute(self) -> dict[str, torch.Tensor]:
         pooled = super().compute()

@@ -2,8 +2,9 @@
 
 Inputs: ``heatmaps`` float ``[B, H, W]``, finite and non-negative, already at the mask's size
 (see :func:`upsample`); ``masks`` bool ``[B, H, W]``. Every score function returns one score per
-image, and NaN for an image that cannot be scored (all-zero heatmap, or empty mask where a mask is
-used; :func:`valid_pairs`), never 0 or 1, so that callers skip and count such images.
+image. An image that cannot be scored (all-zero heatmap, or empty mask where a mask is used;
+:func:`valid_pairs`) gets NaN, never 0 or 1, so that callers skip and count it; the one exception
+is :func:`pointing_game`, whose bool result cannot hold NaN (use :func:`pointing_hits`).
 
 Tolerance (PG, SPG): a pixel ``p`` is a hit iff some mask pixel ``q`` has ``||p - q|| < tolerance``
 (strict), i.e. ``p`` lies in the mask dilated by the disc of offsets ``dy^2 + dx^2 < tolerance^2``.
@@ -30,6 +31,7 @@ __all__ = [
     "fgsm",
     "negative_quadrants_heatmap",
     "pointing_game",
+    "pointing_hits",
     "stochastic_pointing_game",
     "upsample",
     "valid_pairs",
@@ -161,28 +163,66 @@ def _hits_at(masks: torch.Tensor, points: torch.Tensor, tolerance: float) -> tor
     return ((count > 0) & row_inside).any(-1)
 
 
-def pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
-    """Per-image PG result, float ``[B]``: 1.0 hit, 0.0 miss, NaN invalid (see :func:`valid_pairs`).
+def _first_maxima(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum and the index of its first occurrence, as ``rows.max(1)`` gives them.
+    On CPU numpy's vectorised argmax is about 10x faster than torch's (100 maps of 224 x 224:
+    0.24 ms against 2.3 ms) and has the same rule for ties: the first occurrence."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
+        return rows.max(1)
+    peaks = torch.from_numpy(rows.detach().numpy().argmax(1))
+    return rows.gather(1, peaks.unsqueeze(1)).squeeze(1), peaks
 
-    Hit iff the heatmap's maximum lies within ``tolerance`` of the mask. Ties between maximal
-    pixels: the first in row-major order (the documented rule of ``torch.max`` over a dim)."""
+
+def pointing_hits(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hits, valid)``, both bool ``[B]``: whether the heatmap's maximum lies within ``tolerance``
+    of the mask, and whether the image can be scored at all (:func:`valid_pairs`); ``hits`` is
+    False where ``valid`` is. Ties between maximal pixels: the first in row-major order (the
+    documented rule of ``torch.max`` over a dim)."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
     _check_tolerance(tolerance)
-    peak_values, peaks = heatmaps.flatten(1).max(1)
-    hits = _hits_at(masks, peaks.unsqueeze(1), tolerance).squeeze(1)
-    return _nan_where_invalid(hits.to(heatmaps.dtype), _valid_from_peaks(peak_values, masks))
+    peak_values, peaks = _first_maxima(heatmaps.flatten(1))
+    valid = _valid_from_peaks(peak_values, masks)
+    return _hits_at(masks, peaks.unsqueeze(1), tolerance).squeeze(1) & valid, valid
+
+
+def pointing_game(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
+    """Per-image PG hit, bool ``[B]``: True iff the heatmap's maximum lies within ``tolerance`` of
+    the mask (ties: the first maximal pixel in row-major order).
+
+    A bool cannot mark an image that cannot be scored (all-zero heatmap, empty mask): such images
+    come out False, which is not a miss. Leave them out with :func:`valid_pairs`, or take both at
+    once from :func:`pointing_hits`, as ``PointingGame`` does (it counts them as skipped)."""
+    return pointing_hits(heatmaps, masks, tolerance)[0]
+
+
+# Pixels per slice of the batch (4 MB of float32): see _batch_slices.
+_SLICE_PIXELS = 2**20
+
+
+def _batch_slices(heatmaps: torch.Tensor) -> list[slice]:
+    """Slices of the batch of at most ``_SLICE_PIXELS`` pixels each (one image at least).
+
+    Functions that make whole-batch temporaries work slice by slice: on CPU a temporary of tens
+    of MB (a batch of 224 px maps) comes as freshly mapped memory, page faults included, each time,
+    while a slice's fit in the cache and are reused by the allocator. Measured on 100 maps of
+    224 x 224 after other work: content heatmap 14 ms as one batch, 4 ms in slices."""
+    step = max(1, _SLICE_PIXELS // max(1, heatmaps[0].numel())) if len(heatmaps) else 1
+    return [slice(start, start + step) for start in range(0, max(1, len(heatmaps)), step)]
 
 
 def _sample_points(heatmaps: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """long ``[B, num_samples]``: flat indices drawn with replacement from each heatmap taken as a
-    distribution (``torch.multinomial`` normalises the rows). All-zero heatmaps have no
-    distribution; they draw uniformly, and their scores are NaN anyway."""
-    weights = heatmaps.flatten(1)
-    empty = weights.amax(1) <= 0
-    if empty.any():
-        weights = weights.masked_fill(empty.unsqueeze(1), 1.0)
-    return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+    distribution (``torch.multinomial`` normalises the rows), slice by slice (:func:`_batch_slices`).
+    All-zero heatmaps have no distribution; they draw uniformly, and their scores are NaN anyway."""
+    draws = []
+    for part in _batch_slices(heatmaps):
+        weights = heatmaps[part].flatten(1)
+        empty = weights.amax(1) <= 0
+        if empty.any():
+            weights = weights.masked_fill(empty.unsqueeze(1), 1.0)
+        draws.append(torch.multinomial(weights, num_samples, replacement=True, generator=generator))
+    return torch.cat(draws)
 
 
 def _stochastic_scores(
@@ -190,15 +230,18 @@ def _stochastic_scores(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """float ``[B, num_runs]``: hit fraction of ``num_samples`` points in each of ``num_runs``
-    independent runs (one draw of ``num_runs * num_samples`` points, split in runs)."""
+    independent runs (one draw of ``num_runs * num_samples`` points, split in runs). Slice by
+    slice; the points are those of ``_sample_points(heatmaps, num_runs * num_samples, generator)``."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
     _check_tolerance(tolerance)
     if num_samples < 1 or num_runs < 1:
         raise ValueError(f"num_samples and num_runs must be >= 1, got {num_samples} and {num_runs}")
-    points = _sample_points(heatmaps, num_runs * num_samples, generator)
-    hits = _hits_at(masks, points, tolerance).view(-1, num_runs, num_samples)
-    scores = hits.to(heatmaps.dtype).mean(-1)
+    hits = []
+    for part in _batch_slices(heatmaps):
+        points = _sample_points(heatmaps[part], num_runs * num_samples, generator)
+        hits.append(_hits_at(masks[part], points, tolerance))
+    scores = torch.cat(hits).view(-1, num_runs, num_samples).to(heatmaps.dtype).mean(-1)
     return _nan_where_invalid(scores, _valid(heatmaps, masks).unsqueeze(1))
 
 
@@ -217,7 +260,10 @@ def content_heatmap(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     invalid images."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
-    inside = torch.where(masks, heatmaps, 0).flatten(1).sum(1)
+    # Slice by slice (see _batch_slices), and a product with the mask's bytes: on CPU several
+    # times faster than ``torch.where``, and exact (finite heatmaps times 0 or 1).
+    inside = torch.cat([(heatmaps[part] * masks[part].view(torch.uint8)).flatten(1).sum(1)
+                        for part in _batch_slices(heatmaps)])
     share = inside / heatmaps.flatten(1).sum(1)
     return _nan_where_invalid(share, _valid(heatmaps, masks))
 
