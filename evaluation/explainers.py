@@ -68,6 +68,16 @@ class Explainer:
         raise NotImplementedError
 
 
+# Pixels per forward/backward pass of the many-pass explainers (SmoothGrad, Integrated Gradients)
+# when their own option leaves it open: 64 images at 224 px, 16 composites at 448 px. All passes
+# at once took more than the 80 GB of an H100 (IG, 32 steps x 32 composites at 448 px).
+_PIXELS_PER_PASS = 64 * 224 * 224
+
+
+def _images_per_pass(images: Tensor) -> int:
+    return max(1, _PIXELS_PER_PASS // (images.shape[-2] * images.shape[-1]))
+
+
 def _input_leaf(images: Tensor) -> Tensor:
     """A fresh leaf that requires grad: gradients w.r.t. the input without touching the caller's
     tensor (and without Captum's warning about inputs that do not require grad)."""
@@ -152,7 +162,8 @@ class SmoothGrad(Explainer):
     ``sigma / (x_max - x_min)``. The noise comes from torch's global RNG (Captum takes no
     generator): with ``seed=None`` set ``torch.manual_seed`` for reproducible maps; with an integer
     ``seed`` every call draws the same noise from a forked RNG and leaves the global one alone.
-    ``samples_per_pass`` caps how many noisy copies of the batch go through the net at once.
+    ``samples_per_pass`` caps how many noisy copies of the batch go through the net at once;
+    by default as many as keep a pass near 64 images of 224 px (one copy at least).
     """
 
     num_samples: int = 25
@@ -176,7 +187,8 @@ class SmoothGrad(Explainer):
     def _smoothgrad(self, net, images, targets):
         grads = NoiseTunnel(Saliency(net)).attribute(
             _input_leaf(images), nt_type="smoothgrad", nt_samples=self.num_samples,
-            nt_samples_batch_size=self.samples_per_pass, stdevs=float(self.stdev),
+            nt_samples_batch_size=self.samples_per_pass or max(1, _images_per_pass(images) // len(images)),
+            stdevs=float(self.stdev),
             target=targets, abs=True,
         )
         return grads.amax(dim=1)
@@ -191,6 +203,10 @@ class IntegratedGradients(Explainer):
     Map: ``|sum_c attr_c|``. The channel sum is the pixel's attribution (IG attributions are
     additive, and summing first keeps completeness per pixel); the absolute value then scores
     evidence for and against the class alike, as the other gradient maps do.
+
+    ``internal_batch_size`` (Captum's): how many (step, image) pairs go through the net at once;
+    by default as many as keep a pass near 64 images of 224 px, and never fewer than the batch
+    (Captum's own floor: one step of every image).
     """
 
     steps: int = 32
@@ -203,7 +219,8 @@ class IntegratedGradients(Explainer):
         with torch.enable_grad():
             attr, delta = CaptumIntegratedGradients(net).attribute(
                 _input_leaf(images), baselines=self.baseline, target=targets.long(),
-                n_steps=self.steps, internal_batch_size=self.internal_batch_size,
+                n_steps=self.steps,
+                internal_batch_size=self.internal_batch_size or max(len(images), _images_per_pass(images)),
                 return_convergence_delta=True,
             )
         return attr.detach(), delta.detach()

@@ -277,6 +277,29 @@ def test_integrated_gradients_completeness():
     assert torch.allclose(maps, attributions.sum(1).abs())
 
 
+@pytest.mark.parametrize("name", ["smoothgrad", "integrated_gradients"])
+def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_maps(name, monkeypatch):
+    """Their default passes hold about _PIXELS_PER_PASS pixels (a bound on memory: all at once ran
+    out of an H100's 80 GB); split finer, every image still goes through the net once per sample
+    or step, and the maps stay the same (SmoothGrad without noise, whose draws follow the split)."""
+    from evaluation import explainers
+
+    net = relu_net().double()
+    images, targets = images_and_targets(batch=3, dtype=torch.float64)
+    options = {"num_samples": 6, "stdev": 0.0} if name == "smoothgrad" else {"steps": 8}
+    explainer = build_explainer(name, **options)
+    whole = explainer(net, images, targets)
+    passes = []
+    original_forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: passes.append(len(x)) or original_forward(x))
+    monkeypatch.setattr(explainers, "_PIXELS_PER_PASS", 4 * 16 * 16)  # 4 images of 16 px per pass
+    split = explainer(net, images, targets)
+    # SmoothGrad: one copy of the 3 images per pass; IG: one step of the 3 (Captum's floor), and
+    # two more passes for its convergence check.
+    assert passes == [3] * (6 if name == "smoothgrad" else 8 + 2)
+    torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-12)
+
+
 # -------------------------------------------------------------------------- All explainers
 
 
