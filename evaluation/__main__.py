@@ -15,7 +15,7 @@ from datamodules.registry import datamodule_from_config
 from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics, validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
-from evaluation.report import write_reports
+from evaluation.report import row_label, write_reports
 from gcmodels.checkpoints import read_hparams
 from gcmodels.module import GCClassifier
 from losses import make_composite, random_layout
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
         rows.append(row)
         if cfg.heatmap_images > 0:
             generator = torch.Generator().manual_seed(cfg.seed)
-            grid.append((f"{row['model']} {row['loss']}\n{path.name}",
+            grid.append((f"{row_label(row)}\n{path.name}",
                          heatmap_panels(net, explainer, datamodule, cfg.heatmap_images, generator)))
     settings = {"explainer": cfg.explainer, "data": data_config["name"], "metrics": metrics, "fgsm_eps": eps,
                 "tolerance": cfg.tolerance, "spg": OmegaConf.to_container(cfg.spg), "max_images": cfg.max_images,

@@ -15,7 +15,8 @@ def _number(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def _label(row: dict) -> str:
+def row_label(row: dict) -> str:
+    """A checkpoint's name in the tables and the picture, e.g. 'resnet18+GMP GC (lambda=1)'."""
     pooling = "+GMP" if row.get("pooling") == "max" else ""
     loss = f" GC (lambda={row['lambda']:g})" if row.get("loss") == "gc" else " baseline"
     return f"{row.get('model', '?')}{pooling}{loss}"
@@ -66,16 +67,16 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
             results = row["results"]
             cells = [f"{_number(results.get('spg'))} ± {_number(results.get('spg_std'))}" if key == "spg"
                      else _number(results.get(key)) for key, _ in columns]
-            lines.append(f"| {_label(row)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
         lines.append("")
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", "",
                   "| model | " + " | ".join(eps_keys) + " |", "|---" * (len(eps_keys) + 1) + "|"]
-        lines += [f"| {_label(row)} | " + " | ".join(_number(row['results']['fgsm'].get(key)) for key in eps_keys) + " |"
+        lines += [f"| {row_label(row)} | " + " | ".join(_number(row['results']['fgsm'].get(key)) for key in eps_keys) + " |"
                   for row in rows]
         lines.append("")
     lines.append("Checkpoints:")
-    lines += [f"- {_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty mask): "
+    lines += [f"- {row_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty mask): "
               f"{row['results']['skipped'] or 'none'}" for row in rows]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
