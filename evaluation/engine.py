@@ -138,7 +138,13 @@ class ExplanationEvaluator:
             if keep.numel():
                 kept = layout.select(layout.valid)
                 composites = make_composite(images, keep, kept)
-                self.state["nqh"].update(self.explainer(net, composites, kept.positive), kept.cells)
+                # A composite has 4 images' pixels: explained a quarter batch at a time, a pass holds
+                # no more than the batch the user sized, and on CPU runs about twice as fast (less
+                # freshly mapped memory; ResNet18, 448 px, 32 composites per pass against 8).
+                per_pass = max(1, len(images) // 4)
+                maps = torch.cat([self.explainer(net, part, positive) for part, positive in
+                                  zip(composites.split(per_pass), kept.positive.split(per_pass))])
+                self.state["nqh"].update(maps, kept.cells)
 
     def _build_pointing_games(self, mask_size: tuple[int, int], device: torch.device) -> None:
         options = self.pointing_options

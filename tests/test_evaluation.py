@@ -70,6 +70,23 @@ def test_oracle_explainer_scores_100_and_uniform_nqh_is_75():
     assert results["ch"] == pytest.approx(100.0 * 64 / 32**2)  # square area over image area
 
 
+def test_nqh_explains_composites_a_quarter_batch_at_a_time():
+    """A composite holds four images' pixels, so a pass of composites is no bigger than the
+    image batch the user sized; the maps go back together in order."""
+    passes = []
+
+    def bright_square_plus_floor(net, images, classes):
+        passes.append(len(images))
+        return images[:, 0] + 0.01
+
+    net = tiny_net(num_classes=4)
+    results = ExplanationEvaluator(bright_square_plus_floor, ["nqh"], 4).run(
+        net, SquaresModule(), batch_size=8, progress=False)
+    assert passes == [2] * 4 + [1] * 4  # batches of 8 and 4 images, one composite each
+    # Four equal squares, one per cell, on a uniform floor: every cell holds a quarter of the mass.
+    assert results["nqh"] == pytest.approx(75.0)
+
+
 def test_accuracy_and_capped_evaluation_spread_over_classes():
     net = tiny_net(num_classes=4)
     data = SquaresModule()
