@@ -296,6 +296,18 @@ def test_fgsm_follows_the_closed_form_gradient(multilabel):
     assert not adversarial.requires_grad and adversarial.min() >= 0 and adversarial.max() <= 1
 
 
+def test_fgsm_attacks_share_one_gradient_over_eps(monkeypatch):
+    net, images, targets = fgsm_case(False)
+    eps_list = [0.0, 1 / 255, 8 / 255, 64 / 255]
+    expected = [functional.fgsm(net, images, targets, eps) for eps in eps_list]
+    passes = []
+    original_forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: passes.append(len(x)) or original_forward(x))
+    attacks = list(functional.fgsm_attacks(net, images, targets, eps_list))
+    assert passes == [len(images)]  # one gradient for every eps
+    assert all(torch.equal(a, e) for a, e in zip(attacks, expected)) and torch.equal(attacks[0], images)
+
+
 def test_fgsm_takes_a_custom_loss_and_refuses_inference_mode():
     net, images, targets = fgsm_case(False)
     # Minus the loss: the step goes the other way.

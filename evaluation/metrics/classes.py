@@ -196,8 +196,8 @@ class FGSMRobustness(Metric):
                 "FGSM robustness is defined here for single-label top-1 accuracy: targets must be class "
                 f"indices [B], got {targets.dtype} {tuple(targets.shape)} (multi-label targets?)"
             )
-        for index, eps in enumerate(self.eps_list):
-            adversarial = functional.fgsm(net, images, targets, eps / 255)
+        attacks = functional.fgsm_attacks(net, images, targets, [eps / 255 for eps in self.eps_list])
+        for index, adversarial in enumerate(attacks):
             with torch.no_grad():
                 self.correct[index] += (net(adversarial).argmax(1) == targets).sum()
         self.total += targets.numel()

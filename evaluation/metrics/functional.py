@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ __all__ = [
     "content_heatmap",
     "dilate_masks",
     "fgsm",
+    "fgsm_attacks",
     "negative_quadrants_heatmap",
     "pointing_game",
     "pointing_hits",
@@ -310,6 +311,16 @@ def fgsm(
     Only the input's gradient is taken (``torch.autograd.grad``), so the parameters' ``.grad``
     stay untouched; it works under ``torch.no_grad()``. Put ``net`` in eval mode first: in train
     mode batch norm would mix the images and update its running statistics."""
+    return next(fgsm_attacks(net, images, targets, [eps], loss))
+
+
+def fgsm_attacks(
+    net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, eps_list: Sequence[float],
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
+) -> Iterator[torch.Tensor]:
+    """:func:`fgsm`'s adversarial images for each eps of ``eps_list`` in turn, from one gradient:
+    the attack's direction does not depend on eps, so every eps after the first costs no pass
+    through ``net``. The gradient is taken at the first ``next()``."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("fgsm needs gradients, which inference mode forbids: run with inference_mode=False")
     if loss == "ce":
@@ -320,4 +331,6 @@ def fgsm(
     with torch.enable_grad():
         # classification_loss averages over the batch: a positive factor, so the signs are unchanged.
         (gradient,) = torch.autograd.grad(loss(net(inputs), targets), inputs)
-    return (images.detach() + eps * gradient.sign()).clamp(0, 1)
+    direction = gradient.sign()
+    for eps in eps_list:
+        yield (images.detach() + eps * direction).clamp(0, 1)
