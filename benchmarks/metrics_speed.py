@@ -99,8 +99,8 @@ def mask_pixel_scores(heatmaps: torch.Tensor, masks: torch.Tensor, points: np.nd
 def vectorised_scores(heatmaps, masks, samples, tolerance, seed, metric) -> np.ndarray:
     if metric == "PG":
         # The float of the bool hits, NaN where the image cannot be scored, like the loops.
-        result = functional.pointing_game(heatmaps, masks, tolerance).double()
-        return result.masked_fill(~functional.valid_pairs(heatmaps, masks), np.nan).numpy()
+        hits, valid = functional.pointing_hits(heatmaps, masks, tolerance)
+        return hits.double().masked_fill(~valid, np.nan).numpy()
     if metric == "SPG":
         generator = torch.Generator().manual_seed(seed)
         return functional.stochastic_pointing_game(heatmaps, masks, samples, tolerance, generator).double().numpy()
