@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 import pycocotools.mask as mask_utils
 import pytest
 import torch
@@ -15,23 +16,41 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+import datamodules.images
 from datamodules import (
-    ClassFolderDataset,
+    DATAMODULES,
     COCODataModule,
-    CocoMultiLabelDataset,
-    CorruptImageError,
     ImageNetDataModule,
     SyntheticDataModule,
-    coco_masks,
-    collate_skipping_corrupt,
-    generate_synthetic,
-    load_coco,
-    read_ilsvrc_boxes,
-    readers,
+    build_datamodule,
 )
-from datamodules.synthetic import MAX_CLASSES, MIN_IMAGE_SIZE
+from datamodules.coco import CocoMaskDataset, CocoMultiLabelDataset, coco_masks, load_coco
+from datamodules.imagefolder import ClassFolderDataset
+from datamodules.imagenet import BoxMaskDataset, read_ilsvrc_boxes
+from datamodules.images import CorruptImageError, collate_samples
+from datamodules.shapes import MAX_CLASSES, MIN_IMAGE_SIZE, SyntheticParams, generate_synthetic
 
-SMALL = dict(num_classes=3, image_size=48, train_per_class=4, val_per_class=2)
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+SMALL = dict(num_classes=3, image_size=48, train_per_class=4, val_per_class=2, context_bias=0.0, seed=0)
+LOADING = dict(batch_size=4, num_workers=0, skip_corrupt=False)
+
+
+def generate(root: Path, **overrides) -> Path:
+    """The synthetic data set with SMALL's parameters, some replaced."""
+    return generate_synthetic(root, SyntheticParams(**{**SMALL, **overrides}))
+
+
+def synthetic_module(data_dir: Path, **overrides) -> SyntheticDataModule:
+    return SyntheticDataModule(data_dir, **{**SMALL, **LOADING, **overrides})
+
+
+def imagenet_module(data_dir: Path, **overrides) -> ImageNetDataModule:
+    return ImageNetDataModule(data_dir, **{**LOADING, "image_size": 32, "box_dir": None, **overrides})
+
+
+def coco_module(data_dir: Path, **overrides) -> COCODataModule:
+    splits = dict(train_split="train2017", val_split="val2017")
+    return COCODataModule(data_dir, **{**LOADING, "image_size": 32, **splits, **overrides})
 
 
 def write_image(path: Path, size=(40, 30), color=(200, 30, 60)) -> Path:
@@ -61,9 +80,9 @@ def read_json(path: Path):
 
 
 def test_generation_is_deterministic_and_seed_dependent(tmp_path):
-    first = generate_synthetic(tmp_path / "a", **SMALL, context_bias=0.5, seed=1)
-    second = generate_synthetic(tmp_path / "b", **SMALL, context_bias=0.5, seed=1)
-    other = generate_synthetic(tmp_path / "c", **SMALL, context_bias=0.5, seed=2)
+    first = generate(tmp_path / "a", context_bias=0.5, seed=1)
+    second = generate(tmp_path / "b", context_bias=0.5, seed=1)
+    other = generate(tmp_path / "c", context_bias=0.5, seed=2)
 
     hashes = file_hashes(first)
     assert len([name for name in hashes if name.endswith(".png")]) == 3 * (4 + 2)
@@ -76,23 +95,23 @@ def test_generation_is_deterministic_and_seed_dependent(tmp_path):
 
 
 def test_generation_is_idempotent_and_redoes_an_incomplete_directory(tmp_path):
-    directory = generate_synthetic(tmp_path, **SMALL)
+    directory = generate(tmp_path)
     image = directory / "train" / "class_00_circle" / "00000.png"
     stamp = image.stat().st_mtime_ns
-    assert generate_synthetic(tmp_path, **SMALL) == directory
+    assert generate(tmp_path) == directory
     assert image.stat().st_mtime_ns == stamp  # not rewritten
 
     expected = file_hashes(directory)
     (directory / "meta.json").unlink()  # as if generation had been interrupted
     image.unlink()
-    assert generate_synthetic(tmp_path, **SMALL) == directory
+    assert generate(tmp_path) == directory
     assert file_hashes(directory) == expected
     assert [p.name for p in tmp_path.iterdir()] == [directory.name]  # no staging directory left
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_annotation_masks_are_exact(tmp_path, split):
-    directory = generate_synthetic(tmp_path, **SMALL, context_bias=1.0)
+    directory = generate(tmp_path, context_bias=1.0)
     coco = load_coco(directory / "annotations" / f"instances_{split}.json")
     assert [cat["id"] for cat in coco.dataset["categories"]] == [1, 2, 3]
     for ann in coco.dataset["annotations"]:
@@ -105,12 +124,14 @@ def test_annotation_masks_are_exact(tmp_path, split):
         height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert ann["bbox"] == [cols.min(), rows.min(), width, height]
         assert (pixels[mask] == ann["color"]).all()
+        # Exact both ways: no pixel of the object's colour lies outside the mask either.
+        assert ((pixels == ann["color"]).all(-1) == mask).all()
         # The class is in the folder name and the category: they agree.
         assert info["file_name"].split("/")[0] == coco.cats[ann["category_id"]]["name"]
 
 
 def test_every_shape_renders_distinct_masks_at_the_minimum_size(tmp_path):
-    directory = generate_synthetic(
+    directory = generate(
         tmp_path, num_classes=MAX_CLASSES, image_size=MIN_IMAGE_SIZE, train_per_class=1, val_per_class=1
     )
     coco = load_coco(directory / "annotations" / "instances_val.json")
@@ -126,8 +147,8 @@ def test_every_shape_renders_distinct_masks_at_the_minimum_size(tmp_path):
 
 
 def test_context_cue_is_in_every_biased_train_image_and_never_in_val(tmp_path):
-    biased = generate_synthetic(tmp_path, **SMALL, context_bias=1.0)
-    unbiased = generate_synthetic(tmp_path, **SMALL, context_bias=0.0)
+    biased = generate(tmp_path, context_bias=1.0)
+    unbiased = generate(tmp_path, context_bias=0.0)
 
     train = read_json(biased / "annotations" / "instances_train.json")
     boxes = {ann["image_id"]: ann["bbox"] for ann in train["annotations"]}
@@ -154,18 +175,18 @@ def test_context_cue_is_in_every_biased_train_image_and_never_in_val(tmp_path):
 @pytest.mark.parametrize("bias", [-0.1, 1.5, float("nan"), "0.5"])
 def test_context_bias_out_of_range_is_rejected(tmp_path, bias):
     with pytest.raises(ValueError, match=r"data\.context_bias"):
-        generate_synthetic(tmp_path, **SMALL, context_bias=bias)
+        SyntheticParams(**{**SMALL, "context_bias": bias})
     with pytest.raises(ValueError, match=r"data\.context_bias"):
-        SyntheticDataModule(data_dir=tmp_path, context_bias=bias)
+        synthetic_module(tmp_path, context_bias=bias)
     assert not any(tmp_path.iterdir())  # validated before any work
 
 
 @pytest.mark.parametrize("num_classes", [1, MAX_CLASSES + 1])
 def test_num_classes_out_of_range_is_rejected(tmp_path, num_classes):
     with pytest.raises(ValueError, match=rf"data\.num_classes must be in \[2, {MAX_CLASSES}\]"):
-        generate_synthetic(tmp_path, num_classes=num_classes)
+        SyntheticParams(**{**SMALL, "num_classes": num_classes})
     with pytest.raises(ValueError, match=r"data\.num_classes"):
-        SyntheticDataModule(data_dir=tmp_path, num_classes=num_classes)
+        synthetic_module(tmp_path, num_classes=num_classes)
 
 
 @pytest.mark.parametrize(
@@ -173,12 +194,13 @@ def test_num_classes_out_of_range_is_rejected(tmp_path, num_classes):
 )
 def test_synthetic_datamodule_rejects_bad_arguments(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"data\.{key}"):
-        SyntheticDataModule(data_dir=tmp_path, **{key: value})
+        synthetic_module(tmp_path, **{key: value})
 
 
 def test_synthetic_datamodule_end_to_end(tmp_path):
-    module = SyntheticDataModule(data_dir=tmp_path, **SMALL, context_bias=0.5, batch_size=5)
+    module = synthetic_module(tmp_path, context_bias=0.5, batch_size=5)
     assert module.num_classes == 3 and not module.multilabel  # known before any file exists
+    assert module.name == "synthetic"
     assert module.class_names == ["class_00_circle", "class_01_square", "class_02_triangle"]
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         module.setup("fit")
@@ -210,9 +232,9 @@ def test_class_folder_dataset_reads_labels_and_decodes_through_load_rgb(tmp_path
     (tmp_path / ".cache").mkdir()  # hidden folders are not classes
 
     calls = []
-    original = readers.load_rgb
-    monkeypatch.setattr(readers, "load_rgb", lambda path: calls.append(path) or original(path))
-    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor())
+    original = datamodules.images.load_rgb
+    monkeypatch.setattr(datamodules.images, "load_rgb", lambda path: calls.append(path) or original(path))
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False)
     assert dataset.classes == ["ant", "cat"] and dataset.num_classes == 2
     samples = [(path.name, label) for path, label in dataset.samples]
     assert samples == [("3.jpg", 0), ("1.png", 1), ("2.JPEG", 1)]
@@ -225,22 +247,22 @@ def test_class_folder_dataset_reads_labels_and_decodes_through_load_rgb(tmp_path
 
 def test_class_folder_dataset_uses_given_class_names(tmp_path):
     write_image(tmp_path / "b" / "1.png")
-    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), class_names=["a", "b", "c"])
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False, class_names=["a", "b", "c"])
     assert dataset.num_classes == 3 and dataset.samples[0][1] == 1
     with pytest.raises(ValueError, match=r"\['b'\].*" + esc(tmp_path)):
-        ClassFolderDataset(tmp_path, transforms.ToTensor(), class_names=["a"])
+        ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False, class_names=["a"])
 
 
 def test_class_folder_dataset_errors_name_the_path(tmp_path):
     missing = tmp_path / "missing"
     with pytest.raises(FileNotFoundError, match=esc(missing)):
-        ClassFolderDataset(missing, transforms.ToTensor())
+        ClassFolderDataset(missing, transforms.ToTensor(), skip_corrupt=False)
     with pytest.raises(ValueError, match=f"no class folders.*{esc(tmp_path)}"):
-        ClassFolderDataset(tmp_path, transforms.ToTensor())
+        ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "readme.txt").write_text("x")
     with pytest.raises(ValueError, match=f"no image files.*{esc(tmp_path)}"):
-        ClassFolderDataset(tmp_path, transforms.ToTensor())
+        ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False)
 
 
 def corrupt_tree(root: Path) -> tuple[Path, Path]:
@@ -259,7 +281,7 @@ def corrupt_tree(root: Path) -> tuple[Path, Path]:
 
 def test_corrupt_images_raise_an_error_naming_the_file(tmp_path):
     garbage, truncated = corrupt_tree(tmp_path)
-    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor())
+    dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=False)
     for index, path in ((2, garbage), (3, truncated)):
         with pytest.raises(CorruptImageError, match=f"corrupt image file {esc(path)}"):
             dataset[index]
@@ -276,14 +298,14 @@ def test_a_missing_file_is_not_skipped_as_corrupt(tmp_path):
 def test_skip_corrupt_drops_bad_files_from_the_batch(tmp_path):
     corrupt_tree(tmp_path)
     dataset = ClassFolderDataset(tmp_path, transforms.ToTensor(), skip_corrupt=True)
-    batches = list(DataLoader(dataset, batch_size=2, collate_fn=collate_skipping_corrupt))
+    batches = list(DataLoader(dataset, batch_size=2, collate_fn=collate_samples))
     assert batches[0]["image"].shape == (2, 3, 30, 40) and batches[0]["skipped"] == 0
     assert batches[0]["target"].tolist() == [0, 0]
     # Both files of the second batch are corrupt: an empty batch that says so.
     assert batches[1]["image"].numel() == 0 and batches[1]["target"].numel() == 0
     assert batches[1]["skipped"] == 2
 
-    mixed = list(DataLoader(dataset, batch_size=4, collate_fn=collate_skipping_corrupt))
+    mixed = list(DataLoader(dataset, batch_size=4, collate_fn=collate_samples))
     assert mixed[0]["image"].shape == (2, 3, 30, 40) and mixed[0]["skipped"] == 2
 
 
@@ -331,7 +353,7 @@ def write_coco_split(root: Path, split: str, categories=CATEGORY_IDS) -> Path:
 
 def test_coco_multilabel_targets_and_masks(tmp_path):
     ann_file = write_coco_split(tmp_path, "val2017")
-    dataset = CocoMultiLabelDataset(tmp_path / "val2017", ann_file, transforms.ToTensor())
+    dataset = CocoMultiLabelDataset(tmp_path / "val2017", ann_file, transforms.ToTensor(), skip_corrupt=False)
     assert dataset.classes == ["cat1", "cat5", "cat90"] and dataset.num_classes == 3
     assert dataset.image_ids == [1, 2, 3]  # image 4 has no annotation: dropped
     targets = [dataset[i]["target"].tolist() for i in range(3)]
@@ -351,7 +373,7 @@ def test_coco_multilabel_targets_and_masks(tmp_path):
 def test_coco_errors_name_the_file(tmp_path):
     ann_file = write_coco_split(tmp_path, "val2017")
     with pytest.raises(FileNotFoundError, match=esc(tmp_path / "nowhere")):
-        CocoMultiLabelDataset(tmp_path / "nowhere", ann_file, transforms.ToTensor())
+        CocoMultiLabelDataset(tmp_path / "nowhere", ann_file, transforms.ToTensor(), skip_corrupt=False)
     with pytest.raises(FileNotFoundError, match=esc(tmp_path / "none.json")):
         load_coco(tmp_path / "none.json")
     broken = tmp_path / "broken.json"
@@ -405,8 +427,9 @@ def imagenet_tree(root: Path, val_classes=("n01", "n02")) -> Path:
 
 
 def test_imagenet_datamodule_batches(tmp_path):
-    module = ImageNetDataModule(imagenet_tree(tmp_path), batch_size=3, num_workers=0, image_size=32)
+    module = imagenet_module(imagenet_tree(tmp_path), batch_size=3)
     assert module.num_classes == 2 and module.class_names == ["n01", "n02"] and not module.multilabel
+    assert module.name == "imagenet"
     module.setup("fit")
     for loader in (module.train_dataloader(), module.val_dataloader(), module.test_dataloader()):
         batch = next(iter(loader))
@@ -415,19 +438,20 @@ def test_imagenet_datamodule_batches(tmp_path):
 
 
 def test_imagenet_datamodule_errors(tmp_path):
-    module = ImageNetDataModule(imagenet_tree(tmp_path, val_classes=("n01", "n03")), image_size=32)
+    module = imagenet_module(imagenet_tree(tmp_path, val_classes=("n01", "n03")))
     with pytest.raises(ValueError, match=r"missing in val \['n02'\], not in train \['n03'\]"):
         module.setup("fit")
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=f"data\\.data_dir: directory not found: {esc(missing)}"):
-        ImageNetDataModule(missing).num_classes
+        imagenet_module(missing).num_classes
 
 
 def test_coco_datamodule_batches(tmp_path):
     write_coco_split(tmp_path, "train2017")
     write_coco_split(tmp_path, "val2017")
-    module = COCODataModule(tmp_path, batch_size=3, num_workers=0, image_size=32)
+    module = coco_module(tmp_path, batch_size=3)
     assert module.multilabel and module.num_classes == 3  # read from the val annotations
+    assert module.name == "coco"
     module.setup("fit")
     for loader in (module.train_dataloader(), module.val_dataloader()):
         batch = next(iter(loader))
@@ -438,6 +462,154 @@ def test_coco_datamodule_batches(tmp_path):
 def test_coco_datamodule_rejects_mismatched_categories(tmp_path):
     write_coco_split(tmp_path, "train2017", categories=[1, 5, 90, 91])
     write_coco_split(tmp_path, "val2017")
-    module = COCODataModule(tmp_path, image_size=32)
+    module = coco_module(tmp_path)
     with pytest.raises(ValueError, match=r"categories of .*instances_train2017\.json differ"):
         module.setup("fit")
+
+
+# --------------------------------------------------------------------------- the datamodule interface
+
+
+def test_datamodules_are_registered_under_their_config_name():
+    assert sorted(DATAMODULES) == ["coco", "imagenet", "synthetic"]
+    for name, cls in DATAMODULES.items():
+        assert cls.name == name and isinstance(cls.multilabel, bool)
+    assert DATAMODULES["coco"].multilabel and not DATAMODULES["imagenet"].multilabel
+
+
+@pytest.mark.parametrize("name", ["synthetic", "imagenet", "coco"])
+def test_every_data_config_builds_its_datamodule(tmp_path, name):
+    config = OmegaConf.load(CONF_DATA / f"{name}.yaml")
+    assert "monitor" not in config  # derived from multilabel, not a constructor argument
+    config.data_dir = str(tmp_path)  # the synthetic one names Hydra's working directory
+    module = build_datamodule(OmegaConf.to_container(config, resolve=True))
+    assert type(module) is DATAMODULES[name]
+    assert module.batch_size == config.batch_size and module.num_workers == config.num_workers
+    if name == "synthetic":  # the yaml's values are the data set's, no default of the code's
+        assert module.params == SyntheticParams(
+            **{key: config[key] for key in ("num_classes", "image_size", "train_per_class", "val_per_class",
+                                            "context_bias", "seed")}
+        )
+
+
+def test_build_datamodule_errors(tmp_path):
+    with pytest.raises(ValueError) as error:
+        build_datamodule({"name": "mnist", "data_dir": str(tmp_path)})
+    assert str(error.value) == "data.name='mnist' is unknown; allowed: ['coco', 'imagenet', 'synthetic']"
+    config = {"name": "synthetic", "data_dir": str(tmp_path), **SMALL, **LOADING}
+    without_seed = {key: value for key, value in config.items() if key != "seed"}
+    with pytest.raises(ValueError, match=r"data config of 'synthetic': .*missing .*'seed'"):
+        build_datamodule(without_seed)  # no default fills in for a key the config lacks
+    with pytest.raises(ValueError, match=r"data config of 'synthetic': .*unexpected .*'monitor'"):
+        build_datamodule({**config, "monitor": "val/acc"})
+    with pytest.raises(ValueError, match=r"data\.batch_size"):  # values are still checked by the class
+        build_datamodule({**config, "batch_size": 0})
+    assert not any(tmp_path.iterdir())
+
+
+def test_localization_dataset_of_each_datamodule(tmp_path):
+    synthetic = synthetic_module(tmp_path / "synthetic")
+    synthetic.prepare_data()
+    trials = synthetic.localization_dataset()
+    assert isinstance(trials, CocoMaskDataset) and len(trials) == 3 * 2  # one object per val image
+    assert trials[0]["image"].shape == (3, 48, 48) and trials[0]["mask"].shape == (48, 48)
+
+    write_coco_split(tmp_path / "coco", "train2017")
+    write_coco_split(tmp_path / "coco", "val2017")
+    trials = coco_module(tmp_path / "coco").localization_dataset()
+    assert isinstance(trials, CocoMaskDataset) and len(trials) == 4  # (image, class) pairs
+    assert trials[0]["image"].shape == (3, 32, 32) and trials[0]["mask"].shape == (32, 32)
+
+    imagenet_tree(tmp_path / "imagenet")
+    assert imagenet_module(tmp_path / "imagenet").localization_dataset() is None  # no box_dir
+    box_dir = tmp_path / "boxes"
+    for wnid in ("n01", "n02"):
+        for i in range(2):
+            write_boxes(box_dir / f"{wnid}_{i}.xml", [(wnid, False)])
+    trials = imagenet_module(tmp_path / "imagenet", box_dir=box_dir).localization_dataset()
+    assert isinstance(trials, BoxMaskDataset) and len(trials) == 4
+    assert trials[0]["image"].shape == (3, 32, 32) and trials[0]["mask"].shape == (32, 32)
+
+
+def test_collate_fn_stacks_masks_and_drops_corrupt_trials(tmp_path):
+    module = synthetic_module(tmp_path, skip_corrupt=True)
+    module.prepare_data()
+    corrupt = module.dataset_dir / "val" / module.class_names[1] / "00000.png"
+    corrupt.write_bytes(b"not a png")
+    trials = module.localization_dataset()
+    batch = next(iter(DataLoader(trials, batch_size=len(trials), collate_fn=module.collate_fn)))
+    assert batch["skipped"] == 1
+    assert batch["image"].shape == (5, 3, 48, 48) and batch["mask"].shape == (5, 48, 48)
+    assert batch["mask"].dtype == torch.bool and batch["mask"].flatten(1).any(1).all()
+    assert batch["target"].tolist() == [0, 0, 1, 2, 2]
+    # Each mask is its own image's: the object's pixels have one colour (the annotation's).
+    for image, mask in zip(batch["image"], batch["mask"]):
+        assert (image[:, mask] == image[:, mask][:, :1]).all()
+
+
+# --------------------------------------------------------------------------- localisation trials
+
+
+def write_boxes(path: Path, objects: list[tuple[str, bool]], box=(2, 3, 20, 15)) -> None:
+    """An ILSVRC box file for a 40x30 image, one object per (wnid, difficult)."""
+    xmin, ymin, xmax, ymax = box
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "<annotation><size><width>40</width><height>30</height></size>"
+        + "".join(
+            f"<object><name>{wnid}</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{xmin}</xmin>"
+            f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+            for wnid, difficult in objects
+        )
+        + "</annotation>"
+    )
+
+
+def box_trials(root: Path, skip_corrupt: bool) -> BoxMaskDataset:
+    """Val images n01_0 (a usable box), n01_1 (only difficult boxes of n01), n02_0 (only another
+    class's box), n02_1 (no object at all)."""
+    imagenet_tree(root)
+    box_dir = root / "boxes"
+    write_boxes(box_dir / "n01_0.xml", [("n01", False), ("n01", True)])
+    write_boxes(box_dir / "n01_1.xml", [("n01", True), ("n02", False)])
+    write_boxes(box_dir / "n02_0.xml", [("n01", False)])
+    write_boxes(box_dir / "n02_1.xml", [])
+    images = ClassFolderDataset(root / "val", transforms.ToTensor(), skip_corrupt=skip_corrupt)
+    return BoxMaskDataset(images, box_dir, image_size=32)
+
+
+def test_box_trials_count_difficult_and_boxless_images_apart(tmp_path):
+    trials = box_trials(tmp_path, skip_corrupt=False)
+    assert len(trials) == 1 and trials.trials[0][0].name == "n01_0.JPEG"
+    assert trials.skipped_difficult == 1  # n01_1: its boxes of n01 are all difficult
+    assert trials.skipped_no_box == 2  # n02_0 and n02_1: no box of n02 at all
+
+
+def test_box_trials_honour_skip_corrupt(tmp_path, caplog):
+    path = tmp_path / "val" / "n01" / "n01_0.JPEG"
+    trials = box_trials(tmp_path, skip_corrupt=False)
+    path.write_bytes(b"not a jpeg")
+    with pytest.raises(CorruptImageError, match=f"corrupt image file {esc(path)}"):
+        trials[0]
+    trials = box_trials(tmp_path / "skip", skip_corrupt=True)
+    path = tmp_path / "skip" / "val" / "n01" / "n01_0.JPEG"
+    path.write_bytes(b"not a jpeg")
+    with caplog.at_level("WARNING", logger="datamodules.images"):
+        assert trials[0] is None
+    assert str(path) in caplog.text
+
+
+def test_coco_mask_trials_honour_skip_corrupt(tmp_path, caplog):
+    ann_file = write_coco_split(tmp_path, "val2017")
+    path = tmp_path / "val2017" / f"{1:012d}.jpg"  # image 1: trials 0 and 1
+    path.write_bytes(b"not a jpeg")
+    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, image_size=None, skip_corrupt=False)
+    with pytest.raises(CorruptImageError, match=f"corrupt image file {esc(path)}"):
+        trials[0]
+    assert trials[2]["mask"].shape == (30, 40)  # the other images are unaffected
+    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, image_size=None, skip_corrupt=True)
+    with caplog.at_level("WARNING", logger="datamodules.images"):
+        assert trials[0] is None and trials[1] is None
+    assert str(path) in caplog.text
+    batch = collate_samples([trials[i] for i in range(len(trials))])
+    assert batch["skipped"] == 2 and batch["target"].tolist() == [1, 2]

@@ -1,0 +1,142 @@
+"""What every datamodule provides (:class:`ClassificationDataModule`), and config argument checks."""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .images import collate_samples
+
+
+def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Validate an integer config value; the error names the key as ``data.<key>``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"data.{key} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"data.{key} must be {allowed}, got {value}")
+    return int(value)
+
+
+def existing_dir(key: str, path: str | Path) -> Path:
+    """Path of a directory that must exist; the error names the key and the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.{key}: directory not found: {path}")
+    return path
+
+
+class ClassificationDataModule(LightningDataModule, abc.ABC):
+    """An image classification data set: what the trainer, the callbacks and the evaluation use.
+
+    - ``name``: the config name (``data.name``); ``multilabel``: multi-hot float targets [B, K]
+      (BCE, F1) instead of int64 class indices [B].
+    - ``num_classes``, ``class_names``: known before ``prepare_data`` where the config says them,
+      otherwise read from the validation data, since the model is built from them first.
+    - ``val_dataset()``: the validation set, usable once ``prepare_data()`` has run (built on
+      first use when ``setup()`` has not built it yet).
+    - ``localization_dataset()``: validation trials ``{"image", "target", "mask"}`` for PG, SPG
+      and CH, or None when the data has no masks or boxes.
+    - ``collate_fn``: the collate function of every loader, trial loaders included.
+
+    Samples are ``{"image": [3, H, W] float in [0, 1], "target": ...}``, or None for a corrupt
+    file when ``skip_corrupt``. The test loader is the validation set: ImageNet's and COCO's test
+    labels are not public, and the synthetic data has no third split. ``batch_size`` is per
+    process: under DDP every process loads its own batches.
+
+    Subclasses build their sets in ``_build_train_dataset``, ``_build_val_dataset`` and
+    ``_build_localization_dataset``; the results are kept in ``train_set`` (by ``setup("fit")``),
+    ``val_set`` and the localisation set.
+    """
+
+    name: ClassVar[str]
+    multilabel: ClassVar[bool]
+
+    collate_fn = staticmethod(collate_samples)
+
+    def __init__(self, data_dir: str | Path, *, image_size: int, batch_size: int, num_workers: int,
+                 skip_corrupt: bool) -> None:
+        """The loading options every data set takes (the keys of its ``data`` config group that
+        subclasses do not name themselves): ``data_dir``; ``image_size``, the side of the images the
+        network sees; ``batch_size`` per process; ``num_workers`` loader processes; with
+        ``skip_corrupt`` a corrupt image file is dropped from its batch and counted instead of
+        stopping the run."""
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.image_size = check_int("image_size", image_size, minimum=8)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._localization_set: Dataset | None = None
+        self._localization_built = False
+
+    @property
+    @abc.abstractmethod
+    def num_classes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def class_names(self) -> list[str]: ...
+
+    def localization_dataset(self) -> Dataset | None:
+        """Validation trials with the mask of their class, or None without masks or boxes."""
+        # Built once and kept: reading the annotations (50,000 ILSVRC XML files, a COCO json) is
+        # slow, and the training callbacks ask for the trials after every epoch.
+        if not self._localization_built:
+            self._localization_set = self._build_localization_dataset()
+            self._localization_built = True
+        return self._localization_set
+
+    @abc.abstractmethod
+    def _build_localization_dataset(self) -> Dataset | None: ...
+
+    @abc.abstractmethod
+    def _build_train_dataset(self) -> Dataset: ...
+
+    @abc.abstractmethod
+    def _build_val_dataset(self) -> Dataset: ...
+
+    def val_dataset(self) -> Dataset:
+        # Built on first use and kept: some datamodules read their classes from it before setup().
+        if self.val_set is None:
+            self.val_set = self._build_val_dataset()
+        return self.val_set
+
+    def setup(self, stage: str | None = None) -> None:
+        # The validation set first: its checks (class lists that must agree, files that must
+        # exist) fail fast, before a possibly long listing of the training set.
+        self.val_dataset()
+        # Listing a large training set (ImageNet: 1.28M files) takes a while: only to fit, once.
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._build_train_dataset()
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}: no train set, call setup('fit') first")
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset(), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,89 @@
+"""Single-label images in the ImageFolder layout ``root/<class>/<image files>`` (ImageNet, synthetic)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import IMAGE_EXTENSIONS, Sample, Transform, load_rgb_or_skip
+
+
+def list_class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders of an ImageFolder tree (hidden folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image directory not found: {root}")
+    names = sorted(
+        entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not names:
+        raise ValueError(f"no class folders in image directory {root}")
+    return names
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively (as ImageFolder does), in sorted order."""
+    files = []
+    for directory, subdirs, names in os.walk(folder, followlinks=True):
+        subdirs.sort()
+        files.extend(
+            Path(directory, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return files
+
+
+class ClassFolderDataset(Dataset):
+    """Single-label images in the ImageFolder layout ``root/<class>/<image files>``.
+
+    Classes are the sorted folder names, unless ``class_names`` is given (e.g. the training
+    classes, so that a validation tree uses the same indices); a folder that is not among
+    ``class_names`` is an error naming it. A class of ``class_names`` without a folder simply has
+    no samples here. With ``skip_corrupt`` a corrupt file yields None instead of raising, and
+    the datamodules' ``collate_fn`` drops it from the batch.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform,
+        skip_corrupt: bool,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        folders = list_class_folders(self.root)
+        if class_names is None:
+            self.classes = folders
+        else:
+            unknown = sorted(set(folders) - set(class_names))
+            if unknown:
+                raise ValueError(
+                    f"class folder(s) {unknown} in {self.root} are not among the expected classes "
+                    f"({len(class_names)} classes, e.g. those of the training set)"
+                )
+            self.classes = list(class_names)
+        index_of = {name: index for index, name in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = [
+            (path, index_of[name]) for name in folders for path in _image_files(self.root / name)
+        ]
+        if not self.samples:
+            raise ValueError(f"no image files {IMAGE_EXTENSIONS} in the class folders of {self.root}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        path, label = self.samples[index]
+        image = load_rgb_or_skip(path, self.skip_corrupt)
+        if image is None:
+            return None
+        return {"image": self.transform(image), "target": torch.tensor(label, dtype=torch.int64)}

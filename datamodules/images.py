@@ -1,0 +1,131 @@
+"""Image files and samples: decoding, the collate of every loader, ImageNet-style transforms, and
+the localisation trials' common form.
+
+Conventions shared by every dataset of this package:
+- an image is a float32 tensor in [0, 1] of shape [3, H, W], NOT normalised (the network
+  normalises inside, so explainers and FGSM can work in pixel space);
+- a sample is ``{"image": Tensor, "target": Tensor}`` (localisation trials add ``"mask"``); a
+  single-label target is an int64 scalar, a multi-label target a float32 multi-hot vector [K];
+- :func:`load_rgb` is the only place where image files are decoded, and datasets reach it only
+  through :func:`load_rgb_or_skip`, which looks it up in this module at call time: wrapping
+  ``datamodules.images.load_rgb`` (e.g. to count decodes) sees every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms, tv_tensors
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # compared lower-cased
+
+Sample = dict[str, Tensor]
+Transform = Callable[[Image.Image], Tensor]
+
+
+class CorruptImageError(ValueError):
+    """An image file exists but cannot be decoded; the message names the file."""
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open ``path``, decode it completely and return it as an RGB image.
+
+    A file that cannot be opened (missing, no permission) raises the usual OSError: that is a
+    layout error, never skipped. Any failure to decode raises CorruptImageError naming the file.
+    """
+    with open(path, "rb") as handle:
+        try:
+            with Image.open(handle) as image:
+                # Image.open only reads the header: load() decodes every pixel, so truncated
+                # files fail here and not later inside a transform with an unrelated traceback.
+                image.load()
+                return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImageError(f"corrupt image file {path}: {err}") from err
+
+
+def load_rgb_or_skip(path: str | os.PathLike, skip_corrupt: bool) -> Image.Image | None:
+    """Decode through ``load_rgb``; with ``skip_corrupt`` a corrupt file gives None (logged)."""
+    try:
+        return load_rgb(path)
+    except CorruptImageError as err:
+        if not skip_corrupt:
+            raise
+        log.warning("skipping %s", err)
+        return None
+
+
+def collate_samples(samples: Sequence[Sample | None]) -> dict[str, Any]:
+    """Stack samples into a batch, dropping the None that datasets return for corrupt files.
+
+    Every key of the samples is stacked (``"image"`` [B, 3, H, W], ``"target"`` [B] or [B, K],
+    and ``"mask"`` [B, H, W] for localisation trials); ``"skipped"`` is the number dropped. When
+    every sample was dropped, "image" and "target" are empty tensors of shape [0]: the trainer
+    recognises and skips such a batch (there is no H, W or K to shape them with).
+    """
+    kept = [sample for sample in samples if sample is not None]
+    skipped = len(samples) - len(kept)
+    if not kept:
+        return {"image": torch.empty(0), "target": torch.empty(0), "skipped": skipped}
+    return {**{key: torch.stack([sample[key] for sample in kept]) for key in kept[0]}, "skipped": skipped}
+
+
+def imagenet_train_transform(image_size: int) -> transforms.Compose:
+    """The paper's training augmentation: RandomResizedCrop + horizontal flip, no normalisation."""
+    return transforms.Compose(
+        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+    )
+
+
+def imagenet_eval_transform(image_size: int) -> transforms.Compose:
+    """Resize(256) + CenterCrop(224) at 224 px, scaled the same way for other sizes."""
+    return transforms.Compose(
+        [
+            transforms.Resize(int(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- localisation trials
+# Every (image, ground-truth class) pair is one trial, as in TorchRay's pointing game: a
+# single-object synthetic image gives one trial, a COCO image one per class, an ImageNet image one
+# (its class, masked by the union of its boxes of that class).
+
+
+def paired_eval_transform(image_size: int | None) -> v2.Compose | None:
+    """The validation geometry (Resize(256/224 * size) + CenterCrop(size)) for an image and its
+    mask together, so they stay aligned; None keeps the images' own size."""
+    if image_size is None:
+        return None
+    return v2.Compose([v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size)])
+
+
+def make_trial(
+    path: Path, image: Image.Image, mask: np.ndarray | Tensor, class_index: int, transform: v2.Compose | None
+) -> Sample:
+    """``{"image": [3,H,W] in [0,1], "target": class index, "mask": bool [H,W]}`` of one trial,
+    from the decoded PIL ``image`` of ``path`` and its mask."""
+    image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
+    mask = tv_tensors.Mask(torch.as_tensor(mask))
+    if tuple(mask.shape) != tuple(image.shape[-2:]):
+        raise ValueError(f"mask of size {tuple(mask.shape)} does not fit image {path} of size {tuple(image.shape[-2:])}")
+    if transform is not None:
+        image, mask = transform(image, mask)
+    return {
+        "image": v2.functional.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor),
+        "target": torch.tensor(class_index),
+        "mask": mask.as_subclass(torch.Tensor).bool(),
+    }

@@ -1,0 +1,317 @@
+"""The embedded synthetic data set's generator: shapes on clutter, written in real on-disk formats.
+
+``generate_synthetic`` writes, under ``<root>/synthetic_<hash of the parameters>/``::
+
+    train/<class_name>/<NNNNN>.png          ImageFolder layout, read by ClassFolderDataset
+    val/<class_name>/<NNNNN>.png
+    annotations/instances_train.json        COCO instances format, read by pycocotools
+    annotations/instances_val.json
+    meta.json                               the parameters; written last, marks completion
+
+:class:`~datamodules.synthetic.SyntheticDataModule` reads them.
+
+Every image has a cluttered background (low-frequency colour field, random strokes and small
+blobs, pixel noise) and exactly one object of its class. Classes differ only by the object's
+SHAPE; position, scale (40%-70% of the image side) and colour are random. Each object has one
+COCO annotation whose segmentation is the RLE of the exact set of pixels the object was painted
+on, so evaluation masks are exact. Fields beyond the COCO format (pycocotools ignores them):
+- annotation ``"color"``: the object's RGB colour (every mask pixel has exactly this colour);
+- image ``"context_cue"``: null, or ``{"corner", "box": [x, y, w, h], "color"}`` of the cue.
+
+Context cue (``context_bias``): with that probability a TRAINING image also carries a solid patch
+of a class-specific colour in a corner that does not overlap the object. It is a shortcut that
+predicts the class without looking at the object, the kind of spurious evidence the GC loss
+should suppress. Validation images never carry it, so validation accuracy and heatmap scores show
+whether a model relies on the cue. The random stream draws the cue last, so the same image with a
+different ``context_bias`` differs only by the patch.
+
+Determinism: image i of class c in split s comes from ``numpy.random.default_rng([seed, s, c, i])``
+alone, so regeneration gives byte-identical files and any image can be rebuilt on its own.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image, ImageDraw
+
+from .base import check_int
+
+# Bump when the generator's output changes, so that data cached by an older version is not reused.
+GENERATOR_VERSION = 2
+
+SPLIT_IDS = {"train": 0, "val": 1}
+MIN_IMAGE_SIZE = 48  # smallest objects are then 19 px: below, thin parts and gaps of shapes vanish
+
+
+def _radial_polygon(radii: list[float]) -> tuple[tuple[float, float], ...]:
+    """Polygon centred in the unit box, vertices at equal angles from the top, given radii."""
+    step = 2 * math.pi / len(radii)
+    return tuple(
+        (0.5 + r * math.sin(k * step), 0.5 - r * math.cos(k * step)) for k, r in enumerate(radii)
+    )
+
+
+# Each shape is a list of drawing operations in the unit box [0, 1]^2, scaled to the object's box.
+# Fill 255 adds pixels to the object mask, fill 0 removes them (holes, the crescent's bite).
+SHAPES: dict[str, list[tuple[str, Any, int]]] = {
+    "circle": [("ellipse", (0, 0, 1, 1), 255)],
+    "square": [("rectangle", (0.1, 0.1, 0.9, 0.9), 255)],
+    "triangle": [("polygon", ((0.5, 0), (1, 1), (0, 1)), 255)],
+    "cross": [("rectangle", (0.35, 0, 0.65, 1), 255), ("rectangle", (0, 0.35, 1, 0.65), 255)],
+    "ring": [("ellipse", (0, 0, 1, 1), 255), ("ellipse", (0.3, 0.3, 0.7, 0.7), 0)],
+    "star": [("polygon", _radial_polygon([0.5, 0.2] * 5), 255)],
+    "diamond": [("polygon", _radial_polygon([0.5] * 4), 255)],
+    "hexagon": [("polygon", _radial_polygon([0.5] * 6), 255)],
+    "bars": [("rectangle", (0, 0.1, 1, 0.38), 255), ("rectangle", (0, 0.62, 1, 0.9), 255)],
+    "l_shape": [("rectangle", (0, 0, 0.35, 1), 255), ("rectangle", (0, 0.65, 1, 1), 255)],
+    "arrow": [
+        (
+            "polygon",
+            ((0, 0.35), (0.55, 0.35), (0.55, 0.1), (1, 0.5), (0.55, 0.9), (0.55, 0.65), (0, 0.65)),
+            255,
+        )
+    ],
+    "crescent": [("ellipse", (0, 0, 1, 1), 255), ("ellipse", (0.35, -0.1, 1.15, 0.8), 0)],
+}
+MAX_CLASSES = len(SHAPES)
+
+# One saturated colour per class for the context cue, far apart from each other.
+CUE_COLORS = [
+    (255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+    (255, 128, 0), (128, 0, 255), (0, 128, 128), (128, 64, 0), (255, 160, 200), (0, 0, 0),
+]  # fmt: skip
+
+# Object side as a fraction of the image side. Objects of 40-70% let ResNet18 learn the shapes
+# from scratch within a CPU-minutes budget (25-55% needed about 5x more steps for the same accuracy).
+OBJECT_SCALE = (0.4, 0.7)
+CUE_SCALE = 0.12  # cue patch side as a fraction of the image side
+# With object side <= 0.7 and two cue patches of 0.12 per axis, 0.7 + 2 * 0.12 < 1: an object
+# can never touch both the left and right (or top and bottom) patches, so a free corner exists.
+assert OBJECT_SCALE[1] + 2 * CUE_SCALE < 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticParams:
+    """Every parameter the generated files depend on; validated on construction.
+
+    No defaults: the values live in ``conf/data/synthetic.yaml``.
+    """
+
+    num_classes: int
+    image_size: int
+    train_per_class: int
+    val_per_class: int
+    context_bias: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, minimum=2, maximum=MAX_CLASSES)
+        check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        check_int("train_per_class", self.train_per_class, minimum=1)
+        check_int("val_per_class", self.val_per_class, minimum=1)
+        check_int("seed", self.seed, minimum=0)  # numpy seeds must be non-negative
+        bias = self.context_bias
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not 0.0 <= bias <= 1.0:
+            raise ValueError(f"data.context_bias must be a number in [0, 1], got {bias!r}")
+        # 1 and 1.0 must name the same data set (the directory hash is taken over the JSON text).
+        object.__setattr__(self, "context_bias", float(bias))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(self)}
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [f"class_{index:02d}_{shape}" for index, shape in enumerate(list(SHAPES)[: self.num_classes])]
+
+
+def synthetic_dir(root: str | Path, params: SyntheticParams) -> Path:
+    """Directory that holds (or will hold) the data set generated with ``params``."""
+    return Path(root) / f"synthetic_{params.digest}"
+
+
+def is_complete(directory: Path, params: SyntheticParams) -> bool:
+    """True when ``directory`` holds a finished generation with ``params`` (meta.json written last)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("params") == params.to_dict()
+
+
+def generate_synthetic(root: str | Path, params: SyntheticParams) -> Path:
+    """Generate the data set under ``root`` unless it is already there; return its directory.
+
+    Files are written into a temporary sibling directory that is renamed into place when
+    complete, so a crash never leaves a half-written data set under the final name, and two
+    processes generating at once do not write into the same files. A directory under the final
+    name without a valid meta.json (e.g. copied partially) is deleted and generated again.
+    """
+    target = synthetic_dir(root, params)
+    if is_complete(target, params):
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_dataset(staging, params)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not is_complete(target, params):  # anything but "another process finished first"
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_dataset(directory: Path, params: SyntheticParams) -> None:
+    counts = {}
+    for split, per_class in (("train", params.train_per_class), ("val", params.val_per_class)):
+        coco = _write_split(directory, split, per_class, params)
+        (directory / "annotations").mkdir(exist_ok=True)
+        with (directory / "annotations" / f"instances_{split}.json").open("w") as handle:
+            json.dump(coco, handle, separators=(",", ":"))
+        counts[split] = len(coco["images"])
+    meta = {"params": params.to_dict(), "class_names": params.class_names, "num_images": counts}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks completion
+
+
+def _write_split(directory: Path, split: str, per_class: int, params: SyntheticParams) -> dict[str, Any]:
+    """Render and save one split's images; return its COCO instances dictionary."""
+    images, annotations = [], []
+    for class_index, class_name in enumerate(params.class_names):
+        (directory / split / class_name).mkdir(parents=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([params.seed, SPLIT_IDS[split], class_index, i])
+            pixels, mask, color, cue = _render(rng, params, class_index, with_cue=split == "train")
+            file_name = f"{class_name}/{i:05d}.png"
+            Image.fromarray(pixels).save(directory / split / file_name, format="PNG")
+            image_id = len(images) + 1  # one object per image: the annotation shares the id
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": params.image_size,
+                    "height": params.image_size,
+                    "context_cue": cue,
+                }
+            )
+            annotations.append(
+                {
+                    "id": image_id,
+                    "image_id": image_id,
+                    "category_id": class_index + 1,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                    "color": color,
+                }
+            )
+    categories = [
+        {"id": index + 1, "name": name, "supercategory": "shape"}
+        for index, name in enumerate(params.class_names)
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _render(
+    rng: np.random.Generator, params: SyntheticParams, class_index: int, with_cue: bool
+) -> tuple[np.ndarray, np.ndarray, list[int], dict[str, Any] | None]:
+    """One image: (pixels uint8 [S, S, 3], object mask bool [S, S], object colour, cue or None)."""
+    size = params.image_size
+    pixels = _background(rng, size)
+
+    side = int(rng.integers(round(OBJECT_SCALE[0] * size), round(OBJECT_SCALE[1] * size) + 1))
+    left, top = (int(v) for v in rng.integers(0, size - side, size=2))
+    mask = _shape_mask(list(SHAPES)[class_index], size, left, top, side)
+    # Bright object on a dark background and dark on a bright one, so it is always visible.
+    dark_background = pixels[mask].mean() < 128
+    hue, saturation, value = rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.0, 1.0)
+    value = 0.75 + 0.25 * value if dark_background else 0.1 + 0.25 * value
+    color = [round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, saturation, value)]
+    pixels[mask] = color
+
+    # The cue's random numbers come last (see the module docstring) and are drawn for val too,
+    # so that every image consumes the same stream; val images simply never paint the patch.
+    cue_drawn = rng.random() < params.context_bias
+    cue = _cue_patch(rng, mask, size, class_index)
+    if not (with_cue and cue_drawn):
+        return pixels, mask, color, None
+    x, y, w, h = cue["box"]
+    pixels[y : y + h, x : x + w] = cue["color"]
+    return pixels, mask, color, cue
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-frequency colour field + random strokes and small blobs + pixel noise, as uint8."""
+    coarse = rng.integers(40, 216, size=(3, 3, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    max_width = max(1, size // 40)
+    for _ in range(int(rng.integers(3, 7))):
+        points = [tuple(p) for p in rng.integers(0, size, size=(int(rng.integers(2, 5)), 2)).tolist()]
+        color = tuple(rng.integers(0, 256, size=3).tolist())
+        draw.line(points, fill=color, width=int(rng.integers(1, max_width + 1)))
+    # Blobs stay below the smallest object (40% of the side) and are plain ellipses, so they
+    # are clutter and never look like an instance of a class.
+    for _ in range(int(rng.integers(2, 5))):
+        w, h = (rng.uniform(0.03, 0.12, size=2) * size).tolist()
+        x, y = (rng.uniform(0, size, size=2)).tolist()
+        draw.ellipse((x, y, x + w, y + h), fill=tuple(rng.integers(0, 256, size=3).tolist()))
+    noise = rng.integers(-12, 13, size=(size, size, 3), dtype=np.int16)  # uniform, std ~7
+    return np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(shape: str, size: int, left: int, top: int, side: int) -> np.ndarray:
+    """Exact pixel mask of ``shape`` drawn in the box (left, top, side, side), as bool [S, S]."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def scale(points: Any) -> list[float]:
+        flat = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        return (flat * side + (left, top)).ravel().tolist()
+
+    for kind, points, fill in SHAPES[shape]:
+        getattr(draw, kind)(scale(points), fill=fill)
+    return np.asarray(mask) > 0
+
+
+def _cue_patch(rng: np.random.Generator, mask: np.ndarray, size: int, class_index: int) -> dict[str, Any]:
+    """A cue patch in a random image corner that does not overlap the object's bounding box."""
+    patch = max(4, round(CUE_SCALE * size))
+    rows, cols = np.nonzero(mask)
+    corners = {
+        "top_left": (0, 0),
+        "top_right": (size - patch, 0),
+        "bottom_left": (0, size - patch),
+        "bottom_right": (size - patch, size - patch),
+    }
+    free = [
+        name
+        for name, (x, y) in corners.items()
+        if x + patch <= cols.min() or x > cols.max() or y + patch <= rows.min() or y > rows.max()
+    ]
+    corner = free[int(rng.integers(len(free)))]
+    x, y = corners[corner]
+    return {"corner": corner, "box": [x, y, patch, patch], "color": list(CUE_COLORS[class_index])}
+
