@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evaluation.explainers import (
@@ -13,7 +14,7 @@ from evaluation.explainers import (
     build_explainer,
 )
 from gcmodels.networks import ExplainableNet, Normalize, build_network
-from tests.nets import tiny_net
+from tests.conftest import tiny_net
 
 
 def randomise_batchnorm(net: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -126,6 +127,48 @@ def test_fullgrad_completeness_and_maps(make_net, size):
     maps = FullGrad()(net, images, targets)
     assert maps.shape == (2, size, size)
     assert (maps >= 0).all() and maps.isfinite().all()
+
+
+def _psi(tensor):
+    """FullGrad's post-processing: abs, min-max over each sample's whole [C, h, w], channel sum."""
+    tensor = tensor.abs()
+    low = tensor.amin(dim=(1, 2, 3), keepdim=True)
+    high = tensor.amax(dim=(1, 2, 3), keepdim=True)
+    return ((tensor - low) / (high - low)).sum(1)
+
+
+def test_fullgrad_map_of_relu_net_matches_a_hand_written_forward():
+    """The map of ``test_fullgrad_completeness_and_maps``'s relu_net, against FullGrad computed
+    from a forward pass written out layer by layer: psi(x * dy/dx) plus psi(dy/dz * b) for every
+    spatial bias (Normalize's -m/s, conv 0's bias, both batch norms' effective bias; conv 4 has
+    none), the 8x8 one upsampled bilinearly to 16x16."""
+    net = relu_net().double()
+    images, targets = images_and_targets(dtype=torch.float64)
+    conv0, bn1, conv4, bn5, linear = net.features[0], net.features[1], net.features[4], net.features[5], net.head[2]
+    mean, std = net.normalize.mean.double(), net.normalize.std.double()
+
+    def bn_scale_shift(bn):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return scale.view(1, -1, 1, 1), (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+
+    (scale1, shift1), (scale5, shift5) = bn_scale_shift(bn1), bn_scale_shift(bn5)
+    x = images.clone().requires_grad_(True)
+    z_norm = (x - mean) / std
+    z0 = F.conv2d(z_norm, conv0.weight, conv0.bias, padding=1)
+    z1 = z0 * scale1 + shift1
+    z4 = F.conv2d(F.max_pool2d(torch.relu(z1), 2), conv4.weight, padding=1)
+    z5 = z4 * scale5 + shift5
+    logits = torch.relu(z5).mean(dim=(2, 3)) @ linear.weight.T + linear.bias
+    with torch.no_grad():
+        assert torch.allclose(logits, net(images), atol=1e-12)  # the written-out forward is the net's
+    score = logits[torch.arange(2), targets].sum()
+    g_x, g_norm, g0, g1, g5 = torch.autograd.grad(score, [x, z_norm, z0, z1, z5])
+    expected = (
+        _psi(images * g_x) + _psi(g_norm * (-mean / std)) + _psi(g0 * conv0.bias.view(1, -1, 1, 1))
+        + _psi(g1 * shift1)
+        + F.interpolate(_psi(g5 * shift5)[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    ).detach()
+    torch.testing.assert_close(FullGrad()(net, images, targets), expected, rtol=1e-9, atol=1e-10)
 
 
 def test_fullgrad_refuses_training_batchnorm():
@@ -282,7 +325,7 @@ def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_ma
     """Their default passes hold about _PIXELS_PER_PASS pixels (a bound on memory: all at once ran
     out of an H100's 80 GB); split finer, every image still goes through the net once per sample
     or step, and the maps stay the same (SmoothGrad without noise, whose draws follow the split)."""
-    from evaluation import explainers
+    from evaluation.explainers import base
 
     net = relu_net().double()
     images, targets = images_and_targets(batch=3, dtype=torch.float64)
@@ -292,7 +335,7 @@ def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_ma
     passes = []
     original_forward = net.forward
     monkeypatch.setattr(net, "forward", lambda x: passes.append(len(x)) or original_forward(x))
-    monkeypatch.setattr(explainers, "_PIXELS_PER_PASS", 4 * 16 * 16)  # 4 images of 16 px per pass
+    monkeypatch.setattr(base, "_PIXELS_PER_PASS", 4 * 16 * 16)  # 4 images of 16 px per pass
     split = explainer(net, images, targets)
     # SmoothGrad: one copy of the 3 images per pass; IG: one step of the 3 (Captum's floor), and
     # two more passes for its convergence check.
@@ -308,11 +351,18 @@ def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
     net = relu_net()
     images, targets = images_and_targets()
     options = {"smoothgrad": {"num_samples": 3}, "integrated_gradients": {"steps": 4}}.get(name, {})
+    explainer = build_explainer(name, **options)
+    torch.manual_seed(0)  # SmoothGrad's noise: the same draws in both calls
     with torch.no_grad():
-        maps = build_explainer(name, **options)(net, images, targets)
+        maps = explainer(net, images, targets)
     assert maps.dim() == 3 and maps.shape[0] == 2 and not maps.requires_grad
     assert maps.device == images.device and maps.isfinite().all() and (maps >= 0).all()
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    # Working under no_grad means giving the maps of a caller with gradients enabled, which the
+    # tests above pin to their references; non-zero maps keep the comparison from being vacuous.
+    torch.manual_seed(0)
+    torch.testing.assert_close(maps, explainer(net, images, targets), rtol=1e-6, atol=1e-7)
+    assert maps.amax() > 0
 
 
 def test_build_explainer():

@@ -1,0 +1,45 @@
+"""Explainers scored by the evaluation: ``explainer(net, images, targets) -> heatmaps [B, h, w]``.
+
+``images``: float pixel-space batch ``[B, 3, H, W]`` in [0, 1]; ``targets``: class indices, long
+``[B]``. Heatmaps are detached, on the images' device, at the method's own resolution (Grad-CAM and
+c-MWP: the explained layer's ``h x w``; the others: ``H x W``); the metrics upsample and normalise
+them. Every explainer enables gradients locally, so it works inside ``torch.no_grad()`` (validation,
+testing), and differentiates only with respect to inputs or activations
+(``torch.autograd.grad``), so it leaves no ``.grad`` in the network's parameters.
+
+Explainers use the network as it is: call ``net.eval()`` first. FullGrad and c-MWP treat batch
+norm as a fixed affine map and refuse a network whose batch norm (or, for c-MWP, dropout) is in
+training mode.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from evaluation.explainers.base import Explainer
+from evaluation.explainers.excitation import SIGNALS, ContrastiveExcitationBackprop
+from evaluation.explainers.fullgrad import FullGrad
+from evaluation.explainers.gradcam import GradCAM
+from evaluation.explainers.gradients import Gradient, IntegratedGradients, SmoothGrad
+
+__all__ = [
+    "EXPLAINERS", "SIGNALS", "ContrastiveExcitationBackprop", "Explainer", "FullGrad", "GradCAM",
+    "Gradient", "IntegratedGradients", "SmoothGrad", "build_explainer",
+]
+
+EXPLAINERS: dict[str, Callable[..., Explainer]] = {
+    "gradcam": GradCAM,
+    "gradcam_standard": partial(GradCAM, mode="standard"),
+    "gradient": Gradient,
+    "smoothgrad": SmoothGrad,
+    "integrated_gradients": IntegratedGradients,
+    "fullgrad": FullGrad,
+    "cmwp": ContrastiveExcitationBackprop,
+}
+
+
+def build_explainer(name: str, **kwargs) -> Explainer:
+    """The explainer called ``name`` (a key of ``EXPLAINERS``) with its options as keywords."""
+    if name not in EXPLAINERS:
+        raise ValueError(f"explainer {name!r} is unknown; valid explainers: {sorted(EXPLAINERS)}")
+    return EXPLAINERS[name](**kwargs)

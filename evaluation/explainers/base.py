@@ -1,0 +1,71 @@
+"""The ``Explainer`` base class and the helpers that several method families share."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+_MAX_NAMES_SHOWN = 30
+
+
+def name_list(names: list[str]) -> str:
+    shown = names[:_MAX_NAMES_SHOWN]
+    more = f" ... ({len(names)} in all)" if len(names) > len(shown) else ""
+    return ", ".join(shown) + more
+
+
+def require_eval(net: nn.Module, kinds: tuple[type, ...], method: str) -> None:
+    for name, module in net.named_modules():
+        if isinstance(module, kinds) and module.training:
+            raise ValueError(
+                f"{method} needs {type(module).__name__} {name!r} in eval mode (it treats it as a "
+                "fixed per-sample map); call net.eval() first"
+            )
+
+
+class Explainer:
+    """Base class: ``explainer(net, images, targets) -> heatmaps [B, h, w]`` (detached)."""
+
+    def __call__(self, net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        if images.dim() != 4 or targets.shape != images.shape[:1]:
+            raise ValueError(
+                f"need images [B, C, H, W] and one target class per image; got images "
+                f"{tuple(images.shape)} and targets {tuple(targets.shape)}"
+            )
+        with torch.enable_grad():
+            maps = self.explain(net, images, targets.long())
+        return maps.detach()
+
+    def explain(self, net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+# Pixels per forward/backward pass of the many-pass explainers (SmoothGrad, Integrated Gradients)
+# when their own option leaves it open: 64 images at 224 px, 16 composites at 448 px. All passes
+# at once took more than the 80 GB of an H100 (IG, 32 steps x 32 composites at 448 px).
+_PIXELS_PER_PASS = 64 * 224 * 224
+
+
+def images_per_pass(images: Tensor) -> int:
+    return max(1, _PIXELS_PER_PASS // (images.shape[-2] * images.shape[-1]))
+
+
+def input_leaf(images: Tensor) -> Tensor:
+    """A fresh leaf that requires grad: gradients w.r.t. the input without touching the caller's
+    tensor (and without Captum's warning about inputs that do not require grad)."""
+    return images.detach().requires_grad_(True)
+
+
+def submodule(net: nn.Module, name: str) -> nn.Module:
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in net.named_modules() if n]
+        raise ValueError(f"layer {name!r} is not a submodule of the network; valid names: "
+                         f"{name_list(names)}") from None
+
+
+# Eval-mode batch norm as a fixed per-channel affine map: FullGrad takes its bias from it, c-MWP
+# folds it into the preceding conv.
+def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return scale * bn.weight if bn.affine else scale
