@@ -13,8 +13,8 @@ from losses import CompositeLayout, classification_loss, composite_target, consi
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor
-    classification: torch.Tensor
-    consistency: torch.Tensor
+    classification_loss: torch.Tensor
+    consistency_loss: torch.Tensor
     logits: torch.Tensor
     num_composites: int
 
@@ -35,24 +35,23 @@ def gc_objective(
     ``g_x`` is not detached unless ``detach_target`` (the authors' code does not detach it).
     Samples whose layout is invalid (no distractor in the batch) are left out of the GC term.
     """
-    positive = layout.positive.clamp(min=0)
-    logits, maps = gradcam(net, images, positive, cam_mode, create_graph=True)
+    # Unlabelled multi-label samples (class -1) have no composite; any class serves their map.
+    logits, maps = gradcam(net, images, layout.classes.clamp(min=0), cam_mode, create_graph=True)
     classification = classification_loss(logits, targets)
-    keep = layout.valid.nonzero().squeeze(1)
-    if keep.numel() == 0:
+    kept = layout.valid_subset()
+    if len(kept) == 0:
         consistency = logits.new_zeros(())
     else:
-        kept = layout.select(layout.valid)
-        composites = make_composite(images, keep, kept)
-        _, composite_maps = gradcam(net, composites, kept.positive, cam_mode, create_graph=True)
-        target = composite_target(maps[keep], kept.cells, composite_maps.shape[-2:])
+        composites = make_composite(images, kept)
+        _, composite_maps = gradcam(net, composites, kept.classes, cam_mode, create_graph=True)
+        target = composite_target(maps[kept.samples], kept.cells, composite_maps.shape[-2:])
         if detach_target:
             target = target.detach()
         consistency = consistency_l1(composite_maps, target)
     return ObjectiveOutput(
         loss=classification + lam * consistency,
-        classification=classification,
-        consistency=consistency,
+        classification_loss=classification,
+        consistency_loss=consistency,
         logits=logits,
-        num_composites=int(keep.numel()),
+        num_composites=len(kept),
     )

@@ -14,20 +14,33 @@ NUM_DISTRACTORS = 3
 
 @dataclass
 class CompositeLayout:
-    """Which class is explained, where the positive image goes and which images fill the rest.
+    """One composite per row: which image is explained, for which class, where it goes and which
+    images fill the other cells.
 
-    ``positive[b]``: class explained for sample ``b``; ``cells[b]``: its cell; ``distractors[b]``:
-    batch indices of the 3 distractors in the order they fill the remaining cells;
-    ``valid[b]``: False when the batch holds no image without class ``positive[b]``.
+    ``samples[r]``: batch index of the explained image; ``classes[r]``: the class explained;
+    ``cells[r]``: its cell; ``distractors[r]``: batch indices of the 3 distractors in the order
+    they fill the remaining cells; ``valid[r]``: False when the batch holds no image without class
+    ``classes[r]`` (such a row has no composite and its ``classes``/``distractors`` must not be
+    used: :meth:`valid_subset` leaves it out).
     """
 
-    positive: torch.Tensor
+    samples: torch.Tensor
+    classes: torch.Tensor
     cells: torch.Tensor
     distractors: torch.Tensor
     valid: torch.Tensor
 
-    def select(self, mask: torch.Tensor) -> "CompositeLayout":
-        return CompositeLayout(self.positive[mask], self.cells[mask], self.distractors[mask], self.valid[mask])
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "CompositeLayout":
+        """The rows ``rows`` (a bool mask or indices) of this layout."""
+        return CompositeLayout(self.samples[rows], self.classes[rows], self.cells[rows], self.distractors[rows],
+                               self.valid[rows])
+
+    def valid_subset(self) -> "CompositeLayout":
+        """The rows that have a composite."""
+        return self.select(self.valid)
 
 
 def label_sets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -75,13 +88,15 @@ def choose_distractors(
 def random_layout(
     targets: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
 ) -> CompositeLayout:
-    """A random layout for a batch: positive class, cell and distractors for every sample."""
+    """A random layout for a batch, one row per sample: the class it explains, its cell and its
+    distractors (``classes`` is -1 and ``valid`` False for a multi-label sample without labels)."""
     labels = label_sets(targets, num_classes)
     positive = targets.long().cpu() if targets.dim() == 1 else choose_positive(labels, generator)
     distractors, valid = choose_distractors(labels, positive, generator)
     cells = torch.randint(0, 4, (targets.shape[0],), generator=generator)
     device = targets.device
-    return CompositeLayout(positive.to(device), cells.to(device), distractors.to(device), valid.to(device))
+    samples = torch.arange(targets.shape[0], device=device)
+    return CompositeLayout(samples, positive.to(device), cells.to(device), distractors.to(device), valid.to(device))
 
 
 def tile_2x2(tiles: torch.Tensor) -> torch.Tensor:
@@ -103,10 +118,10 @@ def _arrange(slots: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return tile_2x2(slots.gather(1, order.expand_as(slots)))
 
 
-def make_composite(images: torch.Tensor, positives: torch.Tensor, layout: CompositeLayout) -> torch.Tensor:
-    """Composites ``[B', C, 2H, 2W]`` at full resolution for the samples ``positives`` (indices
-    into ``images``), laid out by ``layout`` (already restricted to those samples)."""
-    slots = torch.cat([images[positives].unsqueeze(1), images[layout.distractors]], dim=1)
+def make_composite(images: torch.Tensor, layout: CompositeLayout) -> torch.Tensor:
+    """Composites ``[R, C, 2H, 2W]`` at full resolution, one per row of ``layout`` (take
+    :meth:`CompositeLayout.valid_subset` first: invalid rows have no distractors)."""
+    slots = torch.cat([images[layout.samples].unsqueeze(1), images[layout.distractors]], dim=1)
     return _arrange(slots, layout.cells)
 
 

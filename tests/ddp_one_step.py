@@ -6,6 +6,7 @@ initial parameters. Lightning's subprocess launcher re-runs this module for rank
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import gcmodels.module
 from gcmodels.module import GCClassifier
-from tests.nets import tiny_net
+from tests.conftest import tiny_net
 
 NUM_CLASSES = 4
 NUM_IMAGES = 8
@@ -41,8 +42,10 @@ class FixedImages(Dataset):
 def build_module() -> GCClassifier:
     torch.manual_seed(0)
     return GCClassifier(
-        model={"name": "tiny", "pooling": "avg", "pretrained": False}, num_classes=NUM_CLASSES, loss="gc",
-        lam=LAMBDA, optimizer=OPTIMIZER, scheduler={"name": "none"}, net=tiny_net(NUM_CLASSES).double(),
+        model={"name": "tiny", "pooling": "avg", "pretrained": False},
+        loss={"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False},
+        optimizer=OPTIMIZER, scheduler={"name": "none"}, num_classes=NUM_CLASSES, multilabel=False, layout_seed=0,
+        net=tiny_net(NUM_CLASSES).double(),
     )
 
 
@@ -75,7 +78,7 @@ def main(out_dir: Path) -> None:
             "initial": initial,
             "after": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
             "batch": recorded["batch"],
-            "layout": {name: getattr(layout, name) for name in ("positive", "cells", "distractors", "valid")},
+            "layout": dataclasses.asdict(layout),
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )

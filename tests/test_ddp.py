@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gcmodels.objective import gc_objective
 from losses import CompositeLayout
 from tests.ddp_one_step import LAMBDA, OPTIMIZER, build_module
+
+pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +31,10 @@ def test_ddp_gc_step_equals_single_process_on_combined_batch(tmp_path):
     size = ranks[0]["batch"]["image"].shape[0]
     images = torch.cat([r["batch"]["image"] for r in ranks])
     targets = torch.cat([r["batch"]["target"] for r in ranks])
-    fields = {name: torch.cat([r["layout"][name] for r in ranks]) for name in ("positive", "cells", "valid")}
-    distractors = torch.cat([r["layout"]["distractors"] + i * size for i, r in enumerate(ranks)])
-    layout = CompositeLayout(distractors=distractors, **fields)
+    fields = {name: torch.cat([r["layout"][name] for r in ranks]) for name in ("classes", "cells", "valid")}
+    shifted = {name: torch.cat([r["layout"][name] + i * size for i, r in enumerate(ranks)])
+               for name in ("samples", "distractors")}
+    layout = CompositeLayout(**shifted, **fields)
     assert layout.valid.all()  # so the per-rank GC means average to the combined mean
 
     module = build_module()
@@ -38,7 +42,7 @@ def test_ddp_gc_step_equals_single_process_on_combined_batch(tmp_path):
     options = {k: v for k, v in OPTIMIZER.items() if k != "name"}
     optimizer = torch.optim.SGD(module.net.parameters(), **options)
     out = gc_objective(module.net, images, targets, layout, LAMBDA)
-    assert out.consistency > 0
+    assert out.consistency_loss > 0
     out.loss.backward()
     optimizer.step()
     expected = module.net.state_dict()

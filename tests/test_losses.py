@@ -16,7 +16,7 @@ from losses import (
     place_in_cell,
     random_layout,
 )
-from tests.nets import tiny_net
+from tests.conftest import tiny_net
 
 # (row, column) of each cell: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
 CELL_POSITION = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
@@ -39,10 +39,10 @@ def test_composite_puts_positive_in_its_cell_and_distractors_in_order(cell):
     # Image b is constant b+1, so each quadrant tells which image landed there.
     images = torch.stack([torch.full((3, 4, 5), float(b + 1)) for b in range(5)])
     layout = CompositeLayout(
-        positive=torch.tensor([0]), cells=torch.tensor([cell]), distractors=torch.tensor([[3, 1, 4]]),
-        valid=torch.tensor([True]),
+        samples=torch.tensor([2]), classes=torch.tensor([0]), cells=torch.tensor([cell]),
+        distractors=torch.tensor([[3, 1, 4]]), valid=torch.tensor([True]),
     )
-    composite = make_composite(images, torch.tensor([2]), layout)
+    composite = make_composite(images, layout)
     assert composite.shape == (1, 3, 8, 10)
     distractor_values = iter([4.0, 2.0, 5.0])
     for k in range(4):
@@ -124,13 +124,13 @@ def test_multilabel_distractors_lack_the_positive_class():
         assert not layout.valid[0]
         for b in range(16):
             if not labels[b].any():
-                assert layout.positive[b] == -1 and not layout.valid[b]
+                assert layout.classes[b] == -1 and not layout.valid[b]
                 continue
-            assert labels[b, layout.positive[b]]
+            assert labels[b, layout.classes[b]]
             if layout.valid[b]:
-                assert not labels[layout.distractors[b], layout.positive[b]].any()
+                assert not labels[layout.distractors[b], layout.classes[b]].any()
             else:
-                assert labels[:, layout.positive[b]].all()
+                assert labels[:, layout.classes[b]].all()
 
 
 def test_choose_distractors_shapes():
@@ -195,8 +195,7 @@ def test_detached_target_gradient_treats_the_target_as_a_constant():
     (grad_detached,) = torch.autograd.grad(detached.loss, weight)
     # Reference: the same loss with the target computed once and frozen as a constant.
     logits, maps = gradcam(net, images, targets, create_graph=True)
-    kept = torch.arange(4)
-    composites = make_composite(images, kept, layout)
+    composites = make_composite(images, layout)
     _, composite_maps = gradcam(net, composites, targets, create_graph=True)
     frozen = composite_target(maps, layout.cells, composite_maps.shape[-2:]).detach()
     reference = classification_loss(logits, targets) + 3.0 * consistency_l1(composite_maps, frozen)
@@ -207,17 +206,65 @@ def test_detached_target_gradient_treats_the_target_as_a_constant():
     assert not torch.allclose(grad_attached, grad_detached)  # the default lets gradients reach g_x
 
 
+def _reference_gradcam(net, images, classes, create_graph):
+    """Element-wise Grad-CAM written out from its definition, L1-normalised with eps 1e-8."""
+    activations = net.features(net.normalize(images))
+    scores = net.head(activations)[torch.arange(len(images)), classes].sum()
+    (grads,) = torch.autograd.grad(scores, activations, create_graph=create_graph)
+    maps = torch.relu((grads * activations).sum(1))
+    return maps / (maps.sum(dim=(1, 2), keepdim=True) + 1e-8)
+
+
+def _reference_consistency_rows(net, images, layout, create_graph=True):
+    """Per-row L1 (mean over map cells) between the composite's map and the placed single-image
+    map, built cell by cell from the layout; both maps keep their graph as the objective's do."""
+    h, w = images.shape[-2:]
+    composites = []
+    for r in range(len(layout)):
+        fill = iter(layout.distractors[r].tolist())
+        composite = images.new_zeros(3, 2 * h, 2 * w)
+        for cell, (row, col) in CELL_POSITION.items():
+            index = layout.samples[r].item() if cell == layout.cells[r] else next(fill)
+            composite[:, h * row:h * row + h, w * col:w * col + w] = images[index]
+        composites.append(composite)
+    maps = _reference_gradcam(net, images[layout.samples], layout.classes, create_graph)
+    composite_maps = _reference_gradcam(net, torch.stack(composites), layout.classes, create_graph)
+    mh, mw = maps.shape[-2:]
+    assert composite_maps.shape[-2:] == (2 * mh, 2 * mw)  # tiny_net halves: no resize rule
+    rows = []
+    for r, cell in enumerate(layout.cells.tolist()):
+        row, col = CELL_POSITION[cell]
+        target = torch.zeros_like(composite_maps[r])
+        target[mh * row:mh * row + mh, mw * col:mw * col + mw] = maps[r]
+        rows.append((composite_maps[r] - target).abs().mean())
+    return torch.stack(rows)
+
+
 def test_gc_term_depends_on_second_order_path():
     """With lambda > 0 the weight gradient differs from the CE gradient by the GC term's own
     gradient, which exists only through dy/dA (the head's weights enter the map via the gradient)."""
     torch.manual_seed(0)
-    net = tiny_net(num_classes=4)
-    images, targets = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    net = tiny_net(num_classes=4).double()
+    images, targets = torch.rand(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     layout = _fixed_layout(targets)
-    out = gc_objective(net, images, targets, layout, lam=1.0)
-    assert out.num_composites == 4 and out.consistency > 0
-    (grad_gc,) = torch.autograd.grad(out.consistency, net.head[-1].weight)
+    lam = 2.5  # not 1, so that the factor on the GC gradient is checked too
+    out = gc_objective(net, images, targets, layout, lam=lam)
+    assert out.num_composites == 4 and out.consistency_loss > 0
+    weight = net.head[-1].weight
+    (grad_gc,) = torch.autograd.grad(out.consistency_loss, weight, retain_graph=True)
     assert grad_gc.abs().sum() > 0
+    # Independent references: CE of the plain forward pass and a GC term written out by hand.
+    reference_gc = _reference_consistency_rows(net, images, layout).mean()
+    assert torch.allclose(out.consistency_loss, reference_gc)
+    (grad_reference_gc,) = torch.autograd.grad(reference_gc, weight)
+    assert torch.allclose(grad_gc, grad_reference_gc)
+    (grad_ce,) = torch.autograd.grad(F.cross_entropy(net(images), targets), weight)
+    (grad_total,) = torch.autograd.grad(out.loss, weight)
+    assert torch.allclose(grad_total - grad_ce, lam * grad_reference_gc)
+    # With dy/dA taken as a constant the GC term does not reach the head's weights at all.
+    first_order = _reference_consistency_rows(net, images, layout, create_graph=False).mean()
+    assert torch.allclose(first_order, reference_gc)
+    assert torch.autograd.grad(first_order, weight, allow_unused=True) == (None,)
 
 
 def test_invalid_samples_are_left_out_of_the_gc_term():
@@ -231,7 +278,15 @@ def test_invalid_samples_are_left_out_of_the_gc_term():
     layout.valid[3] = False
     out_three = gc_objective(net, images, targets, layout, lam=1.0)
     assert out_three.num_composites == 3
+    # Left out means the GC term is the mean over the valid rows alone (each row has as many
+    # map cells), with the CE term unchanged.
+    rows = _reference_consistency_rows(net, images, layout, create_graph=False).detach()
+    assert torch.allclose(out_all.consistency_loss, rows.mean())
+    assert torch.allclose(out_three.consistency_loss, rows[:3].mean())
+    assert not torch.allclose(rows[:3].mean(), rows.mean())  # leaving row 3 out shows
+    ce = F.cross_entropy(net(images), targets)
+    assert torch.allclose(out_three.loss, ce + rows[:3].mean())
     layout.valid[:] = False
     out_none = gc_objective(net, images, targets, layout, lam=1.0)
-    assert out_none.num_composites == 0 and out_none.consistency == 0
-    assert torch.allclose(out_none.loss, out_all.classification)
+    assert out_none.num_composites == 0 and out_none.consistency_loss == 0
+    assert torch.allclose(out_none.loss, out_all.classification_loss)
