@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from datamodules.synthetic import SyntheticDataModule  # noqa: E402
 from evaluation.engine import ExplanationEvaluator  # noqa: E402
 from evaluation.explainers import build_explainer  # noqa: E402
+from evaluation.settings import default_settings  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 
 GROUPS = {
@@ -49,8 +50,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     num_classes = 10
-    datamodule = SyntheticDataModule(ROOT / "data", num_classes=num_classes, image_size=args.size,
-                                     train_per_class=1, val_per_class=math.ceil(args.images / num_classes))
+    datamodule = SyntheticDataModule(ROOT / "data", num_classes=num_classes, image_size=args.size, train_per_class=1,
+                                     val_per_class=math.ceil(args.images / num_classes), context_bias=0.0, seed=0,
+                                     batch_size=args.batch, num_workers=0, skip_corrupt=False)
     datamodule.prepare_data()
     datamodule.setup("validate")
     net = build_network(args.model, num_classes).to(device).eval()
@@ -59,15 +61,16 @@ def main() -> None:
     print(f"{args.model} at {args.size} px, {args.explainer}, {args.images} images in batches of {args.batch}, "
           f"{device} ({torch.get_num_threads()} threads)")
     # Warm-up (thread pools, first allocations, the files' page cache), not timed.
-    ExplanationEvaluator(explainer, ["acc", "pg"], num_classes).run(net, datamodule, max_images=args.batch,
-                                                                    batch_size=args.batch, progress=False)
+    settings = default_settings(seed=0, batch_size=args.batch)
+    ExplanationEvaluator(explainer, ["acc", "pg"], num_classes, False, settings).run(
+        net, datamodule, max_images=args.batch, progress=False)
     print(f"{'metrics':<16}{'seconds':>10}{'images/s':>10}")
     for name, metrics in GROUPS.items():
-        evaluator = ExplanationEvaluator(explainer, metrics, num_classes)
+        evaluator = ExplanationEvaluator(explainer, metrics, num_classes, False, settings)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        evaluator.run(net, datamodule, max_images=args.images, batch_size=args.batch, progress=False)
+        evaluator.run(net, datamodule, max_images=args.images, progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules import readers  # noqa: E402
+from datamodules import images as image_io  # noqa: E402
 from datamodules.synthetic import SyntheticDataModule  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
@@ -68,21 +68,26 @@ def step_times(size: int, batch: int, steps: int, device: torch.device, precisio
 
 def decoded_per_sample(batches: int = 4) -> float:
     """Images decoded per training sample during GC training on the synthetic data (reader calls
-    counted through ``readers.load_rgb``, the one decode point of every dataset)."""
+    counted through ``datamodules.images.load_rgb``, the one decode point of every dataset)."""
     calls = 0
-    original = readers.load_rgb
+    original = image_io.load_rgb
 
     def counting_load(path):
         nonlocal calls
         calls += 1
         return original(path)
 
-    readers.load_rgb = counting_load
+    image_io.load_rgb = counting_load
     try:
         with tempfile.TemporaryDirectory() as root:
-            data = SyntheticDataModule(data_dir=root, num_classes=4, image_size=64, train_per_class=8,
-                                       val_per_class=1, batch_size=8, num_workers=0)
-            module = GCClassifier(model={"name": "resnet18", "pooling": "avg"}, num_classes=4, loss="gc")
+            data = SyntheticDataModule(root, num_classes=4, image_size=64, train_per_class=8, val_per_class=1,
+                                       context_bias=0.0, seed=0, batch_size=8, num_workers=0, skip_corrupt=False)
+            module = GCClassifier(
+                model={"name": "resnet18", "pooling": "avg", "pretrained": False},
+                loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False},
+                optimizer={"name": "sgd", "lr": 0.01}, scheduler={"name": "none"}, num_classes=4, multilabel=False,
+                layout_seed=0,
+            )
             samples = 0
 
             class CountSamples(pl.Callback):
@@ -95,7 +100,7 @@ def decoded_per_sample(batches: int = 4) -> float:
                                  enable_model_summary=False, callbacks=[CountSamples()])
             trainer.fit(module, datamodule=data)
     finally:
-        readers.load_rgb = original
+        image_io.load_rgb = original
     return calls / samples
 
 

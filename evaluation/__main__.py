@@ -1,7 +1,8 @@
 """Evaluate checkpoints: ``python -m evaluation ckpt_path=PATH [data=...] [explainer=...] [metrics=[...]]``.
 
 Writes report.md, report.csv, report.json and heatmaps.png to the output dir. Every input is
-checked (paths, checkpoints, class counts, metric and explainer names) before any evaluation.
+checked (paths, checkpoints, class counts, metric and explainer names, settings) before any
+evaluation.
 """
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from datamodules.registry import datamodule_from_config
-from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics, validation_sample
+from datamodules import build_datamodule
+from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics, validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
+from evaluation.panels import explanation_panels
 from evaluation.report import row_label, write_reports
+from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
 from gcmodels.module import GCClassifier
-from losses import make_composite, random_layout
+
+# Composites shown per checkpoint in heatmaps.png beside the single images (for NQH).
+PICTURE_COMPOSITES = 2
 
 
 def checkpoint_paths(value) -> list[Path]:
@@ -37,63 +42,44 @@ def check_checkpoint(path: Path, num_classes: int, data_name: str) -> dict:
     return hparams
 
 
-def heatmap_panels(net, explainer, datamodule, count: int, generator: torch.Generator) -> list:
-    """A few validation images with their explanations, and composites with theirs (for NQH)."""
-    device = next(net.parameters()).device
-    batch = validation_sample(datamodule, count)
-    images, targets = batch["image"].to(device), batch["target"].to(device)
-    classes = targets if targets.dim() == 1 else targets.float().argmax(1)
-    names = getattr(datamodule, "class_names", None) or [str(k) for k in range(int(classes.max()) + 1)]
-    panels = [(image, heat, names[int(c)]) for image, heat, c in zip(images, explainer(net, images, classes), classes)]
-    layout = random_layout(targets, datamodule.num_classes, generator)
-    first_two = layout.valid & (layout.valid.cumsum(0) <= 2)
-    keep = first_two.nonzero().squeeze(1)
-    if keep.numel():
-        kept = layout.select(first_two)
-        composites = make_composite(images, keep, kept)
-        maps = explainer(net, composites, kept.positive)
-        panels += [(c, m, f"composite: {names[int(p)]}\nin cell {int(k)}")
-                   for c, m, p, k in zip(composites, maps, kept.positive, kept.cells)]
-    return panels
+def describe(path: Path, hparams: dict) -> dict:
+    """A report row's description of a checkpoint: path, architecture, pooling, loss, lambda."""
+    loss = hparams["loss"]
+    return {"checkpoint": str(path), "model": hparams["model"]["name"], "pooling": hparams["model"]["pooling"],
+            "loss": loss["name"], "lambda": loss.get("lambda")}
 
 
 def run(cfg: DictConfig) -> dict:
     metrics = check_metrics(cfg.metrics)
     explainer = build_explainer(cfg.explainer)
     paths = checkpoint_paths(cfg.ckpt_path)
-    eps = [float(e) for e in cfg.fgsm.eps]
-    if any(e <= 0 for e in eps):
-        raise ValueError(f"fgsm.eps must be positive (in 1/255 units), got {eps}")
-    data_config = OmegaConf.to_container(cfg.data, resolve=True)
-    datamodule = datamodule_from_config(data_config)
-    check_data_supports(datamodule, metrics, data_config["name"])
-    hparams = [check_checkpoint(path, datamodule.num_classes, data_config["name"]) for path in paths]
+    settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    hparams = [check_checkpoint(path, datamodule.num_classes, datamodule.name) for path in paths]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
 
     datamodule.prepare_data()
+    unsupported = unsupported_metrics(datamodule, metrics)
+    if unsupported:
+        raise ValueError("; ".join(f"metric {name!r} {reason}" for name, reason in unsupported.items()))
     datamodule.setup("validate")
     rows, grid = [], []
     for path, saved in zip(paths, hparams):
+        row = describe(path, saved)
         net = GCClassifier.from_checkpoint(path).net.to(device).eval()
-        print(f"evaluating {path} ({saved['model']['name']}, loss={saved['loss']}) with {cfg.explainer}")
-        evaluator = ExplanationEvaluator(
-            explainer, metrics, datamodule.num_classes, datamodule.multilabel, tolerance=cfg.tolerance,
-            spg_samples=cfg.spg.num_samples, spg_runs=cfg.spg.runs, fgsm_eps=eps, seed=cfg.seed,
-        )
-        results = evaluator.run(net, datamodule, max_images=cfg.max_images, batch_size=cfg.batch_size)
-        row = {"checkpoint": str(path), **{k: saved["model"].get(k) for k in ("name", "pooling")},
-               "loss": saved["loss"], "lambda": float(saved["lam"]), "results": results}
-        row["model"] = row.pop("name")
+        print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {cfg.explainer}")
+        evaluator = ExplanationEvaluator(explainer, metrics, datamodule.num_classes, datamodule.multilabel, settings)
+        row["results"] = evaluator.run(net, datamodule, max_images=cfg.max_images)
         rows.append(row)
         if cfg.heatmap_images > 0:
-            generator = torch.Generator().manual_seed(cfg.seed)
-            grid.append((f"{row_label(row)}\n{path.name}",
-                         heatmap_panels(net, explainer, datamodule, cfg.heatmap_images, generator)))
-    settings = {"explainer": cfg.explainer, "data": data_config["name"], "metrics": metrics, "fgsm_eps": eps,
-                "tolerance": cfg.tolerance, "spg": OmegaConf.to_container(cfg.spg), "max_images": cfg.max_images,
-                "seed": cfg.seed}
-    reports = write_reports(rows, cfg.output_dir, settings)
+            panels = explanation_panels(net, explainer, validation_sample(datamodule, cfg.heatmap_images),
+                                        datamodule.class_names, PICTURE_COMPOSITES,
+                                        torch.Generator().manual_seed(settings.seed))
+            grid.append((f"{row_label(row)}\n{path.name}", panels))
+    run_settings = {"explainer": cfg.explainer, "data": datamodule.name, "metrics": metrics,
+                    "max_images": cfg.max_images, **settings.to_dict()}
+    reports = write_reports(rows, cfg.output_dir, run_settings)
     if grid:
         reports["heatmaps"] = save_overlay_grid(grid, Path(cfg.output_dir, "heatmaps.png"),
                                                 f"{cfg.explainer} explanations of the labelled class")

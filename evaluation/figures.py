@@ -1,4 +1,5 @@
-"""Pictures of explanations: heatmap overlays on images, in a grid."""
+"""Pictures of explanations: heatmap overlays on images, in a grid. Drawing only: the panels
+come from ``evaluation.panels``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,6 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from gcmodels.gradcam import gradcam
 
 # One picture of a grid: (image [3,H,W] in [0,1], heatmap [h,w] or None, caption).
 Panel = tuple[torch.Tensor, torch.Tensor | None, str]
@@ -48,21 +48,3 @@ def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def save_gradcam_grid(
-    net,
-    images: torch.Tensor,
-    classes: torch.Tensor,
-    path: str | Path,
-    mode: str = "elementwise",
-    class_names: Sequence[str] | None = None,
-) -> Path:
-    """Save the images and, below them, their Grad-CAM maps for ``classes``."""
-    logits, maps = gradcam(net, images, classes, mode)
-    predicted = logits.argmax(1)
-    name = (lambda k: class_names[int(k)]) if class_names else (lambda k: str(int(k)))
-    plain = [(image, None, f"{name(c)}\npred: {name(p)}") for image, c, p in zip(images, classes, predicted)]
-    overlays = [(image, heat, name(c)) for image, heat, c in zip(images, maps, classes)]
-    return save_overlay_grid([("image", plain), ("Grad-CAM", overlays)], path,
-                             f"Grad-CAM ({mode}) of the labelled class")

@@ -1,7 +1,8 @@
 """Report files of a checkpoint evaluation: report.json, report.csv and report.md.
 
 Laid out like the paper: Table 1 (accuracy and explanation metrics, one row per checkpoint) and
-Table 6 (top-1 under FGSM for each eps).
+Table 6 (top-1 under FGSM for each eps). report.json and report.csv hold fractions in [0, 1], as
+the metrics give them; report.md, for people, prints percent and says so.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import math
 from pathlib import Path
 
 
-def _number(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+def _percent(value) -> str:
+    """A fraction printed as percent with two decimals; '-' when missing."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
 def row_label(row: dict) -> str:
@@ -65,14 +67,14 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                   "|---" * (len(columns) + 1) + "|"]
         for row in rows:
             results = row["results"]
-            cells = [f"{_number(results.get('spg'))} ± {_number(results.get('spg_std'))}" if key == "spg"
-                     else _number(results.get(key)) for key, _ in columns]
+            cells = [f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}" if key == "spg"
+                     else _percent(results.get(key)) for key, _ in columns]
             lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
         lines.append("")
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", "",
                   "| model | " + " | ".join(eps_keys) + " |", "|---" * (len(eps_keys) + 1) + "|"]
-        lines += [f"| {row_label(row)} | " + " | ".join(_number(row['results']['fgsm'].get(key)) for key in eps_keys) + " |"
+        lines += [f"| {row_label(row)} | " + " | ".join(_percent(row['results']['fgsm'].get(key)) for key in eps_keys) + " |"
                   for row in rows]
         lines.append("")
     lines.append("Checkpoints:")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 
-from evaluation.engine import ExplanationEvaluator, check_data_supports, check_metrics
+from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics
 from evaluation.report import write_reports
-from tests.nets import tiny_net
-from tests.test_train import TINY, assert_ok, read_summary, train
+from evaluation.settings import default_settings
+from tests.conftest import tiny_net
+from tests.conftest import TINY, assert_ok, read_summary, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,17 +38,26 @@ class SquaresData(Dataset):
 
 
 class SquaresModule:
+    """The datamodule interface the engine uses, over SquaresData (validation set and trials)."""
+
+    name = "squares"
     num_classes = 4
+    class_names = ["a", "b", "c", "d"]
     multilabel = False
+    collate_fn = staticmethod(default_collate)
 
     def __init__(self):
         self.data = SquaresData()
 
-    def val_dataloader(self):
-        return DataLoader(self.data, batch_size=5)
+    def val_dataset(self):
+        return self.data
 
     def localization_dataset(self):
         return self.data
+
+
+def evaluator(explainer, metrics, batch_size=5):
+    return ExplanationEvaluator(explainer, metrics, 4, False, default_settings(seed=0, batch_size=batch_size))
 
 
 def oracle(net, images, classes):
@@ -61,13 +71,13 @@ def uniform(net, images, classes):
 
 def test_oracle_explainer_scores_100_and_uniform_nqh_is_75():
     net = tiny_net(num_classes=4)
-    results = ExplanationEvaluator(oracle, ["pg", "spg", "ch"], 4).run(net, SquaresModule(), progress=False)
-    assert results["pg"] == pytest.approx(100.0)
-    assert results["spg"] == pytest.approx(100.0) and results["spg_std"] == pytest.approx(0.0)
-    assert results["ch"] == pytest.approx(100.0)
-    results = ExplanationEvaluator(uniform, ["nqh", "ch"], 4).run(net, SquaresModule(), progress=False)
-    assert results["nqh"] == pytest.approx(75.0)
-    assert results["ch"] == pytest.approx(100.0 * 64 / 32**2)  # square area over image area
+    results = evaluator(oracle, ["pg", "spg", "ch"]).run(net, SquaresModule(), progress=False)
+    assert results["pg"] == pytest.approx(1.0)
+    assert results["spg"] == pytest.approx(1.0) and results["spg_std"] == pytest.approx(0.0)
+    assert results["ch"] == pytest.approx(1.0)
+    results = evaluator(uniform, ["nqh", "ch"]).run(net, SquaresModule(), progress=False)
+    assert results["nqh"] == pytest.approx(0.75)
+    assert results["ch"] == pytest.approx(64 / 32**2)  # square area over image area
 
 
 def test_nqh_explains_composites_a_quarter_batch_at_a_time():
@@ -80,50 +90,72 @@ def test_nqh_explains_composites_a_quarter_batch_at_a_time():
         return images[:, 0] + 0.01
 
     net = tiny_net(num_classes=4)
-    results = ExplanationEvaluator(bright_square_plus_floor, ["nqh"], 4).run(
-        net, SquaresModule(), batch_size=8, progress=False)
+    results = evaluator(bright_square_plus_floor, ["nqh"], batch_size=8).run(net, SquaresModule(), progress=False)
     assert passes == [2] * 4 + [1] * 4  # batches of 8 and 4 images, one composite each
     # Four equal squares, one per cell, on a uniform floor: every cell holds a quarter of the mass.
-    assert results["nqh"] == pytest.approx(75.0)
+    assert results["nqh"] == pytest.approx(0.75)
+
+
+def test_one_evaluator_serves_every_epoch_from_a_clean_state():
+    """A callback keeps one evaluator for the whole run: each run starts afresh (same images,
+    same composites and SPG points, so the same numbers), never accumulating earlier epochs."""
+    net = tiny_net(num_classes=4)
+
+    def noisy(net, images, classes):  # depends on the composites' layout, so NQH shows a replay
+        return images[:, 0] + 0.1 * images[:, 1]
+
+    reused = evaluator(noisy, ["pg", "spg", "ch", "nqh", "acc"])
+    first = reused.run(net, SquaresModule(), progress=False)
+    assert reused.run(net, SquaresModule(), progress=False) == first
+    assert evaluator(noisy, ["pg", "spg", "ch", "nqh", "acc"]).run(net, SquaresModule(), progress=False) == first
+    with pytest.raises(ValueError, match=r"metric\(s\) \['nqh'\] score explanations: give an explainer"):
+        evaluator(None, ["acc", "nqh"])
+    assert evaluator(None, ["acc", "fgsm"]).run(net, SquaresModule(), progress=False)["fgsm"]
 
 
 def test_accuracy_and_capped_evaluation_spread_over_classes():
     net = tiny_net(num_classes=4)
     data = SquaresModule()
-    results = ExplanationEvaluator(oracle, ["acc"], 4).run(net, data, progress=False)
+    results = evaluator(oracle, ["acc"]).run(net, data, progress=False)
     with torch.no_grad():
         predicted = torch.stack([net(item["image"][None])[0] for item in data.data.items]).argmax(1)
     expected = (predicted == torch.tensor([item["target"] for item in data.data.items])).float().mean()
-    assert results["acc"] == pytest.approx(100.0 * float(expected))
-    capped = ExplanationEvaluator(oracle, ["pg"], 4).run(net, data, max_images=4, progress=False)
-    assert capped["pg"] == pytest.approx(100.0)
+    assert results["acc"] == pytest.approx(float(expected))
+    capped = evaluator(oracle, ["pg"]).run(net, data, max_images=4, progress=False)
+    assert capped["pg"] == pytest.approx(1.0)
 
 
 def test_bad_metric_names_and_missing_masks():
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['iou'\]; valid metrics: \['acc', 'pg', 'spg', 'ch', 'nqh', 'fgsm'\]"):
         check_metrics(["pg", "iou"])
 
-    class NoMasks:
-        multilabel = False
+    class NoMasks(SquaresModule):
+        name = "imagenet"
 
-    with pytest.raises(ValueError, match=r"metric\(s\) \['pg', 'ch'\] need ground-truth object masks or boxes"):
-        check_data_supports(NoMasks(), ["acc", "pg", "ch"], "imagenet")
+        def localization_dataset(self):
+            return None
+
+    reasons = unsupported_metrics(NoMasks(), ["acc", "pg", "ch", "nqh"])
+    assert sorted(reasons) == ["ch", "pg"]
+    assert "needs ground-truth object masks or boxes, and data 'imagenet' provides none" in reasons["pg"]
 
     class MultiLabel(SquaresModule):
+        name = "coco"
         multilabel = True
 
-    with pytest.raises(ValueError, match="metric 'fgsm' is top-1 accuracy under attack, defined for single-label data"):
-        check_data_supports(MultiLabel(), ["acc", "fgsm"], "coco")
+    assert unsupported_metrics(MultiLabel(), ["acc", "pg", "fgsm"]) == {
+        "fgsm": "is top-1 accuracy under attack, defined for single-label data; data 'coco' is multi-label"}
+    assert unsupported_metrics(SquaresModule(), list(("acc", "pg", "spg", "ch", "nqh", "fgsm"))) == {}
 
 
 def test_report_files_follow_the_papers_tables(tmp_path):
     rows = [
         {"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
-         "results": {"acc": 69.4, "pg": 79.8, "spg": 60.5, "spg_std": 0.1, "ch": 54.4, "nqh": 24.4,
-                     "fgsm": {"eps=1": 30.0, "eps=2": 10.0}, "skipped": {"pg": 0, "nqh": 2}}},
+         "results": {"acc": 0.694, "pg": 0.798, "spg": 0.605, "spg_std": 0.001, "ch": 0.544, "nqh": 0.244,
+                     "fgsm": {"eps=1": 0.30, "eps=2": 0.10}, "skipped": {"pg": 0, "nqh": 2}}},
         {"checkpoint": "b.ckpt", "model": "resnet18", "pooling": "max", "loss": "gc", "lambda": 25.0,
-         "results": {"acc": 69.0, "pg": 79.6, "spg": 68.7, "spg_std": 0.2, "ch": 65.4, "nqh": 31.2,
-                     "fgsm": {"eps=1": 40.0, "eps=2": 20.0}, "skipped": {"pg": 1, "nqh": 0}}},
+         "results": {"acc": 0.690, "pg": 0.796, "spg": 0.687, "spg_std": 0.002, "ch": 0.654, "nqh": 0.312,
+                     "fgsm": {"eps=1": 0.40, "eps=2": 0.20}, "skipped": {"pg": 1, "nqh": 0}}},
     ]
     paths = write_reports(rows, tmp_path, {"explainer": "gradcam", "data": "synthetic"})
     markdown = paths["md"].read_text()
@@ -134,7 +166,8 @@ def test_report_files_follow_the_papers_tables(tmp_path):
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
     assert [row["checkpoint"] for row in table] == ["a.ckpt", "b.ckpt"]
-    assert table[1]["spg_std"] == "0.2" and table[0]["fgsm_eps=2"] == "10.0" and table[0]["skipped_nqh"] == "2"
+    # The CSV, for machines, keeps the fractions; only report.md prints percent.
+    assert table[1]["spg_std"] == "0.002" and table[0]["fgsm_eps=2"] == "0.1" and table[0]["skipped_nqh"] == "2"
     assert json.loads(paths["json"].read_text())["checkpoints"][1]["results"]["skipped"] == {"pg": 1, "nqh": 0}
 
 
@@ -156,6 +189,7 @@ def checkpoints(tmp_path_factory):
     return paths, root / "data"
 
 
+@pytest.mark.slow
 def test_training_logs_explanation_metrics(checkpoints):
     (ce, _), _ = checkpoints
     out = Path(ce).parents[1]
@@ -165,9 +199,10 @@ def test_training_logs_explanation_metrics(checkpoints):
     assert list(out.glob("csv/version_*/explanations/epoch000.png"))
 
 
+@pytest.mark.slow
 def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, checkpoints):
     (ce, gc), data_dir = checkpoints
-    run = evaluate(tmp_path, data_dir, f"ckpt_path=[{ce},{gc}]", "max_images=12", "fgsm.eps=[2,8]")
+    run = evaluate(tmp_path, data_dir, f"ckpt_path=[{ce},{gc}]", "max_images=12", "evaluation.fgsm_eps=[2,8]")
     assert_ok(run)
     for name in ("report.md", "report.csv", "report.json", "heatmaps.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -176,12 +211,13 @@ def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, chec
     for row in report["checkpoints"]:
         results = row["results"]
         for key in ("acc", "pg", "spg", "ch", "nqh"):
-            assert 0.0 <= results[key] <= 100.0, (key, results[key])
+            assert 0.0 <= results[key] <= 1.0, (key, results[key])
         assert set(results["fgsm"]) == {"eps=2", "eps=8"}
         assert results["spg_std"] >= 0 and "skipped" in results
     assert "Table 1" in run.stdout and "Table 6" in run.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -198,6 +234,7 @@ def test_evaluation_bad_input(tmp_path, checkpoints, overrides, message):
     assert message in run.stderr, run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_evaluation_refuses_a_file_that_is_not_a_checkpoint(tmp_path, checkpoints):
     _, data_dir = checkpoints
     bogus = tmp_path / "notes.txt"
@@ -206,6 +243,7 @@ def test_evaluation_refuses_a_file_that_is_not_a_checkpoint(tmp_path, checkpoint
     assert run.returncode != 0 and f"not a readable PyTorch checkpoint: {bogus}" in run.stderr
 
 
+@pytest.mark.slow
 def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
     (ce, _), _ = checkpoints
     data = tmp_path / "imagenet"
@@ -216,4 +254,4 @@ def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
                f"data.data_dir={data}", f"ckpt_path={ce}", "metrics=[acc,pg]"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
-    assert "metric(s) ['pg'] need ground-truth object masks or boxes" in run.stderr
+    assert "metric 'pg' needs ground-truth object masks or boxes, and data 'imagenet' provides none" in run.stderr

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from evaluation.attacks import fgsm
 from evaluation.metrics import (
     ContentHeatmap,
     FGSMRobustness,
@@ -16,7 +16,7 @@ from evaluation.metrics import (
     StochasticPointingGame,
     functional,
 )
-from gcmodels.networks import ExplainableNet
+from tests.conftest import fgsm_case
 
 NAN = float("nan")
 
@@ -197,7 +197,7 @@ def test_stochastic_pointing_game_mean_matches_its_expectation():
     p = inside[valid]
     standard_error = (p * (1 - p)).sum().sqrt() / math.sqrt(20 * 5) / len(p)
     result = metric.compute()
-    assert abs(result["spg"] / 100 - p.mean()) < 4 * standard_error
+    assert abs(result["spg"] - p.mean()) < 4 * standard_error
     assert 0.2 < p.mean() < 0.8 and result["skipped"] == (~valid).sum()
 
 
@@ -260,65 +260,6 @@ def test_negative_quadrants_heatmap_splits_odd_sizes_at_half(cell):
     assert functional.negative_quadrants_heatmap(heatmap, torch.tensor([cell])).item() == expected
 
 
-# ---------------------------------------------------------------- FGSM
-
-def linear_net(in_features: int, num_classes: int) -> ExplainableNet:
-    torch.manual_seed(0)
-    return ExplainableNet(nn.Identity(), nn.Sequential(nn.Flatten(1), nn.Linear(in_features, num_classes))).double()
-
-
-def fgsm_case(multilabel: bool):
-    net = linear_net(3 * 5 * 4, 6)
-    generator = torch.Generator().manual_seed(1)
-    images = torch.rand(8, 3, 5, 4, generator=generator, dtype=torch.float64)
-    images[0, 0] = 0.0  # pixels at both bounds exercise the clipping
-    images[1, 1] = 1.0
-    if multilabel:
-        targets = (torch.rand(8, 6, generator=generator) < 0.3).double()
-    else:
-        targets = torch.randint(0, 6, (8,), generator=generator)
-    return net, images, targets
-
-
-@pytest.mark.parametrize("multilabel", [False, True])
-def test_fgsm_follows_the_closed_form_gradient(multilabel):
-    net, images, targets = fgsm_case(multilabel)
-    weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
-    logits = images.flatten(1) @ weight.T + bias
-    # d loss / d logits: softmax - onehot (CE) or sigmoid - y (BCE), up to the positive mean factor.
-    residual = torch.sigmoid(logits) - targets if multilabel else logits.softmax(1) - F.one_hot(targets, 6)
-    gradient = (residual @ weight).view_as(images)
-    eps = 8 / 255
-    with torch.no_grad():  # fgsm turns gradients on for itself
-        adversarial = functional.fgsm(net, images, targets, eps)
-    assert torch.equal(adversarial, (images + eps * gradient.sign()).clamp(0, 1))
-    assert all(parameter.grad is None for parameter in net.parameters())
-    assert not adversarial.requires_grad and adversarial.min() >= 0 and adversarial.max() <= 1
-
-
-def test_fgsm_attacks_share_one_gradient_over_eps(monkeypatch):
-    net, images, targets = fgsm_case(False)
-    eps_list = [0.0, 1 / 255, 8 / 255, 64 / 255]
-    expected = [functional.fgsm(net, images, targets, eps) for eps in eps_list]
-    passes = []
-    original_forward = net.forward
-    monkeypatch.setattr(net, "forward", lambda x: passes.append(len(x)) or original_forward(x))
-    attacks = list(functional.fgsm_attacks(net, images, targets, eps_list))
-    assert passes == [len(images)]  # one gradient for every eps
-    assert all(torch.equal(a, e) for a, e in zip(attacks, expected)) and torch.equal(attacks[0], images)
-
-
-def test_fgsm_takes_a_custom_loss_and_refuses_inference_mode():
-    net, images, targets = fgsm_case(False)
-    # Minus the loss: the step goes the other way.
-    toward = functional.fgsm(net, images, targets, 0.01, loss=lambda logits, y: -F.cross_entropy(logits, y))
-    away = functional.fgsm(net, images, targets, 0.01)
-    inner = (images > 0.01) & (images < 0.99)
-    assert torch.equal((toward - images)[inner].sign(), -(away - images)[inner].sign())
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
-        functional.fgsm(net, images, targets, 0.01)
-
-
 # ---------------------------------------------------------------- metric classes
 
 def localisation_batches():
@@ -338,7 +279,7 @@ def test_classes_upsample_small_heatmaps_and_match_the_naive_references():
         metric.update(small, masks)
         result = metric.compute()
         valid = ~naive.isnan()
-        assert result[name].item() == pytest.approx(100 * naive[valid].mean().item(), abs=1e-4)
+        assert result[name].item() == pytest.approx(naive[valid].mean().item(), abs=1e-6)
         assert result["skipped"] == (~valid).sum() == 2
 
 
@@ -382,9 +323,16 @@ def test_fgsm_robustness_counts_top1_under_attack():
     metric.update(net, images, targets)
     result = metric.compute()
     assert list(result) == ["eps=0", "eps=2", "eps=64"]
+    # The linear model's CE input gradient in closed form, independent of evaluation.attacks.
+    weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
+    gradient = ((images.flatten(1) @ weight.T + bias).softmax(1) - F.one_hot(targets, 6)) @ weight
     for eps, accuracy in zip((0, 2, 64), result.values()):
-        adversarial = functional.fgsm(net, images, targets, eps / 255)
-        assert accuracy.item() == pytest.approx(100 * (net(adversarial).argmax(1) == targets).double().mean().item())
+        adversarial = fgsm(net, images, targets, eps)
+        assert accuracy.item() == pytest.approx((net(adversarial).argmax(1) == targets).double().mean().item())
+        closed_form = (images + eps / 255 * gradient.view_as(images).sign()).clamp(0, 1)
+        logits = closed_form.flatten(1) @ weight.T + bias
+        assert accuracy.item() == pytest.approx((logits.argmax(1) == targets).double().mean().item())
+    assert len({value.item() for value in result.values()}) > 1  # the attack changes some predictions
     assert result["eps=64"] <= result["eps=0"]
     with pytest.raises(ValueError, match="single-label"):
         metric.update(*fgsm_case(True))
@@ -404,8 +352,8 @@ def test_pointing_game_per_class_mean():
     metric.update(heatmaps, masks, classes)
     result = metric.compute()
     # Class 0: 2/3, class 1: 0/1, class 3: 1/1 (one skipped).
-    assert result["pg"].item() == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
-    assert result["pg_micro"].item() == pytest.approx(100 * 3 / 5)
+    assert result["pg"].item() == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert result["pg_micro"].item() == pytest.approx(3 / 5)
     assert result["skipped"] == 1
     with pytest.raises(ValueError, match="classes"):
         metric.update(heatmaps, masks)
@@ -428,7 +376,7 @@ def test_stochastic_pointing_game_is_reproducible_and_varies_over_runs():
     assert_results_equal(spg_result(seed=0, use_forward=True), first)
     assert spg_result(seed=1)["spg"] != first["spg"]
     assert first["spg_std"] > 0 and first["skipped"] == 2
-    assert 0 < first["spg"] < 100
+    assert 0 < first["spg"] < 1
 
 
 def test_an_empty_batch_changes_nothing():

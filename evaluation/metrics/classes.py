@@ -1,10 +1,16 @@
-"""Explanation-quality metrics as torchmetrics ``Metric``s (paper section 4.3), in percent.
+"""Explanation-quality metrics as torchmetrics ``Metric``s (paper section 4.3), as fractions in
+[0, 1] (torchmetrics' convention; reports print percent).
 
 Every state is a sum (``dist_reduce_fx="sum"``), so under DDP each process scores its own images
 and ``compute()`` adds the counts over processes. Heatmaps ``[B, h, w]`` may be smaller than the
 masks: they are upsampled bilinearly to the mask size before scoring. Images that cannot be
 scored (all-zero heatmap, empty mask) are skipped; ``compute()`` reports how many as "skipped".
 Results are float64 tensors (counts included), ready for ``log_dict``.
+
+Pointing-game tolerance: ``tolerance`` pixels at an image side of ``tolerance_at`` pixels (the
+papers: 15 px at 224 px); each update scales it to its masks, ``tolerance * min(H, W) /
+tolerance_at``, so small images are not scored leniently. ``tolerance_at=None`` takes
+``tolerance`` in the masks' own pixels.
 """
 from __future__ import annotations
 
@@ -15,28 +21,32 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+from evaluation.attacks import fgsm_attacks
 from evaluation.metrics import functional
-
-__all__ = [
-    "ContentHeatmap",
-    "FGSMRobustness",
-    "NegativeQuadrantsHeatmap",
-    "PointingGame",
-    "StochasticPointingGame",
-]
 
 
 def _count() -> torch.Tensor:
     return torch.tensor(0, dtype=torch.long)
 
 
-def _percent(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """100 * part / whole in float64; NaN when nothing was scored."""
-    return 100 * part.double() / whole.double()
+def _fraction(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """part / whole in float64; NaN when nothing was scored."""
+    return part.double() / whole.double()
+
+
+def _scaled_tolerance(tolerance: float, tolerance_at: float | None, masks: torch.Tensor) -> float:
+    if tolerance_at is None:
+        return tolerance
+    return tolerance * min(masks.shape[-2:]) / tolerance_at
+
+
+def _check_tolerance(tolerance: float, tolerance_at: float | None) -> None:
+    if not tolerance > 0 or (tolerance_at is not None and not tolerance_at > 0):
+        raise ValueError(f"tolerance and tolerance_at must be positive, got {tolerance} and {tolerance_at}")
 
 
 class _MeanScore(Metric):
-    """Mean of per-image scores in [0, 1], in percent; NaN scores are skipped and counted."""
+    """Mean of per-image scores in [0, 1]; NaN scores are skipped and counted."""
 
     is_differentiable = False
     full_state_update = False
@@ -55,11 +65,12 @@ class _MeanScore(Metric):
         self.skipped += (~valid).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {self.score_name: _percent(self.score_sum, self.scored), "skipped": self.skipped.double()}
+        return {self.score_name: _fraction(self.score_sum, self.scored), "skipped": self.skipped.double()}
 
 
 class PointingGame(_MeanScore):
-    """Pointing game: hit iff the heatmap's maximum lies within ``tolerance`` px of the mask.
+    """Pointing game: hit iff the heatmap's maximum lies within the tolerance of the mask (see the
+    module docstring for ``tolerance`` and ``tolerance_at``).
 
     ``update(heatmaps, masks, classes=None)``. Without ``num_classes``, ``compute()`` gives
     ``{"pg": hits / trials, "skipped"}``. With ``num_classes`` every update needs ``classes``
@@ -71,9 +82,12 @@ class PointingGame(_MeanScore):
     higher_is_better = True
     score_name = "pg"
 
-    def __init__(self, tolerance: float = 15, num_classes: int | None = None, **kwargs):
+    def __init__(self, tolerance: float = 15, tolerance_at: float | None = None, num_classes: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        _check_tolerance(tolerance, tolerance_at)
         self.tolerance = tolerance
+        self.tolerance_at = tolerance_at
         self.num_classes = num_classes
         if num_classes is not None:
             self.add_state("class_hits", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
@@ -82,7 +96,8 @@ class PointingGame(_MeanScore):
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None) -> None:
         if (classes is None) != (self.num_classes is None):
             raise ValueError("PointingGame: pass classes to update() if and only if num_classes was given")
-        hits, valid = functional.pointing_hits(functional.upsample(heatmaps, masks.shape[-2:]), masks, self.tolerance)
+        tolerance = _scaled_tolerance(self.tolerance, self.tolerance_at, masks)
+        hits, valid = functional.pointing_hits(functional.upsample(heatmaps, masks.shape[-2:]), masks, tolerance)
         self._add_scores(hits.double().masked_fill(~valid, math.nan))
         if classes is None:
             return
@@ -96,7 +111,7 @@ class PointingGame(_MeanScore):
         if self.num_classes is None:
             return pooled
         tried = self.class_trials > 0
-        per_class = _percent(self.class_hits[tried], self.class_trials[tried])
+        per_class = _fraction(self.class_hits[tried], self.class_trials[tried])
         return {"pg": per_class.mean(), "pg_micro": pooled["pg"], "skipped": pooled["skipped"]}
 
 
@@ -118,11 +133,14 @@ class StochasticPointingGame(Metric):
     # full-state forward() first updates the accumulated state, with the running count.
     full_state_update = True
 
-    def __init__(self, tolerance: float = 15, num_samples: int = 100, num_runs: int = 5, seed: int = 0, **kwargs):
+    def __init__(self, tolerance: float = 15, tolerance_at: float | None = None, num_samples: int = 100,
+                 num_runs: int = 5, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if num_runs < 2:
             raise ValueError(f"num_runs must be >= 2 to give a standard deviation over runs, got {num_runs}")
+        _check_tolerance(tolerance, tolerance_at)
         self.tolerance = tolerance
+        self.tolerance_at = tolerance_at
         self.num_samples = num_samples
         self.num_runs = num_runs
         self.seed = seed
@@ -138,7 +156,8 @@ class StochasticPointingGame(Metric):
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
         heatmaps = functional.upsample(heatmaps, masks.shape[-2:])
         scores = functional._stochastic_scores(
-            heatmaps, masks, self.num_samples, self.num_runs, self.tolerance, self._generator(heatmaps.device)
+            heatmaps, masks, self.num_samples, self.num_runs,
+            _scaled_tolerance(self.tolerance, self.tolerance_at, masks), self._generator(heatmaps.device)
         )
         valid = ~scores[:, 0].isnan()
         self.run_sums += scores[valid].sum(0, dtype=torch.float64)
@@ -146,7 +165,7 @@ class StochasticPointingGame(Metric):
         self.skipped += (~valid).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        run_means = _percent(self.run_sums, self.scored)
+        run_means = _fraction(self.run_sums, self.scored)
         return {"spg": run_means.mean(), "spg_std": run_means.std(), "skipped": self.skipped.double()}
 
 
@@ -174,7 +193,7 @@ class NegativeQuadrantsHeatmap(_MeanScore):
 
 
 class FGSMRobustness(Metric):
-    """Top-1 accuracy (%) under FGSM for each ``eps`` in ``eps_list`` (units of 1/255).
+    """Top-1 accuracy under FGSM for each ``eps`` in ``eps_list`` (units of 1/255).
 
     ``update(net, images, targets)``: images in pixel space [0, 1], targets class indices ``[B]``;
     put ``net`` in eval mode. Defined for single-label top-1 only: multi-hot targets raise.
@@ -184,8 +203,10 @@ class FGSMRobustness(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, eps_list: Sequence[float] = (1, 2, 8, 16, 32, 64), **kwargs):
+    def __init__(self, eps_list: Sequence[float], **kwargs):
         super().__init__(**kwargs)
+        if not eps_list or any(not eps >= 0 for eps in eps_list):
+            raise ValueError(f"FGSM eps must be a non-empty list of numbers >= 0 (1/255 units), got {list(eps_list)}")
         self.eps_list = tuple(eps_list)
         self.add_state("correct", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", _count(), dist_reduce_fx="sum")
@@ -196,11 +217,11 @@ class FGSMRobustness(Metric):
                 "FGSM robustness is defined here for single-label top-1 accuracy: targets must be class "
                 f"indices [B], got {targets.dtype} {tuple(targets.shape)} (multi-label targets?)"
             )
-        attacks = functional.fgsm_attacks(net, images, targets, [eps / 255 for eps in self.eps_list])
+        attacks = fgsm_attacks(net, images, targets, self.eps_list)
         for index, adversarial in enumerate(attacks):
             with torch.no_grad():
                 self.correct[index] += (net(adversarial).argmax(1) == targets).sum()
         self.total += targets.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {f"eps={eps:g}": _percent(correct, self.total) for eps, correct in zip(self.eps_list, self.correct)}
+        return {f"eps={eps:g}": _fraction(correct, self.total) for eps, correct in zip(self.eps_list, self.correct)}

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from losses import classification_loss
 
 __all__ = [
     "content_heatmap",
     "dilate_masks",
-    "fgsm",
-    "fgsm_attacks",
     "negative_quadrants_heatmap",
     "pointing_game",
     "pointing_hits",
@@ -297,40 +294,3 @@ def upsample(heatmaps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(heatmaps.shape[-2:]) == size:
         return heatmaps
     return F.interpolate(heatmaps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-
-
-def fgsm(
-    net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: float,
-    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
-) -> torch.Tensor:
-    """FGSM adversarial images: ``clip(x + eps * sign(grad_x loss(net(x), y)), 0, 1)``.
-
-    ``images`` in pixel space [0, 1] and ``eps`` in pixel units (8/255, not 8). ``loss="ce"`` is
-    the project's classification loss: cross-entropy for class indices ``[B]``, BCE with logits
-    for multi-hot targets ``[B, K]``; a callable ``loss(logits, targets) -> scalar`` replaces it.
-    Only the input's gradient is taken (``torch.autograd.grad``), so the parameters' ``.grad``
-    stay untouched; it works under ``torch.no_grad()``. Put ``net`` in eval mode first: in train
-    mode batch norm would mix the images and update its running statistics."""
-    return next(fgsm_attacks(net, images, targets, [eps], loss))
-
-
-def fgsm_attacks(
-    net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, eps_list: Sequence[float],
-    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
-) -> Iterator[torch.Tensor]:
-    """:func:`fgsm`'s adversarial images for each eps of ``eps_list`` in turn, from one gradient:
-    the attack's direction does not depend on eps, so every eps after the first costs no pass
-    through ``net``. The gradient is taken at the first ``next()``."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("fgsm needs gradients, which inference mode forbids: run with inference_mode=False")
-    if loss == "ce":
-        loss = classification_loss
-    elif not callable(loss):
-        raise ValueError(f"loss must be 'ce' or a callable, got {loss!r}")
-    inputs = images.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        # classification_loss averages over the batch: a positive factor, so the signs are unchanged.
-        (gradient,) = torch.autograd.grad(loss(net(inputs), targets), inputs)
-    direction = gradient.sign()
-    for eps in eps_list:
-        yield (images.detach() + eps * direction).clamp(0, 1)

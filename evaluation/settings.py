@@ -1,0 +1,74 @@
+"""How the evaluation metrics are computed: one frozen object for every entry point.
+
+``python -m evaluation``, the training callbacks and the consensus script all take an
+:class:`EvaluationSettings`, built by Hydra from ``conf/evaluation/default.yaml`` (its
+``_target_``), so a setting is written once and checked once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from pathlib import Path
+from typing import Sequence
+
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "evaluation" / "default.yaml"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+    """Settings of the metrics; each is checked on construction, errors name ``evaluation.<key>``.
+
+    ``tolerance``: pointing-game tolerance in pixels at an image side of ``tolerance_at`` pixels
+    (None: in the masks' own pixels). ``spg_samples`` points per image in each of ``spg_runs`` runs.
+    ``fgsm_eps``: FGSM eps in 1/255 units. ``seed``: NQH composites and SPG points.
+    ``batch_size``: images per evaluation batch and process.
+    """
+
+    tolerance: float
+    tolerance_at: float | None
+    spg_samples: int
+    spg_runs: int
+    fgsm_eps: tuple[float, ...]
+    seed: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (_is_number(self.tolerance) and self.tolerance > 0):
+            problems.append(f"evaluation.tolerance must be a number > 0, got {self.tolerance!r}")
+        if self.tolerance_at is not None and not (_is_number(self.tolerance_at) and self.tolerance_at > 0):
+            problems.append(f"evaluation.tolerance_at must be a number > 0 or null, got {self.tolerance_at!r}")
+        for key, minimum in (("spg_samples", 1), ("spg_runs", 2), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, key)
+            if not (_is_int(value) and value >= minimum):
+                problems.append(f"evaluation.{key} must be an integer >= {minimum}, got {value!r}")
+        eps = self.fgsm_eps
+        if isinstance(eps, (str, bytes)) or not isinstance(eps, Sequence) or not eps or \
+                not all(_is_number(e) and e >= 0 for e in eps):
+            problems.append(f"evaluation.fgsm_eps must be a non-empty list of numbers >= 0 (1/255 units), got {eps!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        # Hydra hands over a ListConfig; a tuple keeps the settings frozen and hashable.
+        object.__setattr__(self, "fgsm_eps", tuple(float(e) for e in eps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_settings(*, seed: int, batch_size: int, **overrides) -> EvaluationSettings:
+    """The settings of ``conf/evaluation/default.yaml`` outside Hydra (tests, benchmarks): ``seed``
+    and ``batch_size`` come from the run's own config there, so the caller gives them."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(CONFIG_FILE)
+    config.merge_with({"seed": seed, "batch_size": batch_size, **overrides})
+    return instantiate(config)

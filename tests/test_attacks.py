@@ -1,0 +1,52 @@
+"""FGSM against its closed form on a linear model (input gradient known), eps in 1/255 units."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluation.attacks import fgsm, fgsm_attacks
+from tests.conftest import fgsm_case
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_fgsm_follows_the_closed_form_gradient(multilabel):
+    net, images, targets = fgsm_case(multilabel)
+    weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
+    logits = images.flatten(1) @ weight.T + bias
+    # d loss / d logits: softmax - onehot (CE) or sigmoid - y (BCE), up to the positive mean factor.
+    residual = torch.sigmoid(logits) - targets if multilabel else logits.softmax(1) - F.one_hot(targets, 6)
+    gradient = (residual @ weight).view_as(images)
+    eps = 8  # in 1/255 units, as at every interface
+    with torch.no_grad():  # fgsm turns gradients on for itself
+        adversarial = fgsm(net, images, targets, eps)
+    assert torch.equal(adversarial, (images + eps / 255 * gradient.sign()).clamp(0, 1))
+    assert all(parameter.grad is None for parameter in net.parameters())
+    assert not adversarial.requires_grad and adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_fgsm_attacks_share_one_gradient_over_eps(monkeypatch):
+    net, images, targets = fgsm_case(False)
+    eps_list = [0, 1, 8, 64]
+    expected = [fgsm(net, images, targets, eps) for eps in eps_list]
+    passes = []
+    original_forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: passes.append(len(x)) or original_forward(x))
+    attacks = list(fgsm_attacks(net, images, targets, eps_list))
+    assert passes == [len(images)]  # one gradient for every eps
+    assert all(torch.equal(a, e) for a, e in zip(attacks, expected)) and torch.equal(attacks[0], images)
+
+
+def test_fgsm_takes_a_custom_loss_and_refuses_inference_mode():
+    net, images, targets = fgsm_case(False)
+    # Minus the loss: the step goes the other way.
+    toward = fgsm(net, images, targets, 2, loss=lambda logits, y: -F.cross_entropy(logits, y))
+    away = fgsm(net, images, targets, 2)
+    inner = (images > 2 / 255) & (images < 1 - 2 / 255)
+    assert torch.equal((toward - images)[inner].sign(), -(away - images)[inner].sign())
+    # The whole image, clipping included: the closed-form CE input gradient of the linear model, negated.
+    weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
+    logits = images.flatten(1) @ weight.T + bias
+    gradient = ((logits.softmax(1) - F.one_hot(targets, 6)) @ weight).view_as(images)
+    assert torch.equal(toward, (images - 2 / 255 * gradient.sign()).clamp(0, 1))
+    assert not torch.equal(toward, away)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
+        fgsm(net, images, targets, 2)
