@@ -13,26 +13,36 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.registry import datamodule_from_config
+from datamodules import DATAMODULES, ClassificationDataModule, build_datamodule
+from evaluation.engine import validation_sample
+from evaluation.explainers import build_explainer
+from evaluation.figures import save_overlay_grid
+from evaluation.panels import explanation_panels
 from gcmodels.checkpoints import check_resume_compatible
 from gcmodels.module import GCClassifier
-from evaluation.engine import validation_sample
-from evaluation.figures import save_gradcam_grid
-
-MODEL_KEYS = ("name", "pooling", "pretrained")
 
 
-def build_module(cfg: DictConfig, datamodule) -> GCClassifier:
+def validation_metric(data_name: str) -> str:
+    """The checkpointed validation score of data set ``data_name`` (``${validation_metric:...}``)."""
+    if data_name not in DATAMODULES:
+        raise ValueError(f"data.name={data_name!r} is unknown; allowed: {sorted(DATAMODULES)}")
+    return GCClassifier.validation_metric(DATAMODULES[data_name].multilabel)
+
+
+OmegaConf.register_new_resolver("validation_metric", validation_metric, replace=True)
+
+
+def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> GCClassifier:
+    def group(name: str) -> dict:
+        return OmegaConf.to_container(cfg[name], resolve=True)
+
     return GCClassifier(
-        model={key: cfg.model[key] for key in MODEL_KEYS},
+        model=group("model"),
+        loss=group("loss"),
+        optimizer=group("optimizer"),
+        scheduler=group("scheduler"),
         num_classes=datamodule.num_classes,
         multilabel=datamodule.multilabel,
-        loss=cfg.loss.name,
-        lam=cfg.loss["lambda"],
-        cam_mode=cfg.loss.cam_mode,
-        detach_target=cfg.loss.detach_target,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         layout_seed=cfg.seed,
     )
 
@@ -51,7 +61,7 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
         "model": cfg.model.name,
         "pooling": cfg.model.pooling,
         "loss": cfg.loss.name,
-        "lambda": float(cfg.loss["lambda"]),
+        "lambda": cfg.loss.get("lambda"),
         "data": cfg.data.name,
         "epochs": trainer.current_epoch,
         "metrics": metrics,
@@ -72,23 +82,22 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
     return summary
 
 
-def save_heatmaps(module: GCClassifier, datamodule, cfg: DictConfig) -> Path | None:
+def save_heatmaps(module: GCClassifier, datamodule: ClassificationDataModule, cfg: DictConfig) -> Path | None:
     count = int(cfg.heatmap_images)
     if count <= 0:
         return None
-    batch = validation_sample(datamodule, count)
-    images, targets = batch["image"], batch["target"]
-    classes = targets if targets.dim() == 1 else targets.float().argmax(1)
-    path = Path(cfg.output_dir, "heatmaps.png")
-    save_gradcam_grid(module.net.cpu().eval(), images, classes, path, mode=cfg.loss.cam_mode,
-                      class_names=getattr(datamodule, "class_names", None))
-    return path
+    # The Grad-CAM the model was trained with; ce runs, which have none, get the element-wise one.
+    explainer = "gradcam_standard" if cfg.loss.get("cam_mode") == "standard" else "gradcam"
+    panels = explanation_panels(module.net.cpu(), build_explainer(explainer), validation_sample(datamodule, count),
+                                datamodule.class_names)
+    return save_overlay_grid([("Grad-CAM", panels)], Path(cfg.output_dir, "heatmaps.png"),
+                             f"{explainer} of the labelled class")
 
 
 def run(cfg: DictConfig) -> dict | None:
     """Train as configured; returns the summary on the main process (None on other ranks)."""
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = datamodule_from_config(OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     module = build_module(cfg, datamodule)
     if cfg.ckpt_path:
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from gcmodels.gradcam import MODES as CAM_MODES
@@ -18,13 +19,26 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("step", "cosine", "none")
 
 
-def check_loss_options(name: str, lam: float, cam_mode: str) -> None:
+# The options each loss takes (the keys of its config group besides ``name``).
+LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target")}
+
+
+def check_loss_options(loss: dict) -> None:
+    name = loss.get("name")
     if name not in LOSSES:
         raise ValueError(f"loss.name={name!r} is unknown; allowed: {list(LOSSES)}")
-    if not isinstance(lam, (int, float)) or lam < 0:
+    options = set(loss) - {"name"}
+    if options != set(LOSS_OPTIONS[name]):
+        raise ValueError(f"loss={name} takes the options {list(LOSS_OPTIONS[name])}, got {sorted(options)}")
+    if name == "ce":
+        return
+    lam = loss["lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
         raise ValueError(f"loss.lambda must be a number >= 0, got {lam!r}")
-    if cam_mode not in CAM_MODES:
-        raise ValueError(f"loss.cam_mode={cam_mode!r} is unknown; allowed: {list(CAM_MODES)}")
+    if loss["cam_mode"] not in CAM_MODES:
+        raise ValueError(f"loss.cam_mode={loss['cam_mode']!r} is unknown; allowed: {list(CAM_MODES)}")
+    if not isinstance(loss["detach_target"], bool):
+        raise ValueError(f"loss.detach_target must be true or false, got {loss['detach_target']!r}")
 
 
 def check_optim_options(optimizer: dict, scheduler: dict) -> None:
@@ -36,48 +50,52 @@ def check_optim_options(optimizer: dict, scheduler: dict) -> None:
         raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
 
 
+def accuracy_metric(num_classes: int, multilabel: bool) -> Metric:
+    """The headline score: top-1 accuracy, or micro F1 at threshold 0.5 on multi-label data."""
+    if multilabel:
+        return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
+    return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+
+
 class GCClassifier(pl.LightningModule):
     """Image classifier trained with ``loss.name=ce`` or ``gc`` (CE + lambda * Grad-CAM consistency).
 
-    ``model`` describes the network (``name``, ``pooling``, ``pretrained``) and is stored in the
-    checkpoint's hyper-parameters, so a checkpoint rebuilds its own network
-    (:meth:`from_checkpoint`). ``net`` overrides the built network (tests use tiny networks).
+    ``model``, ``loss``, ``optimizer`` and ``scheduler`` are the config groups of the same names
+    (plain dicts; their values live in ``conf/``). They are stored in the checkpoint's
+    hyper-parameters, so a checkpoint rebuilds its own network (:meth:`from_checkpoint`).
+    ``net`` overrides the built network (tests use tiny networks).
     """
 
     def __init__(
         self,
         model: dict,
+        loss: dict,
+        optimizer: dict,
+        scheduler: dict,
         num_classes: int,
-        multilabel: bool = False,
-        loss: str = "gc",
-        lam: float = 1.0,
-        cam_mode: str = "elementwise",
-        detach_target: bool = False,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        layout_seed: int = 0,
+        multilabel: bool,
+        layout_seed: int,
         net: ExplainableNet | None = None,
     ):
         super().__init__()
-        optimizer = dict(optimizer or {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4})
-        scheduler = dict(scheduler or {"name": "step", "step_size": 30, "gamma": 0.1})
-        check_loss_options(loss, lam, cam_mode)
+        check_loss_options(loss)
         check_optim_options(optimizer, scheduler)
         self.save_hyperparameters(ignore=["net"])
-        self.net = net if net is not None else build_network(
-            model["name"], num_classes, model.get("pooling", "avg"), model.get("pretrained", False)
-        )
+        self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
+                                                             model["pretrained"])
         self._layout_generator: torch.Generator | None = None
-        if multilabel:
-            self.train_acc = MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
-            self.val_acc = MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
-        else:
-            self.train_acc = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
-            self.val_acc = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.train_acc = accuracy_metric(num_classes, multilabel)
+        self.val_acc = accuracy_metric(num_classes, multilabel)
+
+    @staticmethod
+    def validation_metric(multilabel: bool) -> str:
+        """The logged validation score that checkpointing watches: top-1 accuracy, or micro F1 on
+        multi-label data."""
+        return "val/f1" if multilabel else "val/acc"
 
     @property
     def accuracy_name(self) -> str:
-        return "f1" if self.hparams.multilabel else "acc"
+        return self.validation_metric(self.hparams.multilabel).split("/")[1]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "GCClassifier":
@@ -103,17 +121,18 @@ class GCClassifier(pl.LightningModule):
                  reduce_fx="sum", sync_dist=True, batch_size=max(size, 1))
         if size == 0:
             return None
-        if self.hparams.loss == "gc":
+        loss_config = self.hparams.loss
+        if loss_config["name"] == "gc":
             layout = random_layout(targets, self.hparams.num_classes, self.layout_generator())
             out = gc_objective(
-                self.net, images, targets, layout, float(self.hparams.lam),
-                self.hparams.cam_mode, self.hparams.detach_target,
+                self.net, images, targets, layout, float(loss_config["lambda"]),
+                loss_config["cam_mode"], loss_config["detach_target"],
             )
             loss, logits = out.loss, out.logits
-            self.log("train/gc", out.consistency, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+            self.log("train/gc", out.consistency_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
             self.log("train/gc_left_out", float(size - out.num_composites), on_step=False, on_epoch=True,
                      reduce_fx="sum", sync_dist=True, batch_size=size)
-            self.log("train/ce", out.classification, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+            self.log("train/ce", out.classification_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         else:
             logits = self.net(images)
             loss = classification_loss(logits, targets)
