@@ -2,7 +2,9 @@
 
 import pytest
 
-from tests.test_train import assert_ok, logged_metrics, train
+from tests.conftest import assert_ok, logged_metrics, train
+
+pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
 
 
 @pytest.mark.parametrize(

@@ -61,11 +61,21 @@ def test_elementwise_equals_standard_for_average_pooled_resnet():
 
 
 def test_gradcam_works_under_no_grad_with_frozen_weights():
+    torch.manual_seed(0)
     net = ExplainableNet(nn.Sequential(nn.Conv2d(3, 2, 1)), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(2, 3)))
     net.requires_grad_(False)
+    images, classes = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
     with torch.no_grad():
-        _, maps = gradcam(net, torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
+        logits, maps = gradcam(net, images, classes)
     assert maps.shape == (2, 4, 4)
+    # "Works" means the right map, not just a map: 1x1 conv + GAP + linear has the closed form
+    # dy_t/dA_kij = W_tk / (h*w), and the default map is L1-normalised (eps 1e-8).
+    conv, linear = net.features[0], net.head[2]
+    activations = torch.einsum("kc,bchw->bkhw", conv.weight[:, :, 0, 0], images) + conv.bias.view(1, -1, 1, 1)
+    assert torch.allclose(logits, activations.mean(dim=(2, 3)) @ linear.weight.T + linear.bias, atol=1e-6)
+    raw = torch.relu(torch.einsum("bk,bkhw->bhw", linear.weight[classes], activations) / 16)
+    assert (raw.sum(dim=(1, 2)) > 0).all()  # otherwise a zero map would match trivially
+    assert torch.allclose(maps, raw / (raw.sum(dim=(1, 2), keepdim=True) + 1e-8), atol=1e-6)
 
 
 def test_unknown_mode_is_refused():

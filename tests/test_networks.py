@@ -18,22 +18,35 @@ def test_explained_layer_shapes(name, size, feature_shape):
     assert logits.shape == (1, 7)
 
 
-def test_split_network_equals_torchvision_forward():
-    torch.manual_seed(0)
-    net = build_network("resnet18", 10).eval()
-    images = torch.rand(2, 3, 64, 64)
-    # Rebuild torchvision's own forward from the same modules to check the split loses nothing.
+RESNET_NAMES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+def torchvision_keys(name: str, key: str) -> str:
+    """The torchvision parameter name of one of ours (``features.4.0.conv1.weight`` ->
+    ``layer1.0.conv1.weight``): the split keeps torchvision's modules, renamed by position."""
+    part, index, rest = key.split(".", 2)
+    if name == "alexnet":
+        # features[:-1] is torchvision's features; the head is (maxpool, avgpool, flatten, classifier).
+        return f"features.{index}.{rest}" if part == "features" else f"classifier.{rest}"
+    return f"{RESNET_NAMES[int(index)]}.{rest}" if part == "features" else f"fc.{rest}"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "alexnet"])
+def test_split_network_equals_an_independent_torchvision_network(name):
+    """Our weights loaded strictly (every key mapped, none left over) into a separately built
+    torchvision network give the same logits: the split loses and adds nothing."""
     import torchvision
 
-    reference = torchvision.models.resnet18(num_classes=10).eval()
-    reference.load_state_dict({k.replace("features.", ""): v for k, v in net.state_dict().items()}, strict=False)
-    features = dict(zip(["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"], net.features))
-    for name, module in features.items():
-        setattr(reference, name, module)
-    reference.fc = net.head[2]
+    torch.manual_seed(0)
+    net = build_network(name, 10).eval()
+    reference = getattr(torchvision.models, name)(num_classes=10).eval()
+    mapped = {torchvision_keys(name, key): value for key, value in net.state_dict().items()}
+    reference.load_state_dict(mapped, strict=True)
+    images = torch.rand(2, 3, 64 if name == "resnet18" else 224, 64 if name == "resnet18" else 224)
     with torch.no_grad():
         expected = reference(net.normalize(images))
         assert torch.allclose(net(images), expected, atol=1e-5)
+        assert not torch.allclose(build_network(name, 10).eval()(images), expected, atol=1e-3)  # not vacuous
 
 
 def test_gmp_uses_global_max_pooling():

@@ -1,49 +1,12 @@
 """End-to-end runs of ``python train.py`` (the real command line) on tiny synthetic data."""
-import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=64", "data.num_classes=3", "data.train_per_class=4", "data.val_per_class=2",
-    "data.batch_size=6", "data.num_workers=0", "trainer.max_epochs=1", "heatmap_images=2",
-]
+from tests.conftest import assert_ok, logged_metrics, read_summary, train
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-def train(out: Path, data_dir: Path | None, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    """Run train.py; with ``data_dir`` on the tiny synthetic data, without it on ``overrides`` alone."""
-    dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    data = [f"data.data_dir={data_dir}", *TINY] if data_dir is not None else []
-    command = [sys.executable, "train.py", *(["-m"] if multirun else []), f"{dir_key}={out}", *data, *overrides]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def assert_ok(run: subprocess.CompletedProcess) -> None:
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-
-
-def read_summary(out: Path) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
-    assert Path(summary["last_checkpoint"]).is_file() and Path(summary["best_checkpoint"]).is_file()
-    assert (out / "heatmaps.png").stat().st_size > 0
-    return summary
-
-
-def logged_metrics(out: Path) -> list[dict]:
-    with open(next(out.glob("csv/version_*/metrics.csv"))) as handle:
-        return list(csv.DictReader(handle))
+pytestmark = pytest.mark.slow
 
 
 def test_default_gc_run_logs_both_terms_and_leaves_checkpoints(tmp_path, data_dir):

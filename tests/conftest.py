@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: tiny networks, and running ``python train.py`` on tiny data."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gcmodels.networks import ExplainableNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.image_size=64", "data.num_classes=3", "data.train_per_class=4", "data.val_per_class=2",
+    "data.batch_size=6", "data.num_workers=0", "trainer.max_epochs=1", "heatmap_images=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def train(out: Path, data_dir: Path | None, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    """Run train.py; with ``data_dir`` on the tiny synthetic data, without it on ``overrides`` alone."""
+    dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    data = [f"data.data_dir={data_dir}", *TINY] if data_dir is not None else []
+    command = [sys.executable, "train.py", *(["-m"] if multirun else []), f"{dir_key}={out}", *data, *overrides]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def assert_ok(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+def read_summary(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["last_checkpoint"]).is_file() and Path(summary["best_checkpoint"]).is_file()
+    assert (out / "heatmaps.png").stat().st_size > 0
+    return summary
+
+
+def logged_metrics(out: Path) -> list[dict]:
+    with open(next(out.glob("csv/version_*/metrics.csv"))) as handle:
+        return list(csv.DictReader(handle))
+
+
+def tiny_net(num_classes: int = 4, channels: int = 4, smooth: bool = True) -> ExplainableNet:
+    """conv -> (tanh|relu) -> [explained layer] -> 1x1 conv -> tanh -> avg pool -> linear.
+
+    The non-linear head makes dy/dA depend on A, so the second-order terms of the GC loss are
+    not trivial; tanh keeps everything smooth for ``gradcheck``."""
+    act = nn.Tanh if smooth else nn.ReLU
+    features = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), act())
+    head = nn.Sequential(
+        nn.Conv2d(channels, channels, 1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+        nn.Linear(channels, num_classes),
+    )
+    return ExplainableNet(features, head)
+
+
+def linear_net(in_features: int, num_classes: int) -> ExplainableNet:
+    torch.manual_seed(0)
+    return ExplainableNet(nn.Identity(), nn.Sequential(nn.Flatten(1), nn.Linear(in_features, num_classes))).double()
+
+
+def fgsm_case(multilabel: bool):
+    net = linear_net(3 * 5 * 4, 6)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 5, 4, generator=generator, dtype=torch.float64)
+    images[0, 0] = 0.0  # pixels at both bounds exercise the clipping
+    images[1, 1] = 1.0
+    if multilabel:
+        targets = (torch.rand(8, 6, generator=generator) < 0.3).double()
+    else:
+        targets = torch.randint(0, 6, (8,), generator=generator)
+    return net, images, targets
