@@ -38,7 +38,8 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
     - ``name``: the config name (``data.name``); ``multilabel``: multi-hot float targets [B, K]
       (BCE, F1) instead of int64 class indices [B].
     - ``num_classes``, ``class_names``: known before ``prepare_data`` where the config says them,
-      otherwise read from the validation data, since the model is built from them first.
+      otherwise read from the data on disk (ImageNet: the training folders; COCO: the validation
+      annotations), since the model is built from them first.
     - ``val_dataset()``: the validation set, usable once ``prepare_data()`` has run (built on
       first use when ``setup()`` has not built it yet).
     - ``localization_dataset()``: validation trials ``{"image", "target", "mask"}`` for PG, SPG

@@ -22,10 +22,6 @@ from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
 from gcmodels.module import GCClassifier
 
-# Composites shown per checkpoint in heatmaps.png beside the single images (for NQH).
-PICTURE_COMPOSITES = 2
-
-
 def checkpoint_paths(value) -> list[Path]:
     paths = [Path(p) for p in (value if isinstance(value, (list, ListConfig)) else [value])]
     if not paths:
@@ -74,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
         rows.append(row)
         if cfg.heatmap_images > 0:
             panels = explanation_panels(net, explainer, validation_sample(datamodule, cfg.heatmap_images),
-                                        datamodule.class_names, PICTURE_COMPOSITES,
+                                        datamodule.class_names, cfg.heatmap_composites,
                                         torch.Generator().manual_seed(settings.seed))
             grid.append((f"{row_label(row)}\n{path.name}", panels))
     run_settings = {"explainer": cfg.explainer, "data": datamodule.name, "metrics": metrics,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from datamodules import ClassificationDataModule
 from evaluation.metrics import classes as metric_classes
 from evaluation.settings import EvaluationSettings
-from gcmodels.module import accuracy_metric
+from gcmodels.module import accuracy_metric, accuracy_name
 from losses import make_composite, random_layout
 
 METRICS = ("acc", "pg", "spg", "ch", "nqh", "fgsm")
@@ -43,11 +43,12 @@ def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[
     """The metrics of ``metrics`` that ``datamodule`` cannot serve, each with the reason; callers
     decide whether that is an error (``python -m evaluation``) or a warning (training callbacks)."""
     reasons = {}
-    if datamodule.localization_dataset() is None:
-        for name in metrics:
-            if name in LOCALIZATION_METRICS:
-                reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
-                                 "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
+    localization = [name for name in metrics if name in LOCALIZATION_METRICS]
+    # Only asked when needed: building the trials reads every annotation file.
+    if localization and datamodule.localization_dataset() is None:
+        for name in localization:
+            reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
+                             "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
     if "fgsm" in metrics and datamodule.multilabel:
         reasons["fgsm"] = (f"is top-1 accuracy under attack, defined for single-label data; data "
                            f"{datamodule.name!r} is multi-label")
@@ -102,19 +103,16 @@ class ExplanationEvaluator:
         self.layout_generator = torch.Generator().manual_seed(settings.seed)
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
-            "pg": lambda: metric_classes.PointingGame(settings.tolerance, settings.tolerance_at,
-                                                      num_classes=num_classes),
-            "spg": lambda: metric_classes.StochasticPointingGame(settings.tolerance, settings.tolerance_at,
-                                                                 settings.spg_samples, settings.spg_runs, settings.seed),
+            "pg": lambda: metric_classes.PointingGame(tolerance=settings.tolerance,
+                                                      tolerance_at=settings.tolerance_at, num_classes=num_classes),
+            "spg": lambda: metric_classes.StochasticPointingGame(
+                tolerance=settings.tolerance, tolerance_at=settings.tolerance_at, num_samples=settings.spg_samples,
+                num_runs=settings.spg_runs, seed=settings.seed),
             "ch": metric_classes.ContentHeatmap,
             "nqh": metric_classes.NegativeQuadrantsHeatmap,
             "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps),
         }
         self.state: dict[str, Metric] = {name: builders[name]() for name in self.metrics}
-
-    @property
-    def accuracy_name(self) -> str:
-        return "f1" if self.multilabel else "acc"
 
     def reset(self) -> None:
         """Forget every update: the metrics' states and the composites' random stream."""
@@ -164,7 +162,7 @@ class ExplanationEvaluator:
         for name, metric in self.state.items():
             value = metric.compute()
             if name == "acc":
-                results[self.accuracy_name] = float(value)
+                results[accuracy_name(self.multilabel)] = float(value)
             elif name == "fgsm":
                 results["fgsm"] = {key: float(v) for key, v in value.items()}
             else:

@@ -10,16 +10,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
+
+from evaluation.metrics.functional import upsample
 
 
 # One picture of a grid: (image [3,H,W] in [0,1], heatmap [h,w] or None, caption).
 Panel = tuple[torch.Tensor, torch.Tensor | None, str]
-
-
-def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Maps ``[B, h, w]`` bilinearly resized to the image size ``[B, H, W]``."""
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | Path, title: str) -> Path:
@@ -36,7 +32,7 @@ def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | P
             image, heatmap, caption = panels[c]
             ax.imshow(image.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
             if heatmap is not None:
-                heat = upsample_maps(heatmap.detach().float().cpu()[None], tuple(image.shape[-2:]))[0]
+                heat = upsample(heatmap.detach().float().cpu()[None], image.shape[-2:])[0]
                 heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
                 ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             ax.set_title(caption, fontsize=6)

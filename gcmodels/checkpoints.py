@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 
-def read_hparams(path: str | Path) -> dict:
-    """Hyper-parameters stored in a Lightning checkpoint; errors name the file."""
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint of this project as a dict, its hyper-parameters in today's form
+    (:func:`upgrade_hparams`); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -17,7 +18,29 @@ def read_hparams(path: str | Path) -> dict:
         raise ValueError(f"not a readable PyTorch checkpoint: {path} ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"not a checkpoint of this project (no hyper_parameters/state_dict): {path}")
-    return dict(checkpoint["hyper_parameters"])
+    checkpoint["hyper_parameters"] = upgrade_hparams(dict(checkpoint["hyper_parameters"]))
+    return checkpoint
+
+
+# GC options that checkpoints written before the loss became one config dict kept at the top level.
+_FLAT_GC_OPTIONS = {"lam": "lambda", "cam_mode": "cam_mode", "detach_target": "detach_target"}
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """Hyper-parameters of older checkpoints in today's form: ``loss="gc", lam=..., cam_mode=...,
+    detach_target=...`` becomes the ``loss`` config dict (``ce`` keeps only its name)."""
+    if isinstance(hparams.get("loss"), str):
+        loss = {"name": hparams["loss"]}
+        flat = {new: hparams.pop(old) for old, new in _FLAT_GC_OPTIONS.items() if old in hparams}
+        if loss["name"] == "gc":
+            loss.update(flat)
+        hparams["loss"] = loss
+    return hparams
+
+
+def read_hparams(path: str | Path) -> dict:
+    """Hyper-parameters stored in a checkpoint of this project; errors name the file."""
+    return load_checkpoint(path)["hyper_parameters"]
 
 
 def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool) -> None:

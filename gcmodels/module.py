@@ -9,6 +9,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
+from gcmodels.checkpoints import load_checkpoint
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
 from gcmodels.objective import gc_objective
@@ -48,6 +49,11 @@ def check_optim_options(optimizer: dict, scheduler: dict) -> None:
         raise ValueError(f"optimizer.lr must be > 0, got {optimizer.get('lr')!r}")
     if scheduler.get("name") not in SCHEDULERS:
         raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
+
+
+def accuracy_name(multilabel: bool) -> str:
+    """The headline score's name: ``acc`` (top-1), or ``f1`` (micro F1) on multi-label data."""
+    return "f1" if multilabel else "acc"
 
 
 def accuracy_metric(num_classes: int, multilabel: bool) -> Metric:
@@ -91,16 +97,19 @@ class GCClassifier(pl.LightningModule):
     def validation_metric(multilabel: bool) -> str:
         """The logged validation score that checkpointing watches: top-1 accuracy, or micro F1 on
         multi-label data."""
-        return "val/f1" if multilabel else "val/acc"
+        return f"val/{accuracy_name(multilabel)}"
 
     @property
     def accuracy_name(self) -> str:
-        return self.validation_metric(self.hparams.multilabel).split("/")[1]
+        return accuracy_name(self.hparams.multilabel)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "GCClassifier":
         """Load a checkpoint written by this class, rebuilding the network it describes."""
-        return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+        checkpoint = load_checkpoint(path)
+        module = cls(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

@@ -189,7 +189,7 @@ def test_stochastic_pointing_game_mean_matches_its_expectation():
     """Through the class, with small maps upsampled: the mean over images and runs of the hit
     fraction estimates the mean heatmap mass inside the dilated mask."""
     heatmaps, masks = random_cases(4, batch=600, height=24, width=24, coarse=(6, 6))
-    metric = StochasticPointingGame(tolerance=3, num_samples=20, num_runs=5)
+    metric = StochasticPointingGame(tolerance=3, tolerance_at=None, num_samples=20, num_runs=5, seed=0)
     metric.update(heatmaps[:, ::4, ::4], masks)  # 6x6 maps, upsampled to 24x24 inside
     upsampled = F.interpolate(heatmaps[:, None, ::4, ::4], size=(24, 24), mode="bilinear")[:, 0].double()
     valid = functional.valid_pairs(upsampled, masks)
@@ -273,7 +273,8 @@ def test_classes_upsample_small_heatmaps_and_match_the_naive_references():
     small, masks, _ = localisation_batches()
     upsampled = F.interpolate(small[:, None], size=masks.shape[1:], mode="bilinear", align_corners=False)[:, 0]
     for metric, name, naive in (
-        (PointingGame(), "pg", per_image(naive_pointing_game, upsampled, masks, tolerance=15)),
+        (PointingGame(tolerance=15, tolerance_at=None), "pg",
+         per_image(naive_pointing_game, upsampled, masks, tolerance=15)),
         (ContentHeatmap(), "ch", per_image(naive_content_heatmap, upsampled, masks)),
     ):
         metric.update(small, masks)
@@ -294,8 +295,8 @@ def test_two_updates_equal_one_update_on_the_concatenation():
     cells = torch.arange(30) % 4
     net, images, targets = fgsm_case(False)
     cases = [
-        (lambda: PointingGame(num_classes=5), (small, masks, classes)),
-        (PointingGame, (small, masks)),
+        (lambda: PointingGame(tolerance=15, tolerance_at=None, num_classes=5), (small, masks, classes)),
+        (lambda: PointingGame(tolerance=15, tolerance_at=224), (small, masks)),
         (ContentHeatmap, (small, masks)),
         (NegativeQuadrantsHeatmap, (small, cells)),
     ]
@@ -348,7 +349,7 @@ def test_pointing_game_per_class_mean():
         heatmaps[b, (2 if hit else 39), (2 if hit else 39)] = 1.0
     heatmaps[5] = 0  # skipped
     classes = torch.tensor([0, 0, 0, 1, 3, 3])
-    metric = PointingGame(num_classes=4)
+    metric = PointingGame(tolerance=15, tolerance_at=None, num_classes=4)
     metric.update(heatmaps, masks, classes)
     result = metric.compute()
     # Class 0: 2/3, class 1: 0/1, class 3: 1/1 (one skipped).
@@ -358,12 +359,28 @@ def test_pointing_game_per_class_mean():
     with pytest.raises(ValueError, match="classes"):
         metric.update(heatmaps, masks)
     with pytest.raises(ValueError, match="classes"):
-        PointingGame().update(heatmaps, masks, classes)
+        PointingGame(tolerance=15, tolerance_at=None).update(heatmaps, masks, classes)
+
+
+def test_pointing_game_scales_its_tolerance_to_the_masks_size():
+    """15 px at 224 px is 15 * 56 / 224 = 3.75 px on 56 px masks: a peak 3 px from the mask is a
+    hit and one 4 px away a miss, where unscaled 15 px would count both as hits."""
+    masks = torch.zeros(2, 56, 56, dtype=torch.bool)
+    masks[:, 20:30, 20:30] = True
+    heatmaps = torch.zeros(2, 56, 56)
+    heatmaps[0, 25, 32] = 1.0  # 3 px right of the mask's last column (29)
+    heatmaps[1, 25, 33] = 1.0  # 4 px
+    scaled = PointingGame(tolerance=15, tolerance_at=224)
+    scaled.update(heatmaps, masks)
+    assert scaled.compute()["pg"].item() == 0.5
+    unscaled = PointingGame(tolerance=15, tolerance_at=None)
+    unscaled.update(heatmaps, masks)
+    assert unscaled.compute()["pg"].item() == 1.0
 
 
 def spg_result(seed: int, use_forward: bool = False) -> dict:
     small, masks, _ = localisation_batches()
-    metric = StochasticPointingGame(tolerance=6, num_samples=20, num_runs=5, seed=seed)
+    metric = StochasticPointingGame(tolerance=6, tolerance_at=None, num_samples=20, num_runs=5, seed=seed)
     step = metric.forward if use_forward else metric.update
     step(small[:15], masks[:15])
     step(small[15:], masks[15:])
@@ -382,8 +399,8 @@ def test_stochastic_pointing_game_is_reproducible_and_varies_over_runs():
 def test_an_empty_batch_changes_nothing():
     small, masks, classes = localisation_batches()
     for metric, tensors in (
-        (PointingGame(num_classes=4), (small, masks, classes)),
-        (StochasticPointingGame(), (small, masks)),
+        (PointingGame(tolerance=15, tolerance_at=None, num_classes=4), (small, masks, classes)),
+        (StochasticPointingGame(tolerance=15, tolerance_at=None, num_samples=100, num_runs=5, seed=0), (small, masks)),
         (ContentHeatmap(), (small, masks)),
         (NegativeQuadrantsHeatmap(), (small, classes)),
     ):
@@ -396,4 +413,4 @@ def test_an_empty_batch_changes_nothing():
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")
 def test_empty_metric_reports_nan_not_a_number_that_looks_real():
     assert ContentHeatmap().compute()["ch"].isnan()
-    assert PointingGame(num_classes=3).compute()["pg"].isnan()
+    assert PointingGame(tolerance=15, tolerance_at=None, num_classes=3).compute()["pg"].isnan()

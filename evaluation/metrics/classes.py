@@ -82,8 +82,7 @@ class PointingGame(_MeanScore):
     higher_is_better = True
     score_name = "pg"
 
-    def __init__(self, tolerance: float = 15, tolerance_at: float | None = None, num_classes: int | None = None,
-                 **kwargs):
+    def __init__(self, *, tolerance: float, tolerance_at: float | None, num_classes: int | None = None, **kwargs):
         super().__init__(**kwargs)
         _check_tolerance(tolerance, tolerance_at)
         self.tolerance = tolerance
@@ -133,8 +132,8 @@ class StochasticPointingGame(Metric):
     # full-state forward() first updates the accumulated state, with the running count.
     full_state_update = True
 
-    def __init__(self, tolerance: float = 15, tolerance_at: float | None = None, num_samples: int = 100,
-                 num_runs: int = 5, seed: int = 0, **kwargs):
+    def __init__(self, *, tolerance: float, tolerance_at: float | None, num_samples: int, num_runs: int, seed: int,
+                 **kwargs):
         super().__init__(**kwargs)
         if num_runs < 2:
             raise ValueError(f"num_runs must be >= 2 to give a standard deviation over runs, got {num_runs}")

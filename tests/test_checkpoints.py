@@ -1,0 +1,58 @@
+"""Checkpoints: a module rebuilds itself from its own file, and files written before the loss
+options became one config dict still load, with the same weights and options."""
+import pytest
+import torch
+
+from gcmodels.checkpoints import read_hparams
+from gcmodels.module import GCClassifier
+
+MODEL = {"name": "resnet18", "pooling": "max", "pretrained": False}
+OPTIM = {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "scheduler": {"name": "none"}}
+
+
+def module(loss: dict) -> GCClassifier:
+    torch.manual_seed(0)
+    return GCClassifier(model=MODEL, loss=loss, **OPTIM, num_classes=3, multilabel=False, layout_seed=4)
+
+
+def save(path, hparams: dict, state_dict: dict) -> None:
+    torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, path)
+
+
+def assert_same_weights(one: GCClassifier, other: GCClassifier) -> None:
+    assert one.state_dict().keys() == other.state_dict().keys()
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in one.state_dict().items())
+
+
+def test_a_checkpoint_rebuilds_its_network_and_options(tmp_path):
+    loss = {"name": "gc", "lambda": 25.0, "cam_mode": "standard", "detach_target": True}
+    original = module(loss)
+    save(tmp_path / "new.ckpt", dict(original.hparams), original.state_dict())
+    loaded = GCClassifier.from_checkpoint(tmp_path / "new.ckpt")
+    assert loaded.hparams.loss == loss and loaded.hparams.model == MODEL and loaded.hparams.layout_seed == 4
+    assert_same_weights(loaded, original)
+
+
+@pytest.mark.parametrize("flat, expected", [
+    ({"loss": "gc", "lam": 25.0, "cam_mode": "standard", "detach_target": True},
+     {"name": "gc", "lambda": 25.0, "cam_mode": "standard", "detach_target": True}),
+    # The old ce checkpoints carried GC options they never used: they are dropped.
+    ({"loss": "ce", "lam": 1.0, "cam_mode": "elementwise", "detach_target": False}, {"name": "ce"}),
+])
+def test_checkpoints_with_the_old_flat_loss_options_still_load(tmp_path, flat, expected):
+    original = module(expected)
+    old_hparams = {"model": MODEL, "num_classes": 3, "multilabel": False, **OPTIM, "layout_seed": 4, **flat}
+    save(tmp_path / "old.ckpt", old_hparams, original.state_dict())
+    hparams = read_hparams(tmp_path / "old.ckpt")
+    assert hparams["loss"] == expected and not {"lam", "cam_mode", "detach_target"} & set(hparams)
+    loaded = GCClassifier.from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.hparams.loss == expected
+    assert_same_weights(loaded, original)
+
+
+def test_a_state_dict_of_another_network_is_refused(tmp_path):
+    other = GCClassifier(model={**MODEL, "name": "alexnet", "pooling": "avg"}, loss={"name": "ce"}, **OPTIM,
+                         num_classes=3, multilabel=False, layout_seed=0)
+    save(tmp_path / "mixed.ckpt", {**dict(module({"name": "ce"}).hparams)}, other.state_dict())
+    with pytest.raises(RuntimeError, match="state_dict"):
+        GCClassifier.from_checkpoint(tmp_path / "mixed.ckpt")
