@@ -44,6 +44,7 @@ def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> GCCla
         num_classes=datamodule.num_classes,
         multilabel=datamodule.multilabel,
         layout_seed=cfg.seed,
+        class_names=list(datamodule.class_names),
     )
 
 

@@ -47,7 +47,9 @@ def describe(path: Path, hparams: dict) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     metrics = check_metrics(cfg.metrics)
-    explainer = build_explainer(cfg.explainer)
+    explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
+    explainer = build_explainer(**explainer_options)
+    explainer_name = explainer_options["name"]
     paths = checkpoint_paths(cfg.ckpt_path)
     settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
@@ -64,7 +66,7 @@ def run(cfg: DictConfig) -> dict:
     for path, saved in zip(paths, hparams):
         row = describe(path, saved)
         net = GCClassifier.from_checkpoint(path).net.to(device).eval()
-        print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {cfg.explainer}")
+        print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name}")
         evaluator = ExplanationEvaluator(explainer, metrics, datamodule.num_classes, datamodule.multilabel, settings)
         row["results"] = evaluator.run(net, datamodule, max_images=cfg.max_images)
         rows.append(row)
@@ -73,12 +75,13 @@ def run(cfg: DictConfig) -> dict:
                                         datamodule.class_names, cfg.heatmap_composites,
                                         torch.Generator().manual_seed(settings.seed))
             grid.append((f"{row_label(row)}\n{path.name}", panels))
-    run_settings = {"explainer": cfg.explainer, "data": datamodule.name, "metrics": metrics,
+    run_settings = {"explainer": explainer_name, "explainer_options": explainer_options, "data": datamodule.name,
+                    "metrics": metrics,
                     "max_images": cfg.max_images, **settings.to_dict()}
     reports = write_reports(rows, cfg.output_dir, run_settings)
     if grid:
         reports["heatmaps"] = save_overlay_grid(grid, Path(cfg.output_dir, "heatmaps.png"),
-                                                f"{cfg.explainer} explanations of the labelled class")
+                                                f"{explainer_name} explanations of the labelled class")
     print(Path(reports["md"]).read_text())
     for name, path in reports.items():
         print(f"{name:<9} {path}")

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from evaluation.consensus import committee as committee_lib
+from evaluation.consensus import core as consensus_core
+from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import Explainer, ExplanationEvaluator, check_metrics, unsupported_metrics, validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
@@ -66,10 +70,11 @@ class ExplanationMetricsCallback(_EvaluationCallback):
     NQH on composites) with ``explainer``, plus ``overlay_images`` heatmap overlays saved as a
     picture under the logger's folder (and sent to TensorBoard or W&B when those are active)."""
 
-    def __init__(self, settings: EvaluationSettings, metrics: Sequence[str], explainer: str, every_n_epochs: int,
+    def __init__(self, settings: EvaluationSettings, metrics: Sequence[str], explainer: Mapping, every_n_epochs: int,
                  max_images: int | None, overlay_images: int):
-        super().__init__(metrics, build_explainer(explainer), settings, every_n_epochs, max_images)
-        self.explainer_name = explainer
+        """``explainer``: its name and options, as in ``conf/explainer/``."""
+        super().__init__(metrics, build_explainer(**explainer), settings, every_n_epochs, max_images)
+        self.explainer_name = explainer["name"]
         self.overlay_images = overlay_images
 
     def after_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,3 +117,59 @@ def flatten(results: dict, prefix: str = "") -> dict[str, float]:
         else:
             flat[f"{prefix}{key}"] = float(value)
     return flat
+
+
+class ConsensusCallback(pl.Callback):
+    """At the end of training, score the trained model against a committee of checkpoints
+    (``committee``: one or more paths): every member and the model explain the same validation
+    images with ``explainer``; the model's consensus score (mean similarity to the consensus of all,
+    itself included) and its rank among the ``len(committee) + 1`` are logged as
+    ``consensus/score`` and ``consensus/rank``. Committee members' explanations come from the store
+    of ``python -m evaluation.consensus`` (``store_dir``), shared with the script for the same data,
+    explainer and options. Runs on the main process only; its metrics do not sync."""
+
+    def __init__(self, committee: Sequence[str], data: Mapping, explainer: Mapping, settings: EvaluationSettings,
+                 num_images: int | None, target: str, resolution: int, sigma: float, aggregation: str,
+                 store_dir: str):
+        if not committee:
+            raise ValueError("callbacks.consensus.committee: give at least one checkpoint to compare with")
+        self.committee = [Path(path) for path in committee]
+        self.data = dict(data)
+        self.explainer_options = dict(explainer)
+        self.explainer = build_explainer(**self.explainer_options)
+        self.settings = settings
+        self.num_images = num_images
+        self.target = target
+        self.resolution = resolution
+        self.options = ({"sigma": sigma} if committee_lib.explanation_kind(self.explainer) == "pixel"
+                        else {"rule": aggregation})
+        self.store_dir = store_dir
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        members = committee_lib.load_members(self.committee, datamodule)
+        images = committee_lib.committee_images(datamodule, self.num_images)
+        store = ExplanationStore(self.store_dir, committee_lib.run_settings(
+            self.data, self.explainer_options, self.target, self.resolution, self.settings.batch_size, len(images)))
+        shared = committee_lib.stored_shared_arrays(store, images, datamodule, self.explainer, self.settings.batch_size)
+        entries = [committee_lib.member_entry(member, store, self.explainer, images, datamodule, shared, self.target,
+                                              self.resolution, self.settings, pl_module.device)[0]
+                   for member in members]
+        was_training = pl_module.net.training
+        pl_module.net.eval()
+        try:
+            own, _ = committee_lib.explain_member(pl_module.net, self.explainer, images, datamodule, shared,
+                                                  self.target, self.resolution, self.settings.batch_size)
+        finally:
+            pl_module.net.train(was_training)
+        kind = committee_lib.explanation_kind(self.explainer)
+        scores = consensus_core.consensus_scores(
+            committee_lib.similarities(entries + [own], shared, kind, self.options))
+        results = {"consensus/score": float(scores[-1]), "consensus/rank": float(consensus_core.ranks(scores)[-1]),
+                   "consensus/committee_size": float(len(scores))}
+        for logger in trainer.loggers:
+            logger.log_metrics(results, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in results.items()})
+        rank_zero_info("consensus with the committee: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))

@@ -56,11 +56,12 @@ def accuracy_name(multilabel: bool) -> str:
     return "f1" if multilabel else "acc"
 
 
-def accuracy_metric(num_classes: int, multilabel: bool) -> Metric:
-    """The headline score: top-1 accuracy, or micro F1 at threshold 0.5 on multi-label data."""
+def accuracy_metric(num_classes: int, multilabel: bool, **kwargs) -> Metric:
+    """The headline score: top-1 accuracy, or micro F1 at threshold 0.5 on multi-label data
+    (``kwargs``: torchmetrics' options, e.g. ``sync_on_compute``)."""
     if multilabel:
-        return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro")
-    return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro", **kwargs)
+    return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro", **kwargs)
 
 
 class GCClassifier(pl.LightningModule):
@@ -69,7 +70,9 @@ class GCClassifier(pl.LightningModule):
     ``model``, ``loss``, ``optimizer`` and ``scheduler`` are the config groups of the same names
     (plain dicts; their values live in ``conf/``). They are stored in the checkpoint's
     hyper-parameters, so a checkpoint rebuilds its own network (:meth:`from_checkpoint`).
-    ``net`` overrides the built network (tests use tiny networks).
+    ``class_names`` (stored for the record: checkpoints of different class sets must not be
+    compared) may be None where unknown. ``net`` overrides the built network (tests use tiny
+    networks).
     """
 
     def __init__(
@@ -81,11 +84,14 @@ class GCClassifier(pl.LightningModule):
         num_classes: int,
         multilabel: bool,
         layout_seed: int,
+        class_names: list[str] | None = None,
         net: ExplainableNet | None = None,
     ):
         super().__init__()
         check_loss_options(loss)
         check_optim_options(optimizer, scheduler)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
                                                              model["pretrained"])

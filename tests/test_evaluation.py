@@ -222,7 +222,8 @@ def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, chec
     "overrides, message",
     [
         (["ckpt_path=/no/such.ckpt"], "checkpoint not found: /no/such.ckpt"),
-        (["explainer=lime"], "valid"),
+        (["explainer=nope"], "Could not find 'explainer/nope'"),
+        (["explainer.name=nope"], "explainer 'nope' is unknown; valid explainers"),
         (["metrics=[acc,iou]"], "unknown metric(s) ['iou']; valid metrics"),
         (["data.num_classes=4"], "classes, but data 'synthetic' has 4"),
     ],

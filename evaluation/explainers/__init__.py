@@ -21,10 +21,11 @@ from evaluation.explainers.excitation import SIGNALS, ContrastiveExcitationBackp
 from evaluation.explainers.fullgrad import FullGrad
 from evaluation.explainers.gradcam import GradCAM
 from evaluation.explainers.gradients import Gradient, IntegratedGradients, SmoothGrad
+from evaluation.explainers.lime import Lime
 
 __all__ = [
     "EXPLAINERS", "SIGNALS", "ContrastiveExcitationBackprop", "Explainer", "FullGrad", "GradCAM",
-    "Gradient", "IntegratedGradients", "SmoothGrad", "build_explainer",
+    "Gradient", "IntegratedGradients", "Lime", "SmoothGrad", "build_explainer",
 ]
 
 EXPLAINERS: dict[str, Callable[..., Explainer]] = {
@@ -35,6 +36,7 @@ EXPLAINERS: dict[str, Callable[..., Explainer]] = {
     "integrated_gradients": IntegratedGradients,
     "fullgrad": FullGrad,
     "cmwp": ContrastiveExcitationBackprop,
+    "lime": Lime,
 }
 
 

@@ -1,0 +1,233 @@
+"""Committee consensus over checkpoints:
+``python -m evaluation.consensus ckpts=[a.ckpt,b.ckpt,...] | ckpts_dir=DIR [data=...] [explainer=lime|smoothgrad|gradcam] [num_images=N]``.
+
+Every member explains the same images (one member at a time, kept in the store), the explanations
+are aggregated into a consensus per image, and each member is scored by its mean similarity to the
+consensus (docs/consensus.md). Writes consensus.md, consensus.csv, consensus.json, scatter.png,
+explanations.png and, where the data has masks, convergence.png to the output dir.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import hydra
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules import build_datamodule
+from evaluation.consensus import committee, core, stats
+from evaluation.consensus.report import scatter
+from evaluation.consensus.store import ExplanationStore
+from evaluation.explainers import build_explainer
+from evaluation.figures import save_overlay_grid
+from evaluation.settings import EvaluationSettings
+
+
+def consensus_options(kind: str, cfg: DictConfig) -> dict:
+    """The aggregation option of the explanation kind: sigma for pixel maps, the rule for LIME."""
+    return {"sigma": float(cfg.sigma)} if kind == "pixel" else {"rule": cfg.aggregation}
+
+
+def check_options(cfg: DictConfig) -> None:
+    if cfg.aggregation not in core.RULES:
+        raise ValueError(f"aggregation={cfg.aggregation!r} is unknown; allowed: {list(core.RULES)}")
+    if cfg.target not in committee.TARGETS:
+        raise ValueError(f"target={cfg.target!r} is unknown; allowed: {list(committee.TARGETS)}")
+    if not (isinstance(cfg.sigma, (int, float)) and cfg.sigma > 0):
+        raise ValueError(f"sigma must be a number > 0, got {cfg.sigma!r}")
+    if not (isinstance(cfg.resolution, int) and cfg.resolution >= 2):
+        raise ValueError(f"resolution must be an integer >= 2, got {cfg.resolution!r}")
+    if cfg.num_images is not None and not (isinstance(cfg.num_images, int) and cfg.num_images >= 1):
+        raise ValueError(f"num_images must be an integer >= 1 or null, got {cfg.num_images!r}")
+
+
+def member_rows(members, entries, computed, scores, ranks) -> list[dict]:
+    return [{**member.describe(), "label": member.label, "digest": member.digest,
+             "accuracy": float(entry["meta"]["accuracy"]), "consensus_score": float(score), "rank": rank,
+             "forward_passes": int(entry["meta"]["forward_passes"]), "computed_now": new}
+            for member, entry, new, score, rank in zip(members, entries, computed, scores.tolist(), ranks)]
+
+
+def run(cfg: DictConfig) -> dict:
+    check_options(cfg)
+    explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
+    explainer = build_explainer(**explainer_options)
+    paths = committee.find_checkpoints(cfg.ckpts, cfg.ckpts_dir)
+    settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    members = committee.load_members(paths, datamodule)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    images = committee.committee_images(datamodule, cfg.num_images)
+    kind = committee.explanation_kind(explainer)
+    store = ExplanationStore(cfg.store_dir, committee.run_settings(
+        OmegaConf.to_container(cfg.data, resolve=True), explainer_options, cfg.target, cfg.resolution,
+        settings.batch_size, len(images)))
+    shared = committee.stored_shared_arrays(store, images, datamodule, explainer, settings.batch_size)
+
+    entries, computed = [], []
+    for index, member in enumerate(members, 1):
+        entry, new = committee.member_entry(member, store, explainer, images, datamodule, shared, cfg.target,
+                                            cfg.resolution, settings, device)
+        entries.append(entry)
+        computed.append(new)
+        print(f"[{index}/{len(members)}] {member.label}: {'computed' if new else 'from the store'}, "
+              f"{entry['meta']['forward_passes']} forward passes")
+
+    options = consensus_options(kind, cfg)
+    scores = core.consensus_scores(committee.similarities(entries, shared, kind, options))
+    rows = member_rows(members, entries, computed, scores, core.ranks(scores))
+    summary: dict = {"kind": kind, "images": len(images)}
+    score_columns = ["consensus_score"]
+    if cfg.leave_one_out:
+        loo = core.consensus_scores(committee.similarities(entries, shared, kind, options, leave_one_out=True))
+        for row, score, rank in zip(rows, loo.tolist(), core.ranks(loo)):
+            row.update(consensus_score_loo=score, rank_loo=rank)
+        score_columns.append("consensus_score_loo")
+    others = ["accuracy"]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if "masks" in shared:
+        localisation = committee.localisation_scores(entries, shared, kind, settings)
+        for i, row in enumerate(rows):
+            row.update(pg=localisation["pg"][i], ch=localisation["ch"][i], map=localisation["map"][i])
+        summary["consensus_map"] = committee.consensus_map(entries, shared, kind, options)
+        others += ["pg", "ch", "map"]
+        if cfg.convergence.enabled:
+            sizes = list(cfg.convergence.sizes or range(2, len(members) + 1))
+            summary["convergence"] = core.committee_size_convergence(
+                lambda chosen: committee.consensus_map(entries, shared, kind, options, members=chosen),
+                len(members), sizes, cfg.convergence.trials, generator)
+    if cfg.subcommittees.size:
+        explanations = committee.stacked(entries, slice(None))
+        valid = (committee.superpixel_valid(np.asarray(shared["segments"]), explanations.shape[-1])
+                 if kind == "superpixel" else None)
+        summary["subcommittees"] = core.random_subcommittees(
+            explanations, torch.tensor([row["accuracy"] for row in rows]), cfg.subcommittees.size,
+            cfg.subcommittees.draws, generator, kind=kind, valid=valid, **options)
+    correlations = [stats.correlation(rows, x, y) for x in score_columns for y in others]
+    return write_outputs(cfg, rows, summary, correlations, explainer_options,
+                         pictures=(entries, shared, kind, options, members, images))
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+CSV_COLUMNS = ("checkpoint", "model", "pooling", "loss", "lambda", "accuracy", "consensus_score", "rank",
+               "consensus_score_loo", "rank_loo", "pg", "ch", "map", "forward_passes")
+
+
+def _fmt(value, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
+
+
+def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, correlations: list[dict],
+                  explainer_options: dict, pictures: tuple) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in CSV_COLUMNS if any(c in row for row in rows)]
+    with (out / "consensus.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {"explainer": explainer_options, "data": cfg.data.name, "num_images": cfg.num_images,
+                "target": cfg.target, "resolution": cfg.resolution, "sigma": cfg.sigma,
+                "aggregation": cfg.aggregation, "leave_one_out": cfg.leave_one_out,
+                "subcommittees": OmegaConf.to_container(cfg.subcommittees),
+                "convergence": OmegaConf.to_container(cfg.convergence), "seed": cfg.seed}
+    (out / "consensus.json").write_text(json.dumps(
+        {"settings": settings, "summary": summary, "members": rows, "correlations": correlations}, indent=2))
+    (out / "consensus.md").write_text(markdown(rows, summary, correlations, explainer_options["name"], cfg))
+    accuracy_correlation = correlations[0]
+    title = (f"{explainer_options['name']}: Pearson {_fmt(accuracy_correlation['pearson'])}, Spearman "
+             f"{_fmt(accuracy_correlation['spearman'])} (n={accuracy_correlation['n']})")
+    paths = {name: out / name for name in ("consensus.md", "consensus.csv", "consensus.json")}
+    paths["scatter.png"] = scatter([(row["label"], row["consensus_score"], row["accuracy"]) for row in rows],
+                                   "consensus score", "accuracy", title, out / "scatter.png")
+    paths["explanations.png"] = save_explanations(*pictures, cfg.picture_images, out / "explanations.png")
+    if "convergence" in summary:
+        paths["convergence.png"] = save_convergence(summary["convergence"], out / "convergence.png")
+    print((out / "consensus.md").read_text())
+    for name, path in paths.items():
+        print(f"{name:<17} {path}")
+    return {"rows": rows, "summary": summary, "correlations": correlations,
+            "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+def markdown(rows: list[dict], summary: dict, correlations: list[dict], explainer: str, cfg: DictConfig) -> str:
+    localisation = "pg" in rows[0]
+    lines = [f"# Committee consensus ({explainer} on {cfg.data.name}, {summary['images']} images, "
+             f"{summary['kind']} explanations)", "",
+             "Consensus score: mean similarity of the member's explanation to the consensus (1 = identical); "
+             "rank 1 = highest. Accuracy" + (", PG, CH and mAP" if localisation else "") + " in percent.", "",
+             "| rank | member | accuracy | consensus score |" + (" PG | CH | mAP |" if localisation else "")
+             + " forward passes |",
+             "|---|---|---|---|" + ("---|---|---|" if localisation else "") + "---|"]
+    for row in sorted(rows, key=lambda r: r["rank"]):
+        cells = [str(row["rank"]), row["label"], _fmt(row["accuracy"], True), _fmt(row["consensus_score"])]
+        if localisation:
+            cells += [_fmt(row[key], True) for key in ("pg", "ch", "map")]
+        lines.append("| " + " | ".join(cells + [str(row["forward_passes"])]) + " |")
+    lines.append("")
+    if "consensus_map" in summary:
+        best = max(row["map"] for row in rows)
+        lines += [f"mAP of the consensus against the masks: {_fmt(summary['consensus_map'], True)} "
+                  f"(best single member: {_fmt(best, True)}).", ""]
+    lines += ["Correlations (n = members used):", "", "| x | y | n | Pearson (p) | Spearman (p) |", "|---|---|---|---|---|"]
+    lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_fmt(c['pearson'])} ({_fmt(c['pearson_p'])}) | "
+              f"{_fmt(c['spearman'])} ({_fmt(c['spearman_p'])}) |" for c in correlations]
+    if "subcommittees" in summary:
+        lines += ["", f"Random sub-committees: {json.dumps(summary['subcommittees'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def save_explanations(entries, shared, kind, options, members, images, count: int, path: Path) -> Path:
+    """A few images: each member's explanation and the consensus side by side."""
+    rows_shown = committee.spread_indices(len(images), count)
+    grid = []
+    for index in rows_shown:
+        rows = slice(index, index + 1)
+        explanations = committee.stacked(entries, rows)
+        consensus = committee.consensus_of(explanations, shared, rows, kind, options)
+        image = images[index]["image"]
+        maps = committee.display_maps(torch.cat([explanations, consensus.unsqueeze(0)]), shared, rows, kind,
+                                      tuple(image.shape[-2:]))
+        labels = [member.label.split(" (")[0] for member in members] + ["consensus"]
+        panels = [(image, heat[0], label) for heat, label in zip(maps, labels)]
+        grid.append((f"image {index}", panels))
+    return save_overlay_grid(grid, path, "members' explanations and their consensus")
+
+
+def save_convergence(convergence: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    sizes = [point["size"] for point in convergence]
+    ax.plot(sizes, [point["mean"] for point in convergence], "o-", label="mean")
+    ax.plot(sizes, [point["median"] for point in convergence], "s--", label="median")
+    ax.set_xlabel("committee size")
+    ax.set_ylabel("consensus mAP")
+    ax.set_title("consensus mAP against the masks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="consensus")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

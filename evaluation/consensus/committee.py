@@ -1,0 +1,333 @@
+"""A committee of checkpoints explaining the same images: finding and checking the members,
+computing each member's explanations (one member at a time, through the store), and scoring them
+against the consensus in slices of images, so memory does not grow with the committee.
+
+Two kinds of explanation: ``pixel`` maps (Grad-CAM, SmoothGrad, ...; stored at one common
+resolution, each map divided by its maximum) and ``superpixel`` weights (LIME: the signed weight of
+each superpixel of one segmentation per image, shared by every member).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from datamodules import ClassificationDataModule
+from evaluation.consensus import core
+from evaluation.consensus.stats import average_precision
+from evaluation.consensus.store import ExplanationStore, file_digest
+from evaluation.engine import spread_indices
+from evaluation.metrics import ContentHeatmap, PointingGame, functional
+from evaluation.panels import labelled_classes
+from evaluation.report import row_label
+from evaluation.settings import EvaluationSettings
+from gcmodels.checkpoints import read_hparams
+from gcmodels.module import GCClassifier, accuracy_metric
+
+CHECKPOINT_SUFFIX = ".ckpt"
+TARGETS = ("label", "prediction")
+# Images per slice when members are compared: m members x this many maps in memory at once.
+SLICE_IMAGES = 64
+
+
+def find_checkpoints(ckpts: Sequence[str] | None, ckpts_dir: str | None) -> list[Path]:
+    """The committee's checkpoint files: the list ``ckpts``, or every ``*.ckpt`` under
+    ``ckpts_dir`` (sorted); at least two."""
+    if bool(ckpts) == bool(ckpts_dir):
+        raise ValueError("give the committee as ckpts=[a.ckpt,b.ckpt,...] or as ckpts_dir=DIR, not both or neither")
+    if ckpts_dir:
+        folder = Path(ckpts_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ckpts_dir: directory not found: {folder}")
+        paths = sorted(folder.rglob(f"*{CHECKPOINT_SUFFIX}"))
+        if not paths:
+            raise ValueError(f"ckpts_dir: no {CHECKPOINT_SUFFIX} file under {folder}")
+    else:
+        paths = [Path(p) for p in ckpts]
+    if len(paths) < 2:
+        raise ValueError(f"a committee needs at least 2 checkpoints, got {len(paths)}: {[str(p) for p in paths]}")
+    return paths
+
+
+@dataclasses.dataclass
+class Member:
+    """One committee member: its checkpoint, content digest and hyper-parameters."""
+
+    path: Path
+    digest: str
+    hparams: dict
+
+    def describe(self) -> dict:
+        loss = self.hparams["loss"]
+        return {"checkpoint": str(self.path), "model": self.hparams["model"]["name"],
+                "pooling": self.hparams["model"]["pooling"], "loss": loss["name"], "lambda": loss.get("lambda")}
+
+    @property
+    def label(self) -> str:
+        return f"{row_label(self.describe())} ({self.path.parent.parent.name}/{self.path.name})"
+
+
+def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule) -> list[Member]:
+    """Members after checking that each was trained on the data's class set (count, and names
+    where the checkpoint records them)."""
+    members = []
+    for path in paths:
+        hparams = read_hparams(path)
+        if hparams["num_classes"] != datamodule.num_classes:
+            raise ValueError(f"checkpoint {path} has {hparams['num_classes']} classes, but data "
+                             f"{datamodule.name!r} has {datamodule.num_classes}: a committee shares one class set")
+        names = hparams.get("class_names")
+        if names is not None and list(names) != list(datamodule.class_names):
+            raise ValueError(f"checkpoint {path} was trained on other classes than data {datamodule.name!r}: "
+                             f"{list(names)[:5]}... against {list(datamodule.class_names)[:5]}...")
+        members.append(Member(path, file_digest(path), hparams))
+    return members
+
+
+def explanation_kind(explainer) -> str:
+    """``superpixel`` for explainers that give one weight per superpixel (LIME), else ``pixel``."""
+    return "superpixel" if hasattr(explainer, "superpixel_weights") else "pixel"
+
+
+def committee_images(datamodule: ClassificationDataModule, num_images: int | None) -> Dataset:
+    """The images every member explains: the localisation trials when the data has masks (so the
+    explanations can be scored against them), else the validation set; spread over the set."""
+    dataset = datamodule.localization_dataset()
+    if dataset is None:
+        dataset = datamodule.val_dataset()
+    count = len(dataset) if num_images is None else num_images
+    return Subset(dataset, spread_indices(len(dataset), count))
+
+
+def _batches(images: Dataset, datamodule: ClassificationDataModule, batch_size: int,
+             device: torch.device) -> Iterator[dict]:
+    for batch in DataLoader(images, batch_size=batch_size, collate_fn=datamodule.collate_fn):
+        if batch.get("skipped"):
+            # Members must see the same images in the same order: a corrupt one would shift them.
+            raise ValueError(f"{batch['skipped']} committee image(s) could not be decoded; the committee needs "
+                             "every image (drop data.skip_corrupt or repair the files)")
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def shared_arrays(images: Dataset, datamodule: ClassificationDataModule, explainer, batch_size: int) -> dict:
+    """What every member shares: labels, masks (when the data has them) and, for superpixel
+    explainers, the segmentation."""
+    labels, masks, segments = [], [], []
+    for batch in _batches(images, datamodule, batch_size, torch.device("cpu")):
+        labels.append(labelled_classes(batch["target"]))
+        if "mask" in batch:
+            masks.append(batch["mask"])
+        if explanation_kind(explainer) == "superpixel":
+            segments.append(explainer.segment(batch["image"]).to(torch.int32))
+    arrays = {"labels": torch.cat(labels).numpy()}
+    if masks:
+        arrays["masks"] = torch.cat(masks).numpy()
+    if segments:
+        arrays["segments"] = torch.cat(segments).numpy()
+    return arrays
+
+
+def stored_shared_arrays(store: ExplanationStore, images: Dataset, datamodule: ClassificationDataModule, explainer,
+                         batch_size: int) -> dict:
+    """The run's shared arrays from the store, computed and stored first when they are not there."""
+    shared = store.load_shared()
+    if shared is None:
+        store.save_shared(shared_arrays(images, datamodule, explainer, batch_size), {})
+        shared = store.load_shared()
+    return shared
+
+
+def _count_forward_passes(net: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """A counter of passes through the network: its ``features`` run once per pass, whether the
+    caller runs ``net(x)`` or, as Grad-CAM does, ``features`` and ``head`` apart."""
+    calls = [0]
+    handle = net.features.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle.remove
+
+
+def explain_member(net: torch.nn.Module, explainer, images: Dataset, datamodule: ClassificationDataModule,
+                   shared: dict, target: str, resolution: int, batch_size: int) -> tuple[dict, dict]:
+    """One member's arrays (``explanations``, ``predictions``) and meta (forward passes)."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is unknown; allowed: {list(TARGETS)}")
+    device = next(net.parameters()).device
+    kind = explanation_kind(explainer)
+    segments = torch.from_numpy(np.array(shared["segments"])) if kind == "superpixel" else None
+    width = int(segments.max()) + 1 if segments is not None else 0
+    explanations, predictions = [], []
+    start = 0
+    calls, stop_counting = _count_forward_passes(net)
+    try:
+        for batch in _batches(images, datamodule, batch_size, device):
+            images_batch = batch["image"]
+            with torch.no_grad():
+                predicted = net(images_batch).argmax(1)
+            classes = labelled_classes(batch["target"]) if target == "label" else predicted
+            if kind == "superpixel":
+                batch_segments = segments[start:start + len(images_batch)].to(device).long()
+                _, weights = explainer.superpixel_weights(net, images_batch, classes, batch_segments)
+                # Padding beyond an image's superpixels is 0; superpixel_valid tells real slots apart.
+                padded = torch.zeros(len(weights), width, dtype=torch.float32)
+                for row, values in enumerate(weights):
+                    padded[row, :len(values)] = values.float().cpu()
+                explanations.append(padded)
+            else:
+                maps = functional.upsample(explainer(net, images_batch, classes).float(), (resolution, resolution))
+                peak = maps.flatten(1).amax(1).clamp_min(torch.finfo(maps.dtype).tiny).view(-1, 1, 1)
+                # Divided by their maximum, maps fit float16 whatever the explainer's scale; scale-free
+                # uses (min-max normalisation, PG, CH, AP) are unchanged.
+                explanations.append((maps / peak).to(torch.float16).cpu())
+            predictions.append(predicted.cpu())
+            start += len(images_batch)
+    finally:
+        stop_counting()
+    arrays = {"explanations": torch.cat(explanations).numpy(), "predictions": torch.cat(predictions).numpy()}
+    return arrays, {"forward_passes": calls[0], "kind": kind}
+
+
+def validation_accuracy(net: torch.nn.Module, datamodule: ClassificationDataModule) -> float:
+    """Top-1 accuracy (micro F1 on multi-label data) over the whole validation set. The metric does
+    not sync across processes: the committee is scored on one process (e.g. rank 0 of a training
+    run), where a collective would wait for the others forever."""
+    metric = accuracy_metric(datamodule.num_classes, datamodule.multilabel, sync_on_compute=False)
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            if batch["image"].numel():
+                targets = batch["target"].to(device)
+                metric.update(net(batch["image"].to(device)).cpu(), (targets.long() if datamodule.multilabel
+                                                                     else targets).cpu())
+    return float(metric.compute())
+
+
+def run_settings(data: dict, explainer_options: dict, target: str, resolution: int, batch_size: int,
+                 num_images: int) -> dict:
+    """Everything a member's stored explanations depend on besides its checkpoint: which images
+    (the ``data`` config without its loading options), the explainer and its options, the
+    explained class, the common resolution, and the batch size (SmoothGrad's noise depends on an
+    image's position in its batch)."""
+    which_images = {key: value for key, value in data.items() if key not in ("num_workers", "batch_size",
+                                                                              "skip_corrupt")}
+    return {"data": which_images, "num_images": num_images, "explainer": explainer_options, "target": target,
+            "resolution": resolution, "batch_size": batch_size}
+
+
+def member_entry(member: Member, store: ExplanationStore, explainer, images: Dataset,
+                 datamodule: ClassificationDataModule, shared: dict, target: str, resolution: int,
+                 settings: EvaluationSettings, device: torch.device) -> tuple[dict, bool]:
+    """The member's stored entry, computing and storing it first when it is not there; the flag
+    says whether it was computed now."""
+    entry = store.load_member(member.digest)
+    if entry is not None:
+        return entry, False
+    net = GCClassifier.from_checkpoint(member.path).net.to(device).eval()
+    arrays, meta = explain_member(net, explainer, images, datamodule, shared, target, resolution,
+                                  settings.batch_size)
+    meta["accuracy"] = validation_accuracy(net, datamodule)
+    meta["checkpoint"] = str(member.path)
+    store.save_member(member.digest, arrays, meta)
+    return store.load_member(member.digest), True
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def superpixel_valid(segments: np.ndarray, width: int) -> torch.Tensor:
+    """bool [N, S]: which padded superpixel slots are real (ids run from 0 to the image's max)."""
+    counts = torch.from_numpy(segments.reshape(len(segments), -1).max(1) + 1)
+    return torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
+
+
+def stacked(entries: Sequence[dict], rows: slice) -> torch.Tensor:
+    """The members' explanations of images ``rows``, as float64 [m, n, ...]."""
+    return torch.stack([torch.from_numpy(np.array(entry["explanations"][rows], dtype=np.float64))
+                        for entry in entries])
+
+
+def similarities(entries: Sequence[dict], shared: dict, kind: str, options: dict,
+                 leave_one_out: bool = False, members: Sequence[int] | None = None) -> torch.Tensor:
+    """[m, N]: each member's similarity to the consensus, image slice by image slice."""
+    chosen = [entries[i] for i in members] if members is not None else list(entries)
+    parts = []
+    for rows in _slices(len(chosen[0]["explanations"])):
+        explanations = stacked(chosen, rows)
+        valid = None
+        if kind == "superpixel":
+            valid = superpixel_valid(np.asarray(shared["segments"][rows]), explanations.shape[-1])
+        parts.append(core.member_similarities(explanations, kind, valid=valid, leave_one_out=leave_one_out,
+                                              **options))
+    return torch.cat(parts, dim=1)
+
+
+def paint(weights: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """[n, H, W] maps: each pixel takes its superpixel's weight."""
+    return weights.gather(1, segments.flatten(1).long()).view(segments.shape)
+
+
+def pixel_maps(explanations: torch.Tensor, shared: dict, rows: slice, kind: str,
+               size: tuple[int, int]) -> torch.Tensor:
+    """Explanations of images ``rows`` ([..., n, R, R] or [..., n, S]) as float64 maps
+    [..., n, H, W] of ``size`` (the images')."""
+    if kind == "superpixel":
+        segments = torch.from_numpy(np.array(shared["segments"][rows]))
+        flat = explanations.reshape(-1, *explanations.shape[-2:])
+        return torch.stack([paint(w, segments) for w in flat]).view(*explanations.shape[:-1], *size)
+    flat = explanations.reshape(-1, *explanations.shape[-2:]).float()
+    return functional.upsample(flat, size).view(*explanations.shape[:-2], *size).double()
+
+
+def display_maps(explanations: torch.Tensor, shared: dict, rows: slice, kind: str,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """Non-negative maps to draw: LIME's positive weights, pixel maps as they are."""
+    return pixel_maps(explanations, shared, rows, kind, size).clamp_min(0)
+
+
+def consensus_of(explanations: torch.Tensor, shared: dict, rows: slice, kind: str, options: dict) -> torch.Tensor:
+    """The consensus [n, ...] of the members' explanations [m, n, ...] of images ``rows``."""
+    if kind == "superpixel":
+        valid = superpixel_valid(np.asarray(shared["segments"][rows]), explanations.shape[-1])
+        return core.superpixel_consensus(explanations, valid, options["rule"])
+    return core.pixel_consensus(explanations)
+
+
+def _slices(total: int) -> Iterator[slice]:
+    return (slice(start, start + SLICE_IMAGES) for start in range(0, total, SLICE_IMAGES))
+
+
+def _average_precisions(maps: torch.Tensor, masks: torch.Tensor) -> list[float]:
+    return [average_precision(heat, mask) for heat, mask in zip(maps, masks)]
+
+
+def localisation_scores(entries: Sequence[dict], shared: dict, kind: str,
+                        settings: EvaluationSettings) -> dict[str, list[float]]:
+    """Each member's PG, CH and mAP against the masks (from its stored explanations)."""
+    pg = [PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at) for _ in entries]
+    ch = [ContentHeatmap() for _ in entries]
+    member_ap: list[list[float]] = [[] for _ in entries]
+    for rows in _slices(len(entries[0]["explanations"])):
+        masks = torch.from_numpy(np.array(shared["masks"][rows]))
+        maps = pixel_maps(stacked(entries, rows), shared, rows, kind, tuple(masks.shape[-2:]))
+        for i, member_maps in enumerate(maps):
+            positive = member_maps.clamp_min(0).float()  # PG and CH need non-negative maps
+            pg[i].update(positive, masks)
+            ch[i].update(positive, masks)
+            member_ap[i] += _average_precisions(member_maps, masks)
+    return {"pg": [float(metric.compute()["pg"]) for metric in pg],
+            "ch": [float(metric.compute()["ch"]) for metric in ch],
+            "map": [float(np.nanmean(values)) for values in member_ap]}
+
+
+def consensus_map(entries: Sequence[dict], shared: dict, kind: str, options: dict,
+                  members: Sequence[int] | None = None) -> float:
+    """mAP against the masks of the consensus of ``members`` (default: all)."""
+    chosen = [entries[i] for i in members] if members is not None else list(entries)
+    values: list[float] = []
+    for rows in _slices(len(chosen[0]["explanations"])):
+        masks = torch.from_numpy(np.array(shared["masks"][rows]))
+        consensus = consensus_of(stacked(chosen, rows), shared, rows, kind, options)
+        values += _average_precisions(pixel_maps(consensus, shared, rows, kind, tuple(masks.shape[-2:])), masks)
+    return float(np.nanmean(values))

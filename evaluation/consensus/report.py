@@ -1,0 +1,202 @@
+"""Correlations of a committee table: ``python -m evaluation.consensus.report table=FILE [output_dir=DIR]``.
+
+The table (CSV, or tab-separated for ``.tsv`` and ``.txt``) has one row per model: a ``model``
+column, an ``accuracy`` column, one or more ``*_score`` columns (consensus scores) and any number
+of ``*_map`` columns (e.g. the mAP of each model's explanations against object masks); other
+columns are kept but not correlated. Empty and ``N/A`` cells are missing: a row is left out of
+each correlation that needs such a cell.
+
+Writes to the output dir (default ``consensus_outputs/<date>/<time>/``, see
+``conf/consensus_report.yaml``): ``correlations.json`` (``{"settings": ..., "correlations": [...]}``,
+every pair among accuracy, scores and mAPs in the format of
+``evaluation.consensus.stats.correlation``), ``correlations.md`` (the same as a table) and
+``scatter_<column>.png`` for each score column (score on x, accuracy on y, one labelled point
+per model).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import hydra
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on clusters
+import matplotlib.pyplot as plt
+from omegaconf import DictConfig
+
+from evaluation.consensus.stats import all_correlations, correlation, is_missing
+
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+MODEL, ACCURACY = "model", "accuracy"
+SCORE_SUFFIX, MAP_SUFFIX = "_score", "_map"
+
+
+def score_columns(columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c.endswith(SCORE_SUFFIX)]
+
+
+def map_columns(columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c.endswith(MAP_SUFFIX)]
+
+
+def numeric_columns(columns: Sequence[str]) -> list[str]:
+    """The columns that are correlated: accuracy, then the score columns, then the map columns."""
+    return [ACCURACY] + score_columns(columns) + map_columns(columns)
+
+
+def read_table(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Read a committee table; returns ``(rows, columns)``.
+
+    Each row is a dict over ``columns`` (file order): ``model`` and unknown columns as stripped
+    strings, ``accuracy``, ``*_score`` and ``*_map`` cells as floats, or None when the cell is
+    empty or ``N/A``. ValueError naming the file and the problem: missing file, unknown extension,
+    no ``model``/``accuracy``/``*_score`` column, a duplicate or empty column name, a row with
+    the wrong number of cells, a cell that is not a number (with its line and column), no rows.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in DELIMITERS:
+        raise ValueError(f"table {path}: unknown extension {path.suffix!r}; use .csv (comma) or .tsv/.txt (tab)")
+    if not path.is_file():
+        raise ValueError(f"table {path}: file not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        lines = [(number, cells) for number, cells in enumerate(csv.reader(handle, delimiter=DELIMITERS[suffix]), 1)
+                 if any(cell.strip() for cell in cells)]
+    if not lines:
+        raise ValueError(f"table {path}: the file is empty (no header)")
+    _, header = lines[0]
+    columns = [name.strip() for name in header]
+    if any(not name for name in columns):
+        raise ValueError(f"table {path}: an empty column name in the header {columns}")
+    duplicates = sorted({name for name in columns if columns.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"table {path}: duplicate columns {duplicates}")
+    for required in (MODEL, ACCURACY):
+        if required not in columns:
+            raise ValueError(f"table {path}: no {required!r} column (columns: {columns})")
+    if not score_columns(columns):
+        raise ValueError(f"table {path}: no '*{SCORE_SUFFIX}' column (columns: {columns})")
+    numeric = set(numeric_columns(columns))
+    rows = []
+    for number, cells in lines[1:]:
+        if len(cells) != len(columns):
+            raise ValueError(f"table {path}: line {number} has {len(cells)} cells, the header has {len(columns)}")
+        row = {}
+        for name, cell in zip(columns, cells):
+            cell = cell.strip()
+            if name not in numeric:
+                row[name] = cell
+            elif is_missing(cell):
+                row[name] = None
+            else:
+                try:
+                    value = float(cell)
+                except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise ValueError(f"table {path}: line {number} (model {cells[columns.index(MODEL)].strip()!r}), "
+                                     f"column {name!r}: {cell!r} is not a number (leave it empty or N/A if missing)")
+                row[name] = value
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"table {path}: no data rows under the header")
+    return rows, columns
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if abs(value) < 10 ** -digits and value != 0:
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}"
+
+
+def correlation_title(result: dict) -> str:
+    """'Pearson r=0.810, Spearman rho=0.780, n=81' (or the note when undefined)."""
+    if result["pearson"] is None:
+        return f"n={result['n']}: {result['note']}"
+    return (f"Pearson r={result['pearson']:.3f} (p={_number(result['pearson_p'], 3)}), "
+            f"Spearman rho={result['spearman']:.3f} (p={_number(result['spearman_p'], 3)}), n={result['n']}")
+
+
+def scatter(points: Sequence[tuple[str, float | None, float | None]], x_label: str, y_label: str,
+            title: str, path: str | Path) -> Path:
+    """Save a scatter plot of ``points`` ``(label, x, y)`` with each point labelled; points with a
+    missing coordinate (None/NaN) are left out. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [(label, float(x), float(y)) for label, x, y in points
+            if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    if kept:
+        ax.scatter([x for _, x, _ in kept], [y for _, _, y in kept], s=18, color="tab:blue")
+        for label, x, y in kept:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _markdown(correlations: list[dict], settings: dict) -> str:
+    lines = [f"# Correlations of {settings.get('table', 'the committee table')}", "",
+             f"{settings.get('rows', '?')} models. Rows with an empty or N/A cell are left out of the "
+             "correlations that need it; n is the number of rows used. p: two-sided p-values.", "",
+             "| x | y | n | Pearson r | p | Spearman rho | p | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in correlations:
+        lines.append(f"| {c['x']} | {c['y']} | {c['n']} | {_number(c['pearson'])} | {_number(c['pearson_p'])} "
+                     f"| {_number(c['spearman'])} | {_number(c['spearman_p'])} | {c['note'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _safe_name(column: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in column)
+
+
+def write_table_report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path,
+                       settings: dict | None = None) -> dict[str, Path]:
+    """Write ``correlations.json``, ``correlations.md`` and ``scatter_<score column>.png`` for a
+    table read by ``read_table``; ``settings`` (e.g. the table's path) go into the json and the
+    title. Returns ``{"json": ..., "md": ..., "scatter_<column>": ...}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    correlated = numeric_columns(columns)
+    settings = {**(settings or {}), "rows": len(rows), "columns": correlated,
+                "score_columns": score_columns(columns), "map_columns": map_columns(columns)}
+    correlations = all_correlations(rows, correlated)
+    paths = {"json": out_dir / "correlations.json", "md": out_dir / "correlations.md"}
+    paths["json"].write_text(json.dumps({"settings": settings, "correlations": correlations}, indent=2))
+    paths["md"].write_text(_markdown(correlations, settings))
+    for column in score_columns(columns):
+        result = correlation(rows, column, ACCURACY)
+        points = [(str(row.get(MODEL, "?")), row.get(column), row.get(ACCURACY)) for row in rows]
+        paths[f"scatter_{column}"] = scatter(points, column, ACCURACY, f"{column} vs {ACCURACY}\n"
+                                             f"{correlation_title(result)}",
+                                             out_dir / f"scatter_{_safe_name(column)}.png")
+    return paths
+
+
+def run(table: str | Path, output_dir: str | Path) -> dict[str, Path]:
+    """Read ``table`` and write its report into ``output_dir``; returns the written paths."""
+    rows, columns = read_table(table)
+    return write_table_report(rows, columns, output_dir, {"table": str(table)})
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="consensus_report")
+def main(cfg: DictConfig) -> None:
+    paths = run(cfg.table, cfg.output_dir)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

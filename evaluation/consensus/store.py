@@ -1,0 +1,83 @@
+"""On-disk store of committee members' explanations, so a committee grows one member at a time.
+
+A run (the images, the explainer and its options, the explained class, the common resolution, the
+data) has a digest; a member is the SHA-256 of its checkpoint file's bytes. Each (run, member)
+entry is a folder of ``.npy`` arrays (explanations in float16) and a ``meta.json`` written last, so
+an entry is either complete or absent: re-running with one more checkpoint computes only that
+member, and a crash never leaves half an entry that a later run would trust. Arrays are read back
+memory-mapped, so scoring a committee never holds more than the slices it is working on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META = "meta.json"
+# Files are hashed in 8 MiB chunks: a ResNet50 checkpoint is about 100 MB.
+_CHUNK = 8 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: a checkpoint is known by its content, not its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_digest(settings: dict) -> str:
+    """Digest of JSON-serialisable settings, independent of key order."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ExplanationStore:
+    """Entries under ``root/<run digest>/<member digest>/``, plus arrays shared by every member of
+    a run (e.g. LIME's superpixels) under ``root/<run digest>/shared/``."""
+
+    def __init__(self, root: str | Path, run_settings: dict):
+        self.root = Path(root)
+        self.run_settings = run_settings
+        self.run_dir = self.root / settings_digest(run_settings)
+
+    def _read(self, folder: Path) -> dict[str, Any] | None:
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError):
+            return None
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        return {"meta": meta["meta"], **arrays}
+
+    def _write(self, folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            for name, array in arrays.items():
+                np.save(staging / f"{name}.npy", array)
+            record = {"arrays": sorted(arrays), "meta": meta, "run": self.run_settings}
+            (staging / META).write_text(json.dumps(record, indent=1))  # last: marks completion
+            if folder.exists():
+                shutil.rmtree(folder)  # an older, incomplete or replaced entry
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_member(self, member: str) -> dict[str, Any] | None:
+        """The member's arrays (memory-mapped) and ``meta``, or None when it is not stored."""
+        return self._read(self.run_dir / member)
+
+    def save_member(self, member: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self._write(self.run_dir / member, arrays, meta)
+
+    def load_shared(self) -> dict[str, Any] | None:
+        return self._read(self.run_dir / "shared")
+
+    def save_shared(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self._write(self.run_dir / "shared", arrays, meta)

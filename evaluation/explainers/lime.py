@@ -1,0 +1,167 @@
+"""LIME for images (Ribeiro et al., KDD 2016), written here rather than taken from Captum: the
+perturbations of a whole batch share forward passes, and the signed superpixel weights are
+available to the caller (the consensus compares them across models)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from numbers import Real
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from skimage.segmentation import slic
+from torch import Tensor, nn
+
+from evaluation.explainers.base import Explainer, images_per_pass, require_eval
+
+SCORES = ("probability", "logit")
+
+
+@dataclass
+class Lime(Explainer):
+    """LIME on SLIC superpixels.
+
+    For each image: SLIC superpixels (``num_segments``, ``compactness``); ``num_samples`` binary
+    vectors ``z`` over them, the first all ones (the image itself), the others uniform on/off; each
+    perturbed image keeps the "on" superpixels and paints the "off" ones with ``fill`` (``"mean"``:
+    the image's mean colour; a number: that grey level); the net's ``score`` of the target class
+    (``"probability"``: softmax, LIME's choice; ``"logit"``); sample weights
+    ``pi = exp(-d^2 / kernel_width^2)``, ``d`` the cosine distance between ``z`` and all ones; a
+    weighted ridge fit ``score ~ z . beta + c`` with L2 penalty ``ridge`` on ``beta`` only.
+
+    The kernel is the paper's. The ``lime`` package's ``kernel_fn`` takes a square root of it
+    (weights ``exp(-d^2 / (2 w^2))``): its ``kernel_width=w`` is ``kernel_width=w * sqrt(2)`` here.
+
+    ``explain`` paints each pixel with ``relu(beta)`` of its superpixel, because the metrics need
+    non-negative maps; the signed weights come from ``superpixel_weights``.
+
+    ``seed``: image ``b``'s perturbations are drawn from a generator seeded by a hash of ``seed``
+    and the image's bytes, so an image gets the same perturbations at any position in any batch
+    (the consensus compares models on the same image, whatever the batching). ``samples_per_pass``:
+    perturbed images per forward pass, mixing images of the batch; by default as many as keep a
+    pass near ``base.images_per_pass``. The weights do not depend on it, provided the net treats
+    images independently (batch norm in eval mode: refused otherwise).
+    """
+
+    num_samples: int
+    kernel_width: float
+    num_segments: int
+    compactness: float
+    seed: int
+    fill: Union[str, float]
+    score: str
+    ridge: float
+    samples_per_pass: Optional[int] = None
+
+    def __post_init__(self):
+        checks = {
+            "num_samples": (self.num_samples >= 2, "an integer >= 2 (the image itself and at least one perturbation)"),
+            "kernel_width": (self.kernel_width > 0, "> 0"),
+            "num_segments": (self.num_segments >= 1, "an integer >= 1"),
+            "compactness": (self.compactness > 0, "> 0"),
+            "ridge": (self.ridge >= 0, ">= 0"),
+            "samples_per_pass": (self.samples_per_pass is None or self.samples_per_pass >= 1,
+                                 "None or an integer >= 1"),
+            "score": (self.score in SCORES, f"one of {list(SCORES)}"),
+            # bool is a Real, and fill=True is more likely a mistake than a grey level of 1.
+            "fill": (self.fill == "mean" if isinstance(self.fill, str)
+                     else isinstance(self.fill, Real) and not isinstance(self.fill, bool), '"mean" or a number'),
+        }
+        for option, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"LIME option {option} must be {allowed}; got {getattr(self, option)!r}")
+
+    # ------------------------------------------------------------------------------ the steps
+
+    def segment(self, images: Tensor) -> Tensor:
+        """SLIC superpixels, long ``[B, H, W]`` on the images' device, ids ``0 .. S_b - 1``."""
+        pixels = images.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
+        segments = []
+        for image in pixels:
+            labels = slic(image, n_segments=self.num_segments, compactness=self.compactness,
+                          start_label=0, channel_axis=-1)
+            # Relabelled whatever SLIC returns: every id is a column of the design matrix, so a
+            # gap would be a column of zeros.
+            segments.append(np.unique(labels, return_inverse=True)[1].reshape(labels.shape))
+        return torch.from_numpy(np.stack(segments)).long().to(images.device)
+
+    def perturbations(self, images: Tensor, segments: Tensor) -> list[Tensor]:
+        """Per image, the on/off vectors: bool ``[num_samples, S_b]``, row 0 all on."""
+        masks = []
+        for image, image_segments in zip(images, segments):
+            generator = torch.Generator().manual_seed(self._image_seed(image))
+            size = int(image_segments.max()) + 1
+            mask = torch.randint(0, 2, (self.num_samples, size), generator=generator).bool()
+            mask[0] = True
+            masks.append(mask.to(images.device))
+        return masks
+
+    def superpixel_weights(self, net: nn.Module, images: Tensor, targets: Tensor,
+                           segments: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+        """The superpixels (``segments``, or SLIC's) and, per image, the signed ridge weights
+        ``beta``: float64 ``[S_b]``, ``S_b`` = the image's largest segment id + 1."""
+        require_eval(net, (nn.modules.batchnorm._BatchNorm,), "LIME")
+        if segments is None:
+            segments = self.segment(images)
+        elif segments.shape != (images.shape[0],) + images.shape[2:] or segments.min() < 0:
+            raise ValueError(f"LIME segments must be non-negative ids [B, H, W] = "
+                             f"{(images.shape[0],) + tuple(images.shape[2:])}; got {tuple(segments.shape)}")
+        segments = segments.long().to(images.device)
+        masks = self.perturbations(images, segments)
+        scores = self._scores(net, images.detach(), targets.long(), segments, masks)
+        return segments, [self._fit(mask, score) for mask, score in zip(masks, scores)]
+
+    def explain(self, net, images, targets):
+        segments, weights = self.superpixel_weights(net, images, targets)
+        maps = [weight.clamp(min=0)[image_segments] for weight, image_segments in zip(weights, segments)]
+        return torch.stack(maps).to(images.dtype)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _image_seed(self, image: Tensor) -> int:
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(int(self.seed).to_bytes(8, "little", signed=True))
+        digest.update(f"{image.dtype}{tuple(image.shape)}".encode())
+        # Raw bytes through a uint8 view: numpy has no bfloat16.
+        digest.update(image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return int.from_bytes(digest.digest(), "little")
+
+    def _scores(self, net, images, targets, segments, masks) -> list[Tensor]:
+        """The score of every perturbation of every image, float64, ``num_samples`` per image."""
+        count, samples = len(images), self.num_samples
+        fill = images.mean(dim=(2, 3), keepdim=True) if self.fill == "mean" else torch.full_like(
+            images[:, :, :1, :1], float(self.fill))
+        per_pass = self.samples_per_pass or images_per_pass(images)
+        scores = []
+        # Only the inputs vary and nothing is differentiated: no graph, even under the base
+        # class's enable_grad.
+        with torch.no_grad():
+            for start in range(0, count * samples, per_pass):
+                stop = min(start + per_pass, count * samples)
+                batch, batch_targets = [], []
+                for index in range(start // samples, (stop - 1) // samples + 1):
+                    rows = slice(max(start - index * samples, 0), min(stop - index * samples, samples))
+                    keep = masks[index][rows][:, segments[index]].unsqueeze(1)  # [k, 1, H, W]
+                    batch.append(torch.where(keep, images[index], fill[index]))
+                    batch_targets.append(targets[index].expand(len(keep)))
+                logits = net(torch.cat(batch)).double()
+                if self.score == "probability":
+                    logits = logits.softmax(dim=1)
+                scores.append(logits.gather(1, torch.cat(batch_targets).view(-1, 1)).squeeze(1))
+        return list(torch.cat(scores).view(count, samples))
+
+    def _fit(self, mask: Tensor, score: Tensor) -> Tensor:
+        """Weighted ridge, closed form: ``(X^T W X + alpha I') [beta; c] = X^T W y`` with
+        ``X = [z, 1]`` and ``I'`` the identity without its intercept entry."""
+        design = mask.double()
+        size = design.shape[1]
+        distance = 1 - torch.sqrt(design.sum(dim=1) / size)  # cosine distance of z to all ones
+        sample_weights = torch.exp(-distance ** 2 / self.kernel_width ** 2)
+        design = torch.cat([design, torch.ones_like(design[:, :1])], dim=1)
+        weighted = design * sample_weights.unsqueeze(1)
+        penalty = torch.full((size + 1,), float(self.ridge), dtype=torch.float64, device=design.device)
+        penalty[-1] = 0
+        solution = torch.linalg.solve(weighted.T @ design + torch.diag(penalty), weighted.T @ score)
+        return solution[:size]
+
