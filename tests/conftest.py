@@ -35,6 +35,13 @@ def train(out: Path, data_dir: Path | None, *overrides: str, multirun: bool = Fa
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def run_module(module: str, out: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run ``python -m module`` (a Hydra script that reads ``data``) on the tiny synthetic data."""
+    command = [sys.executable, "-m", module, f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
+               *[item for item in TINY if item.startswith("data.")], *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 def assert_ok(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 

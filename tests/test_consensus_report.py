@@ -145,6 +145,7 @@ def test_report_csv(tmp_path):
     assert "| accuracy | smoothgrad_score | 4 |" in (tmp_path / "out" / "correlations.md").read_text()
 
 
+@pytest.mark.slow  # a subprocess
 def test_report_tsv_command_line(tmp_path):
     table = tmp_path / "committee.tsv"
     table.write_text("model\taccuracy\tgradcam_score\tgradcam_map\n"

@@ -3,14 +3,13 @@ training callback, and bad input; plus the store on its own."""
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from evaluation.consensus.store import ExplanationStore, file_digest, settings_digest
-from tests.conftest import ROOT, TINY, assert_ok, read_summary, train
+from tests.conftest import assert_ok, read_summary, run_module, train
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
 CHEAP_SMOOTHGRAD = ["explainer=smoothgrad", "explainer.num_samples=3"]
@@ -38,10 +37,8 @@ def test_store_entries_are_complete_or_absent(tmp_path):
 
 
 def consensus(out: Path, data_dir: Path, store: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "evaluation.consensus", f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
-               f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2",
-               *[item for item in TINY if item.startswith("data.")], *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return run_module("evaluation.consensus", out, data_dir, f"store_dir={store}", "num_images=6", "resolution=16",
+                      "picture_images=2", *overrides)
 
 
 @pytest.fixture(scope="module")

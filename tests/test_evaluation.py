@@ -12,8 +12,7 @@ from torch.utils.data import Dataset, default_collate
 from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
-from tests.conftest import tiny_net
-from tests.conftest import TINY, assert_ok, read_summary, train
+from tests.conftest import assert_ok, read_summary, run_module, tiny_net, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,9 +171,7 @@ def test_report_files_follow_the_papers_tables(tmp_path):
 
 
 def evaluate(out: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
-               *[item for item in TINY if item.startswith("data.")], *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return run_module("evaluation", out, data_dir, *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,10 @@ def markdown(rows: list[dict], summary: dict, correlations: list[dict], explaine
     lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_fmt(c['pearson'])} ({_fmt(c['pearson_p'])}) | "
               f"{_fmt(c['spearman'])} ({_fmt(c['spearman_p'])}) |" for c in correlations]
     if "subcommittees" in summary:
-        lines += ["", f"Random sub-committees: {json.dumps(summary['subcommittees'])}"]
+        sub = summary["subcommittees"]
+        lines += ["", f"Random sub-committees ({sub['valid_draws']} draws of {sub['size']} members): score-accuracy "
+                  f"Pearson {_fmt(sub['pearson_mean'])} ± {_fmt(sub['pearson_std'])}, Spearman "
+                  f"{_fmt(sub['spearman_mean'])} ± {_fmt(sub['spearman_std'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +206,7 @@ def save_explanations(entries, shared, kind, options, members, images, count: in
         image = images[index]["image"]
         maps = committee.display_maps(torch.cat([explanations, consensus.unsqueeze(0)]), shared, rows, kind,
                                       tuple(image.shape[-2:]))
-        labels = [member.label.split(" (")[0] for member in members] + ["consensus"]
+        labels = [member.label.replace(" (", "\n(") for member in members] + ["consensus"]
         panels = [(image, heat[0], label) for heat, label in zip(maps, labels)]
         grid.append((f"image {index}", panels))
     return save_overlay_grid(grid, path, "members' explanations and their consensus")
