@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.explainers import build_explainer  # noqa: E402
+from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 
 
@@ -68,13 +68,16 @@ def main() -> None:
     # On the head: Grad-CAM runs features and head itself, not net.forward.
     net.head.register_forward_hook(lambda _module, _inputs, _output: passes.append(1))
 
-    lime_options = dict(num_samples=args.lime_samples, kernel_width=0.25, num_segments=args.lime_segments,
-                        compactness=10.0, seed=args.seed, fill="mean", score="probability", ridge=1.0)
-    batched = build_explainer("lime", **lime_options)
-    per_sample = build_explainer("lime", **lime_options, samples_per_pass=1)
+    # The explainers as configured (conf/explainer/*.yaml), sample counts from the command line.
+    lime_options = explainer_options({"name": "lime", "num_samples": args.lime_samples,
+                                      "num_segments": args.lime_segments, "seed": args.seed})
+    batched = build_explainer(**lime_options)
+    per_sample = build_explainer(**lime_options, samples_per_pass=1)
+    smoothgrad = explainer_options("smoothgrad")
     runs = [
-        ("gradcam", "", build_explainer("gradcam")),
-        ("smoothgrad", "25 samples, stdev 0.15", build_explainer("smoothgrad", num_samples=25, stdev=0.15, seed=0)),
+        ("gradcam", "", build_explainer(**explainer_options("gradcam"))),
+        ("smoothgrad", f"{smoothgrad['num_samples']} samples, stdev {smoothgrad['stdev']}",
+         build_explainer(**smoothgrad)),
     ]
     build_explainer("gradcam")(net, images[:1], targets[:1])  # warm-up: first-call allocations
 

@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules import build_datamodule
-from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics, validation_sample
+from evaluation.engine import (ExplanationEvaluator, check_metrics, resolve_device, unsupported_metrics,
+                               validation_sample)
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
@@ -54,8 +55,7 @@ def run(cfg: DictConfig) -> dict:
     settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     hparams = [check_checkpoint(path, datamodule.num_classes, datamodule.name) for path in paths]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
 
     datamodule.prepare_data()
     unsupported = unsupported_metrics(datamodule, metrics)

@@ -15,7 +15,7 @@ from evaluation.consensus import committee as committee_lib
 from evaluation.consensus import core as consensus_core
 from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import Explainer, ExplanationEvaluator, check_metrics, unsupported_metrics, validation_sample
-from evaluation.explainers import build_explainer
+from evaluation.explainers import build_explainer, explainer_options
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from evaluation.settings import EvaluationSettings
@@ -70,11 +70,12 @@ class ExplanationMetricsCallback(_EvaluationCallback):
     NQH on composites) with ``explainer``, plus ``overlay_images`` heatmap overlays saved as a
     picture under the logger's folder (and sent to TensorBoard or W&B when those are active)."""
 
-    def __init__(self, settings: EvaluationSettings, metrics: Sequence[str], explainer: Mapping, every_n_epochs: int,
-                 max_images: int | None, overlay_images: int):
-        """``explainer``: its name and options, as in ``conf/explainer/``."""
-        super().__init__(metrics, build_explainer(**explainer), settings, every_n_epochs, max_images)
-        self.explainer_name = explainer["name"]
+    def __init__(self, settings: EvaluationSettings, metrics: Sequence[str], explainer: str | Mapping,
+                 every_n_epochs: int, max_images: int | None, overlay_images: int):
+        """``explainer``: a name of ``conf/explainer/``, or a mapping of its name and options."""
+        options = explainer_options(explainer)
+        super().__init__(metrics, build_explainer(**options), settings, every_n_epochs, max_images)
+        self.explainer_name = options["name"]
         self.overlay_images = overlay_images
 
     def after_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -128,28 +129,34 @@ class ConsensusCallback(pl.Callback):
     of ``python -m evaluation.consensus`` (``store_dir``), shared with the script for the same data,
     explainer and options. Runs on the main process only; its metrics do not sync."""
 
-    def __init__(self, committee: Sequence[str], data: Mapping, explainer: Mapping, settings: EvaluationSettings,
-                 num_images: int | None, target: str, resolution: int, sigma: float, aggregation: str,
-                 store_dir: str):
-        if not committee:
+    def __init__(self, committee: str | Sequence[str], data: Mapping, explainer: str | Mapping,
+                 settings: EvaluationSettings, num_images: int | None, target: str, resolution: int, sigma: float,
+                 aggregation: str, store_dir: str):
+        # Everything is checked here, before training: a typo must not cost the run.
+        self.committee = committee_lib.find_checkpoints(committee, None) if committee else []
+        if not self.committee:
             raise ValueError("callbacks.consensus.committee: give at least one checkpoint to compare with")
-        self.committee = [Path(path) for path in committee]
+        missing = [str(path) for path in self.committee if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"callbacks.consensus.committee: checkpoint(s) not found: {missing}")
+        if target not in committee_lib.TARGETS:
+            raise ValueError(f"callbacks.consensus.target={target!r} is unknown; allowed: {list(committee_lib.TARGETS)}")
         self.data = dict(data)
-        self.explainer_options = dict(explainer)
+        self.explainer_options = explainer_options(explainer)
         self.explainer = build_explainer(**self.explainer_options)
+        self.options = committee_lib.consensus_options(committee_lib.explanation_kind(self.explainer), sigma,
+                                                       aggregation)
         self.settings = settings
         self.num_images = num_images
         self.target = target
         self.resolution = resolution
-        self.options = ({"sigma": sigma} if committee_lib.explanation_kind(self.explainer) == "pixel"
-                        else {"rule": aggregation})
         self.store_dir = store_dir
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        members = committee_lib.load_members(self.committee, datamodule)
+        members = committee_lib.load_members(self.committee, datamodule, minimum=1)
         images = committee_lib.committee_images(datamodule, self.num_images)
         store = ExplanationStore(self.store_dir, committee_lib.run_settings(
             self.data, self.explainer_options, self.target, self.resolution, self.settings.batch_size, len(images)))

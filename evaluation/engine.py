@@ -55,6 +55,13 @@ def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[
     return reasons
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def spread_indices(length: int, count: int) -> list[int]:
     """``count`` indices spread evenly over ``range(length)``: validation sets are sorted by class,
     so a capped evaluation or a picture then still sees every class."""

@@ -1,6 +1,6 @@
 """How the evaluation metrics are computed: one frozen object for every entry point.
 
-``python -m evaluation`` and the training callbacks (and the planned consensus script) take an
+``python -m evaluation`` and the training callbacks and the consensus script take an
 :class:`EvaluationSettings`, built by Hydra from ``conf/evaluation/default.yaml`` (its
 ``_target_``), so a setting is written once and checked once.
 """

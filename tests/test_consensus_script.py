@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from evaluation.consensus.store import ExplanationStore, file_digest, settings_digest
+from evaluation.callbacks import ConsensusCallback
+from evaluation.consensus.committee import find_checkpoints, weights_digest
+from evaluation.consensus.store import ExplanationStore, settings_digest
+from evaluation.settings import default_settings
 from tests.conftest import assert_ok, read_summary, run_module, train
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
@@ -30,10 +34,50 @@ def test_store_entries_are_complete_or_absent(tmp_path):
     np.save(store.run_dir / "half" / "explanations.npy", maps)
     assert store.load_member("half") is None
     assert settings_digest({"a": 1, "b": 2}) == settings_digest({"b": 2, "a": 1})
-    first, second = tmp_path / "one.bin", tmp_path / "two.bin"
-    first.write_bytes(b"same bytes")
-    second.write_bytes(b"same bytes")
-    assert file_digest(first) == file_digest(second)  # a member is its content, not its name
+
+
+def test_a_member_is_its_weights_not_its_file():
+    model = {"name": "resnet18", "pooling": "avg", "pretrained": False}
+    weights = {"net.fc.weight": torch.arange(6.0).view(2, 3), "epoch_counter": 3}
+    same = weights_digest(model, {"net.fc.weight": torch.arange(6.0).view(2, 3), "epoch_counter": 4})
+    assert weights_digest(model, weights) == same  # training state around the weights does not count
+    assert weights_digest(model, {"net.fc.weight": torch.arange(6.0).view(2, 3) + 1}) != same
+    assert weights_digest({**model, "pooling": "max"}, weights) != same
+
+
+def test_committee_lists_and_their_errors(tmp_path):
+    assert find_checkpoints("runs/a.ckpt", None) == [Path("runs/a.ckpt")]  # one path is one member, not letters
+    assert find_checkpoints(["a.ckpt", "b.ckpt"], None) == [Path("a.ckpt"), Path("b.ckpt")]
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+        for name in ("best-epoch01.ckpt", "last.ckpt"):
+            (tmp_path / run / name).write_bytes(b"")
+    assert len(find_checkpoints(None, str(tmp_path))) == 4
+    assert find_checkpoints(None, str(tmp_path), "last.ckpt") == [tmp_path / "one/last.ckpt", tmp_path / "two/last.ckpt"]
+    with pytest.raises(ValueError, match="not both or neither"):
+        find_checkpoints(None, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no file matching 'last.ckpt' under"):
+        find_checkpoints(None, str(tmp_path / "empty"), "last.ckpt")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"committee": []}, "give at least one checkpoint"),
+    ({"committee": ["/no/such.ckpt"]}, "checkpoint(s) not found"),
+    ({"target": "random"}, "target='random' is unknown"),
+    ({"aggregation": "median"}, "aggregation='median' is unknown"),
+    ({"sigma": 0}, "sigma must be a number > 0"),
+    ({"explainer": "shap"}, "explainer 'shap' is unknown"),
+])
+def test_consensus_callback_checks_its_options_before_training(tmp_path, options, message):
+    checkpoint = tmp_path / "member.ckpt"
+    checkpoint.write_bytes(b"")
+    arguments = {"committee": [str(checkpoint)], "data": {"name": "synthetic"}, "explainer": "gradcam",
+                 "settings": default_settings(seed=0, batch_size=4), "num_images": 4, "target": "label",
+                 "resolution": 16, "sigma": 0.2, "aggregation": "linear", "store_dir": str(tmp_path / "store"),
+                 **options}
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        ConsensusCallback(**arguments)
 
 
 def consensus(out: Path, data_dir: Path, store: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -62,15 +106,24 @@ def read_json(out: Path) -> dict:
 def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, committee, explainer):
     paths, root = committee
     store = tmp_path / "store"
-    first = consensus(tmp_path / "first", root / "data", store, f"ckpts=[{','.join(paths)}]", "leave_one_out=true",
-                      *explainer)
+    # Two members first; the third joins later and is the only one computed then.
+    first = consensus(tmp_path / "first", root / "data", store, f"ckpts=[{','.join(paths[:2])}]", *explainer)
     assert_ok(first)
+    assert all(m["computed_now"] for m in read_json(tmp_path / "first")["members"])
+    # A copy of a member under another name has its weights: it counts once.
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(Path(paths[0]).read_bytes())
+    full = consensus(tmp_path / "full", root / "data", store, f"ckpts=[{','.join(paths)},{copy}]",
+                     "leave_one_out=true", *explainer)
+    assert_ok(full)
+    assert f"{copy}: the same weights as {paths[0]}; counted once" in full.stdout
     for name in ("consensus.md", "consensus.csv", "consensus.json", "scatter.png", "explanations.png",
                  "convergence.png"):
-        assert (tmp_path / "first" / name).stat().st_size > 0, name
-    report = read_json(tmp_path / "first")
+        assert (tmp_path / "full" / name).stat().st_size > 0, name
+    report = read_json(tmp_path / "full")
     members = report["members"]
-    assert [m["checkpoint"] for m in members] == paths and all(m["computed_now"] for m in members)
+    assert [m["checkpoint"] for m in members] == paths
+    assert [m["computed_now"] for m in members] == [False, False, True]
     assert min(m["rank"] for m in members) == 1
     for member in members:
         assert 0 <= member["consensus_score"] <= 1 and 0 <= member["accuracy"] <= 1
@@ -80,22 +133,13 @@ def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, com
     for item in correlations:
         assert {"x", "y", "n", "pearson", "pearson_p", "spearman", "spearman_p"} <= set(item) and item["n"] == 3
     assert 0 <= report["summary"]["consensus_map"] <= 1
-    with open(tmp_path / "first" / "consensus.csv") as handle:
+    assert len(report["similarities"]) == 3 and len(report["similarities"][0]) == 6
+    with open(tmp_path / "full" / "consensus.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [row["checkpoint"] for row in table] == paths and "consensus_score" in table[0]
     # LIME's perturbations go through the network in batches, not one forward pass per sample.
     if explainer == CHEAP_LIME:
         assert all(m["forward_passes"] < 6 * 24 / 4 for m in members)
-
-    # Run again with one checkpoint listed twice under another name: nothing new is computed.
-    copy = tmp_path / "copy.ckpt"
-    copy.write_bytes(Path(paths[0]).read_bytes())
-    again = consensus(tmp_path / "again", root / "data", store, f"ckpts=[{','.join(paths)},{copy}]",
-                      "leave_one_out=true", *explainer)
-    assert_ok(again)
-    rerun = read_json(tmp_path / "again")["members"]
-    assert not any(m["computed_now"] for m in rerun) and "from the store" in again.stdout
-    assert [m["accuracy"] for m in rerun[:3]] == [m["accuracy"] for m in members]
 
 
 @pytest.mark.slow
@@ -116,8 +160,10 @@ def test_scores_do_not_depend_on_the_order_of_members_and_a_folder_is_a_committe
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["ckpts=[ONE]"], "a committee needs at least 2 checkpoints, got 1"),
-        (["ckpts_dir=EMPTY"], "ckpts_dir: no .ckpt file under"),
+        (["ckpts=[ONE]"], "a committee needs at least 2 distinct checkpoints, got 1"),
+        (["ckpts=ONE"], "a committee needs at least 2 distinct checkpoints, got 1"),
+        (["ckpts=[ONE,ONE]"], "a committee needs at least 2 distinct checkpoints, got 1"),
+        (["ckpts_dir=EMPTY"], "ckpts_dir: no file matching '*.ckpt' under"),
         (["ckpts=[ONE,TWO]", "ckpts_dir=EMPTY"], "not both or neither"),
         (["ckpts=[ONE,TWO]", "explainer=nope"], "Could not find 'explainer/nope'"),
         (["ckpts=[ONE,TWO]", "explainer.name=nope"], "explainer 'nope' is unknown"),

@@ -26,27 +26,21 @@ from datamodules import build_datamodule
 from evaluation.consensus import committee, core, stats
 from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
+from evaluation.engine import resolve_device
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.settings import EvaluationSettings
 
 
-def consensus_options(kind: str, cfg: DictConfig) -> dict:
-    """The aggregation option of the explanation kind: sigma for pixel maps, the rule for LIME."""
-    return {"sigma": float(cfg.sigma)} if kind == "pixel" else {"rule": cfg.aggregation}
-
-
 def check_options(cfg: DictConfig) -> None:
-    if cfg.aggregation not in core.RULES:
-        raise ValueError(f"aggregation={cfg.aggregation!r} is unknown; allowed: {list(core.RULES)}")
     if cfg.target not in committee.TARGETS:
         raise ValueError(f"target={cfg.target!r} is unknown; allowed: {list(committee.TARGETS)}")
-    if not (isinstance(cfg.sigma, (int, float)) and cfg.sigma > 0):
-        raise ValueError(f"sigma must be a number > 0, got {cfg.sigma!r}")
     if not (isinstance(cfg.resolution, int) and cfg.resolution >= 2):
         raise ValueError(f"resolution must be an integer >= 2, got {cfg.resolution!r}")
     if cfg.num_images is not None and not (isinstance(cfg.num_images, int) and cfg.num_images >= 1):
         raise ValueError(f"num_images must be an integer >= 1 or null, got {cfg.num_images!r}")
+    if cfg.convergence.sizes is not None and any(size < 2 for size in cfg.convergence.sizes):
+        raise ValueError(f"convergence.sizes must be committee sizes >= 2, got {list(cfg.convergence.sizes)}")
 
 
 def member_rows(members, entries, computed, scores, ranks) -> list[dict]:
@@ -60,17 +54,17 @@ def run(cfg: DictConfig) -> dict:
     check_options(cfg)
     explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
     explainer = build_explainer(**explainer_options)
-    paths = committee.find_checkpoints(cfg.ckpts, cfg.ckpts_dir)
+    kind = committee.explanation_kind(explainer)
+    options = committee.consensus_options(kind, cfg.sigma, cfg.aggregation)
+    paths = committee.find_checkpoints(cfg.ckpts, cfg.ckpts_dir, cfg.ckpts_glob)
     settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     members = committee.load_members(paths, datamodule)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
 
     datamodule.prepare_data()
     datamodule.setup("validate")
     images = committee.committee_images(datamodule, cfg.num_images)
-    kind = committee.explanation_kind(explainer)
     store = ExplanationStore(cfg.store_dir, committee.run_settings(
         OmegaConf.to_container(cfg.data, resolve=True), explainer_options, cfg.target, cfg.resolution,
         settings.batch_size, len(images)))
@@ -85,10 +79,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"[{index}/{len(members)}] {member.label}: {'computed' if new else 'from the store'}, "
               f"{entry['meta']['forward_passes']} forward passes")
 
-    options = consensus_options(kind, cfg)
-    scores = core.consensus_scores(committee.similarities(entries, shared, kind, options))
+    similarities = committee.similarities(entries, shared, kind, options)
+    scores = core.consensus_scores(similarities)
     rows = member_rows(members, entries, computed, scores, core.ranks(scores))
-    summary: dict = {"kind": kind, "images": len(images)}
+    summary: dict = {"kind": kind, "images": len(images), "similarities": similarities.tolist()}
     score_columns = ["consensus_score"]
     if cfg.leave_one_out:
         loo = core.consensus_scores(committee.similarities(entries, shared, kind, options, leave_one_out=True))
@@ -132,6 +126,10 @@ def _fmt(value, percent: bool = False) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.4f}"
 
 
+def _p_value(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2g}"
+
+
 def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, correlations: list[dict],
                   explainer_options: dict, pictures: tuple) -> dict:
     out = Path(cfg.output_dir)
@@ -141,13 +139,17 @@ def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, correlations
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    settings = {"explainer": explainer_options, "data": cfg.data.name, "num_images": cfg.num_images,
+    settings = {"explainer": explainer_options, "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True), "num_images": cfg.num_images,
                 "target": cfg.target, "resolution": cfg.resolution, "sigma": cfg.sigma,
                 "aggregation": cfg.aggregation, "leave_one_out": cfg.leave_one_out,
                 "subcommittees": OmegaConf.to_container(cfg.subcommittees),
                 "convergence": OmegaConf.to_container(cfg.convergence), "seed": cfg.seed}
+    summary = dict(summary)
+    similarities = summary.pop("similarities")  # [member][image], beside the rows rather than in them
     (out / "consensus.json").write_text(json.dumps(
-        {"settings": settings, "summary": summary, "members": rows, "correlations": correlations}, indent=2))
+        {"settings": settings, "summary": summary, "members": rows, "correlations": correlations,
+         "similarities": similarities}, indent=2))
     (out / "consensus.md").write_text(markdown(rows, summary, correlations, explainer_options["name"], cfg))
     accuracy_correlation = correlations[0]
     title = (f"{explainer_options['name']}: Pearson {_fmt(accuracy_correlation['pearson'])}, Spearman "
@@ -181,12 +183,12 @@ def markdown(rows: list[dict], summary: dict, correlations: list[dict], explaine
         lines.append("| " + " | ".join(cells + [str(row["forward_passes"])]) + " |")
     lines.append("")
     if "consensus_map" in summary:
-        best = max(row["map"] for row in rows)
+        best = float(np.nanmax([row["map"] for row in rows]))
         lines += [f"mAP of the consensus against the masks: {_fmt(summary['consensus_map'], True)} "
                   f"(best single member: {_fmt(best, True)}).", ""]
     lines += ["Correlations (n = members used):", "", "| x | y | n | Pearson (p) | Spearman (p) |", "|---|---|---|---|---|"]
-    lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_fmt(c['pearson'])} ({_fmt(c['pearson_p'])}) | "
-              f"{_fmt(c['spearman'])} ({_fmt(c['spearman_p'])}) |" for c in correlations]
+    lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_fmt(c['pearson'])} ({_p_value(c['pearson_p'])}) | "
+              f"{_fmt(c['spearman'])} ({_p_value(c['spearman_p'])}) |" for c in correlations]
     if "subcommittees" in summary:
         sub = summary["subcommittees"]
         lines += ["", f"Random sub-committees ({sub['valid_draws']} draws of {sub['size']} members): score-accuracy "

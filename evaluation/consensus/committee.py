@@ -9,6 +9,8 @@ each superpixel of one segmentation per image, shared by every member).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -19,38 +21,46 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datamodules import ClassificationDataModule
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
-from evaluation.consensus.store import ExplanationStore, file_digest
+from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
 from evaluation.report import row_label
 from evaluation.settings import EvaluationSettings
-from gcmodels.checkpoints import read_hparams
+from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier, accuracy_metric
 
-CHECKPOINT_SUFFIX = ".ckpt"
 TARGETS = ("label", "prediction")
 # Images per slice when members are compared: m members x this many maps in memory at once.
 SLICE_IMAGES = 64
 
 
-def find_checkpoints(ckpts: Sequence[str] | None, ckpts_dir: str | None) -> list[Path]:
-    """The committee's checkpoint files: the list ``ckpts``, or every ``*.ckpt`` under
-    ``ckpts_dir`` (sorted); at least two."""
+def find_checkpoints(ckpts: str | Sequence[str] | None, ckpts_dir: str | None, pattern: str = "*.ckpt") -> list[Path]:
+    """The committee's checkpoint files: ``ckpts`` (one path or a list), or every file matching
+    ``pattern`` below ``ckpts_dir`` (sorted)."""
     if bool(ckpts) == bool(ckpts_dir):
         raise ValueError("give the committee as ckpts=[a.ckpt,b.ckpt,...] or as ckpts_dir=DIR, not both or neither")
     if ckpts_dir:
         folder = Path(ckpts_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"ckpts_dir: directory not found: {folder}")
-        paths = sorted(folder.rglob(f"*{CHECKPOINT_SUFFIX}"))
+        paths = sorted(folder.rglob(pattern))
         if not paths:
-            raise ValueError(f"ckpts_dir: no {CHECKPOINT_SUFFIX} file under {folder}")
-    else:
-        paths = [Path(p) for p in ckpts]
-    if len(paths) < 2:
-        raise ValueError(f"a committee needs at least 2 checkpoints, got {len(paths)}: {[str(p) for p in paths]}")
-    return paths
+            raise ValueError(f"ckpts_dir: no file matching {pattern!r} under {folder}")
+        return paths
+    return [Path(ckpts)] if isinstance(ckpts, (str, Path)) else [Path(p) for p in ckpts]
+
+
+def weights_digest(model: dict, state_dict: dict) -> str:
+    """SHA-256 of a network's description and weights: a member is what it computes, so two files
+    with the same weights (a run's best and last checkpoint of one epoch, a copy) are one member."""
+    digest = hashlib.sha256(json.dumps(model, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        if torch.is_tensor(value) and name.startswith("net."):
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -71,12 +81,14 @@ class Member:
         return f"{row_label(self.describe())} ({self.path.parent.parent.name}/{self.path.name})"
 
 
-def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule) -> list[Member]:
-    """Members after checking that each was trained on the data's class set (count, and names
-    where the checkpoint records them)."""
-    members = []
+def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, minimum: int = 2) -> list[Member]:
+    """Distinct members (files with the same weights count once, with a note) after checking that
+    each was trained on the data's class set (count, and names where the checkpoint records
+    them); at least ``minimum`` of them."""
+    members: dict[str, Member] = {}
     for path in paths:
-        hparams = read_hparams(path)
+        checkpoint = load_checkpoint(path)
+        hparams = checkpoint["hyper_parameters"]
         if hparams["num_classes"] != datamodule.num_classes:
             raise ValueError(f"checkpoint {path} has {hparams['num_classes']} classes, but data "
                              f"{datamodule.name!r} has {datamodule.num_classes}: a committee shares one class set")
@@ -84,8 +96,24 @@ def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule) ->
         if names is not None and list(names) != list(datamodule.class_names):
             raise ValueError(f"checkpoint {path} was trained on other classes than data {datamodule.name!r}: "
                              f"{list(names)[:5]}... against {list(datamodule.class_names)[:5]}...")
-        members.append(Member(path, file_digest(path), hparams))
-    return members
+        digest = weights_digest(hparams["model"], checkpoint["state_dict"])
+        if digest in members:
+            print(f"{path}: the same weights as {members[digest].path}; counted once")
+            continue
+        members[digest] = Member(Path(path), digest, hparams)
+    if len(members) < minimum:
+        raise ValueError(f"a committee needs at least {minimum} distinct checkpoints, got {len(members)}: "
+                         f"{[str(p) for p in paths]}")
+    return list(members.values())
+
+
+def consensus_options(kind: str, sigma: float, aggregation: str) -> dict:
+    """The aggregation option of an explanation kind: ``sigma`` for pixel maps, the rule for LIME."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    if aggregation not in core.RULES:
+        raise ValueError(f"aggregation={aggregation!r} is unknown; allowed: {list(core.RULES)}")
+    return {"sigma": float(sigma)} if kind == "pixel" else {"rule": aggregation}
 
 
 def explanation_kind(explainer) -> str:
@@ -304,21 +332,24 @@ def _average_precisions(maps: torch.Tensor, masks: torch.Tensor) -> list[float]:
 
 def localisation_scores(entries: Sequence[dict], shared: dict, kind: str,
                         settings: EvaluationSettings) -> dict[str, list[float]]:
-    """Each member's PG, CH and mAP against the masks (from its stored explanations)."""
-    pg = [PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at) for _ in entries]
-    ch = [ContentHeatmap() for _ in entries]
-    member_ap: list[list[float]] = [[] for _ in entries]
-    for rows in _slices(len(entries[0]["explanations"])):
-        masks = torch.from_numpy(np.array(shared["masks"][rows]))
-        maps = pixel_maps(stacked(entries, rows), shared, rows, kind, tuple(masks.shape[-2:]))
-        for i, member_maps in enumerate(maps):
-            positive = member_maps.clamp_min(0).float()  # PG and CH need non-negative maps
-            pg[i].update(positive, masks)
-            ch[i].update(positive, masks)
-            member_ap[i] += _average_precisions(member_maps, masks)
-    return {"pg": [float(metric.compute()["pg"]) for metric in pg],
-            "ch": [float(metric.compute()["ch"]) for metric in ch],
-            "map": [float(np.nanmean(values)) for values in member_ap]}
+    """Each member's PG, CH and mAP against the masks (from its stored explanations), one member
+    and one slice of images at a time."""
+    results: dict[str, list[float]] = {"pg": [], "ch": [], "map": []}
+    for entry in entries:
+        pg = PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at)
+        ch = ContentHeatmap()
+        precisions: list[float] = []
+        for rows in _slices(len(entry["explanations"])):
+            masks = torch.from_numpy(np.array(shared["masks"][rows]))
+            maps = pixel_maps(stacked([entry], rows), shared, rows, kind, tuple(masks.shape[-2:]))[0]
+            positive = maps.clamp_min(0).float()  # PG and CH need non-negative maps
+            pg.update(positive, masks)
+            ch.update(positive, masks)
+            precisions += _average_precisions(maps, masks)
+        results["pg"].append(float(pg.compute()["pg"]))
+        results["ch"].append(float(ch.compute()["ch"]))
+        results["map"].append(float(np.nanmean(precisions)))
+    return results
 
 
 def consensus_map(entries: Sequence[dict], shared: dict, kind: str, options: dict,

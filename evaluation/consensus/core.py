@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats as scipy_stats
 
 KINDS = ("pixel", "superpixel")
 RULES = ("linear", "squared")
@@ -75,6 +76,8 @@ def _as_float64(x, name: str) -> torch.Tensor:
 def _check_sigma(sigma) -> float:
     if sigma is None:
         return DEFAULT_SIGMA
+    if isinstance(sigma, bool):
+        raise ValueError(f"sigma={sigma!r}: must be a positive number")
     try:
         value = float(sigma)
     except (TypeError, ValueError):
@@ -311,38 +314,12 @@ def ranks(scores) -> list[int]:
 
 # ----------------------------------------------------------------------------- committees
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Pearson r of two 1-D float64 vectors; NaN when either is constant or shorter than 2."""
-    if x.numel() < 2:
-        return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = dx.pow(2).sum().sqrt() * dy.pow(2).sum().sqrt()
-    if not denominator > 0:
-        return math.nan
-    return float(((dx * dy).sum() / denominator).clamp(-1.0, 1.0))
-
-
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n with ties given their mean rank (as scipy.stats.rankdata)."""
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    ranks_sorted = torch.empty_like(x)
-    start = 0
-    n = x.numel()
-    while start < n:
-        end = start
-        while end + 1 < n and sorted_x[end + 1] == sorted_x[start]:
-            end += 1
-        ranks_sorted[start:end + 1] = (start + end) / 2 + 1
-        start = end + 1
-    out = torch.empty_like(x)
-    out[order] = ranks_sorted
-    return out
-
-
-def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rho: Pearson r of the average ranks."""
-    return _pearson(_average_ranks(x), _average_ranks(y))
+def _correlations(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Pearson r and Spearman rho (scipy); NaN for fewer than 3 points or a constant vector."""
+    if x.numel() < 3 or x.std() == 0 or y.std() == 0:
+        return math.nan, math.nan
+    x, y = x.numpy(), y.numpy()
+    return float(scipy_stats.pearsonr(x, y).statistic), float(scipy_stats.spearmanr(x, y).statistic)
 
 
 def random_subcommittees(explanations, accuracy, size: int, draws: int, generator: torch.Generator | None = None,
@@ -382,8 +359,9 @@ def random_subcommittees(explanations, accuracy, size: int, draws: int, generato
         scores = consensus_scores(member_similarities(x[idx], **options))
         keep = ~torch.isnan(scores) & ~torch.isnan(acc[idx])
         s, a = scores[keep], acc[idx][keep]
-        pearson.append(_pearson(s, a) if s.numel() >= 3 else math.nan)
-        spearman.append(_spearman(s, a) if s.numel() >= 3 else math.nan)
+        r, rho = _correlations(s, a)
+        pearson.append(r)
+        spearman.append(rho)
 
     def summary(values: list[float]) -> tuple[float, float]:
         finite = [v for v in values if not math.isnan(v)]

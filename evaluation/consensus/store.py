@@ -1,7 +1,8 @@
 """On-disk store of committee members' explanations, so a committee grows one member at a time.
 
 A run (the images, the explainer and its options, the explained class, the common resolution, the
-data) has a digest; a member is the SHA-256 of its checkpoint file's bytes. Each (run, member)
+data) has a digest; a member is the SHA-256 of its network's description and weights
+(``committee.weights_digest``). Each (run, member)
 entry is a folder of ``.npy`` arrays (explanations in float16) and a ``meta.json`` written last, so
 an entry is either complete or absent: re-running with one more checkpoint computes only that
 member, and a crash never leaves half an entry that a later run would trust. Arrays are read back
@@ -20,17 +21,6 @@ from typing import Any
 import numpy as np
 
 META = "meta.json"
-# Files are hashed in 8 MiB chunks: a ResNet50 checkpoint is about 100 MB.
-_CHUNK = 8 << 20
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: a checkpoint is known by its content, not its name."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def settings_digest(settings: dict) -> str:
@@ -50,9 +40,9 @@ class ExplanationStore:
     def _read(self, folder: Path) -> dict[str, Any] | None:
         try:
             meta = json.loads((folder / META).read_text())
-        except (OSError, ValueError):
-            return None
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        except (OSError, ValueError, KeyError):
+            return None  # absent, or damaged by hand: computed again
         return {"meta": meta["meta"], **arrays}
 
     def _write(self, folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:

@@ -14,7 +14,10 @@ training mode.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
+
+from omegaconf import OmegaConf
 
 from evaluation.explainers.base import Explainer
 from evaluation.explainers.excitation import SIGNALS, ContrastiveExcitationBackprop
@@ -25,7 +28,7 @@ from evaluation.explainers.lime import Lime
 
 __all__ = [
     "EXPLAINERS", "SIGNALS", "ContrastiveExcitationBackprop", "Explainer", "FullGrad", "GradCAM",
-    "Gradient", "IntegratedGradients", "Lime", "SmoothGrad", "build_explainer",
+    "Gradient", "IntegratedGradients", "explainer_options", "Lime", "SmoothGrad", "build_explainer",
 ]
 
 EXPLAINERS: dict[str, Callable[..., Explainer]] = {
@@ -38,6 +41,21 @@ EXPLAINERS: dict[str, Callable[..., Explainer]] = {
     "cmwp": ContrastiveExcitationBackprop,
     "lime": Lime,
 }
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "explainer"
+
+
+def explainer_options(spec: str | Mapping) -> dict:
+    """An explainer's name and options: ``spec`` is a name (its options from
+    ``conf/explainer/<name>.yaml``, where they are written once) or a mapping with ``name`` and
+    options that replace those of the file."""
+    overrides = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = overrides.get("name")
+    path = CONFIG_DIR / f"{name}.yaml"
+    if name not in EXPLAINERS or not path.is_file():
+        raise ValueError(f"explainer {name!r} is unknown; valid explainers: {sorted(EXPLAINERS)}")
+    return {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides}
 
 
 def build_explainer(name: str, **kwargs) -> Explainer:
