@@ -59,7 +59,7 @@ def weights_digest(model: dict, state_dict: dict) -> str:
         value = state_dict[name]
         if torch.is_tensor(value) and name.startswith("net."):
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
