@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from datamodules import ClassificationDataModule
 from evaluation.metrics import classes as metric_classes
+from evaluation.references import REFERENCES, centre_maps, noise_maps
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import accuracy_metric, accuracy_name
 from losses import make_composite, random_layout
@@ -108,6 +109,7 @@ class ExplanationEvaluator:
         self.multilabel = multilabel
         self.settings = settings
         self.layout_generator = torch.Generator().manual_seed(settings.seed)
+        self.noise_generator = torch.Generator().manual_seed(settings.seed)
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
             "pg": lambda: metric_classes.PointingGame(tolerance=settings.tolerance,
@@ -120,15 +122,26 @@ class ExplanationEvaluator:
             "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps),
         }
         self.state: dict[str, Metric] = {name: builders[name]() for name in self.metrics}
+        # The same localisation metrics of the reference maps, on the same trials.
+        localization = [name for name in self.metrics if name in LOCALIZATION_METRICS]
+        self.references: dict[str, dict[str, Metric]] = {
+            reference: {name: builders[name]() for name in localization} for reference in REFERENCES
+        } if localization else {}
 
     def reset(self) -> None:
         """Forget every update: the metrics' states and the composites' random stream."""
-        for metric in self.state.values():
+        for metric in self._all_metrics():
             metric.reset()
         self.layout_generator.manual_seed(self.settings.seed)
+        self.noise_generator.manual_seed(self.settings.seed)
+
+    def _all_metrics(self) -> list[Metric]:
+        return list(self.state.values()) + [m for metrics in self.references.values() for m in metrics.values()]
 
     def to(self, device: torch.device) -> "ExplanationEvaluator":
         self.state = {name: metric.to(device) for name, metric in self.state.items()}
+        self.references = {reference: {name: metric.to(device) for name, metric in metrics.items()}
+                           for reference, metrics in self.references.items()}
         return self
 
     def update_accuracy(self, net, batch: dict) -> None:
@@ -155,16 +168,29 @@ class ExplanationEvaluator:
         self.state["nqh"].update(maps, layout.cells)
 
     def update_localization(self, net, batch: dict) -> None:
-        heatmaps = self.explainer(net, batch["image"], batch["target"])
+        """The explainer's maps, and the reference maps, scored on the batch's trials."""
+        masks, classes = batch["mask"], batch["target"]
+        self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes)
+        count, (height, width) = len(masks), masks.shape[-2:]
+        if self.references:
+            self._update_localization_metrics(self.references["center"],
+                                              centre_maps(count, height, width, masks.device), masks, classes)
+            for _ in range(self.settings.noise_seeds):  # one pooled mean over the seeds' maps
+                noise = noise_maps(count, height, width, self.noise_generator, masks.device)
+                self._update_localization_metrics(self.references["noise"], noise, masks, classes)
+
+    @staticmethod
+    def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
+                                     classes: torch.Tensor) -> None:
         for name in LOCALIZATION_METRICS:
-            if name not in self.state:
-                continue
-            # PG also counts per class (on COCO every (image, class) pair is a trial).
-            extra = {"classes": batch["target"]} if name == "pg" else {}
-            self.state[name].update(heatmaps, batch["mask"], **extra)
+            if name in metrics:
+                # PG also counts per class (on COCO every (image, class) pair is a trial).
+                extra = {"classes": classes} if name == "pg" else {}
+                metrics[name].update(heatmaps, masks, **extra)
 
     def compute(self) -> dict:
-        """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask)."""
+        """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
+        ``<key>_center`` and ``<key>_noise``: the reference maps' scores on the same trials."""
         results: dict = {"skipped": {}}
         for name, metric in self.state.items():
             value = metric.compute()
@@ -178,6 +204,10 @@ class ExplanationEvaluator:
                         results["skipped"][name] = int(number)
                     else:
                         results[key] = float(number)
+        for reference, metrics in self.references.items():
+            for metric in metrics.values():
+                results.update({f"{key}_{reference}": float(number) for key, number in metric.compute().items()
+                                if key != "skipped"})
         return results
 
     def run(self, net, datamodule: ClassificationDataModule, max_images: int | None = None, rank: int = 0,

@@ -1,8 +1,10 @@
 """Report files of a checkpoint evaluation: report.json, report.csv and report.md.
 
 Laid out like the paper: Table 1 (accuracy and explanation metrics, one row per checkpoint) and
-Table 6 (top-1 under FGSM for each eps). report.json and report.csv hold fractions in [0, 1], as
-the metrics give them; report.md, for people, prints percent and says so.
+Table 6 (top-1 under FGSM for each eps). Beside the localisation metrics, what a centred peak and
+uniform noise score on the same trials (``evaluation.references``). report.json and report.csv
+hold fractions in [0, 1], as the metrics give them; report.md, for people, prints percent and says
+so.
 """
 from __future__ import annotations
 
@@ -11,10 +13,20 @@ import json
 import math
 from pathlib import Path
 
+from evaluation.references import REFERENCES
+
 
 def _percent(value) -> str:
     """A fraction printed as percent with two decimals; '-' when missing."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
+
+
+def _table1_cells(results: dict, columns: list[tuple[str, str]]) -> list[str]:
+    return [f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}" if key == "spg"
+            else _percent(results.get(key)) for key, _ in columns]
 
 
 def row_label(row: dict) -> str:
@@ -47,16 +59,19 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     columns = table1_columns(rows)
     eps_keys = fgsm_keys(rows)
     skipped_keys = sorted({key for row in rows for key in row["results"]["skipped"]})
+    reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in ("pg", "spg", "spg_std", "ch")
+                      if any(f"{key}_{reference}" in row["results"] for row in rows)]
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + [key for key, _ in columns]
-                        + (["spg_std"] if any(key == "spg" for key, _ in columns) else [])
+                        + (["spg_std"] if any(key == "spg" for key, _ in columns) else []) + reference_keys
                         + [f"fgsm_{key}" for key in eps_keys] + [f"skipped_{key}" for key in skipped_keys])
         for row in rows:
             results = row["results"]
             writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"), row.get("lambda")]
                             + [results.get(key) for key, _ in columns]
                             + ([results.get("spg_std")] if any(key == "spg" for key, _ in columns) else [])
+                            + [results.get(key) for key in reference_keys]
                             + [results.get("fgsm", {}).get(key) for key in eps_keys]
                             + [results["skipped"].get(key) for key in skipped_keys])
 
@@ -66,10 +81,13 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                   "| model | " + " | ".join(heading for _, heading in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
         for row in rows:
-            results = row["results"]
-            cells = [f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}" if key == "spg"
-                     else _percent(results.get(key)) for key, _ in columns]
-            lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], columns)) + " |")
+        # The reference maps do not depend on the model: the first checkpoint's trials stand for all
+        # (every checkpoint is scored on the same trials).
+        for reference, label in REFERENCE_LABELS.items():
+            if f"pg_{reference}" in rows[0]["results"] or f"ch_{reference}" in rows[0]["results"]:
+                results = {key: rows[0]["results"].get(f"{key}_{reference}") for key in ("pg", "spg", "spg_std", "ch")}
+                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, columns)) + " |")
         lines.append("")
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", "",

@@ -28,8 +28,9 @@ class EvaluationSettings:
 
     ``tolerance``: pointing-game tolerance in pixels at an image side of ``tolerance_at`` pixels
     (None: in the masks' own pixels). ``spg_samples`` points per image in each of ``spg_runs`` runs.
-    ``fgsm_eps``: FGSM eps in 1/255 units. ``seed``: NQH composites and SPG points.
-    ``batch_size``: images per evaluation batch and process.
+    ``fgsm_eps``: FGSM eps in 1/255 units. ``seed``: NQH composites, SPG points and the noise
+    reference maps. ``batch_size``: images per evaluation batch and process. ``noise_seeds``:
+    uniform-noise reference maps per trial (their scores are averaged).
     """
 
     tolerance: float
@@ -39,6 +40,7 @@ class EvaluationSettings:
     fgsm_eps: tuple[float, ...]
     seed: int
     batch_size: int
+    noise_seeds: int
 
     def __post_init__(self) -> None:
         problems = []
@@ -46,7 +48,7 @@ class EvaluationSettings:
             problems.append(f"evaluation.tolerance must be a number > 0, got {self.tolerance!r}")
         if self.tolerance_at is not None and not (_is_number(self.tolerance_at) and self.tolerance_at > 0):
             problems.append(f"evaluation.tolerance_at must be a number > 0 or null, got {self.tolerance_at!r}")
-        for key, minimum in (("spg_samples", 1), ("spg_runs", 2), ("batch_size", 1), ("seed", 0)):
+        for key, minimum in (("spg_samples", 1), ("spg_runs", 2), ("batch_size", 1), ("seed", 0), ("noise_seeds", 1)):
             value = getattr(self, key)
             if not (_is_int(value) and value >= minimum):
                 problems.append(f"evaluation.{key} must be an integer >= {minimum}, got {value!r}")

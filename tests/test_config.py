@@ -43,7 +43,7 @@ def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
     assert isinstance(callbacks["explanation_metrics"], ExplanationMetricsCallback)
     assert isinstance(callbacks["fgsm_robustness"], FGSMRobustnessCallback)
     expected = EvaluationSettings(tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0),
-                                  seed=7, batch_size=5)
+                                  seed=7, batch_size=5, noise_seeds=3)
     assert all(callback.settings == expected for callback in callbacks.values())
     evaluate = compose_config("evaluate", "ckpt_path=x.ckpt", "seed=7", "data.batch_size=5", "evaluation.fgsm_eps=[2,4]")
     assert instantiate(evaluate.evaluation) == expected

@@ -135,6 +135,7 @@ def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, com
     for item in correlations:
         assert {"x", "y", "n", "pearson", "pearson_p", "spearman", "spearman_p"} <= set(item) and item["n"] == 3
     assert 0 <= report["summary"]["consensus_map"] <= 1
+    assert set(report["summary"]["reference_map"]) == {"center", "noise"}
     assert len(report["similarities"]) == 3 and len(report["similarities"][0]) == 6
     with open(tmp_path / "full" / "consensus.csv") as handle:
         table = list(csv.DictReader(handle))

@@ -79,6 +79,31 @@ def test_oracle_explainer_scores_100_and_uniform_nqh_is_75():
     assert results["ch"] == pytest.approx(64 / 32**2)  # square area over image area
 
 
+def naive_hit(mask: torch.Tensor, y: int, x: int, tolerance: float) -> bool:
+    ys, xs = mask.nonzero(as_tuple=True)
+    return bool((((ys - y) ** 2 + (xs - x) ** 2).double().sqrt() < tolerance).any())
+
+
+def test_reference_maps_are_scored_on_the_same_trials():
+    """A centred peak hits exactly the squares within the tolerance of the image's centre pixel;
+    uniform noise puts the mask's share of the area inside it (CH), up to sampling noise."""
+    net = tiny_net(num_classes=4)
+    data = SquaresModule()
+    results = evaluator(oracle, ["pg", "spg", "ch"]).run(net, data, progress=False)
+    tolerance = 15 * 32 / 224
+    masks = [item["mask"] for item in data.data.items]
+    centre_hits = [naive_hit(mask, 15, 15, tolerance) for mask in masks]  # 32 px: centre pixels 15-16
+    per_class = [sum(h for h, i in zip(centre_hits, range(12)) if i % 4 == k) / 3 for k in range(4)]
+    assert results["pg_center"] == pytest.approx(sum(per_class) / 4)
+    assert results["pg_micro_center"] == pytest.approx(sum(centre_hits) / 12)
+    assert results["ch_noise"] == pytest.approx(64 / 32**2, abs=0.01)
+    assert 0 <= results["spg_noise"] < results["spg"] == pytest.approx(1.0)
+    assert results["pg"] == pytest.approx(1.0) and "pg_noise" in results and "spg_std_center" in results
+    # Scored again from a clean state: the same reference numbers (seeded), whatever the explainer.
+    again = evaluator(uniform, ["pg", "spg", "ch"]).run(net, data, progress=False)
+    assert all(again[key] == results[key] for key in results if key.endswith(("_center", "_noise")))
+
+
 def test_nqh_explains_composites_a_quarter_batch_at_a_time():
     """A composite holds four images' pixels, so a pass of composites is no bigger than the
     image batch the user sized; the maps go back together in order."""
@@ -151,7 +176,9 @@ def test_report_files_follow_the_papers_tables(tmp_path):
     rows = [
         {"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
          "results": {"acc": 0.694, "pg": 0.798, "spg": 0.605, "spg_std": 0.001, "ch": 0.544, "nqh": 0.244,
-                     "fgsm": {"eps=1": 0.30, "eps=2": 0.10}, "skipped": {"pg": 0, "nqh": 2}}},
+                     "fgsm": {"eps=1": 0.30, "eps=2": 0.10}, "skipped": {"pg": 0, "nqh": 2},
+                     "pg_center": 0.88, "spg_center": 0.5, "spg_std_center": 0.002, "ch_center": 0.3,
+                     "pg_noise": 0.35, "spg_noise": 0.3, "spg_std_noise": 0.001, "ch_noise": 0.2}},
         {"checkpoint": "b.ckpt", "model": "resnet18", "pooling": "max", "loss": "gc", "lambda": 25.0,
          "results": {"acc": 0.690, "pg": 0.796, "spg": 0.687, "spg_std": 0.002, "ch": 0.654, "nqh": 0.312,
                      "fgsm": {"eps=1": 0.40, "eps=2": 0.20}, "skipped": {"pg": 1, "nqh": 0}}},
@@ -161,12 +188,16 @@ def test_report_files_follow_the_papers_tables(tmp_path):
     assert "| model | Top-1 | PG | SPG | CH | NQH |" in markdown
     assert "| resnet18 baseline | 69.40 | 79.80 | 60.50 ± 0.10 | 54.40 | 24.40 |" in markdown
     assert "| resnet18+GMP GC (lambda=25) | 69.00 | 79.60 | 68.70 ± 0.20 | 65.40 | 31.20 |" in markdown
+    # The reference maps, once, on the same columns (they do not depend on the model).
+    assert "| reference: centred peak | - | 88.00 | 50.00 ± 0.20 | 30.00 | - |" in markdown
+    assert "| reference: uniform noise | - | 35.00 | 30.00 ± 0.10 | 20.00 | - |" in markdown
     assert "| model | eps=1 | eps=2 |" in markdown and "| resnet18+GMP GC (lambda=25) | 40.00 | 20.00 |" in markdown
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
     assert [row["checkpoint"] for row in table] == ["a.ckpt", "b.ckpt"]
     # The CSV, for machines, keeps the fractions; only report.md prints percent.
     assert table[1]["spg_std"] == "0.002" and table[0]["fgsm_eps=2"] == "0.1" and table[0]["skipped_nqh"] == "2"
+    assert table[0]["pg_center"] == "0.88" and table[0]["ch_noise"] == "0.2" and table[1]["pg_center"] == ""
     assert json.loads(paths["json"].read_text())["checkpoints"][1]["results"]["skipped"] == {"pg": 1, "nqh": 0}
 
 

@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> dict:
         for i, row in enumerate(rows):
             row.update(pg=localisation["pg"][i], ch=localisation["ch"][i], map=localisation["map"][i])
         summary["consensus_map"] = committee.consensus_map(entries, shared, kind, options)
+        summary["reference_map"] = committee.reference_map(shared, settings)
         others += ["pg", "ch", "map"]
         if cfg.convergence.enabled:
             sizes = list(cfg.convergence.sizes or range(2, len(members) + 1))
@@ -184,8 +185,10 @@ def markdown(rows: list[dict], summary: dict, correlations: list[dict], explaine
     lines.append("")
     if "consensus_map" in summary:
         best = float(np.nanmax([row["map"] for row in rows]))
+        reference = summary["reference_map"]
         lines += [f"mAP of the consensus against the masks: {_fmt(summary['consensus_map'], True)} "
-                  f"(best single member: {_fmt(best, True)}).", ""]
+                  f"(best single member: {_fmt(best, True)}; reference maps on the same images: centred peak "
+                  f"{_fmt(reference['center'], True)}, uniform noise {_fmt(reference['noise'], True)}).", ""]
     lines += ["Correlations (n = members used):", "", "| x | y | n | Pearson (p) | Spearman (p) |", "|---|---|---|---|---|"]
     lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_fmt(c['pearson'])} ({_p_value(c['pearson_p'])}) | "
               f"{_fmt(c['spearman'])} ({_p_value(c['spearman_p'])}) |" for c in correlations]

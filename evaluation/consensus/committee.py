@@ -25,6 +25,7 @@ from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
+from evaluation.references import REFERENCES, centre_maps, noise_maps
 from evaluation.report import row_label
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import load_checkpoint
@@ -362,3 +363,17 @@ def consensus_map(entries: Sequence[dict], shared: dict, kind: str, options: dic
         consensus = consensus_of(stacked(chosen, rows), shared, rows, kind, options)
         values += _average_precisions(pixel_maps(consensus, shared, rows, kind, tuple(masks.shape[-2:])), masks)
     return float(np.nanmean(values))
+
+
+def reference_map(shared: dict, settings: EvaluationSettings) -> dict[str, float]:
+    """mAP against the masks of the reference maps on the same images: a centred peak, and uniform
+    noise (``settings.noise_seeds`` maps per image, seeded by ``settings.seed``)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    values: dict[str, list[float]] = {reference: [] for reference in REFERENCES}
+    for rows in _slices(len(shared["labels"])):
+        masks = torch.from_numpy(np.array(shared["masks"][rows]))
+        count, (height, width) = len(masks), masks.shape[-2:]
+        values["center"] += _average_precisions(centre_maps(count, height, width, masks.device), masks)
+        for _ in range(settings.noise_seeds):
+            values["noise"] += _average_precisions(noise_maps(count, height, width, generator, masks.device), masks)
+    return {reference: float(np.nanmean(numbers)) for reference, numbers in values.items()}

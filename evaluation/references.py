@@ -1,0 +1,26 @@
+"""Reference maps that any explanation should beat, scored on the same trials as the explainer: a
+centred peak (TorchRay's "center" baseline: objects often sit near the middle of the image) and
+uniform noise (the chance level). A localisation number means something only beside them."""
+from __future__ import annotations
+
+import torch
+
+REFERENCES = ("center", "noise")
+
+
+def centre_maps(count: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[count, H, W]`` isotropic Gaussians centred on the image, standard deviation a quarter of
+    the shorter side: the maximum is the centre pixel (for an even side, the first of the middle
+    ones, PG's tie rule), and the mass spreads over the middle of the image for SPG and CH."""
+    rows = torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2
+    cols = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    spread = min(height, width) / 4
+    squared = rows.view(-1, 1) ** 2 + cols.view(1, -1) ** 2
+    return torch.exp(-0.5 * squared / spread**2).expand(count, height, width)
+
+
+def noise_maps(count: int, height: int, width: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    """``[count, H, W]`` uniform noise in [0, 1), drawn on the CPU from ``generator`` so that the
+    maps do not depend on the device."""
+    return torch.rand(count, height, width, generator=generator).to(device)
