@@ -41,7 +41,9 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
       otherwise read from the data on disk (ImageNet: the training folders; COCO: the validation
       annotations), since the model is built from them first.
     - ``val_dataset()``: the validation set, usable once ``prepare_data()`` has run (built on
-      first use when ``setup()`` has not built it yet).
+      first use when ``setup()`` has not built it yet). It also provides ``label_sets()`` (bool
+      ``[N, K]``) and ``keys()`` (a stable name per image), from which evaluation composites
+      draw their distractors over the whole set, whatever the order of the files.
     - ``localization_dataset()``: validation trials ``{"image", "target", "mask"}`` for PG, SPG
       and CH, or None when the data has no masks or boxes.
     - ``collate_fn``: the collate function of every loader, trial loaders included.

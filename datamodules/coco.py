@@ -105,6 +105,14 @@ class CocoMultiLabelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def label_sets(self) -> torch.Tensor:
+        """bool ``[N, K]``: the categories present in each image."""
+        return self.targets.clone()
+
+    def keys(self) -> list[str]:
+        """A name per image that does not depend on the order of the json: its file name."""
+        return [str(self.coco.imgs[image_id]["file_name"]) for image_id in self.image_ids]
+
     def __getitem__(self, index: int) -> Sample | None:
         image = load_rgb_or_skip(self.paths[index], self.skip_corrupt)
         if image is None:

@@ -81,6 +81,16 @@ class ClassFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def label_sets(self) -> torch.Tensor:
+        """bool ``[N, K]``: each image's labels (one per image here)."""
+        labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        return torch.nn.functional.one_hot(labels, self.num_classes).bool()
+
+    def keys(self) -> list[str]:
+        """A name per image that does not depend on where the tree lies or how it is listed: the
+        path under the root."""
+        return [path.relative_to(self.root).as_posix() for path, _ in self.samples]
+
     def __getitem__(self, index: int) -> Sample | None:
         path, label = self.samples[index]
         image = load_rgb_or_skip(path, self.skip_corrupt)

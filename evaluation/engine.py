@@ -15,11 +15,11 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from datamodules import ClassificationDataModule
+from evaluation.composites import CompositeDataset, dataset_layout
 from evaluation.metrics import classes as metric_classes
 from evaluation.references import REFERENCES, centre_maps, noise_maps
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import accuracy_metric, accuracy_name
-from losses import make_composite, random_layout
 
 METRICS = ("acc", "pg", "spg", "ch", "nqh", "fgsm")
 # Metrics scored on the localisation trials (images with masks); the others on the validation set.
@@ -75,11 +75,14 @@ def validation_sample(datamodule: ClassificationDataModule, count: int) -> dict:
     return datamodule.collate_fn([dataset[i] for i in spread_indices(len(dataset), count)])
 
 
+def shard_indices(length: int, rank: int, world_size: int, max_images: int | None) -> list[int]:
+    """This process's share (every ``world_size``-th item) of ``max_images`` indices spread evenly
+    over ``range(length)``."""
+    return spread_indices(length, length if max_images is None else max_images)[rank::world_size]
+
+
 def shard(dataset: Dataset, rank: int, world_size: int, max_images: int | None) -> Dataset:
-    """This process's share (every ``world_size``-th item) of ``max_images`` items spread evenly
-    over the set."""
-    count = len(dataset) if max_images is None else max_images
-    return Subset(dataset, spread_indices(len(dataset), count)[rank::world_size])
+    return Subset(dataset, shard_indices(len(dataset), rank, world_size, max_images))
 
 
 def _batches(loader: DataLoader, device: torch.device, description: str, progress: bool):
@@ -92,8 +95,9 @@ class ExplanationEvaluator:
     """Accumulates the asked metrics for one network and one explainer.
 
     ``explainer(net, images, classes) -> heatmaps [B, h, w]``, or None when no metric explains
-    (accuracy and FGSM only). NQH explains composites built as in training (the image in a random
-    cell, three distractors of other classes from the batch). Every metric is built here, from
+    (accuracy and FGSM only). NQH explains 2x2 composites whose distractors come from the whole
+    validation set (``evaluation.composites``): the same composites whatever the batch size or the
+    order of the files; images without one are counted. Every metric is built here, from
     ``settings``; one ``update_*`` method per metric family; :meth:`run` starts from a clean state,
     so one evaluator serves every epoch of a training run.
     """
@@ -108,7 +112,6 @@ class ExplanationEvaluator:
         self.num_classes = num_classes
         self.multilabel = multilabel
         self.settings = settings
-        self.layout_generator = torch.Generator().manual_seed(settings.seed)
         self.noise_generator = torch.Generator().manual_seed(settings.seed)
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
@@ -129,10 +132,9 @@ class ExplanationEvaluator:
         } if localization else {}
 
     def reset(self) -> None:
-        """Forget every update: the metrics' states and the composites' random stream."""
+        """Forget every update: the metrics' states and the reference noise's random stream."""
         for metric in self._all_metrics():
             metric.reset()
-        self.layout_generator.manual_seed(self.settings.seed)
         self.noise_generator.manual_seed(self.settings.seed)
 
     def _all_metrics(self) -> list[Metric]:
@@ -154,18 +156,9 @@ class ExplanationEvaluator:
         self.state["fgsm"].update(net, batch["image"], batch["target"])
 
     def update_nqh(self, net, batch: dict) -> None:
-        images = batch["image"]
-        layout = random_layout(batch["target"], self.num_classes, self.layout_generator).valid_subset()
-        if len(layout) == 0:
-            return
-        composites = make_composite(images, layout)
-        # A composite has 4 images' pixels: explained a quarter batch at a time, a pass holds no
-        # more than the batch the user sized, and on CPU runs about twice as fast (less freshly
-        # mapped memory; ResNet18, 448 px, 32 composites per pass against 8).
-        per_pass = max(1, len(images) // 4)
-        maps = torch.cat([self.explainer(net, part, classes) for part, classes in
-                          zip(composites.split(per_pass), layout.classes.split(per_pass))])
-        self.state["nqh"].update(maps, layout.cells)
+        """A batch of composites (``evaluation.composites.CompositeDataset``): explained for the
+        class of the image in ``cell``."""
+        self.state["nqh"].update(self.explainer(net, batch["image"], batch["target"]), batch["cell"])
 
     def update_localization(self, net, batch: dict) -> None:
         """The explainer's maps, and the reference maps, scored on the batch's trials."""
@@ -202,6 +195,8 @@ class ExplanationEvaluator:
                 for key, number in value.items():
                     if key == "skipped":
                         results["skipped"][name] = int(number)
+                    elif key == "without_composite":
+                        results["skipped"]["nqh_without_composite"] = int(number)
                     else:
                         results[key] = float(number)
         for reference, metrics in self.references.items():
@@ -217,27 +212,38 @@ class ExplanationEvaluator:
         device = next(net.parameters()).device
         self.reset()
         self.to(device)
-        updates = {"acc": self.update_accuracy, "nqh": self.update_nqh, "fgsm": self.update_fgsm}
+        updates = {"acc": self.update_accuracy, "fgsm": self.update_fgsm}
         per_image = [updates[name] for name in self.metrics if name in updates]
         localization = any(name in LOCALIZATION_METRICS for name in self.metrics)
 
-        def loader(dataset: Dataset) -> DataLoader:
-            return DataLoader(shard(dataset, rank, world_size, max_images), batch_size=self.settings.batch_size,
-                              num_workers=num_workers, collate_fn=datamodule.collate_fn)
+        def loader(dataset: Dataset, batch_size: int = self.settings.batch_size) -> DataLoader:
+            return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                              collate_fn=datamodule.collate_fn)
 
         was_training = net.training
         net.eval()
         try:
+            val_set = datamodule.val_dataset()
             if per_image:
-                for batch in _batches(loader(datamodule.val_dataset()), device, "classification, NQH, FGSM",
-                                      progress):
+                for batch in _batches(loader(shard(val_set, rank, world_size, max_images)), device,
+                                      "classification, FGSM", progress):
                     for update in per_image:
                         update(net, batch)
+            if "nqh" in self.state:
+                indices = shard_indices(len(val_set), rank, world_size, max_images)
+                layout = dataset_layout(val_set.label_sets(), val_set.keys(), indices, self.settings.seed)
+                self.state["nqh"].count_without_composite(int((~layout.valid).sum()))
+                # A composite has 4 images' pixels: a quarter batch of them holds no more than the
+                # batch the user sized.
+                composites = loader(CompositeDataset(val_set, layout), max(1, self.settings.batch_size // 4))
+                for batch in _batches(composites, device, "NQH", progress):
+                    self.update_nqh(net, batch)
             if localization:
                 trials = datamodule.localization_dataset()
                 if trials is None:
                     raise ValueError(f"data {datamodule.name!r} has no localisation trials (masks or boxes)")
-                for batch in _batches(loader(trials), device, "localisation", progress):
+                for batch in _batches(loader(shard(trials, rank, world_size, max_images)), device, "localisation",
+                                      progress):
                     self.update_localization(net, batch)
             return self.compute()
         finally:

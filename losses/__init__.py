@@ -1,5 +1,6 @@
 """Composite builder and the Grad-CAM consistency loss terms (pure tensor functions)."""
 from losses.composite import (
+    NUM_DISTRACTORS,
     CompositeLayout,
     choose_distractors,
     choose_positive,
@@ -13,6 +14,7 @@ from losses.composite import (
 from losses.consistency import classification_loss, consistency_l1
 
 __all__ = [
+    "NUM_DISTRACTORS",
     "CompositeLayout",
     "choose_distractors",
     "choose_positive",

@@ -1,6 +1,7 @@
 """Checkpoint evaluation: the engine on data with known answers, the report files, the script."""
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from evaluation.composites import dataset_layout
 from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
@@ -18,22 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class SquaresData(Dataset):
-    """Dark images with one bright square (channel 0) whose pixels are the mask; 4 classes."""
+    """Dark images with one bright square (channel 0) whose pixels are the mask; 4 classes. Each
+    image has a key (its name), which travels with it when ``order`` lists the images differently."""
 
-    def __init__(self, count=12, size=32):
+    def __init__(self, count=12, size=32, order=None, num_classes=4):
         generator = torch.Generator().manual_seed(0)
-        self.items = []
+        self.items, self.names = [], []
         for index in range(count):
             image = torch.zeros(3, size, size)
             top, left = torch.randint(0, size - 8, (2,), generator=generator).tolist()
             image[0, top:top + 8, left:left + 8] = 1.0
-            self.items.append({"image": image, "target": torch.tensor(index % 4), "mask": image[0] > 0})
+            self.items.append({"image": image, "target": torch.tensor(index % num_classes), "mask": image[0] > 0})
+            self.names.append(f"square_{index:02d}.png")
+        order = list(range(count)) if order is None else list(order)
+        self.items, self.names = [self.items[i] for i in order], [self.names[i] for i in order]
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
         return self.items[index]
+
+    def label_sets(self):
+        return torch.nn.functional.one_hot(torch.stack([item["target"] for item in self.items]), 4).bool()
+
+    def keys(self):
+        return list(self.names)
 
 
 class SquaresModule:
@@ -45,8 +57,8 @@ class SquaresModule:
     multilabel = False
     collate_fn = staticmethod(default_collate)
 
-    def __init__(self):
-        self.data = SquaresData()
+    def __init__(self, **options):
+        self.data = SquaresData(**options)
 
     def val_dataset(self):
         return self.data
@@ -84,6 +96,55 @@ def naive_hit(mask: torch.Tensor, y: int, x: int, tolerance: float) -> bool:
     return bool((((ys - y) ** 2 + (xs - x) ** 2).double().sqrt() < tolerance).any())
 
 
+def test_nqh_composites_do_not_depend_on_batch_size_or_file_order():
+    """Each image's composite (cell, distractors from the whole set) is a function of the image's
+    key: other batch sizes or another order of the files give the same NQH (up to float32
+    summation order)."""
+    net = tiny_net(num_classes=4)
+
+    def square_plus_texture(net, images, classes):  # depends on which images fill the cells
+        return images[:, 0] + 0.05 * images[:, 0].flip(-1) + 0.001
+
+    reference = evaluator(square_plus_texture, ["nqh"], batch_size=8).run(net, SquaresModule(), progress=False)
+    shuffled = SquaresModule(order=[5, 2, 11, 0, 7, 1, 9, 3, 10, 4, 8, 6])
+    for batch_size, data in ((4, SquaresModule()), (12, SquaresModule()), (5, shuffled)):
+        again = evaluator(square_plus_texture, ["nqh"], batch_size=batch_size).run(net, data, progress=False)
+        assert again["nqh"] == pytest.approx(reference["nqh"], abs=1e-6)
+    assert reference["skipped"]["nqh_without_composite"] == 0
+
+
+def test_evaluation_composites_take_other_classes_from_the_whole_set():
+    data = SquaresData(count=40)
+    layout = dataset_layout(data.label_sets(), data.keys(), list(range(40)), seed=0)
+    labels = data.label_sets().long().argmax(1)
+    assert layout.valid.all() and torch.equal(layout.samples, torch.arange(40))
+    assert torch.equal(layout.classes, labels)
+    assert (labels[layout.distractors] != labels.unsqueeze(1)).all()  # never the explained class
+    assert all(len(set(row)) == 3 for row in layout.distractors.tolist())  # distinct
+    # Distractors come from the whole set, not from neighbours in the listing (which are class by class).
+    assert (layout.distractors - layout.samples.unsqueeze(1)).abs().max() > 8
+    # The same image gets the same composite wherever it is listed.
+    order = list(range(40))[::-1]
+    reversed_data = SquaresData(count=40, order=order)
+    again = dataset_layout(reversed_data.label_sets(), reversed_data.keys(), list(range(40)), seed=0)
+    names = data.keys()
+    for row in range(40):
+        original = order[row]
+        assert int(again.cells[row]) == int(layout.cells[original])
+        assert [reversed_data.keys()[i] for i in again.distractors[row]] == \
+            [names[i] for i in layout.distractors[original]]
+    # A set of one class has no image to put beside any other: every image is counted, none scored.
+    single = SquaresData(count=6, num_classes=1)
+    lonely = dataset_layout(single.label_sets(), single.keys(), list(range(6)), seed=0)
+    assert not lonely.valid.any()
+
+
+def test_images_without_a_composite_are_counted():
+    net = tiny_net(num_classes=4)
+    results = evaluator(oracle, ["nqh"]).run(net, SquaresModule(num_classes=1), progress=False)
+    assert results["skipped"]["nqh_without_composite"] == 12 and math.isnan(results["nqh"])
+
+
 def test_reference_maps_are_scored_on_the_same_trials():
     """A centred peak hits exactly the squares within the tolerance of the image's centre pixel;
     uniform noise puts the mask's share of the area inside it (CH), up to sampling noise."""
@@ -115,7 +176,7 @@ def test_nqh_explains_composites_a_quarter_batch_at_a_time():
 
     net = tiny_net(num_classes=4)
     results = evaluator(bright_square_plus_floor, ["nqh"], batch_size=8).run(net, SquaresModule(), progress=False)
-    assert passes == [2] * 4 + [1] * 4  # batches of 8 and 4 images, one composite each
+    assert passes == [2] * 6  # 12 composites, a quarter of the 8-image batch per pass
     # Four equal squares, one per cell, on a uniform floor: every cell holds a quarter of the mass.
     assert results["nqh"] == pytest.approx(0.75)
 

@@ -253,11 +253,20 @@ def test_negative_quadrants_heatmap_for_each_cell(cell):
 
 
 @pytest.mark.parametrize("cell", [0, 1, 2, 3])
-def test_negative_quadrants_heatmap_splits_odd_sizes_at_half(cell):
+def test_negative_quadrants_heatmap_splits_the_middle_of_odd_sizes_evenly(cell):
+    # The centre pixel of a 5x7 map belongs a quarter to each cell.
     heatmap = torch.zeros(1, 5, 7)
-    heatmap[0, 2, 3] = 1.0  # middle row and column: bottom-right cell
-    expected = 0.0 if cell == 3 else 1.0
-    assert functional.negative_quadrants_heatmap(heatmap, torch.tensor([cell])).item() == expected
+    heatmap[0, 2, 3] = 1.0
+    assert functional.negative_quadrants_heatmap(heatmap, torch.tensor([cell])).item() == 0.75
+    # A uniform 27x27 map (AlexNet's conv5 on a 448 px composite): each cell holds exactly a quarter,
+    # where giving the middle row and column to the bottom/right cells would hold 13^2 / 27^2 top-left.
+    uniform = torch.ones(1, 27, 27, dtype=torch.float64)
+    assert functional.negative_quadrants_heatmap(uniform, torch.tensor([cell])).item() == pytest.approx(0.75, abs=1e-15)
+    # A pixel on the middle row of the left half: half top-left, half bottom-left.
+    row = torch.zeros(1, 5, 7)
+    row[0, 2, 0] = 1.0
+    expected = {0: 0.5, 1: 1.0, 2: 0.5, 3: 1.0}[cell]
+    assert functional.negative_quadrants_heatmap(row, torch.tensor([cell])).item() == expected
 
 
 # ---------------------------------------------------------------- metric classes

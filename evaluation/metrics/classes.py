@@ -182,13 +182,25 @@ class ContentHeatmap(_MeanScore):
 class NegativeQuadrantsHeatmap(_MeanScore):
     """Negative quadrants heatmap: share of a 2x2 composite's heatmap mass in the three cells
     other than the positive image's. ``update(heatmaps, positive_cell)`` with heatmaps of any size
-    (the share does not depend on it); ``compute()`` -> ``{"nqh", "skipped"}``. Lower is better."""
+    (the share does not depend on it); ``count_without_composite(n)`` records images that could not
+    get a composite (no image lacks their class). ``compute()`` -> ``{"nqh", "skipped",
+    "without_composite"}``. Lower is better."""
 
     higher_is_better = False
     score_name = "nqh"
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("without_composite", _count(), dist_reduce_fx="sum")
+
     def update(self, heatmaps: torch.Tensor, positive_cell: torch.Tensor) -> None:
         self._add_scores(functional.negative_quadrants_heatmap(heatmaps, positive_cell))
+
+    def count_without_composite(self, count: int) -> None:
+        self.without_composite += count
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {**super().compute(), "without_composite": self.without_composite.double()}
 
 
 class FGSMRobustness(Metric):

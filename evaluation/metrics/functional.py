@@ -266,21 +266,32 @@ def content_heatmap(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return _nan_where_invalid(share, _valid(heatmaps, masks))
 
 
+def _half_weights(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Weights of the first half of ``size`` rows (or columns): 1 before the middle, 0 after it,
+    and 1/2 on the middle one when ``size`` is odd, so that it is split evenly between halves."""
+    weights = (torch.arange(size, device=device) < size // 2).to(dtype)
+    if size % 2:
+        weights[size // 2] = 0.5
+    return weights
+
+
 def negative_quadrants_heatmap(heatmaps: torch.Tensor, positive_cell: torch.Tensor) -> torch.Tensor:
     """Per-composite NQH, float ``[B]``: share of heatmap mass in the three cells other than
     ``positive_cell`` (long ``[B]``; 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right);
-    NaN for an all-zero heatmap. Scale-free, so any map size works. An odd size is split at
-    ``H // 2`` and ``W // 2``: the middle row belongs to the bottom cells and the middle column to
-    the right cells."""
+    NaN for an all-zero heatmap. Scale-free, so any map size works. On an odd side (AlexNet's
+    27 x 27) the middle row's mass is split evenly between the top and bottom cells, and the middle
+    column's between left and right (the centre pixel a quarter to each cell)."""
     _check_heatmaps(heatmaps)
     height, width = heatmaps.shape[1:]
     if height < 2 or width < 2:
         raise ValueError(f"a 2x2 composite's heatmap needs at least 2x2 pixels, got {height}x{width}")
     if positive_cell.shape != heatmaps.shape[:1] or ((positive_cell < 0) | (positive_cell > 3)).any():
         raise ValueError(f"positive_cell must be [B] = [{heatmaps.shape[0]}] with values in 0..3")
-    top, left = height // 2, width // 2
-    cells = (heatmaps[:, :top, :left], heatmaps[:, :top, left:], heatmaps[:, top:, :left], heatmaps[:, top:, left:])
-    cell_mass = torch.stack([cell.sum((1, 2)) for cell in cells], 1)
+    top = _half_weights(height, heatmaps.dtype, heatmaps.device)
+    left = _half_weights(width, heatmaps.dtype, heatmaps.device)
+    row_halves = torch.stack([top, 1 - top])  # [2, H]: top, bottom
+    column_halves = torch.stack([left, 1 - left])  # [2, W]: left, right
+    cell_mass = torch.einsum("rh,bhw,cw->brc", row_halves, heatmaps, column_halves).flatten(1)  # cells 0..3
     total = cell_mass.sum(1)
     positive = cell_mass.gather(1, positive_cell.long().unsqueeze(1)).squeeze(1)
     return _nan_where_invalid((total - positive) / total, _valid(heatmaps, None))
