@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.synthetic import SyntheticDataModule  # noqa: E402
 from evaluation.engine import ExplanationEvaluator  # noqa: E402
-from evaluation.explainers import build_explainer  # noqa: E402
+from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     datamodule.prepare_data()
     datamodule.setup("validate")
     net = build_network(args.model, num_classes).to(device).eval()
-    explainer = build_explainer(args.explainer)
+    explainer = build_explainer(**explainer_options(args.explainer))  # options from conf/explainer
 
     print(f"{args.model} at {args.size} px, {args.explainer}, {args.images} images in batches of {args.batch}, "
           f"{device} ({torch.get_num_threads()} threads)")

@@ -7,17 +7,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 from evaluation.consensus import core
-from evaluation.consensus.core import (DEFAULT_RULE, DEFAULT_SIGMA, committee_size_convergence, consensus_scores,
+from tests.conftest import ROOT
+from evaluation.consensus.core import (committee_size_convergence, consensus_scores,
                                        cosine_similarity, member_similarities, normalize_maps, pixel_consensus,
                                        random_subcommittees, ranks, rbf_similarity, superpixel_consensus)
 
 F64 = torch.float64
+# The documented defaults (conf/committee/default.yaml), which the scripts pass.
+COMMITTEE = OmegaConf.load(ROOT / "conf" / "committee" / "default.yaml")
+SIGMA, RULE = COMMITTEE.sigma, COMMITTEE.aggregation
 
 
-def rbf(rms: float, sigma: float = DEFAULT_SIGMA) -> float:
+def rbf(rms: float, sigma: float = SIGMA) -> float:
     return math.exp(-0.5 * (rms / sigma) ** 2)
 
 
@@ -68,8 +73,9 @@ def test_linear_rule_numbers():
     sims = member_similarities(WEIGHTS, "superpixel", valid=VALID, rule="linear")
     assert float(sims[0, 0]) == pytest.approx(2 / math.sqrt(5), abs=1e-12)
     assert float(sims[1, 0]) == pytest.approx(1 / math.sqrt(5), abs=1e-12)
-    assert DEFAULT_RULE == "linear"
-    assert torch.equal(member_similarities(WEIGHTS, "superpixel", valid=VALID), sims)
+    assert (RULE, SIGMA) == ("linear", 0.2)  # the documented defaults
+    with pytest.raises(ValueError, match="rule: superpixel explanations need a consensus rule"):
+        member_similarities(WEIGHTS, "superpixel", valid=VALID)
     # The linear rule ignores each member's scale; the squared rule does not.
     scaled = WEIGHTS.clone()
     scaled[0] *= 10
@@ -99,16 +105,16 @@ def test_superpixel_leave_one_out_by_hand():
 def test_padding_and_missing_superpixel_members():
     weights = WEIGHTS.clone()
     weights[:, 1, 3] = torch.tensor([1e9, -5.0, math.inf])  # any padding value is ignored
-    assert torch.allclose(member_similarities(weights, "superpixel", valid=VALID),
-                          member_similarities(WEIGHTS, "superpixel", valid=VALID))
-    assert superpixel_consensus(weights, VALID)[1, 3] == 0
+    assert torch.allclose(member_similarities(weights, "superpixel", valid=VALID, rule=RULE),
+                          member_similarities(WEIGHTS, "superpixel", valid=VALID, rule=RULE))
+    assert superpixel_consensus(weights, VALID, RULE)[1, 3] == 0
     # An all-zero member and a NaN member are missing: left out of the mean, similarity NaN.
     weights[1, 0] = 0.0
     weights[2, 1, 0] = math.nan
-    c = superpixel_consensus(weights, VALID)
+    c = superpixel_consensus(weights, VALID, RULE)
     assert c[0].tolist() == pytest.approx(mean_of([LINEAR["A"][0], LINEAR["C"][0]]))
     assert c[1].tolist() == pytest.approx(mean_of([LINEAR["A"][1], LINEAR["B"][1]]))
-    sims = member_similarities(weights, "superpixel", valid=VALID)
+    sims = member_similarities(weights, "superpixel", valid=VALID, rule=RULE)
     assert math.isnan(sims[1, 0]) and math.isnan(sims[2, 1])
     assert float(sims[0, 0]) == pytest.approx(1.0)
     scores = consensus_scores(sims)
@@ -157,7 +163,7 @@ def test_pixel_consensus_and_rbf_by_hand():
     n = RAMP / 8
     assert torch.allclose(c[0], 2 * n / 3)  # (n + n + 0) / 3
     assert torch.allclose(c[1], (E00 + E22) / 2)  # the missing member is left out
-    sims = member_similarities(maps, "pixel")
+    sims = member_similarities(maps, "pixel", sigma=SIGMA)
     # Image 0: members 1 and 2 differ from c by n/3, member 3 by 2n/3; rms(n) = sqrt(sum k^2 / 64 / 9).
     rms_n = math.sqrt(sum(k * k for k in range(9)) / 64 / 9)
     assert float(sims[0, 0]) == pytest.approx(rbf(rms_n / 3), abs=1e-12)
@@ -244,7 +250,7 @@ def lime_committee(m: int, noisy: int, n_images: int = 12, s_max: int = 20, seed
 @pytest.mark.parametrize("noisy", [0, 3])
 def test_noise_member_ranks_last_pixel(noisy, leave_one_out):
     maps = blob_committee(5, noisy)
-    scores = consensus_scores(member_similarities(maps, "pixel", leave_one_out=leave_one_out))
+    scores = consensus_scores(member_similarities(maps, "pixel", leave_one_out=leave_one_out, sigma=SIGMA))
     assert ranks(scores)[noisy] == 5
     assert sorted(ranks(scores)) == [1, 2, 3, 4, 5]
 
@@ -253,7 +259,7 @@ def test_default_sigma_separates_without_saturating():
     """The default sigma: a noise member scores clearly low but not 0, agreeing members clearly
     high but not 1 (the numbers of docs/consensus.md, on a small committee)."""
     maps = blob_committee(5, noisy=0, n_images=20, size=28, seed=3)
-    scores = consensus_scores(member_similarities(maps, "pixel"))
+    scores = consensus_scores(member_similarities(maps, "pixel", sigma=SIGMA))
     assert 0.05 < float(scores[0]) < 0.4
     assert (scores[1:] > 0.6).all() and (scores[1:] < 0.95).all()
 
@@ -270,7 +276,7 @@ def test_noise_member_ranks_last_superpixel(rule, leave_one_out):
 @pytest.mark.parametrize("kind", ["pixel", "superpixel"])
 def test_scores_do_not_depend_on_member_order(kind):
     if kind == "pixel":
-        x, options = blob_committee(5, noisy=2), {}
+        x, options = blob_committee(5, noisy=2), {"sigma": SIGMA}
     else:
         x, valid = lime_committee(5, noisy=1)
         options = {"valid": valid, "rule": "squared"}
@@ -284,11 +290,11 @@ def test_scores_do_not_depend_on_member_order(kind):
 
 def test_inputs_numpy_float16_and_lists():
     maps = blob_committee(3, noisy=1, n_images=2).to(torch.float16)
-    expected = member_similarities(maps, "pixel")
+    expected = member_similarities(maps, "pixel", sigma=SIGMA)
     array = maps.numpy()
     array.setflags(write=False)  # like the store's read-only memory maps
-    assert torch.equal(member_similarities(array, "pixel"), expected)
-    assert torch.equal(member_similarities(list(maps), "pixel"), expected)
+    assert torch.equal(member_similarities(array, "pixel", sigma=SIGMA), expected)
+    assert torch.equal(member_similarities(list(maps), "pixel", sigma=SIGMA), expected)
 
 
 def test_ranks():
@@ -322,14 +328,14 @@ def test_correlation_helper_is_scipys_and_refuses_degenerate_input():
 
 def test_random_subcommittees():
     maps, accuracy = graded_committee()
-    out = random_subcommittees(maps, accuracy, 4, 6, torch.Generator().manual_seed(0), kind="pixel")
+    out = random_subcommittees(maps, accuracy, 4, 6, torch.Generator().manual_seed(0), kind="pixel", sigma=SIGMA)
     assert set(out) == {"size", "draws", "valid_draws", "pearson_mean", "pearson_std", "spearman_mean",
                         "spearman_std", "pearson", "spearman"}
     assert out["size"] == 4 and out["draws"] == 6 and len(out["pearson"]) == 6 and out["valid_draws"] == 6
     assert out["pearson_mean"] == pytest.approx(float(np.mean(out["pearson"])))
     assert out["pearson_std"] == pytest.approx(float(np.std(out["pearson"], ddof=1)))
     assert out["spearman_mean"] > 0.5 and out["pearson_mean"] > 0.5  # cleaner members are more accurate
-    again = random_subcommittees(maps, accuracy, 4, 6, torch.Generator().manual_seed(0), kind="pixel")
+    again = random_subcommittees(maps, accuracy, 4, 6, torch.Generator().manual_seed(0), kind="pixel", sigma=SIGMA)
     assert again == out
     # The whole committee once: the correlation of its scores with accuracy, as scipy computes it.
     whole = random_subcommittees(maps, accuracy, 6, 1, torch.Generator().manual_seed(0), kind="pixel", sigma=0.3)
@@ -366,24 +372,26 @@ def test_committee_size_convergence():
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("call, message", [
     (lambda: pixel_consensus(torch.rand(1, 2, 3, 3)), "at least 2 members"),
-    (lambda: member_similarities(torch.rand(1, 2, 3, 3), "pixel"), "at least 2 members"),
-    (lambda: superpixel_consensus(torch.rand(1, 2, 4)), "at least 2 members"),
+    (lambda: member_similarities(torch.rand(1, 2, 3, 3), "pixel", sigma=SIGMA), "at least 2 members"),
+    (lambda: superpixel_consensus(torch.rand(1, 2, 4), None, RULE), "at least 2 members"),
     (lambda: member_similarities(torch.rand(2, 2, 3, 3), "heatmap"), "kind='heatmap'"),
+    (lambda: member_similarities(torch.rand(2, 2, 3, 3), "pixel"), "sigma: pixel explanations need"),
     (lambda: member_similarities(torch.rand(2, 2, 4), "superpixel", rule="cubic"), "rule='cubic'"),
-    (lambda: superpixel_consensus(torch.rand(2, 2, 4), rule="mean"), "rule='mean'"),
+    (lambda: superpixel_consensus(torch.rand(2, 2, 4), None, rule="mean"), "rule='mean'"),
     (lambda: member_similarities(torch.rand(2, 2, 3, 3), "pixel", sigma=0), "sigma=0"),
     (lambda: member_similarities(torch.rand(2, 2, 3, 3), "pixel", sigma=-0.2), "sigma=-0.2"),
     (lambda: rbf_similarity(torch.rand(3, 3), torch.rand(3, 3), sigma=math.nan), "sigma=nan"),
-    (lambda: rbf_similarity(torch.rand(3, 3), torch.rand(3, 4)), "(3, 4)"),
+    (lambda: rbf_similarity(torch.rand(3, 3), torch.rand(3, 4), SIGMA), "(3, 4)"),
     (lambda: cosine_similarity(torch.rand(4), torch.rand(5)), "(5,)"),
-    (lambda: member_similarities(torch.rand(2, 2, 4), "superpixel", valid=torch.ones(2, 5, dtype=torch.bool)), "(2, 5)"),
-    (lambda: member_similarities(torch.rand(2, 2, 4), "pixel"), "[m, N, H, W]"),
-    (lambda: member_similarities(torch.rand(2, 2, 3, 3), "superpixel"), "[m, N, S]"),
-    (lambda: member_similarities([torch.rand(2, 3, 3), torch.rand(2, 4, 4)], "pixel"), "explanations"),
-    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(3), 3, 2, kind="pixel"), "accuracy"),
-    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 2, 2, kind="pixel"), "size=2"),
-    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 5, 2, kind="pixel"), "size=5"),
-    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 3, 0, kind="pixel"), "draws=0"),
+    (lambda: member_similarities(torch.rand(2, 2, 4), "superpixel", valid=torch.ones(2, 5, dtype=torch.bool), rule=RULE),
+     "(2, 5)"),
+    (lambda: member_similarities(torch.rand(2, 2, 4), "pixel", sigma=SIGMA), "[m, N, H, W]"),
+    (lambda: member_similarities(torch.rand(2, 2, 3, 3), "superpixel", rule=RULE), "[m, N, S]"),
+    (lambda: member_similarities([torch.rand(2, 3, 3), torch.rand(2, 4, 4)], "pixel", sigma=SIGMA), "explanations"),
+    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(3), 3, 2, kind="pixel", sigma=SIGMA), "accuracy"),
+    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 2, 2, kind="pixel", sigma=SIGMA), "size=2"),
+    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 5, 2, kind="pixel", sigma=SIGMA), "size=5"),
+    (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 3, 0, kind="pixel", sigma=SIGMA), "draws=0"),
     (lambda: random_subcommittees(torch.rand(4, 2, 3, 3), torch.rand(4), 3, 2), "kind"),
     (lambda: committee_size_convergence(lambda i: 0.0, 4, [0, 2], 2), "size 0"),
     (lambda: committee_size_convergence(lambda i: 0.0, 4, [5], 2), "size 5"),

@@ -292,18 +292,18 @@ def test_gradient_is_max_abs_input_gradient():
 def test_smoothgrad_is_reproducible_and_noiseless_limit_is_gradient():
     net = tiny_net()
     images, targets = images_and_targets()
-    explainer = SmoothGrad(num_samples=4)
+    explainer = SmoothGrad(num_samples=4, stdev=0.15, seed=None)
     torch.manual_seed(3)
     first = explainer(net, images, targets)
     torch.manual_seed(3)
     assert torch.equal(explainer(net, images, targets), first)
     assert not torch.allclose(explainer(net, images, targets), first)  # fresh noise
     assert first.shape == (2, 16, 16) and (first >= 0).all()
-    seeded = SmoothGrad(num_samples=4, seed=7)
+    seeded = SmoothGrad(num_samples=4, stdev=0.15, seed=7)
     state = torch.get_rng_state()
     assert torch.equal(seeded(net, images, targets), seeded(net, images, targets))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
-    noiseless = SmoothGrad(num_samples=2, stdev=0.0)(net, images, targets)
+    noiseless = SmoothGrad(num_samples=2, stdev=0.0, seed=None)(net, images, targets)
     assert torch.allclose(noiseless, Gradient()(net, images, targets), atol=1e-7)
 
 
@@ -329,7 +329,7 @@ def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_ma
 
     net = relu_net().double()
     images, targets = images_and_targets(batch=3, dtype=torch.float64)
-    options = {"num_samples": 6, "stdev": 0.0} if name == "smoothgrad" else {"steps": 8}
+    options = {"num_samples": 6, "stdev": 0.0, "seed": None} if name == "smoothgrad" else {"steps": 8}
     explainer = build_explainer(name, **options)
     whole = explainer(net, images, targets)
     passes = []
@@ -350,7 +350,7 @@ def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_ma
 def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
     net = relu_net()
     images, targets = images_and_targets()
-    options = {"smoothgrad": {"num_samples": 3}, "integrated_gradients": {"steps": 4},
+    options = {"smoothgrad": {"num_samples": 3, "stdev": 0.15, "seed": None}, "integrated_gradients": {"steps": 4},
                # 16 px noise images: a high compactness keeps several superpixels.
                "lime": {"num_samples": 20, "kernel_width": 0.25, "num_segments": 4, "compactness": 100.0,
                         "seed": 0, "fill": "mean", "score": "probability", "ridge": 1.0}}.get(name, {})
@@ -371,6 +371,6 @@ def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
 def test_build_explainer():
     assert build_explainer("gradcam_standard").mode == "standard"
     assert build_explainer("gradcam", layer="features.0").layer == "features.0"
-    assert build_explainer("smoothgrad", num_samples=3).num_samples == 3
+    assert build_explainer("smoothgrad", num_samples=3, stdev=0.15, seed=None).num_samples == 3
     with pytest.raises(ValueError, match="explainer 'shap' is unknown; valid explainers: .*fullgrad.*lime"):
         build_explainer("shap")

@@ -11,7 +11,7 @@ close its explanations are to it. Definitions and defaults: ``docs/consensus.md`
   correlations and scatter plots of a committee table (imported on first use of its names, so
   importing this package does not load matplotlib or Hydra).
 """
-from evaluation.consensus.core import (DEFAULT_RULE, DEFAULT_SIGMA, KINDS, RULES, committee_size_convergence,
+from evaluation.consensus.core import (KINDS, RULES, committee_size_convergence,
                                        consensus_scores, cosine_similarity, member_similarities, normalize_maps,
                                        pixel_consensus, random_subcommittees, ranks, rbf_similarity,
                                        superpixel_consensus)
@@ -20,7 +20,7 @@ from evaluation.consensus.stats import (all_correlations, average_precision, cor
 
 _REPORT = ("read_table", "write_table_report", "scatter", "correlation_title")
 
-__all__ = ["DEFAULT_RULE", "DEFAULT_SIGMA", "KINDS", "RULES", "normalize_maps", "pixel_consensus", "rbf_similarity",
+__all__ = ["KINDS", "RULES", "normalize_maps", "pixel_consensus", "rbf_similarity",
            "superpixel_consensus", "cosine_similarity", "member_similarities", "consensus_scores", "ranks",
            "random_subcommittees", "committee_size_convergence", "correlation", "all_correlations",
            "average_precision", "mean_average_precision", "is_missing", *_REPORT]

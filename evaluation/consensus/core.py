@@ -44,11 +44,8 @@ from scipy import stats as scipy_stats
 
 KINDS = ("pixel", "superpixel")
 RULES = ("linear", "squared")
-# LIME aggregation rule: unit-norm members weigh alike and signs are kept (docs/consensus.md).
-DEFAULT_RULE = "linear"
-# RBF width in RMS units of min-max-normalised maps: independent uniform noise maps differ by an
-# RMS of about 0.41, identical maps by 0; 0.2 spreads that range over (0.12, 1] (docs/consensus.md).
-DEFAULT_SIGMA = 0.2
+# sigma and the LIME rule have no default here: they live in conf/committee/default.yaml (with
+# their reasons in docs/consensus.md), and every caller passes them.
 
 
 def _tensor(x) -> torch.Tensor:
@@ -75,7 +72,7 @@ def _as_float64(x, name: str) -> torch.Tensor:
 
 def _check_sigma(sigma) -> float:
     if sigma is None:
-        return DEFAULT_SIGMA
+        raise ValueError("sigma: pixel explanations need the RBF width (conf/committee/default.yaml)")
     if isinstance(sigma, bool):
         raise ValueError(f"sigma={sigma!r}: must be a positive number")
     try:
@@ -89,7 +86,8 @@ def _check_sigma(sigma) -> float:
 
 def _check_rule(rule) -> str:
     if rule is None:
-        return DEFAULT_RULE
+        raise ValueError(f"rule: superpixel explanations need a consensus rule, one of {RULES} "
+                         "(conf/committee/default.yaml)")
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: unknown LIME consensus rule; choose one of {RULES}")
     return rule
@@ -146,7 +144,7 @@ def pixel_consensus(maps) -> torch.Tensor:
     return _mean(total, count)
 
 
-def rbf_similarity(a, b, sigma=DEFAULT_SIGMA) -> torch.Tensor:
+def rbf_similarity(a, b, sigma) -> torch.Tensor:
     """RBF similarity of maps over the last two dims: ``exp(-0.5 (rms(a - b) / sigma)^2)`` with
     ``rms(d) = ||d||_2 / sqrt(H W)``, so sigma does not depend on the resolution.
 
@@ -197,7 +195,7 @@ def _check_superpixel_weights(weights: torch.Tensor) -> None:
     _check_members(weights.shape[0], "weights")
 
 
-def superpixel_consensus(weights, valid=None, rule=DEFAULT_RULE) -> torch.Tensor:
+def superpixel_consensus(weights, valid, rule) -> torch.Tensor:
     """Consensus of LIME superpixel weights ``[m, N, S]`` -> ``[N, S]``.
 
     ``c_k = (1/m) sum_i L_ik / ||L_i||`` (``rule="linear"``) or ``c_k = (1/m) sum_i L_ik^2 / ||L_i||``
@@ -252,9 +250,9 @@ def member_similarities(explanations, kind: str, *, sigma=None, rule=None, valid
                         leave_one_out: bool = False) -> torch.Tensor:
     """Similarity of every member's explanation to the consensus, per image: ``[m, N]`` float64.
 
-    ``kind="pixel"``: ``explanations [m, N, H, W]``; RBF with width ``sigma`` (None =
-    ``DEFAULT_SIGMA``) between ``n_i`` and ``c``. ``kind="superpixel"``: ``explanations [m, N, S]``
-    with ``valid [N, S]``; cosine between ``t_i`` and ``c`` under ``rule`` (None = ``DEFAULT_RULE``).
+    ``kind="pixel"``: ``explanations [m, N, H, W]``; RBF with width ``sigma`` (required) between
+    ``n_i`` and ``c``. ``kind="superpixel"``: ``explanations [m, N, S]`` with ``valid [N, S]``;
+    cosine between ``t_i`` and ``c`` under ``rule`` (required).
     ``leave_one_out=True`` scores member i against the consensus of the other members,
     ``c_(-i) = (sum_j t_j - t_i) / (count - 1)``. NaN where the member's explanation is missing or
     the consensus is undefined.

@@ -31,12 +31,13 @@ class SmoothGrad(Explainer):
     generator): with ``seed=None`` set ``torch.manual_seed`` for reproducible maps; with an integer
     ``seed`` every call draws the same noise from a forked RNG and leaves the global one alone.
     ``samples_per_pass`` caps how many noisy copies of the batch go through the net at once;
-    by default as many as keep a pass near 64 images of 224 px (one copy at least).
+    by default as many as keep a pass near 64 images of 224 px (one copy at least). The method's
+    values have no default here: they live in ``conf/explainer/smoothgrad.yaml``.
     """
 
-    num_samples: int = 25
-    stdev: float = 0.15
-    seed: Optional[int] = None
+    num_samples: int
+    stdev: float
+    seed: Optional[int]
     samples_per_pass: Optional[int] = None
 
     def __post_init__(self):
@@ -74,10 +75,11 @@ class IntegratedGradients(Explainer):
 
     ``internal_batch_size`` (Captum's): how many (step, image) pairs go through the net at once;
     by default as many as keep a pass near 64 images of 224 px, and never fewer than the batch
-    (Captum's own floor: one step of every image).
+    (Captum's own floor: one step of every image). ``steps`` has no default here: it lives in
+    ``conf/explainer/integrated_gradients.yaml``.
     """
 
-    steps: int = 32
+    steps: int
     baseline: float | Tensor = 0.0
     internal_batch_size: Optional[int] = None
 
