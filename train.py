@@ -61,6 +61,7 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
     summary = {
         "model": cfg.model.name,
         "pooling": cfg.model.pooling,
+        "output_stride": cfg.model.output_stride,
         "loss": cfg.loss.name,
         "lambda": cfg.loss.get("lambda"),
         "data": cfg.data.name,

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.synthetic import SyntheticDataModule  # noqa: E402
+from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from evaluation.engine import ExplanationEvaluator  # noqa: E402
 from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--explainer", default="gradcam")
+    parser.add_argument("--output-stride", type=int, default=None, help="ResNet: 32 (default), 16 or 8")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,10 +53,11 @@ def main() -> None:
     num_classes = 10
     datamodule = SyntheticDataModule(ROOT / "data", num_classes=num_classes, image_size=args.size, train_per_class=1,
                                      val_per_class=math.ceil(args.images / num_classes), context_bias=0.0, seed=0,
+                                     **generator_options(),
                                      batch_size=args.batch, num_workers=0, skip_corrupt=False)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    net = build_network(args.model, num_classes).to(device).eval()
+    net = build_network(args.model, num_classes, output_stride=args.output_stride).to(device).eval()
     explainer = build_explainer(**explainer_options(args.explainer))  # options from conf/explainer
 
     print(f"{args.model} at {args.size} px, {args.explainer}, {args.images} images in batches of {args.batch}, "

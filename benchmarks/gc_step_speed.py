@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import images as image_io  # noqa: E402
-from datamodules.synthetic import SyntheticDataModule  # noqa: E402
+from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 from gcmodels.objective import gc_objective  # noqa: E402
@@ -33,10 +33,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_times(size: int, batch: int, steps: int, device: torch.device, precision: str) -> dict[str, float]:
+def step_times(size: int, batch: int, steps: int, device: torch.device, precision: str,
+               output_stride: int | None = None) -> dict[str, float]:
     """Median seconds of a CE step and a GC step (forward, backward, SGD update) for ResNet18."""
     torch.manual_seed(0)
-    net = build_network("resnet18", 10).to(device)
+    net = build_network("resnet18", 10, output_stride=output_stride).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     images = torch.rand(batch, 3, size, size, device=device)
     targets = torch.arange(batch, device=device) % 10
@@ -81,9 +82,10 @@ def decoded_per_sample(batches: int = 4) -> float:
     try:
         with tempfile.TemporaryDirectory() as root:
             data = SyntheticDataModule(root, num_classes=4, image_size=64, train_per_class=8, val_per_class=1,
+                                       **generator_options(),
                                        context_bias=0.0, seed=0, batch_size=8, num_workers=0, skip_corrupt=False)
             module = GCClassifier(
-                model={"name": "resnet18", "pooling": "avg", "pretrained": False},
+                model={"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32},
                 loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False},
                 optimizer={"name": "sgd", "lr": 0.01}, scheduler={"name": "none"}, num_classes=4, multilabel=False,
                 layout_seed=0,
@@ -111,13 +113,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    parser.add_argument("--output-stride", type=int, default=None,
+                        help="ResNet output stride (32 default; 16: the synthetic quick start's)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"ResNet18, batch {args.batch}, {args.steps} timed steps each, device {device}, {args.precision}, "
+    print(f"ResNet18 (output stride {args.output_stride or 32}), batch {args.batch}, {args.steps} timed steps each, "
+          f"device {device}, {args.precision}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'size':>5} {'CE img/s':>10} {'GC img/s':>10} {'GC/CE time':>11}")
     for size in args.sizes:
-        times = step_times(size, args.batch, args.steps, device, args.precision)
+        times = step_times(size, args.batch, args.steps, device, args.precision, args.output_stride)
         print(f"{size:>5} {args.batch / times['ce']:>10.1f} {args.batch / times['gc']:>10.1f} "
               f"{times['gc'] / times['ce']:>11.2f}")
     print(f"decoded images per training sample in GC mode: {decoded_per_sample():.2f}")

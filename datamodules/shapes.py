@@ -11,8 +11,14 @@
 :class:`~datamodules.synthetic.SyntheticDataModule` reads them.
 
 Every image has a cluttered background (low-frequency colour field, random strokes and small
-blobs, pixel noise) and exactly one object of its class. Classes differ only by the object's
-SHAPE; position, scale (40%-70% of the image side) and colour are random. Each object has one
+blobs, pixel noise), a few textured decoys, and exactly one object of its class. Classes differ
+only by the object's SHAPE; its colour is random, its side a random fraction of the image side in
+``object_scale``, and its position uniform over every place where it fits whole (touching the
+border included), so the object is rarely at the centre: a map that points at the centre of every
+image scores low. Decoys (``decoys``: how many per image, a range) are rectangles of 15%-35% of
+the side filled with high-contrast stripes or checks in random colours, placed clear of the object:
+salient regions that compete with the object for a model's attention, yet never look like a class
+(objects are solid, decoys are textured, blobs are smaller than any object). Each object has one
 COCO annotation whose segmentation is the RLE of the exact set of pixels the object was painted
 on, so evaluation masks are exact. Fields beyond the COCO format (pycocotools ignores them):
 - annotation ``"color"``: the object's RGB colour (every mask pixel has exactly this colour);
@@ -40,7 +46,7 @@ import numbers
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -49,10 +55,13 @@ from PIL import Image, ImageDraw
 from .base import check_int
 
 # Bump when the generator's output changes, so that data cached by an older version is not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 SPLIT_IDS = {"train": 0, "val": 1}
-MIN_IMAGE_SIZE = 48  # smallest objects are then 19 px: below, thin parts and gaps of shapes vanish
+MIN_IMAGE_SIZE = 32
+# Below this side in pixels the thin parts and gaps of some shapes (the ring's hole, the bars'
+# gap, the cross's arms) shrink to a pixel or two and shapes stop being told apart.
+MIN_OBJECT_PIXELS = 14
 
 
 def _radial_polygon(radii: list[float]) -> tuple[tuple[float, float], ...]:
@@ -93,13 +102,9 @@ CUE_COLORS = [
     (255, 128, 0), (128, 0, 255), (0, 128, 128), (128, 64, 0), (255, 160, 200), (0, 0, 0),
 ]  # fmt: skip
 
-# Object side as a fraction of the image side. Objects of 40-70% let ResNet18 learn the shapes
-# from scratch within a CPU-minutes budget (25-55% needed about 5x more steps for the same accuracy).
-OBJECT_SCALE = (0.4, 0.7)
 CUE_SCALE = 0.12  # cue patch side as a fraction of the image side
-# With object side <= 0.7 and two cue patches of 0.12 per axis, 0.7 + 2 * 0.12 < 1: an object
-# can never touch both the left and right (or top and bottom) patches, so a free corner exists.
-assert OBJECT_SCALE[1] + 2 * CUE_SCALE < 1
+DECOY_SCALE = (0.15, 0.35)  # decoy sides as fractions of the image side
+DECOY_PLACEMENT_TRIES = 20  # a decoy that finds no free place in this many draws is left out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +118,10 @@ class SyntheticParams:
     image_size: int
     train_per_class: int
     val_per_class: int
+    # [smallest, largest] object side as a fraction of the image side.
+    object_scale: tuple[float, float]
+    # [fewest, most] textured decoys per image.
+    decoys: tuple[int, int]
     context_bias: float
     seed: int
 
@@ -122,14 +131,43 @@ class SyntheticParams:
         check_int("train_per_class", self.train_per_class, minimum=1)
         check_int("val_per_class", self.val_per_class, minimum=1)
         check_int("seed", self.seed, minimum=0)  # numpy seeds must be non-negative
+        object.__setattr__(self, "object_scale", self._check_object_scale(self.object_scale))
+        object.__setattr__(self, "decoys", self._check_decoys(self.decoys))
         bias = self.context_bias
         if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not 0.0 <= bias <= 1.0:
             raise ValueError(f"data.context_bias must be a number in [0, 1], got {bias!r}")
         # 1 and 1.0 must name the same data set (the directory hash is taken over the JSON text).
         object.__setattr__(self, "context_bias", float(bias))
 
+    def _check_object_scale(self, scale: Any) -> tuple[float, float]:
+        if not _is_pair(scale, numbers.Real) or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"data.object_scale must be [smallest, largest] fractions, 0 < smallest <= "
+                             f"largest, got {scale!r}")
+        # With two cue patches per axis beside it, an object never touches both the left and
+        # right (or top and bottom) patches, so the context cue always finds a free corner.
+        largest = 1 - 2 * CUE_SCALE
+        if scale[1] >= largest:
+            raise ValueError(f"data.object_scale: the largest object side must stay below {largest:.2f} of "
+                             f"the image (room for the context cue), got {scale[1]!r}")
+        if scale[0] * self.image_size < MIN_OBJECT_PIXELS:
+            raise ValueError(
+                f"data.object_scale={list(scale)!r} at data.image_size={self.image_size} makes objects of "
+                f"{scale[0] * self.image_size:.1f} px; at least {MIN_OBJECT_PIXELS} px keep shapes apart: "
+                f"raise the smallest scale or the image size"
+            )
+        return float(scale[0]), float(scale[1])
+
+    @staticmethod
+    def _check_decoys(decoys: Any) -> tuple[int, int]:
+        if not _is_pair(decoys, numbers.Integral) or not 0 <= decoys[0] <= decoys[1]:
+            raise ValueError(f"data.decoys must be [fewest, most] counts, 0 <= fewest <= most, got {decoys!r}")
+        return int(decoys[0]), int(decoys[1])
+
     def to_dict(self) -> dict[str, Any]:
-        return {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(self)}
+        # Lists, as JSON reads them back (meta.json is compared with this).
+        fields = {key: list(value) if isinstance(value, tuple) else value
+                  for key, value in dataclasses.asdict(self).items()}
+        return {"generator_version": GENERATOR_VERSION, **fields}
 
     @property
     def digest(self) -> str:
@@ -139,6 +177,11 @@ class SyntheticParams:
     @property
     def class_names(self) -> list[str]:
         return [f"class_{index:02d}_{shape}" for index, shape in enumerate(list(SHAPES)[: self.num_classes])]
+
+
+def _is_pair(value: Any, kind: type) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+            and all(isinstance(v, kind) and not isinstance(v, bool) for v in value))
 
 
 def synthetic_dir(root: str | Path, params: SyntheticParams) -> Path:
@@ -241,9 +284,11 @@ def _render(
     size = params.image_size
     pixels = _background(rng, size)
 
-    side = int(rng.integers(round(OBJECT_SCALE[0] * size), round(OBJECT_SCALE[1] * size) + 1))
-    left, top = (int(v) for v in rng.integers(0, size - side, size=2))
+    smallest, largest = (round(scale * size) for scale in params.object_scale)
+    side = int(rng.integers(smallest, largest + 1))
+    left, top = (int(v) for v in rng.integers(0, size - side + 1, size=2))  # anywhere it fits whole
     mask = _shape_mask(list(SHAPES)[class_index], size, left, top, side)
+    _draw_decoys(rng, pixels, (left, top, side), int(rng.integers(params.decoys[0], params.decoys[1] + 1)))
     # Bright object on a dark background and dark on a bright one, so it is always visible.
     dark_background = pixels[mask].mean() < 128
     hue, saturation, value = rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.0, 1.0)
@@ -280,6 +325,33 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         draw.ellipse((x, y, x + w, y + h), fill=tuple(rng.integers(0, 256, size=3).tolist()))
     noise = rng.integers(-12, 13, size=(size, size, 3), dtype=np.int16)  # uniform, std ~7
     return np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def _draw_decoys(rng: np.random.Generator, pixels: np.ndarray, object_box: tuple[int, int, int], count: int) -> None:
+    """Paint ``count`` textured rectangles (stripes or checks of two random colours) into
+    ``pixels`` in place, each clear of the object's box by a margin of 2 px and of the other
+    decoys; one that finds no free place in ``DECOY_PLACEMENT_TRIES`` draws is left out."""
+    size = pixels.shape[0]
+    left, top, side = object_box
+    taken = [(left - 2, top - 2, left + side + 2, top + side + 2)]
+    rows, cols = np.mgrid[0:size, 0:size]
+    for _ in range(count):
+        w, h = (int(v) for v in np.round(rng.uniform(*DECOY_SCALE, size=2) * size))
+        for _ in range(DECOY_PLACEMENT_TRIES):
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            box = (x, y, x + w, y + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+        else:
+            continue
+        taken.append(box)
+        # Stripes of 2 px at 80 px, up to 6 px at 224 px: a texture, never a shape's part.
+        period = int(rng.integers(2, max(2, round(size / 40)) + 1))
+        pattern = int(rng.integers(3))  # 0 horizontal stripes, 1 vertical, 2 checks
+        r, c = rows[y : y + h, x : x + w] // period, cols[y : y + h, x : x + w] // period
+        on = (r if pattern == 0 else c if pattern == 1 else r + c) % 2 == 1
+        first, second = rng.integers(0, 256, size=(2, 3))
+        pixels[y : y + h, x : x + w] = np.where(on[..., None], first, second)
 
 
 def _shape_mask(shape: str, size: int, left: int, top: int, side: int) -> np.ndarray:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from torchvision import transforms
 
 from .base import ClassificationDataModule
 from .coco import CocoMaskDataset
 from .imagefolder import ClassFolderDataset
 from .shapes import SyntheticParams, generate_synthetic, is_complete, synthetic_dir
+
+
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic.yaml"
+
+
+def generator_options() -> dict:
+    """``object_scale`` and ``decoys`` of ``conf/data/synthetic.yaml``, for code outside Hydra
+    (benchmarks) that builds small synthetic sets of its own size and count."""
+    config = OmegaConf.to_container(OmegaConf.load(CONFIG_FILE))
+    return {key: config[key] for key in ("object_scale", "decoys")}
 
 
 class SyntheticDataModule(ClassificationDataModule):

@@ -70,8 +70,10 @@ def spread_indices(length: int, count: int) -> list[int]:
 
 
 def validation_sample(datamodule: ClassificationDataModule, count: int) -> dict:
-    """One batch of ``count`` validation images spread over the set."""
-    dataset = datamodule.val_dataset()
+    """One batch of ``count`` validation images spread over the set: localisation trials (with
+    their ``mask``) where the data set has masks."""
+    trials = datamodule.localization_dataset()
+    dataset = trials if trials is not None else datamodule.val_dataset()
     return datamodule.collate_fn([dataset[i] for i in spread_indices(len(dataset), count)])
 
 
@@ -122,7 +124,7 @@ class ExplanationEvaluator:
                 num_runs=settings.spg_runs, seed=settings.seed),
             "ch": metric_classes.ContentHeatmap,
             "nqh": metric_classes.NegativeQuadrantsHeatmap,
-            "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps),
+            "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps, settings.fgsm_space),
         }
         self.state: dict[str, Metric] = {name: builders[name]() for name in self.metrics}
         # The same localisation metrics of the reference maps, on the same trials.

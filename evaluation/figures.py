@@ -3,43 +3,69 @@ come from ``evaluation.panels``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 import torch
 
 from evaluation.metrics.functional import upsample
 
 
-# One picture of a grid: (image [3,H,W] in [0,1], heatmap [h,w] or None, caption).
-Panel = tuple[torch.Tensor, torch.Tensor | None, str]
+class Panel(NamedTuple):
+    """One picture of a grid."""
+
+    image: torch.Tensor  # [3, H, W] in [0, 1]
+    heatmap: torch.Tensor | None  # [h, w], upsampled to the image when drawn
+    caption: str
+    mask: torch.Tensor | None = None  # bool [H, W]: the object, outlined when given
+
+
+# Heatmaps are drawn over a grey, low-contrast copy of the image so that their colours are the
+# only colours, with the object's mask outlined in white.
+GREY_RANGE = (0.25, 0.75)
+HEATMAP_ALPHA = 0.6
+COLORMAP = "inferno"
+
+
+def _grey(image: torch.Tensor) -> torch.Tensor:
+    luminance = (image.detach().float().cpu().clamp(0, 1) * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    return GREY_RANGE[0] + (GREY_RANGE[1] - GREY_RANGE[0]) * luminance
 
 
 def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | Path, title: str) -> Path:
-    """Save a grid with one row per ``(row label, panels)``; heatmaps are upsampled to their
-    image, min-max scaled and drawn over it."""
+    """Save a grid with one row per ``(row label, panels)``: each image desaturated, its heatmap
+    upsampled to it, min-max scaled and drawn over it, its mask (if any) outlined; one colour bar."""
     columns = max(len(panels) for _, panels in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 2.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns + 0.6, 2.1 * len(rows)), squeeze=False)
     for r, (label, panels) in enumerate(rows):
         for c in range(columns):
             ax = axes[r, c]
             ax.axis("off")
             if c >= len(panels):
                 continue
-            image, heatmap, caption = panels[c]
-            ax.imshow(image.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
-            if heatmap is not None:
-                heat = upsample(heatmap.detach().float().cpu()[None], image.shape[-2:])[0]
+            panel = panels[c]
+            ax.imshow(_grey(panel.image).numpy(), cmap="gray", vmin=0, vmax=1)
+            if panel.heatmap is not None:
+                heat = upsample(panel.heatmap.detach().float().cpu()[None], panel.image.shape[-2:])[0]
                 heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
-                ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            ax.set_title(caption, fontsize=6)
+                ax.imshow(heat.numpy(), cmap=COLORMAP, alpha=HEATMAP_ALPHA, vmin=0, vmax=1)
+            if panel.mask is not None and panel.mask.any():
+                ax.contour(panel.mask.detach().cpu().float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_title(panel.caption, fontsize=6)
         axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
                         ha="right", fontsize=7)
+    if any(panel.mask is not None for _, panels in rows for panel in panels):
+        title += "; white line: the object's mask"
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 0.5 / fig.get_figwidth(), 1))
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), COLORMAP), ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    bar.set_label("min-max per image", fontsize=6)
+    bar.ax.tick_params(labelsize=6)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,6 +11,8 @@ import numbers
 from pathlib import Path
 from typing import Sequence
 
+from evaluation.attacks import SPACES
+
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "evaluation" / "default.yaml"
 
 
@@ -28,7 +30,7 @@ class EvaluationSettings:
 
     ``tolerance``: pointing-game tolerance in pixels at an image side of ``tolerance_at`` pixels
     (None: in the masks' own pixels). ``spg_samples`` points per image in each of ``spg_runs`` runs.
-    ``fgsm_eps``: FGSM eps in 1/255 units. ``seed``: NQH composites, SPG points and the noise
+    ``fgsm_eps``: FGSM eps in 1/255 units, in ``fgsm_space`` (pixel or normalized). ``seed``: NQH composites, SPG points and the noise
     reference maps. ``batch_size``: images per evaluation batch and process. ``noise_seeds``:
     uniform-noise reference maps per trial (their scores are averaged).
     """
@@ -38,6 +40,7 @@ class EvaluationSettings:
     spg_samples: int
     spg_runs: int
     fgsm_eps: tuple[float, ...]
+    fgsm_space: str
     seed: int
     batch_size: int
     noise_seeds: int
@@ -56,6 +59,8 @@ class EvaluationSettings:
         if isinstance(eps, (str, bytes)) or not isinstance(eps, Sequence) or not eps or \
                 not all(_is_number(e) and e >= 0 for e in eps):
             problems.append(f"evaluation.fgsm_eps must be a non-empty list of numbers >= 0 (1/255 units), got {eps!r}")
+        if self.fgsm_space not in SPACES:
+            problems.append(f"evaluation.fgsm_space must be one of {list(SPACES)}, got {self.fgsm_space!r}")
         if problems:
             raise ValueError("; ".join(problems))
         # Hydra hands over a ListConfig; a tuple keeps the settings frozen and hashable.

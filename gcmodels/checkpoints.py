@@ -28,7 +28,10 @@ _FLAT_GC_OPTIONS = {"lam": "lambda", "cam_mode": "cam_mode", "detach_target": "d
 
 def upgrade_hparams(hparams: dict) -> dict:
     """Hyper-parameters of older checkpoints in today's form: ``loss="gc", lam=..., cam_mode=...,
-    detach_target=...`` becomes the ``loss`` config dict (``ce`` keeps only its name)."""
+    detach_target=...`` becomes the ``loss`` config dict (``ce`` keeps only its name); a model
+    without ``output_stride`` (older than the option) had its architecture's own (None)."""
+    if isinstance(hparams.get("model"), dict) and "output_stride" not in hparams["model"]:
+        hparams["model"] = {**hparams["model"], "output_stride": None}
     if isinstance(hparams.get("loss"), str):
         loss = {"name": hparams["loss"]}
         flat = {new: hparams.pop(old) for old, new in _FLAT_GC_OPTIONS.items() if old in hparams}
@@ -44,11 +47,12 @@ def read_hparams(path: str | Path) -> dict:
 
 
 def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool) -> None:
-    """Refuse to resume from a checkpoint of another architecture, pooling or class count."""
+    """Refuse to resume from a checkpoint of another architecture, pooling, output stride or class
+    count."""
     saved = read_hparams(path)
     saved_model = dict(saved.get("model") or {})
     problems = []
-    for key in ("name", "pooling"):
+    for key in ("name", "pooling", "output_stride"):
         if saved_model.get(key) != model.get(key):
             problems.append(f"model.{key}: checkpoint has {saved_model.get(key)!r}, config has {model.get(key)!r}")
     if saved.get("num_classes") != num_classes:

@@ -94,7 +94,7 @@ class GCClassifier(pl.LightningModule):
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
-                                                             model["pretrained"])
+                                                             model["pretrained"], model["output_stride"])
         self._layout_generator: torch.Generator | None = None
         self.train_acc = accuracy_metric(num_classes, multilabel)
         self.val_acc = accuracy_metric(num_classes, multilabel)

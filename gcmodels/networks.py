@@ -45,10 +45,35 @@ class ExplainableNet(nn.Module):
         return self.head(self.forward_features(images))
 
 
-def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool) -> ExplainableNet:
+# ResNet output stride -> how many of the last stages (layer4, then layer3) lose their stride 2.
+UNSTRIDED_STAGES = {32: 0, 16: 1, 8: 2}
+
+
+def _remove_stride(stages: list[nn.Sequential]) -> None:
+    """Turn the stride 2 of each stage into dilation of the later 3x3 convolutions (DeepLab's
+    atrous ResNet, with torchvision's rule: a stage's first block keeps the dilation before it,
+    the others double it): same weights, same receptive fields, finer output. Written here
+    because torchvision's ``replace_stride_with_dilation`` refuses ResNet18's BasicBlock."""
+    dilation = 1
+    for stage in stages:
+        previous, dilation = dilation, dilation * 2
+        for index, block in enumerate(stage):
+            for conv in block.modules():
+                if not isinstance(conv, nn.Conv2d):
+                    continue
+                conv.stride = (1, 1)
+                if conv.kernel_size == (3, 3):
+                    rate = previous if index == 0 else dilation
+                    conv.dilation, conv.padding = (rate, rate), (rate, rate)
+
+
+def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool, output_stride: int) -> ExplainableNet:
     builder = getattr(models, arch)
     weights = "DEFAULT" if pretrained else None
     net = builder(weights=weights)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    unstrided = UNSTRIDED_STAGES[output_stride]
+    _remove_stride(stages[len(stages) - unstrided:] if unstrided else [])
     if net.fc.out_features != num_classes:
         net.fc = nn.Linear(net.fc.in_features, num_classes)
     features = nn.Sequential(
@@ -60,7 +85,12 @@ def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool) -> Expl
     return ExplainableNet(features, head, Normalize())
 
 
-def _alexnet(num_classes: int, pooling: str, pretrained: bool) -> ExplainableNet:
+def _alexnet(num_classes: int, pooling: str, pretrained: bool, output_stride: int) -> ExplainableNet:
+    if output_stride != ALEXNET_STRIDE:
+        raise ValueError(
+            f"model.output_stride={output_stride!r} is not available for alexnet (its conv5 is at "
+            f"stride {ALEXNET_STRIDE}, fixed); the option dilates a ResNet's last stages"
+        )
     if pooling != "avg":
         # AlexNet has no global pooling to swap: its head is maxpool + 6x6 adaptive pool + MLP.
         raise ValueError(
@@ -76,24 +106,30 @@ def _alexnet(num_classes: int, pooling: str, pretrained: bool) -> ExplainableNet
     return ExplainableNet(features, head, Normalize())
 
 
-ARCHITECTURES: dict[str, Callable[[int, str, bool], ExplainableNet]] = {
-    "resnet18": lambda n, p, w: _resnet("resnet18", n, p, w),
-    "resnet50": lambda n, p, w: _resnet("resnet50", n, p, w),
+ARCHITECTURES: dict[str, Callable[[int, str, bool, int], ExplainableNet]] = {
+    "resnet18": lambda n, p, w, s: _resnet("resnet18", n, p, w, s),
+    "resnet50": lambda n, p, w, s: _resnet("resnet50", n, p, w, s),
     "alexnet": _alexnet,
 }
 POOLINGS = ("avg", "max")
+ALEXNET_STRIDE = 16
 
 
 def build_network(
-    name: str, num_classes: int, pooling: str = "avg", pretrained: bool = False
+    name: str, num_classes: int, pooling: str = "avg", pretrained: bool = False, output_stride: int | None = None
 ) -> ExplainableNet:
     """Build ``name`` with ``num_classes`` outputs; ``pretrained`` loads torchvision's ImageNet
     weights (from the local torch cache or a download) and replaces the last layer when the
-    class count differs."""
+    class count differs. ``output_stride``: input pixels per cell of the explained layer (None:
+    the architecture's own, 32 for ResNet, 16 for AlexNet; ResNet also takes 16 and 8)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"model.name={name!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
     if pooling not in POOLINGS:
         raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {list(POOLINGS)}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"number of classes must be an integer >= 2, got {num_classes!r}")
-    return ARCHITECTURES[name](num_classes, pooling, pretrained)
+    if output_stride is None:
+        output_stride = ALEXNET_STRIDE if name == "alexnet" else 32
+    if output_stride not in UNSTRIDED_STAGES:
+        raise ValueError(f"model.output_stride={output_stride!r} is unknown; allowed: {sorted(UNSTRIDED_STAGES)}")
+    return ARCHITECTURES[name](num_classes, pooling, pretrained, output_stride)

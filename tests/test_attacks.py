@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.attacks import fgsm, fgsm_attacks
+from gcmodels.networks import build_network
 from tests.conftest import fgsm_case
 
 
@@ -50,3 +51,24 @@ def test_fgsm_takes_a_custom_loss_and_refuses_inference_mode():
     assert not torch.equal(toward, away)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
         fgsm(net, images, targets, 2)
+
+
+def test_fgsm_in_normalized_space_steps_the_networks_normalised_input():
+    """The attack on the normalised input ``z = (x - mean) / std``, done by hand: z moves by
+    eps/255 along the sign of dL/dz (= the sign of dL/dx, std > 0), then back to pixels."""
+    torch.manual_seed(0)
+    net = build_network("resnet18", 6).eval().double()
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 5])
+    mean, std = net.normalize.mean, net.normalize.std
+    z = ((images - mean) / std).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(F.cross_entropy(net.head(net.features(z)), targets), z)
+    expected = ((z.detach() + 8 / 255 * gradient.sign()) * std + mean).clamp(0, 1)
+    adversarial = fgsm(net, images, targets, 8, space="normalized")
+    torch.testing.assert_close(adversarial, expected, rtol=0, atol=1e-12)
+    assert (adversarial - images).abs().max() < 8 / 255 * 0.23  # ImageNet's std < 0.23: smaller steps
+    with pytest.raises(ValueError, match="'gray'"):
+        fgsm(net, images, targets, 8, space="gray")
+    linear, pixels, labels = fgsm_case(False)
+    with pytest.raises(ValueError, match="Normalize"):
+        fgsm(linear, pixels, labels, 8, space="normalized")

@@ -6,7 +6,7 @@ import torch
 from gcmodels.checkpoints import read_hparams
 from gcmodels.module import GCClassifier
 
-MODEL = {"name": "resnet18", "pooling": "max", "pretrained": False}
+MODEL = {"name": "resnet18", "pooling": "max", "pretrained": False, "output_stride": 32}
 OPTIM = {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "scheduler": {"name": "none"}}
 
 
@@ -51,7 +51,7 @@ def test_checkpoints_with_the_old_flat_loss_options_still_load(tmp_path, flat, e
 
 
 def test_a_state_dict_of_another_network_is_refused(tmp_path):
-    other = GCClassifier(model={**MODEL, "name": "alexnet", "pooling": "avg"}, loss={"name": "ce"}, **OPTIM,
+    other = GCClassifier(model={**MODEL, "name": "alexnet", "pooling": "avg", "output_stride": 16}, loss={"name": "ce"}, **OPTIM,
                          num_classes=3, multilabel=False, layout_seed=0)
     save(tmp_path / "mixed.ckpt", {**dict(module({"name": "ce"}).hparams)}, other.state_dict())
     with pytest.raises(RuntimeError, match="state_dict"):

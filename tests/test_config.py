@@ -22,7 +22,7 @@ def test_sgd_recipes_take_the_papers_learning_rate_of_the_architecture(model, lr
         cfg = compose_config("train", f"model={model}", f"optimizer={optimizer}")
         assert cfg.optimizer.lr == lr and cfg.optimizer.name == "sgd"
     assert compose_config("train", f"model={model}", "data=coco").optimizer.lr == 0.01  # COCO fine-tunes
-    assert set(compose_config("train", f"model={model}").model) == {"name", "pooling", "pretrained"}
+    assert set(compose_config("train", f"model={model}").model) == {"name", "pooling", "pretrained", "output_stride"}
 
 
 @pytest.mark.parametrize("data, metric", [("synthetic", "val/acc"), ("imagenet", "val/acc"), ("coco", "val/f1")])
@@ -42,7 +42,7 @@ def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
     callbacks = {name: instantiate(cfg.callbacks[name]) for name in ("explanation_metrics", "fgsm_robustness")}
     assert isinstance(callbacks["explanation_metrics"], ExplanationMetricsCallback)
     assert isinstance(callbacks["fgsm_robustness"], FGSMRobustnessCallback)
-    expected = EvaluationSettings(tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0),
+    expected = EvaluationSettings(tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0), fgsm_space="pixel",
                                   seed=7, batch_size=5, noise_seeds=3)
     assert all(callback.settings == expected for callback in callbacks.values())
     evaluate = compose_config("evaluate", "ckpt_path=x.ckpt", "seed=7", "data.batch_size=5", "evaluation.fgsm_eps=[2,4]")

@@ -37,7 +37,7 @@ def test_store_entries_are_complete_or_absent(tmp_path):
 
 
 def test_a_member_is_its_weights_not_its_file():
-    model = {"name": "resnet18", "pooling": "avg", "pretrained": False}
+    model = {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32}
     # Batch norm keeps a 0-dim counter among the weights.
     weights = {"net.fc.weight": torch.arange(6.0).view(2, 3), "net.bn.num_batches_tracked": torch.tensor(7),
                "epoch_counter": 3}

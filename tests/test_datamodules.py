@@ -28,10 +28,11 @@ from datamodules.coco import CocoMaskDataset, CocoMultiLabelDataset, coco_masks,
 from datamodules.imagefolder import ClassFolderDataset
 from datamodules.imagenet import BoxMaskDataset, read_ilsvrc_boxes
 from datamodules.images import CorruptImageError, collate_samples
-from datamodules.shapes import MAX_CLASSES, MIN_IMAGE_SIZE, SyntheticParams, generate_synthetic
+from datamodules.shapes import MAX_CLASSES, MIN_IMAGE_SIZE, MIN_OBJECT_PIXELS, SyntheticParams, generate_synthetic
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
-SMALL = dict(num_classes=3, image_size=48, train_per_class=4, val_per_class=2, context_bias=0.0, seed=0)
+SMALL = dict(num_classes=3, image_size=48, train_per_class=4, val_per_class=2, object_scale=(0.3, 0.5), decoys=(1, 2),
+             context_bias=0.0, seed=0)
 LOADING = dict(batch_size=4, num_workers=0, skip_corrupt=False)
 
 
@@ -131,9 +132,9 @@ def test_annotation_masks_are_exact(tmp_path, split):
 
 
 def test_every_shape_renders_distinct_masks_at_the_minimum_size(tmp_path):
-    directory = generate(
-        tmp_path, num_classes=MAX_CLASSES, image_size=MIN_IMAGE_SIZE, train_per_class=1, val_per_class=1
-    )
+    smallest = MIN_OBJECT_PIXELS / MIN_IMAGE_SIZE
+    directory = generate(tmp_path, num_classes=MAX_CLASSES, image_size=MIN_IMAGE_SIZE, train_per_class=1,
+                         val_per_class=1, object_scale=(smallest, smallest))
     coco = load_coco(directory / "annotations" / "instances_val.json")
     masks = [coco.annToMask(ann) for ann in coco.dataset["annotations"]]
     assert len(masks) == MAX_CLASSES and all(mask.any() for mask in masks)
@@ -187,6 +188,63 @@ def test_num_classes_out_of_range_is_rejected(tmp_path, num_classes):
         SyntheticParams(**{**SMALL, "num_classes": num_classes})
     with pytest.raises(ValueError, match=r"data\.num_classes"):
         synthetic_module(tmp_path, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("object_scale", (0.5, 0.3), "smallest <= largest"),
+    ("object_scale", 0.3, r"\[smallest, largest\]"),
+    ("object_scale", (0.3, 0.8), "below 0.76 of the image"),
+    ("object_scale", (0.2, 0.5), "9.6 px; at least 14 px"),
+    ("decoys", (2, 1), "fewest <= most"),
+    ("decoys", (0.5, 1), r"\[fewest, most\] counts"),
+])
+def test_object_scale_and_decoys_are_checked(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=rf"data\.{key}.*{message}"):
+        synthetic_module(tmp_path, **{key: value})
+    assert not any(tmp_path.iterdir())
+
+
+def test_objects_sit_anywhere_and_decoys_stay_clear_of_them(tmp_path):
+    directory = generate(tmp_path, image_size=64, train_per_class=40, val_per_class=1, object_scale=(0.22, 0.5),
+                         decoys=(3, 3))
+    train = read_json(directory / "annotations" / "instances_train.json")
+    boxes = np.array([ann["bbox"] for ann in train["annotations"]])
+    sides = np.maximum(boxes[:, 2], boxes[:, 3])
+    assert sides.min() >= 0.22 * 64 - 1 and sides.max() <= 0.5 * 64 + 1  # PIL draws the end pixel too
+    # Positions cover the image, borders included (not only near the centre).
+    assert (boxes[:, 0] == 0).any() or (boxes[:, 1] == 0).any()
+    centres = boxes[:, :2] + boxes[:, 2:] / 2
+    assert centres.min() < 16 and centres.max() > 48
+    # Three decoys per image, yet no pixel of the object's colour outside its box (the exactness test
+    # checks that nothing covers the object).
+    for info, ann in zip(train["images"], train["annotations"]):
+        pixels = np.asarray(Image.open(directory / "train" / info["file_name"]))
+        x, y, w, h = (int(v) for v in ann["bbox"])
+        inside = np.zeros(pixels.shape[:2], bool)
+        inside[max(0, y - 2): y + h + 2, max(0, x - 2): x + w + 2] = True
+        assert not ((pixels == ann["color"]).all(-1) & ~inside).any()
+
+
+def test_a_centred_peak_points_at_the_object_in_at_most_half_of_the_default_validation_images():
+    """Issue 9: the default synthetic validation set does not reward a centre prior (TorchRay's
+    centre baseline with the pointing game's tolerance), while uniform noise scores far lower."""
+    from datamodules.shapes import _render
+    from evaluation.metrics.classes import PointingGame
+    from evaluation.references import centre_maps, noise_maps
+
+    config = OmegaConf.load(CONF_DATA / "synthetic.yaml")
+    params = SyntheticParams(**{key: OmegaConf.to_container(config)[key] for key in (
+        "num_classes", "image_size", "train_per_class", "val_per_class", "object_scale", "decoys", "context_bias",
+        "seed")})
+    masks = torch.from_numpy(np.stack([
+        _render(np.random.default_rng([params.seed, 1, c, i]), params, c, with_cue=False)[1]
+        for c in range(params.num_classes) for i in range(params.val_per_class)]))
+    size = params.image_size
+    centre, noise = PointingGame(tolerance=15, tolerance_at=224), PointingGame(tolerance=15, tolerance_at=224)
+    centre.update(centre_maps(len(masks), size, size, "cpu"), masks)
+    noise.update(noise_maps(len(masks), size, size, torch.Generator().manual_seed(0), "cpu"), masks)
+    assert 0.3 < centre.compute()["pg"] <= 0.5
+    assert noise.compute()["pg"] < 0.25
 
 
 @pytest.mark.parametrize(
@@ -488,7 +546,7 @@ def test_every_data_config_builds_its_datamodule(tmp_path, name):
     if name == "synthetic":  # the yaml's values are the data set's, no default of the code's
         assert module.params == SyntheticParams(
             **{key: config[key] for key in ("num_classes", "image_size", "train_per_class", "val_per_class",
-                                            "context_bias", "seed")}
+                                            "object_scale", "decoys", "context_bias", "seed")}
         )
 
 

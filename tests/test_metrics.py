@@ -320,7 +320,7 @@ def test_two_updates_equal_one_update_on_the_concatenation():
         merged.merge_state(other)  # merges states with their dist_reduce_fx, as a DDP sync does
         assert_results_equal(split.compute(), whole.compute())
         assert_results_equal(merged.compute(), whole.compute())
-    whole, split = FGSMRobustness(eps_list=(1, 8)), FGSMRobustness(eps_list=(1, 8))
+    whole, split = FGSMRobustness(eps_list=(1, 8), space="pixel"), FGSMRobustness(eps_list=(1, 8), space="pixel")
     whole.update(net, images, targets)
     split.update(net, images[:3], targets[:3])
     split.update(net, images[3:], targets[3:])
@@ -329,7 +329,7 @@ def test_two_updates_equal_one_update_on_the_concatenation():
 
 def test_fgsm_robustness_counts_top1_under_attack():
     net, images, targets = fgsm_case(False)
-    metric = FGSMRobustness(eps_list=(0, 2, 64))
+    metric = FGSMRobustness(eps_list=(0, 2, 64), space="pixel")
     metric.update(net, images, targets)
     result = metric.compute()
     assert list(result) == ["eps=0", "eps=2", "eps=64"]

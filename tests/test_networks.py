@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from torchvision import models
+
 from gcmodels.networks import build_network
 
 
@@ -67,3 +69,33 @@ def test_gmp_uses_global_max_pooling():
 def test_bad_network_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_network(**kwargs)
+
+
+def test_output_stride_dilates_like_torchvision_and_keeps_the_weights():
+    """ResNet50 at output stride 8 is torchvision's atrous ResNet50 (its replace_stride_with_dilation):
+    same outputs with the same weights. ResNet18, which torchvision refuses to dilate, gets the same
+    rule: finer maps from the same parameters."""
+    torch.manual_seed(0)
+    ours = build_network("resnet50", 10, output_stride=8).eval()
+    reference = models.resnet50(num_classes=10, replace_stride_with_dilation=[False, True, True]).eval()
+    # Same modules in the same order (conv1, bn1, layer1-4, fc): copy the weights across.
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert [v.shape for v in ours_state.values()] == [v.shape for v in reference_state.values()]
+    reference.load_state_dict(dict(zip(reference_state, ours_state.values())))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference(ours.normalize(images)), rtol=1e-4, atol=1e-5)
+    standard, fine = build_network("resnet18", 10), build_network("resnet18", 10, output_stride=16)
+    assert [p.shape for p in standard.parameters()] == [p.shape for p in fine.parameters()]
+    sizes = {stride: build_network("resnet18", 10, output_stride=stride).forward_features(torch.rand(1, 3, 80, 80)).shape[-1]
+             for stride in (32, 16, 8)}
+    assert sizes == {32: 3, 16: 5, 8: 10}
+
+
+@pytest.mark.parametrize("name, stride, message", [
+    ("resnet18", 4, r"model.output_stride=4 is unknown; allowed: \[8, 16, 32\]"),
+    ("alexnet", 32, "not available for alexnet"),
+])
+def test_bad_output_stride_is_refused(name, stride, message):
+    with pytest.raises(ValueError, match=message):
+        build_network(name, 10, output_stride=stride)

@@ -28,7 +28,7 @@ from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import resolve_device
 from evaluation.explainers import build_explainer
-from evaluation.figures import save_overlay_grid
+from evaluation.figures import Panel, save_overlay_grid
 from evaluation.settings import EvaluationSettings
 
 
@@ -212,7 +212,7 @@ def save_explanations(entries, shared, kind, options, members, images, count: in
         maps = committee.display_maps(torch.cat([explanations, consensus.unsqueeze(0)]), shared, rows, kind,
                                       tuple(image.shape[-2:]))
         labels = [member.label.replace(" (", "\n(") for member in members] + ["consensus"]
-        panels = [(image, heat[0], label) for heat, label in zip(maps, labels)]
+        panels = [Panel(image, heat[0], label, images[index].get("mask")) for heat, label in zip(maps, labels)]
         grid.append((f"image {index}", panels))
     return save_overlay_grid(grid, path, "members' explanations and their consensus")
 

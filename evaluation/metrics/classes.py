@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from evaluation.attacks import fgsm_attacks
+from evaluation.attacks import SPACES, fgsm_attacks
 from evaluation.metrics import functional
 
 
@@ -204,7 +204,8 @@ class NegativeQuadrantsHeatmap(_MeanScore):
 
 
 class FGSMRobustness(Metric):
-    """Top-1 accuracy under FGSM for each ``eps`` in ``eps_list`` (units of 1/255).
+    """Top-1 accuracy under FGSM for each ``eps`` in ``eps_list`` (units of 1/255) in ``space``
+    (:mod:`evaluation.attacks`).
 
     ``update(net, images, targets)``: images in pixel space [0, 1], targets class indices ``[B]``;
     put ``net`` in eval mode. Defined for single-label top-1 only: multi-hot targets raise.
@@ -214,11 +215,14 @@ class FGSMRobustness(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, eps_list: Sequence[float], **kwargs):
+    def __init__(self, eps_list: Sequence[float], space: str, **kwargs):
         super().__init__(**kwargs)
         if not eps_list or any(not eps >= 0 for eps in eps_list):
             raise ValueError(f"FGSM eps must be a non-empty list of numbers >= 0 (1/255 units), got {list(eps_list)}")
+        if space not in SPACES:
+            raise ValueError(f"FGSM space {space!r} is unknown; allowed: {list(SPACES)}")
         self.eps_list = tuple(eps_list)
+        self.space = space
         self.add_state("correct", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", _count(), dist_reduce_fx="sum")
 
@@ -228,7 +232,7 @@ class FGSMRobustness(Metric):
                 "FGSM robustness is defined here for single-label top-1 accuracy: targets must be class "
                 f"indices [B], got {targets.dtype} {tuple(targets.shape)} (multi-label targets?)"
             )
-        attacks = fgsm_attacks(net, images, targets, self.eps_list)
+        attacks = fgsm_attacks(net, images, targets, self.eps_list, space=self.space)
         for index, adversarial in enumerate(attacks):
             with torch.no_grad():
                 self.correct[index] += (net(adversarial).argmax(1) == targets).sum()
