@@ -104,6 +104,7 @@ CUE_COLORS = [
 
 CUE_SCALE = 0.12  # cue patch side as a fraction of the image side
 DECOY_SCALE = (0.15, 0.35)  # decoy sides as fractions of the image side
+BLOB_SCALE = (0.03, 0.12)  # background blobs' sides: solid ellipses, so smaller than any object
 DECOY_PLACEMENT_TRIES = 20  # a decoy that finds no free place in this many draws is left out
 
 
@@ -149,6 +150,9 @@ class SyntheticParams:
         if scale[1] >= largest:
             raise ValueError(f"data.object_scale: the largest object side must stay below {largest:.2f} of "
                              f"the image (room for the context cue), got {scale[1]!r}")
+        if scale[0] <= BLOB_SCALE[1]:
+            raise ValueError(f"data.object_scale: the smallest object side must exceed {BLOB_SCALE[1]} of the image "
+                             f"(the largest solid background blob, which could pass for a circle), got {scale[0]!r}")
         if scale[0] * self.image_size < MIN_OBJECT_PIXELS:
             raise ValueError(
                 f"data.object_scale={list(scale)!r} at data.image_size={self.image_size} makes objects of "
@@ -317,10 +321,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         points = [tuple(p) for p in rng.integers(0, size, size=(int(rng.integers(2, 5)), 2)).tolist()]
         color = tuple(rng.integers(0, 256, size=3).tolist())
         draw.line(points, fill=color, width=int(rng.integers(1, max_width + 1)))
-    # Blobs stay below the smallest object (40% of the side) and are plain ellipses, so they
-    # are clutter and never look like an instance of a class.
+    # Blobs stay below the smallest object (object_scale[0] > BLOB_SCALE[1]) and are plain
+    # ellipses, so they are clutter and never look like an instance of a class.
     for _ in range(int(rng.integers(2, 5))):
-        w, h = (rng.uniform(0.03, 0.12, size=2) * size).tolist()
+        w, h = (rng.uniform(*BLOB_SCALE, size=2) * size).tolist()
         x, y = (rng.uniform(0, size, size=2)).tolist()
         draw.ellipse((x, y, x + w, y + h), fill=tuple(rng.integers(0, 256, size=3).tolist()))
     noise = rng.integers(-12, 13, size=(size, size, 3), dtype=np.int16)  # uniform, std ~7
@@ -350,7 +354,10 @@ def _draw_decoys(rng: np.random.Generator, pixels: np.ndarray, object_box: tuple
         pattern = int(rng.integers(3))  # 0 horizontal stripes, 1 vertical, 2 checks
         r, c = rows[y : y + h, x : x + w] // period, cols[y : y + h, x : x + w] // period
         on = (r if pattern == 0 else c if pattern == 1 else r + c) % 2 == 1
-        first, second = rng.integers(0, 256, size=(2, 3))
+        # Each channel of the second colour 64-192 levels from the first's (mod 256): never a
+        # near-solid rectangle that could pass for a square object.
+        first = rng.integers(0, 256, size=3)
+        second = (first + rng.integers(64, 193, size=3)) % 256
         pixels[y : y + h, x : x + w] = np.where(on[..., None], first, second)
 
 

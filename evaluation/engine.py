@@ -71,8 +71,9 @@ def spread_indices(length: int, count: int) -> list[int]:
 
 def validation_sample(datamodule: ClassificationDataModule, count: int) -> dict:
     """One batch of ``count`` validation images spread over the set: localisation trials (with
-    their ``mask``) where the data set has masks."""
-    trials = datamodule.localization_dataset()
+    their ``mask``) where a single-label data set has masks. Multi-label trials are (image, class)
+    pairs whose targets lose the image's other labels, which composites need: validation images."""
+    trials = None if datamodule.multilabel else datamodule.localization_dataset()
     dataset = trials if trials is not None else datamodule.val_dataset()
     return datamodule.collate_fn([dataset[i] for i in spread_indices(len(dataset), count)])
 

@@ -13,8 +13,10 @@ redoes only what did not finish. docs/reproduce.md says what is run and how clai
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -65,21 +67,28 @@ def override_value(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+# Knobs of conf/reproduce.yaml -> the data key they set; null leaves the data config's value.
+DATA_KNOBS = {"data_dir": "data_dir", "image_size": "image_size", "train_per_class": "train_per_class",
+              "batch_size": "batch_size"}
+
+
 def data_overrides(cfg: DictConfig) -> list[str]:
-    return [f"data.data_dir={cfg.data_dir}", f"data.image_size={cfg.image_size}",
-            f"data.train_per_class={cfg.train_per_class}", f"data.batch_size={cfg.batch_size}",
-            *[str(item) for item in cfg.data_overrides]]
+    knobs = [f"data.{key}={cfg[knob]}" for knob, key in DATA_KNOBS.items() if cfg[knob] is not None]
+    return [*knobs, *[str(item) for item in cfg.data_overrides]]
 
 
-def option_overrides(group: str, options: dict) -> list[str]:
-    """``group.key=value`` for every option, so that a child process uses exactly this run's."""
-    return [f"{group}.{key}={override_value(value)}" for key, value in options.items() if key != "_target_"]
+def option_overrides(group: str, options: dict, own: tuple[str, ...] = ()) -> list[str]:
+    """``group.key=value`` for every option but ``own`` (which the child sets itself), so that a
+    child process uses exactly this run's."""
+    return [f"{group}.{key}={override_value(value)}" for key, value in options.items()
+            if key != "_target_" and key not in own]
 
 
 def train_arguments(cfg: DictConfig, run: Run) -> list[str]:
     variant = [str(item) for item in cfg.variants[run.variant]]
     # The report evaluates every checkpoint once at the end; per-epoch callbacks would only cost time.
-    return ["train.py", *variant, *data_overrides(cfg), f"trainer.max_epochs={cfg.epochs}", f"seed={run.seed}",
+    epochs = [] if cfg.epochs is None else [f"trainer.max_epochs={cfg.epochs}"]
+    return [str(ROOT / "train.py"), *variant, *data_overrides(cfg), *epochs, f"seed={run.seed}",
             "~callbacks.explanation_metrics", "~callbacks.fgsm_robustness",
             *[str(item) for item in cfg.train_overrides], f"hydra.run.dir={run.directory}"]
 
@@ -87,35 +96,49 @@ def train_arguments(cfg: DictConfig, run: Run) -> list[str]:
 def evaluation_arguments(cfg: DictConfig, run: Run, evaluation: dict, explainer: dict) -> list[str]:
     return ["-m", "evaluation", f"ckpt_path={run.checkpoint}", *data_overrides(cfg), f"seed={cfg.seed}",
             f"device={cfg.device}", f"explainer={explainer['name']}", *option_overrides("explainer", explainer),
-            *option_overrides("evaluation", evaluation), "heatmap_images=0", f"hydra.run.dir={run.evaluation_dir}"]
+            *option_overrides("evaluation", evaluation, own=("batch_size",)), "heatmap_images=0", f"hydra.run.dir={run.evaluation_dir}"]
 
 
-def run_step(arguments: list[str], directory: Path, description: str) -> float:
+def run_step(arguments: list[str], directory: Path, description: str, inputs: dict | None = None) -> float:
     """Run ``python <arguments>`` once for ``directory``, or reuse its finished result; seconds taken.
 
-    A directory with a step file for other arguments is refused (its results would be mixed with
-    this run's); one without a step file is a step that did not finish, and starts again."""
+    ``inputs``: what else the step's result depends on (e.g. digests of the checkpoints it reads).
+    A directory with a step file for other arguments or inputs is refused (its results would be
+    mixed with this run's); one without a step file is a step that did not finish, and starts
+    again."""
     step_file = directory / STEP_FILE
+    record = {"arguments": arguments, "inputs": inputs or {}}
     if step_file.is_file():
         done = json.loads(step_file.read_text())
-        if done["arguments"] == arguments:
+        if {key: done.get(key, {}) for key in record} == record:
             print(f"reusing {description} ({directory})", flush=True)
             return float(done["seconds"])
-        raise ValueError(f"{directory} holds a finished run with other settings ({step_file}): choose another "
-                         f"output_dir, or delete that folder to redo it")
+        raise ValueError(f"{directory} holds a finished run with other settings or inputs ({step_file}): choose "
+                         f"another output_dir, or delete that folder to redo it")
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     print(f"running {description}: python {' '.join(arguments)}", flush=True)
     start = time.perf_counter()
     with (directory / "reproduce_step.log").open("w") as log:
-        result = subprocess.run([sys.executable, *arguments], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # In this process's working directory, as if the user had typed the command there (the
+        # data configs' default data_dir is relative to it); the project importable from anywhere.
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run([sys.executable, *arguments], stdout=log, stderr=subprocess.STDOUT, env=environment)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{description} failed (exit code {result.returncode}); its output is in "
                            f"{directory / 'reproduce_step.log'}")
-    step_file.write_text(json.dumps({"arguments": arguments, "seconds": seconds}, indent=2))
+    step_file.write_text(json.dumps({**record, "seconds": seconds}, indent=2))
     return seconds
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -127,21 +150,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Differences within this of the margin count as on it: a drop of exactly 3 of 100 points is 3 points.
+ROUNDING = 1e-9
+
+
 def paired_claim(claim: str, differences: list[float], direction: int, margin: float = 0.0) -> dict:
-    """A claim that ``difference * direction > -margin`` per seed. It holds when the mean and every
-    seed agree; is mixed when the mean agrees but some seed does not; else it does not hold."""
+    """A claim that ``difference * direction > -margin`` per seed (``>= -margin`` when a margin is
+    given: a drop of exactly the margin is allowed). It holds when the mean and every seed agree; is
+    mixed when the mean agrees but some seed does not; else it does not hold."""
     mean, std = mean_std(differences)
-    agrees = [d * direction > -margin for d in differences]
-    verdict = "holds" if mean * direction > -margin and all(agrees) else \
-        "mixed" if mean * direction > -margin else "does not hold"
+
+    def agrees(value: float) -> bool:
+        return value * direction >= -margin - ROUNDING if margin else value * direction > 0
+
+    seeds = [agrees(d) for d in differences]
+    verdict = "holds" if agrees(mean) and all(seeds) else "mixed" if agrees(mean) else "does not hold"
     return {"claim": claim, "differences": differences, "mean": mean, "std": std,
-            "seeds_agreeing": sum(agrees), "seeds": len(differences), "verdict": verdict}
+            "seeds_agreeing": sum(seeds), "seeds": len(differences), "verdict": verdict}
+
+
+def attacked(results: dict) -> list[float]:
+    """Top-1 under FGSM at each eps > 0 (eps 0 is the clean accuracy)."""
+    return [value for key, value in results["fgsm"].items() if float(key.split("=")[1]) > 0]
 
 
 def fgsm_mean(results: dict) -> float:
-    """Top-1 under FGSM averaged over the eps values (eps 0, the clean accuracy, left out)."""
-    values = [value for key, value in results["fgsm"].items() if float(key.split("=")[1]) > 0]
-    return statistics.fmean(values)
+    """Top-1 under FGSM averaged over the eps > 0."""
+    return statistics.fmean(attacked(results))
 
 
 def claims(results: dict[str, list[dict]], little_top1: float) -> list[dict]:
@@ -155,14 +190,18 @@ def claims(results: dict[str, list[dict]], little_top1: float) -> list[dict]:
         paired_claim("GC lowers NQH against the baseline", diff("gc", "baseline", "nqh"), -1),
         paired_claim("GMP raises SPG against the baseline", diff("gmp", "baseline", "spg"), +1),
         paired_claim("GMP raises CH against the baseline", diff("gmp", "baseline", "ch"), +1),
-        paired_claim("GMP+GC has the best SPG (against the best other variant of the same seed)",
-                     [row["spg"] - max(results[v][k]["spg"] for v in results if v != "gmp_gc")
+        paired_claim("GMP+GC has the best SPG (against the best of baseline, GC and GMP of the same seed)",
+                     [row["spg"] - max(results[v][k]["spg"] for v in ("baseline", "gc", "gmp"))
                       for k, row in enumerate(results["gmp_gc"])], +1),
         paired_claim(f"GC costs little top-1 (drop at most {100 * little_top1:g} points)",
                      diff("gc", "baseline", "acc"), +1, margin=little_top1),
-        paired_claim("GMP keeps more top-1 under FGSM (mean over eps)", diff("gmp", "baseline", fgsm_mean), +1),
-        paired_claim("GMP+GC keeps more top-1 under FGSM than GC (mean over eps)", diff("gmp_gc", "gc", fgsm_mean), +1),
     ]
+    if attacked(results["baseline"][0]):
+        found += [
+            paired_claim("GMP keeps more top-1 under FGSM (mean over eps > 0)", diff("gmp", "baseline", fgsm_mean), +1),
+            paired_claim("GMP+GC keeps more top-1 under FGSM than GC (mean over eps > 0)",
+                         diff("gmp_gc", "gc", fgsm_mean), +1),
+        ]
     return found
 
 
@@ -170,6 +209,11 @@ def claims(results: dict[str, list[dict]], little_top1: float) -> list[dict]:
 
 def _pct(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _number(value, spec: str = ".2f") -> str:
+    """A correlation or p-value; '-' where it is undefined (None: a constant column, too few rows)."""
+    return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _pm(values: list[float]) -> str:
@@ -219,8 +263,8 @@ def consensus_lines(consensus: dict, runs: list[Run]) -> list[str]:
                       f"best member {_pct(best)}; centred peak {_pct(consensus['reference_map']['center'])}, "
                       f"uniform noise {_pct(consensus['reference_map']['noise'])}."]
     lines += ["", "| x | y | n | Pearson (p) | Spearman (p) |", "|---|---|---|---|---|"]
-    lines += [f"| {c['x']} | {c['y']} | {c['n']} | {c['pearson']:.2f} ({c['pearson_p']:.2g}) | "
-              f"{c['spearman']:.2f} ({c['spearman_p']:.2g}) |" for c in consensus["correlations"]]
+    lines += [f"| {c['x']} | {c['y']} | {c['n']} | {_number(c['pearson'])} ({_number(c['pearson_p'], '.2g')}) | "
+              f"{_number(c['spearman'])} ({_number(c['spearman_p'], '.2g')}) |" for c in consensus["correlations"]]
     return lines
 
 
@@ -245,7 +289,8 @@ def save_fgsm_plot(results: dict[str, list[dict]], space: str, path: Path) -> Pa
 
 def save_variant_heatmaps(cfg: DictConfig, runs: list[Run], explainer: dict, path: Path) -> Path:
     """One row per variant (its first seed), the same validation images in every row."""
-    datamodule = build_datamodule({**OmegaConf.to_container(_training_data(cfg, runs[0]), resolve=True)})
+    data = OmegaConf.to_container(training_config(runs[0]).data, resolve=True)
+    datamodule = build_datamodule(data)
     datamodule.prepare_data()
     datamodule.setup("validate")
     batch = validation_sample(datamodule, cfg.heatmap_images)
@@ -261,16 +306,26 @@ def save_variant_heatmaps(cfg: DictConfig, runs: list[Run], explainer: dict, pat
     return save_overlay_grid(grid, path, f"{explainer['name']} of the labelled class, one row per variant")
 
 
-def _training_data(cfg: DictConfig, run: Run) -> DictConfig:
-    """The data config a training run used (its saved Hydra config)."""
-    return OmegaConf.load(run.directory / ".hydra" / "config.yaml").data
+def training_config(run: Run) -> DictConfig:
+    """The config a training run used, as Hydra saved it (its ``${hydra:runtime.cwd}`` resolves to
+    this process's working directory, which was the run's)."""
+    return OmegaConf.load(run.directory / ".hydra" / "config.yaml")
+
+
+def run_description(runs: list[Run]) -> dict:
+    """What the report header says about the runs, read from their saved configs."""
+    by_variant = {run.variant: training_config(run) for run in reversed(runs)}  # each variant's first seed
+    base = by_variant["baseline"]
+    return {"model": base.model.name, "output_stride": base.model.output_stride, "image_size": base.data.image_size,
+            "train_per_class": base.data.train_per_class, "batch_size": base.data.batch_size,
+            "epochs": base.trainer.max_epochs, "lambda": by_variant["gc"].loss["lambda"]}
 
 
 # ------------------------------------------------------------------------------------ main
 
 def plan(cfg: DictConfig) -> list[Run]:
-    if not cfg.seeds:
-        raise ValueError("seeds: give at least one seed")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {list(cfg.seeds)}")
     missing = {"baseline", "gc", "gmp", "gmp_gc"} - set(cfg.variants)
     if missing:
         raise ValueError(f"variants must include baseline, gc, gmp and gmp_gc (the claims compare them); "
@@ -303,9 +358,11 @@ def run(cfg: DictConfig) -> dict:
         consensus_dir = out / "consensus"
         arguments = ["-m", "evaluation.consensus", "ckpts=[" + ",".join(str(r.checkpoint) for r in runs) + "]",
                      *data_overrides(cfg), f"explainer={cfg.consensus_explainer}", f"device={cfg.device}",
-                     f"seed={cfg.seed}", *option_overrides("evaluation", evaluation),
+                     f"seed={cfg.seed}", *option_overrides("evaluation", evaluation, own=("batch_size",)),
                      f"store_dir={out / 'consensus_store'}", f"hydra.run.dir={consensus_dir}"]
-        seconds["consensus"] = run_step(arguments, consensus_dir, "committee consensus")
+        # The same paths may hold other weights after a run was redone: the consensus follows the files.
+        inputs = {str(r.checkpoint): file_digest(r.checkpoint) for r in runs}
+        seconds["consensus"] = run_step(arguments, consensus_dir, "committee consensus", inputs)
         saved = json.loads((consensus_dir / "consensus.json").read_text())
         consensus = {"members": saved["members"], "correlations": saved["correlations"],
                      **{key: saved["summary"][key] for key in ("consensus_map", "reference_map") if key in saved["summary"]}}
@@ -330,10 +387,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def markdown(cfg, results, found, consensus, runs, evaluation, explainer, seconds) -> str:
-    seeds = len(cfg.seeds)
+    seeds, run = len(cfg.seeds), run_description(runs)
     lines = ["# The paper's findings on the synthetic data", "",
-             f"ResNet18, {len(results)} variants x {seeds} seeds; {cfg.epochs} epochs, {cfg.train_per_class} training "
-             f"images per class at {cfg.image_size} px, batch {cfg.batch_size}; extra overrides: "
+             f"{run['model']} (output stride {run['output_stride']}), {len(results)} variants x {seeds} seeds; "
+             f"{run['epochs']} epochs, {run['train_per_class']} training images per class at {run['image_size']} px, "
+             f"batch {run['batch_size']}, GC lambda {run['lambda']:g}; extra overrides: "
              f"{list(cfg.train_overrides) or 'none'}. Each last checkpoint is evaluated with "
              f"{explainer['name']} on the whole validation set. Values in %, mean ± std over seeds.", "",
              "## Table 1: accuracy and explanation quality", ""]

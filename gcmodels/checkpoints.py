@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from gcmodels.networks import native_output_stride
+
 
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint of this project as a dict, its hyper-parameters in today's form
@@ -29,9 +31,10 @@ _FLAT_GC_OPTIONS = {"lam": "lambda", "cam_mode": "cam_mode", "detach_target": "d
 def upgrade_hparams(hparams: dict) -> dict:
     """Hyper-parameters of older checkpoints in today's form: ``loss="gc", lam=..., cam_mode=...,
     detach_target=...`` becomes the ``loss`` config dict (``ce`` keeps only its name); a model
-    without ``output_stride`` (older than the option) had its architecture's own (None)."""
-    if isinstance(hparams.get("model"), dict) and "output_stride" not in hparams["model"]:
-        hparams["model"] = {**hparams["model"], "output_stride": None}
+    without ``output_stride`` (older than the option) had its architecture's own."""
+    model = hparams.get("model")
+    if isinstance(model, dict) and "output_stride" not in model:
+        hparams["model"] = {**model, "output_stride": native_output_stride(model.get("name", ""))}
     if isinstance(hparams.get("loss"), str):
         loss = {"name": hparams["loss"]}
         flat = {new: hparams.pop(old) for old, new in _FLAT_GC_OPTIONS.items() if old in hparams}

@@ -50,21 +50,25 @@ UNSTRIDED_STAGES = {32: 0, 16: 1, 8: 2}
 
 
 def _remove_stride(stages: list[nn.Sequential]) -> None:
-    """Turn the stride 2 of each stage into dilation of the later 3x3 convolutions (DeepLab's
-    atrous ResNet, with torchvision's rule: a stage's first block keeps the dilation before it,
-    the others double it): same weights, same receptive fields, finer output. Written here
-    because torchvision's ``replace_stride_with_dilation`` refuses ResNet18's BasicBlock."""
+    """Turn the stride 2 of each stage into dilation (DeepLab's atrous ResNet): the convolution that
+    had the stride keeps the dilation before it, every 3x3 convolution after it doubles it, so each
+    output at the old stride's positions sees exactly the pixels it saw before (same weights, same
+    receptive fields, finer output). For ResNet50 this is torchvision's
+    ``replace_stride_with_dilation``; torchvision refuses ResNet18's BasicBlock, whose stride sits
+    in the block's first convolution rather than its middle one, hence this function."""
     dilation = 1
     for stage in stages:
         previous, dilation = dilation, dilation * 2
-        for index, block in enumerate(stage):
-            for conv in block.modules():
-                if not isinstance(conv, nn.Conv2d):
-                    continue
-                conv.stride = (1, 1)
-                if conv.kernel_size == (3, 3):
-                    rate = previous if index == 0 else dilation
-                    conv.dilation, conv.padding = (rate, rate), (rate, rate)
+        rate = previous
+        for conv in stage.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            strided = conv.stride == (2, 2)
+            conv.stride = (1, 1)
+            if conv.kernel_size == (3, 3):
+                conv.dilation, conv.padding = (rate, rate), (rate, rate)
+                if strided:  # the convolutions after this one work on the finer grid
+                    rate = dilation
 
 
 def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool, output_stride: int) -> ExplainableNet:
@@ -115,6 +119,11 @@ POOLINGS = ("avg", "max")
 ALEXNET_STRIDE = 16
 
 
+def native_output_stride(name: str) -> int:
+    """The architecture's own output stride: 16 for AlexNet's conv5, 32 for ResNet's layer4."""
+    return ALEXNET_STRIDE if name == "alexnet" else 32
+
+
 def build_network(
     name: str, num_classes: int, pooling: str = "avg", pretrained: bool = False, output_stride: int | None = None
 ) -> ExplainableNet:
@@ -129,7 +138,7 @@ def build_network(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"number of classes must be an integer >= 2, got {num_classes!r}")
     if output_stride is None:
-        output_stride = ALEXNET_STRIDE if name == "alexnet" else 32
+        output_stride = native_output_stride(name)
     if output_stride not in UNSTRIDED_STAGES:
         raise ValueError(f"model.output_stride={output_stride!r} is unknown; allowed: {sorted(UNSTRIDED_STAGES)}")
     return ARCHITECTURES[name](num_classes, pooling, pretrained, output_stride)

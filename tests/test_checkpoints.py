@@ -41,10 +41,13 @@ def test_a_checkpoint_rebuilds_its_network_and_options(tmp_path):
 ])
 def test_checkpoints_with_the_old_flat_loss_options_still_load(tmp_path, flat, expected):
     original = module(expected)
-    old_hparams = {"model": MODEL, "num_classes": 3, "multilabel": False, **OPTIM, "layout_seed": 4, **flat}
+    # Older still: no model.output_stride either (the architecture's own, 32 for ResNet, was used).
+    old_model = {key: value for key, value in MODEL.items() if key != "output_stride"}
+    old_hparams = {"model": old_model, "num_classes": 3, "multilabel": False, **OPTIM, "layout_seed": 4, **flat}
     save(tmp_path / "old.ckpt", old_hparams, original.state_dict())
     hparams = read_hparams(tmp_path / "old.ckpt")
     assert hparams["loss"] == expected and not {"lam", "cam_mode", "detach_target"} & set(hparams)
+    assert hparams["model"] == {**old_model, "output_stride": 32}
     loaded = GCClassifier.from_checkpoint(tmp_path / "old.ckpt")
     assert loaded.hparams.loss == expected
     assert_same_weights(loaded, original)

@@ -345,3 +345,29 @@ def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert "metric 'pg' needs ground-truth object masks or boxes, and data 'imagenet' provides none" in run.stderr
+
+
+def test_pictures_show_the_trials_masks_on_grey_images(tmp_path):
+    """The sample a picture explains comes from the localisation trials when masks exist, so each
+    panel outlines its own object: every mask pixel has the object's single colour in its image."""
+    from datamodules.synthetic import SyntheticDataModule
+    from evaluation.engine import validation_sample
+    from evaluation.explainers import build_explainer
+    from evaluation.figures import _grey, save_overlay_grid
+    from evaluation.panels import explanation_panels
+
+    datamodule = SyntheticDataModule(tmp_path, num_classes=3, image_size=48, train_per_class=1, val_per_class=2,
+                                     object_scale=(0.3, 0.5), decoys=(1, 2), context_bias=0.0, seed=0, batch_size=4,
+                                     num_workers=0, skip_corrupt=False)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    batch = validation_sample(datamodule, 4)
+    panels = explanation_panels(tiny_net(3), build_explainer("gradcam"), batch, datamodule.class_names)
+    assert len(panels) == 4
+    for panel in panels:
+        colours = panel.image[:, panel.mask].T.unique(dim=0)
+        assert panel.mask.sum() > 0 and len(colours) == 1
+        grey = _grey(panel.image)
+        assert grey.shape == panel.image.shape[-2:] and 0.25 <= grey.min() and grey.max() <= 0.75
+    path = save_overlay_grid([("Grad-CAM", panels)], tmp_path / "grid.png", "test")
+    assert path.stat().st_size > 0

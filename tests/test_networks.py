@@ -85,8 +85,17 @@ def test_output_stride_dilates_like_torchvision_and_keeps_the_weights():
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), reference(ours.normalize(images)), rtol=1e-4, atol=1e-5)
-    standard, fine = build_network("resnet18", 10), build_network("resnet18", 10, output_stride=16)
-    assert [p.shape for p in standard.parameters()] == [p.shape for p in fine.parameters()]
+    # ResNet18: with the weights of the standard network, the finer map sampled at the standard
+    # map's positions is the standard map: every output sees the pixels it saw before.
+    standard = build_network("resnet18", 10).eval()
+    for stride in (16, 8):
+        fine = build_network("resnet18", 10, output_stride=stride).eval()
+        fine.load_state_dict(standard.state_dict())
+        with torch.no_grad():
+            coarse, dense = standard.forward_features(images), fine.forward_features(images)
+        step = 32 // stride
+        assert dense.shape[-1] == coarse.shape[-1] * step
+        torch.testing.assert_close(dense[..., ::step, ::step], coarse, rtol=1e-4, atol=1e-4)
     sizes = {stride: build_network("resnet18", 10, output_stride=stride).forward_features(torch.rand(1, 3, 80, 80)).shape[-1]
              for stride in (32, 16, 8)}
     assert sizes == {32: 3, 16: 5, 8: 10}
