@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
@@ -141,7 +142,8 @@ class ConsensusCallback(pl.Callback):
             raise FileNotFoundError(f"callbacks.consensus.committee: checkpoint(s) not found: {missing}")
         if target not in committee_lib.TARGETS:
             raise ValueError(f"callbacks.consensus.target={target!r} is unknown; allowed: {list(committee_lib.TARGETS)}")
-        self.data = dict(data)
+        # Plain containers: the data config keys the explanation store's digest (JSON).
+        self.data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.explainer_options = explainer_options(explainer)
         self.explainer = build_explainer(**self.explainer_options)
         self.options = committee_lib.consensus_options(committee_lib.explanation_kind(self.explainer), sigma,

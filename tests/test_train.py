@@ -19,7 +19,7 @@ def test_default_gc_run_logs_both_terms_and_leaves_checkpoints(tmp_path, data_di
     columns = set().union(*rows)
     assert {"train/ce_epoch", "train/gc_epoch", "train/loss_epoch", "train/acc", "val/acc", "train/gc_left_out"} <= columns
     checkpoint = torch.load(summary["last_checkpoint"], weights_only=False)
-    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32}
+    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 16}
 
 
 @pytest.mark.parametrize(
