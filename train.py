@@ -106,7 +106,9 @@ def run(cfg: DictConfig) -> dict | None:
                                 module.hparams.multilabel)
     callbacks = [hydra.utils.instantiate(conf) for conf in cfg.callbacks.values()]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: a resumed file was already read safely by check_resume_compatible; Lightning
+    # reads it again the same way (tensors and plain containers only).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if not trainer.is_global_zero:
         return None
     heatmaps = save_heatmaps(module, datamodule, cfg)

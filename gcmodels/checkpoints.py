@@ -1,6 +1,8 @@
 """Reading checkpoints written by :class:`gcmodels.module.GCClassifier`, with clear errors."""
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -10,18 +12,41 @@ from gcmodels.networks import native_output_stride
 
 def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint of this project as a dict, its hyper-parameters in today's form
-    (:func:`upgrade_hparams`); errors name the file."""
+    (:func:`upgrade_hparams`); errors name the file.
+
+    Read with ``weights_only=True``: tensors, numbers, strings and plain containers only, which is
+    all this project's checkpoints hold, so a file that carries anything else (a pickled object
+    whose loading would run code) is refused, naming the type, and nothing in it runs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused type: a file that is no checkpoint
+            raise ValueError(f"not a readable PyTorch checkpoint: {path} ({_offending_type(err)})") from err
+        raise ValueError(
+            f"refusing to load {path}: it holds a type that a checkpoint of this project never contains, so "
+            f"loading it could run code ({_offending_type(err)}); docs/checkpoints.md says what a checkpoint "
+            f"holds and how to convert one you trust"
+        ) from err
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise ValueError(f"not a readable PyTorch checkpoint: {path} ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"not a checkpoint of this project (no hyper_parameters/state_dict): {path}")
     checkpoint["hyper_parameters"] = upgrade_hparams(dict(checkpoint["hyper_parameters"]))
     return checkpoint
+
+
+def _offending_type(err: pickle.UnpicklingError) -> str:
+    """What torch's refusal names (the refused global, or the unpickler's error), without its
+    general advice about weights_only."""
+    text = str(err)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"type {refused.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return detail.group(1).strip() if detail else text.strip().splitlines()[0]
 
 
 # GC options that checkpoints written before the loss became one config dict kept at the top level.
