@@ -17,18 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules import build_datamodule  # noqa: E402
-from datamodules.synthetic import CONFIG_FILE  # noqa: E402
+from datamodules.synthetic import default_config  # noqa: E402
 
 
 def loader_rate(size: int, batch: int, workers: int, epochs: int) -> list[float]:
     """Images/s of each epoch of the training loader."""
-    config = OmegaConf.to_container(OmegaConf.load(CONFIG_FILE))  # the quick start's data set
+    config = default_config()  # the quick start's data set
     config.update(data_dir=ROOT / "data", image_size=size, batch_size=batch, num_workers=workers)
     datamodule = build_datamodule(config)
     datamodule.prepare_data()

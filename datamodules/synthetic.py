@@ -16,10 +16,16 @@ from .shapes import SyntheticParams, generate_synthetic, is_complete, synthetic_
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic.yaml"
 
 
+def default_config() -> dict:
+    """``conf/data/synthetic.yaml`` as a dict (unresolved: ``data_dir`` names Hydra's working
+    directory), for code outside Hydra such as the benchmarks."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_FILE))
+
+
 def generator_options() -> dict:
-    """``object_scale`` and ``decoys`` of ``conf/data/synthetic.yaml``, for code outside Hydra
-    (benchmarks) that builds small synthetic sets of its own size and count."""
-    config = OmegaConf.to_container(OmegaConf.load(CONFIG_FILE))
+    """``object_scale`` and ``decoys`` of the default config, for code that builds small synthetic
+    sets of its own size and count."""
+    config = default_config()
     return {key: config[key] for key in ("object_scale", "decoys")}
 
 

@@ -67,13 +67,12 @@ def override_value(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-# Knobs of conf/reproduce.yaml -> the data key they set; null leaves the data config's value.
-DATA_KNOBS = {"data_dir": "data_dir", "image_size": "image_size", "train_per_class": "train_per_class",
-              "batch_size": "batch_size"}
+# Knobs of conf/reproduce.yaml that set the data key of the same name; null leaves the data config's.
+DATA_KNOBS = ("data_dir", "image_size", "train_per_class", "batch_size")
 
 
 def data_overrides(cfg: DictConfig) -> list[str]:
-    knobs = [f"data.{key}={cfg[knob]}" for knob, key in DATA_KNOBS.items() if cfg[knob] is not None]
+    knobs = [f"data.{key}={cfg[key]}" for key in DATA_KNOBS if cfg[key] is not None]
     return [*knobs, *[str(item) for item in cfg.data_overrides]]
 
 
