@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from evaluation.explainers import (
     EXPLAINERS,
@@ -200,25 +203,199 @@ def positive_head_net():
     return ExplainableNet(nn.Identity(), head).eval().double()
 
 
+# TorchRay's excitation_backprop, transcribed independently of the explainer: it swaps the
+# functional conv, linear, pooling and batch-norm ops for autograd Functions whose backward is the
+# EB rule (batch norm: the identity), leaves ReLU's backward alone and replaces each residual
+# addition with an element-wise sum whose backward splits by the addends' shares. The contrast is
+# its two passes: a backward with the classifier's weights negated, then one with them restored
+# and the first pass's gradient subtracted at a contrast layer.
+
+
+class _WeightedEB(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, op):
+        ctx.save_for_backward(x, weight)
+        ctx.op = op
+        return op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = ctx.op(x, weight.clamp(min=0), None)
+            (g,) = torch.autograd.grad(z, x, grad / (z + 1e-20))
+        return x.detach() * g, None, None, None
+
+
+class _PoolEB(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op):
+        ctx.save_for_backward(x)
+        ctx.op = op
+        return op(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = ctx.op(x)
+            (g,) = torch.autograd.grad(z, x, grad / (z + 1e-20))
+        return x.detach() * g, None
+
+
+class _NormEB(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op):
+        return op(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _EltwiseSumEB(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        total = a + b
+        return a / total * grad, b / total * grad
+
+
+def _eltwise_block_forward(block, x):
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return block.relu(_EltwiseSumEB.apply(out, identity))
+
+
+def _patch_for_torchray_eb(patch: pytest.MonkeyPatch) -> None:
+    def weighted(original):
+        return lambda x, weight, bias=None, *args, **kwargs: _WeightedEB.apply(
+            x, weight, bias, lambda v, w, b: original(v, w, b, *args, **kwargs))
+
+    def unary(function, original):
+        return lambda x, *args, **kwargs: function.apply(x, lambda v: original(v, *args, **kwargs))
+
+    patch.setattr(F, "conv2d", weighted(F.conv2d))
+    patch.setattr(F, "linear", weighted(F.linear))
+    for name in ("avg_pool2d", "adaptive_avg_pool2d", "max_pool2d", "adaptive_max_pool2d"):
+        patch.setattr(F, name, unary(_PoolEB, getattr(F, name)))
+    patch.setattr(F, "batch_norm", unary(_NormEB, F.batch_norm))
+    patch.setattr(BasicBlock, "forward", _eltwise_block_forward)
+    patch.setattr(Bottleneck, "forward", _eltwise_block_forward)
+
+
+def torchray_contrastive_eb(net, images, targets, saliency_layer, contrast_layer, classifier_layer):
+    """TorchRay's ``contrastive_excitation_backprop``: the gradient at ``saliency_layer``'s output
+    (``[B, C, h, w]``; its map is the channel sum clipped at 0)."""
+    net = copy.deepcopy(net).requires_grad_(False)
+    for module in net.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # hooks see each module's own output
+    classifier = net.get_submodule(classifier_layer)
+    saliency, contrast = {}, {}
+
+    def catch_saliency(_module, _input, output):
+        saliency["x"] = output.detach().requires_grad_(True)
+        return saliency["x"]
+
+    def catch_contrast(_module, _input, output):
+        if "grad" in contrast:
+            output.register_hook(lambda grad: grad - contrast["grad"])
+        else:
+            output.register_hook(lambda grad: contrast.setdefault("grad", grad))
+
+    hooks = [net.get_submodule(saliency_layer).register_forward_hook(catch_saliency),
+             net.get_submodule(contrast_layer).register_forward_hook(catch_contrast)]
+    with pytest.MonkeyPatch.context() as patch, torch.enable_grad():
+        _patch_for_torchray_eb(patch)
+        logits = net(images)
+        one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        # As TorchRay: negated after the forward, so the backward's saved weight is the dual's.
+        classifier.weight.data.neg_()
+        logits.backward(one_hot)
+        classifier.weight.data.neg_()
+        net(images).backward(one_hot)
+    for hook in hooks:
+        hook.remove()
+    return saliency["x"].grad
+
+
+def correlation(a, b):
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
+@pytest.mark.parametrize("arch, size, layer, contrast_layer, classifier_layer", [
+    ("resnet18", 128, "features.6", "head.0", "head.2"),
+    ("resnet18", 128, "features.7", "head.0", "head.2"),
+    ("resnet50", 64, "features.6", "head.0", "head.2"),
+    ("alexnet", 128, "features.11", "head.3.5", "head.3.6"),
+    ("alexnet", 128, "features.5", "head.3.5", "head.3.6"),
+])
+def test_cmwp_torchray_rules_match_torchray(arch, size, layer, contrast_layer, classifier_layer):
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = randomise_batchnorm(build_network(arch, 5), generator).eval().double()
+    images, targets = images_and_targets(size=size, dtype=torch.float64)
+    reference = torchray_contrastive_eb(net, images, targets, layer, contrast_layer, classifier_layer)
+    explainer = ContrastiveExcitationBackprop(layer)
+    ours = explainer.probabilities(net, images, targets)
+    scale = reference.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=1e-9)
+    maps = explainer(net, images, targets)
+    torch.testing.assert_close(maps, reference.sum(1).clamp(min=0), rtol=1e-9, atol=1e-9 * scale.item())
+    assert correlation(maps, reference.sum(1).clamp(min=0)) > 0.999
+
+
+@pytest.mark.parametrize("rules", ["torchray", "folded"])
+@pytest.mark.parametrize("arch, layers", [
+    ("resnet18", {f"features.{4 + stage}": 16 >> stage for stage in range(4)}),  # layer1..layer4
+    ("resnet50", {f"features.{4 + stage}": 16 >> stage for stage in range(4)}),
+    ("alexnet", {"features.1": 15, "features.2": 7, "features.5": 3, "features.9": 3, None: 3}),
+])
+def test_cmwp_stops_at_every_stage(arch, layers, rules):
+    torch.manual_seed(0)
+    net = build_network(arch, 5).eval()
+    images, targets = images_and_targets(size=64)
+    for layer, side in layers.items():
+        maps = ContrastiveExcitationBackprop(layer, rules)(net, images, targets)
+        assert maps.shape == (2, side, side) and maps.isfinite().all() and maps.sum() > 0
+
+
+@pytest.mark.parametrize("rules", ["torchray", "folded"])
 @pytest.mark.parametrize("layer", [None, "head.1", "head.4", "head.8"])
 @pytest.mark.parametrize("signal", ["target", "dual"])
-def test_mwp_conserves_probability_mass(layer, signal):
+def test_mwp_conserves_probability_mass(layer, signal, rules):
     net = positive_head_net()
     images, targets = images_and_targets(size=8, dtype=torch.float64)
-    mwp = ContrastiveExcitationBackprop(layer).probabilities(net, images + 0.1, targets, signal)
+    mwp = ContrastiveExcitationBackprop(layer, rules).probabilities(net, images + 0.1, targets, signal)
     assert (mwp >= 0).all()
     assert torch.allclose(mwp.flatten(1).sum(1), torch.ones(2, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("rules", ["torchray", "folded"])
 @pytest.mark.parametrize("arch, size, layer", [
     ("resnet18", 64, "features.5"), ("resnet50", 32, "features.6.2"), ("alexnet", 64, "features.3"),
 ])
-def test_mwp_conserves_mass_through_real_networks(arch, size, layer):
-    # Fresh batch norms add no bias, so every ReLU-active unit has excitatory input.
+def test_mwp_conserves_mass_through_real_networks(arch, size, layer, rules):
+    # Fresh batch norms add no bias, so every ReLU-active unit has excitatory input (TorchRay's
+    # residual split gives signed shares, but they still add up to the whole).
     torch.manual_seed(0)
     net = build_network(arch, 5).eval().double()
     images, targets = images_and_targets(size=size, dtype=torch.float64)
-    mwp = ContrastiveExcitationBackprop(layer).probabilities(net, images, targets, "target")
+    mwp = ContrastiveExcitationBackprop(layer, rules).probabilities(net, images, targets, "target")
     assert torch.allclose(mwp.flatten(1).sum(1), torch.ones(2, dtype=torch.float64), atol=1e-8)
 
 
@@ -267,7 +444,13 @@ def test_cmwp_errors():
         ContrastiveExcitationBackprop()(tiny_net(), images, targets)
     net = relu_net()
     with pytest.raises(NotImplementedError, match="features.5"):  # conv of a conv + BN pair
-        ContrastiveExcitationBackprop("features.4")(net, images, targets)
+        ContrastiveExcitationBackprop("features.4", "folded")(net, images, targets)
+    assert ContrastiveExcitationBackprop("features.4")(net, images, targets).shape == (2, 8, 8)
+    resnet = build_network("resnet18", 5).eval()
+    with pytest.raises(NotImplementedError, match="features.7.0"):  # inside a residual block
+        ContrastiveExcitationBackprop("features.7.0.conv1")(resnet, images, targets)
+    with pytest.raises(ValueError, match="rules"):
+        ContrastiveExcitationBackprop(rules="caffe")
     with pytest.raises(ValueError, match="not a submodule"):
         ContrastiveExcitationBackprop("features.42")(net, images, targets)
     with pytest.raises(ValueError, match=r"\[B, C, h, w\]"):
