@@ -12,13 +12,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules import DATAMODULES, ClassificationDataModule, build_datamodule
 from evaluation.engine import validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
-from gcmodels.checkpoints import check_resume_compatible
+from gcmodels.checkpoints import check_resume_compatible, init_from_checkpoint
 from gcmodels.module import GCClassifier
 
 
@@ -34,7 +35,9 @@ OmegaConf.register_new_resolver("validation_metric", validation_metric, replace=
 
 def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> GCClassifier:
     def group(name: str) -> dict:
-        return OmegaConf.to_container(cfg[name], resolve=True)
+        # A required value left at ??? (scheduler=multistep's milestones) is an error naming its key,
+        # not the string "???".
+        return OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
 
     return GCClassifier(
         model=group("model"),
@@ -46,6 +49,30 @@ def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> GCCla
         layout_seed=cfg.seed,
         class_names=list(datamodule.class_names),
     )
+
+
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch ``data.batch_size`` (the paper's 256 is the batch
+    over all GPUs) among the trainer's ``world_size`` processes (devices x nodes)."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} is the global batch, split evenly over the {world_size} processes "
+            f"(trainer.devices x trainer.num_nodes), and {world_size} does not divide it: choose a multiple of "
+            f"{world_size}"
+        )
+    return batch_size // world_size
+
+
+def load_initial_weights(cfg: DictConfig, module: GCClassifier) -> None:
+    """``model.init_from``: start from another checkpoint's network (ImageNet -> COCO in the paper).
+    Done here rather than in the module, so that rebuilding a checkpoint of this run
+    (:meth:`GCClassifier.from_checkpoint`) takes its own weights and never reads this file again."""
+    path = cfg.model.init_from
+    notes = init_from_checkpoint(path, module.net, module.hparams.model, module.hparams.num_classes,
+                                 module.hparams.class_names)
+    rank_zero_info(f"model.init_from: network weights loaded from {path}")
+    for note in notes:
+        rank_zero_info(f"model.init_from: {note}")
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -62,10 +89,13 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
         "model": cfg.model.name,
         "pooling": cfg.model.pooling,
         "output_stride": cfg.model.output_stride,
+        "init_from": cfg.model.init_from,
         "loss": cfg.loss.name,
         "lambda": cfg.loss.get("lambda"),
         "data": cfg.data.name,
         "epochs": trainer.current_epoch,
+        "batch_size": cfg.data.batch_size,
+        "processes": trainer.world_size,
         "metrics": metrics,
         "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
         "best_score": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
@@ -74,7 +104,9 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
         "output_dir": cfg.output_dir,
     }
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [(key, summary[key]) for key in ("model", "pooling", "loss", "lambda", "data", "epochs")]
+    rows = [(key, summary[key]) for key in ("model", "pooling", "init_from", "loss", "lambda", "data", "epochs")]
+    rows.append(("batch", f"{cfg.data.batch_size} ({cfg.data.batch_size // trainer.world_size} per process x "
+                          f"{trainer.world_size})"))
     rows += [(name, f"{value:.4f}") for name, value in sorted(metrics.items()) if name.startswith(("val/", "explain/"))]
     rows += [(key, summary[key]) for key in ("best_checkpoint", "last_checkpoint", "heatmaps", "output_dir")]
     width = max(len(name) for name, _ in rows)
@@ -100,12 +132,22 @@ def run(cfg: DictConfig) -> dict | None:
     """Train as configured; returns the summary on the main process (None on other ranks)."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.model.init_from is not None:
+        # Recorded absolute in the checkpoints, so that the record names the file from anywhere.
+        cfg.model.init_from = str(Path(cfg.model.init_from).resolve())
     module = build_module(cfg, datamodule)
+    loss = module.hparams.loss
+    if loss["name"] == "gc" and loss["composite_source"] == "dataset":
+        datamodule.set_train_distractors(loss["positive"])
     if cfg.ckpt_path:
+        # Also refuses an init_from other than the resumed run's own: the weights come from ckpt_path.
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,
                                 module.hparams.multilabel)
+    elif cfg.model.init_from is not None:
+        load_initial_weights(cfg, module)
     callbacks = [hydra.utils.instantiate(conf) for conf in cfg.callbacks.values()]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
+    datamodule.batch_size = per_process_batch(cfg.data.batch_size, trainer.world_size)
     # weights_only: a resumed file was already read safely by check_resume_compatible; Lightning
     # reads it again the same way (tensors and plain containers only).
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)

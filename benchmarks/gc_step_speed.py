@@ -86,7 +86,8 @@ def decoded_per_sample(batches: int = 4) -> float:
                                        context_bias=0.0, seed=0, batch_size=8, num_workers=0, skip_corrupt=False)
             module = GCClassifier(
                 model={"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32},
-                loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False},
+                loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False,
+                      "positive": "instances", "composite_source": "batch"},
                 optimizer={"name": "sgd", "lr": 0.01}, scheduler={"name": "none"}, num_classes=4, multilabel=False,
                 layout_seed=0,
             )

@@ -25,35 +25,43 @@ from datamodules import build_datamodule  # noqa: E402
 from datamodules.synthetic import default_config  # noqa: E402
 
 
-def loader_rate(size: int, batch: int, workers: int, epochs: int) -> list[float]:
-    """Images/s of each epoch of the training loader."""
+def loader_epochs(size: int, batch: int, workers: int, epochs: int,
+                  distractors: str | None = None) -> list[tuple[int, float]]:
+    """Samples delivered and seconds of each epoch of the training loader; ``distractors``: the
+    ``loss.positive`` of ``loss.composite_source=dataset`` (samples bring 3 distractors each)."""
     config = default_config()  # the quick start's data set
     config.update(data_dir=ROOT / "data", image_size=size, batch_size=batch, num_workers=workers)
     datamodule = build_datamodule(config)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    datamodule.set_train_distractors(distractors)
     loader = datamodule.train_dataloader()
-    rates = []
+    timed = []
     for _ in range(epochs):
         start, images = time.perf_counter(), 0
         for batch_data in loader:
             images += batch_data["image"].shape[0]
-        rates.append(images / (time.perf_counter() - start))
-    return rates
+        timed.append((images, time.perf_counter() - start))
+    return timed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def loader_arguments(description: str) -> argparse.Namespace:
+    """The command line of the loader benchmarks: ``--size``, ``--batch``, ``--workers``, ``--epochs``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=80)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--epochs", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = loader_arguments(__doc__)
     print(f"synthetic training set of conf/data/synthetic.yaml at {args.size} px, batch {args.batch}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'what':<22} {'img/s per epoch':>30}")
     for workers in args.workers:
-        rates = loader_rate(args.size, args.batch, workers, args.epochs)
+        rates = [images / seconds for images, seconds in loader_epochs(args.size, args.batch, workers, args.epochs)]
         print(f"{f'loader, {workers} workers':<22} {', '.join(f'{rate:.0f}' for rate in rates):>30}")
 
 

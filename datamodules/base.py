@@ -11,7 +11,8 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from .images import collate_samples
+from .distractors import DistractorDataset
+from .images import TrialGeometry, collate_samples
 
 
 def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -44,14 +45,18 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
       first use when ``setup()`` has not built it yet). It also provides ``label_sets()`` (bool
       ``[N, K]``) and ``keys()`` (a stable name per image), from which evaluation composites
       draw their distractors over the whole set, whatever the order of the files.
-    - ``localization_dataset()``: validation trials ``{"image", "target", "mask"}`` for PG, SPG
-      and CH, or None when the data has no masks or boxes.
+    - ``localization_dataset(geometry)``: validation trials ``{"image", "target", "mask",
+      "pointing"}`` for PG, SPG and CH, sized as the :class:`TrialGeometry` (the evaluation
+      protocol) says, or None when the data has no masks or boxes. Under the authors' protocol
+      images keep their aspect and masks their original size: the set's ``sizes()`` (each trial's
+      original height and width, from the annotations) let loaders batch equal sizes together.
     - ``collate_fn``: the collate function of every loader, trial loaders included.
 
     Samples are ``{"image": [3, H, W] float in [0, 1], "target": ...}``, or None for a corrupt
     file when ``skip_corrupt``. The test loader is the validation set: ImageNet's and COCO's test
-    labels are not public, and the synthetic data has no third split. ``batch_size`` is per
-    process: under DDP every process loads its own batches.
+    labels are not public, and the synthetic data has no third split. ``batch_size`` is
+    what each process loads: ``train.py`` sets it to the process's share of the global
+    ``data.batch_size``.
 
     Subclasses build their sets in ``_build_train_dataset``, ``_build_val_dataset`` and
     ``_build_localization_dataset``; the results are kept in ``train_set`` (by ``setup("fit")``),
@@ -67,7 +72,7 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
                  skip_corrupt: bool) -> None:
         """The loading options every data set takes (the keys of its ``data`` config group that
         subclasses do not name themselves): ``data_dir``; ``image_size``, the side of the images the
-        network sees; ``batch_size`` per process; ``num_workers`` loader processes; with
+        network sees; ``batch_size`` per process (train.py divides the config's global batch); ``num_workers`` loader processes; with
         ``skip_corrupt`` a corrupt image file is dropped from its batch and counted instead of
         stopping the run."""
         super().__init__()
@@ -78,8 +83,8 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         self.skip_corrupt = bool(skip_corrupt)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self._localization_set: Dataset | None = None
-        self._localization_built = False
+        self._localization_sets: dict[TrialGeometry, Dataset | None] = {}
+        self.train_distractors: str | None = None
 
     @property
     @abc.abstractmethod
@@ -89,17 +94,20 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def class_names(self) -> list[str]: ...
 
-    def localization_dataset(self) -> Dataset | None:
-        """Validation trials with the mask of their class, or None without masks or boxes."""
-        # Built once and kept: reading the annotations (50,000 ILSVRC XML files, a COCO json) is
-        # slow, and the training callbacks ask for the trials after every epoch.
-        if not self._localization_built:
-            self._localization_set = self._build_localization_dataset()
-            self._localization_built = True
-        return self._localization_set
+    def localization_dataset(self, geometry: TrialGeometry = TrialGeometry()) -> Dataset | None:
+        """Validation trials with the mask of their class, or None without masks or boxes.
+        ``geometry``'s ``image_size`` is the datamodule's own (set here)."""
+        # Built once per geometry and kept: reading the annotations (50,000 ILSVRC XML files, a
+        # COCO json) is slow, and the training callbacks ask for the trials after every epoch.
+        geometry = geometry.check()._replace(image_size=None)
+        if geometry not in self._localization_sets:
+            self._localization_sets[geometry] = self._build_localization_dataset(geometry)
+        return self._localization_sets[geometry]
 
     @abc.abstractmethod
-    def _build_localization_dataset(self) -> Dataset | None: ...
+    def _build_localization_dataset(self, geometry: TrialGeometry) -> Dataset | None:
+        """The trials under ``geometry`` (its ``image_size`` is None: set the data set's own where
+        the images are resized for the standard protocol)."""
 
     @abc.abstractmethod
     def _build_train_dataset(self) -> Dataset: ...
@@ -133,10 +141,20 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
             persistent_workers=self.num_workers > 0,
         )
 
+    def set_train_distractors(self, positive: str | None) -> None:
+        """``loss.composite_source=dataset``: every training sample also brings the class it explains
+        (on multi-label data drawn as ``positive``, ``loss.positive``, says), its cell and 3
+        distractors loaded from the training set (:class:`DistractorDataset`). None: plain samples."""
+        self.train_distractors = positive
+
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}: no train set, call setup('fit') first")
-        return self._loader(self.train_set, shuffle=True)
+        dataset = self.train_set
+        if self.train_distractors is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            dataset = DistractorDataset(dataset, self.multilabel, self.train_distractors, rank)
+        return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset(), shuffle=False)

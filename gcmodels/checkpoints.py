@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gcmodels.networks import native_output_stride
 
@@ -56,16 +57,24 @@ _FLAT_GC_OPTIONS = {"lam": "lambda", "cam_mode": "cam_mode", "detach_target": "d
 def upgrade_hparams(hparams: dict) -> dict:
     """Hyper-parameters of older checkpoints in today's form: ``loss="gc", lam=..., cam_mode=...,
     detach_target=...`` becomes the ``loss`` config dict (``ce`` keeps only its name); a model
-    without ``output_stride`` (older than the option) had its architecture's own."""
+    without ``output_stride`` (older than the option) had its architecture's own; one without
+    ``init_from`` started from fresh (or torchvision) weights; a GC loss without ``positive``
+    drew the explained class of a multi-label image uniformly over its labels, and one without
+    ``composite_source`` took its distractors from the batch."""
     model = hparams.get("model")
     if isinstance(model, dict) and "output_stride" not in model:
-        hparams["model"] = {**model, "output_stride": native_output_stride(model.get("name", ""))}
+        model = hparams["model"] = {**model, "output_stride": native_output_stride(model.get("name", ""))}
+    if isinstance(model, dict) and "init_from" not in model:
+        hparams["model"] = {**model, "init_from": None}
     if isinstance(hparams.get("loss"), str):
         loss = {"name": hparams["loss"]}
         flat = {new: hparams.pop(old) for old, new in _FLAT_GC_OPTIONS.items() if old in hparams}
         if loss["name"] == "gc":
             loss.update(flat)
         hparams["loss"] = loss
+    loss = hparams.get("loss")
+    if isinstance(loss, dict) and loss.get("name") == "gc":
+        hparams["loss"] = {"positive": "labels", "composite_source": "batch", **loss}
     return hparams
 
 
@@ -74,18 +83,88 @@ def read_hparams(path: str | Path) -> dict:
     return load_checkpoint(path)["hyper_parameters"]
 
 
+def _same_file(one: str | Path | None, other: str | Path | None) -> bool:
+    if one is None or other is None:
+        return one is other
+    return Path(one).resolve() == Path(other).resolve()
+
+
 def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool) -> None:
     """Refuse to resume from a checkpoint of another architecture, pooling, output stride or class
-    count."""
+    count, or of a run started from other weights (``model.init_from``: a resumed run is the same
+    run, so it must name the checkpoint's own starting point, or none when it had none; the
+    weights come from ``path`` either way)."""
     saved = read_hparams(path)
     saved_model = dict(saved.get("model") or {})
     problems = []
     for key in ("name", "pooling", "output_stride"):
         if saved_model.get(key) != model.get(key):
             problems.append(f"model.{key}: checkpoint has {saved_model.get(key)!r}, config has {model.get(key)!r}")
+    if not _same_file(saved_model.get("init_from"), model.get("init_from")):
+        problems.append(f"model.init_from: the checkpoint's run started from {saved_model.get('init_from')!r}, config "
+                        f"has {model.get('init_from')!r} (ckpt_path resumes that run with its own weights: give "
+                        f"model.init_from={saved_model.get('init_from')}, or start a new run without ckpt_path)")
     if saved.get("num_classes") != num_classes:
         problems.append(f"number of classes: checkpoint has {saved.get('num_classes')}, data has {num_classes}")
     if bool(saved.get("multilabel", False)) != bool(multilabel):
         problems.append(f"multilabel: checkpoint has {saved.get('multilabel')}, data has {multilabel}")
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+def final_layer(net: nn.Module) -> str | None:
+    """Name of the network's last linear layer: the classifier whose rows are the classes (ResNet's
+    ``fc``, AlexNet's last ``classifier`` layer), or None without one."""
+    linear = [name for name, layer in net.named_modules() if isinstance(layer, nn.Linear)]
+    return linear[-1] if linear else None
+
+
+def init_from_checkpoint(path: str | Path, net: nn.Module, model: dict, num_classes: int,
+                         class_names: list[str] | None = None) -> list[str]:
+    """Load into ``net`` (built from the ``model`` config for ``num_classes`` classes) the network
+    weights of the checkpoint at ``path`` (``model.init_from``), read safely by :func:`load_checkpoint`.
+
+    The architecture must be the same (``model.name``) and every tensor must have the shape of
+    ``net``'s. The final classification layer (:func:`final_layer`) keeps its fresh initialisation
+    when the checkpoint was trained on other classes: another count, or other names where both
+    are recorded (rows of other classes would be a wrong start, not a neutral one). Pooling and
+    output stride may differ: neither changes any tensor (GMP swaps the pooling operation, a
+    smaller stride dilates the same kernels). Returns notes for the log: what was not loaded and
+    why, and the options that differ."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["hyper_parameters"]
+    saved_model = dict(saved.get("model") or {})
+    if saved_model.get("name") != model["name"]:
+        raise ValueError(f"model.init_from={path} holds a {saved_model.get('name')!r} network, but this run builds "
+                         f"model.name={model['name']!r}: weights load only into the same architecture")
+    weights = {key[len("net."):]: value for key, value in checkpoint["state_dict"].items() if key.startswith("net.")}
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"model.init_from={path}: its {model['name']} network does not match this run's: "
+                         f"tensors missing from the checkpoint {missing[:5]}, not in this network {unexpected[:5]}")
+    saved_names = saved.get("class_names")
+    if saved.get("num_classes") != num_classes:
+        other_classes = f"the checkpoint has {saved.get('num_classes')} classes, this run {num_classes}"
+    elif saved_names is not None and class_names is not None and list(saved_names) != list(class_names):
+        other_classes = f"the checkpoint's {num_classes} classes are not this run's"
+    else:
+        other_classes = None
+    layer = final_layer(net)
+    fresh = sorted(key for key in own if other_classes and key.rsplit(".", 1)[0] == layer)
+    wrong_shape = [key for key in sorted(set(own) - set(fresh)) if weights[key].shape != own[key].shape]
+    if wrong_shape:
+        key = wrong_shape[0]
+        raise ValueError(f"model.init_from={path}: tensor {key} has shape {tuple(weights[key].shape)} in the checkpoint "
+                         f"and {tuple(own[key].shape)} in this {model['name']} network ({len(wrong_shape)} tensors "
+                         f"differ; only the final layer {layer} is replaced, when the classes differ)")
+    notes = [f"model.{key}: the checkpoint's network used {saved_model.get(key)!r}, this run {model[key]!r} "
+             f"(the same tensors; what they compute changes)"
+             for key in ("pooling", "output_stride") if saved_model.get(key) != model.get(key)]
+    if fresh:
+        notes.append(f"not loaded: {', '.join(fresh)} (the final layer keeps its fresh initialisation: {other_classes})")
+        weights.update({key: own[key] for key in fresh})
+    net.load_state_dict(weights)
+    return notes

@@ -14,14 +14,21 @@ from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
 from gcmodels.objective import gc_objective
 from losses import classification_loss, random_layout
+from losses.composite import own_distractors_layout, positive_weights
 
 LOSSES = ("ce", "gc")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("step", "cosine", "none")
+SCHEDULERS = ("step", "multistep", "cosine", "none")
 
 
 # The options each loss takes (the keys of its config group besides ``name``).
-LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target")}
+LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target", "positive", "composite_source")}
+# How a multi-label image's explained class is drawn: by instance count (the authors' draw over
+# annotations) or uniformly over its labels.
+POSITIVES = ("instances", "labels")
+# Where a composite's distractors come from: the other images of the training batch, or three
+# more training images loaded with each sample (the authors' code).
+COMPOSITE_SOURCES = ("batch", "dataset")
 
 
 def check_loss_options(loss: dict) -> None:
@@ -40,6 +47,11 @@ def check_loss_options(loss: dict) -> None:
         raise ValueError(f"loss.cam_mode={loss['cam_mode']!r} is unknown; allowed: {list(CAM_MODES)}")
     if not isinstance(loss["detach_target"], bool):
         raise ValueError(f"loss.detach_target must be true or false, got {loss['detach_target']!r}")
+    if loss["positive"] not in POSITIVES:
+        raise ValueError(f"loss.positive={loss['positive']!r} is unknown; allowed: {list(POSITIVES)}")
+    if loss["composite_source"] not in COMPOSITE_SOURCES:
+        raise ValueError(f"loss.composite_source={loss['composite_source']!r} is unknown; "
+                         f"allowed: {list(COMPOSITE_SOURCES)}")
 
 
 def check_optim_options(optimizer: dict, scheduler: dict) -> None:
@@ -49,11 +61,37 @@ def check_optim_options(optimizer: dict, scheduler: dict) -> None:
         raise ValueError(f"optimizer.lr must be > 0, got {optimizer.get('lr')!r}")
     if scheduler.get("name") not in SCHEDULERS:
         raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
+    if scheduler["name"] == "multistep":
+        milestones = scheduler.get("milestones")
+        if (not isinstance(milestones, (list, tuple)) or not milestones
+                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
+                or list(milestones) != sorted(set(milestones))):
+            raise ValueError(f"scheduler.milestones must be a non-empty increasing list of epochs >= 1, got {milestones!r}")
 
 
 def accuracy_name(multilabel: bool) -> str:
-    """The headline score's name: ``acc`` (top-1), or ``f1`` (micro F1) on multi-label data."""
+    """The headline score's name: ``acc`` (top-1), or ``f1`` (micro F1, the COCO papers'
+    "F1-Overall") on multi-label data."""
     return "f1" if multilabel else "acc"
+
+
+# Multi-label data's second score: F1 averaged over the classes (the COCO papers' "F1-PerClass").
+PER_CLASS_F1_NAME = "f1_per_class"
+
+
+def per_class_f1_metric(num_classes: int, **kwargs) -> Metric:
+    """Macro F1 at threshold 0.5: each class's F1, averaged, so rare classes count as much as
+    frequent ones (micro F1 is dominated by the frequent ones, e.g. COCO's person)."""
+    return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="macro", **kwargs)
+
+
+def accuracy_inputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the accuracy metrics take: logits and class indices, or, on multi-label data,
+    probabilities and int targets. torchmetrics' multi-label metrics apply the sigmoid only when
+    some score lies outside [0, 1]: logits that all happen to lie inside would be thresholded raw."""
+    if targets.dim() > 1:
+        return logits.sigmoid(), targets.long()
+    return logits, targets
 
 
 def accuracy_metric(num_classes: int, multilabel: bool, **kwargs) -> Metric:
@@ -98,6 +136,7 @@ class GCClassifier(pl.LightningModule):
         self._layout_generator: torch.Generator | None = None
         self.train_acc = accuracy_metric(num_classes, multilabel)
         self.val_acc = accuracy_metric(num_classes, multilabel)
+        self.val_f1_per_class = per_class_f1_metric(num_classes) if multilabel else None
 
     @staticmethod
     def validation_metric(multilabel: bool) -> str:
@@ -138,10 +177,22 @@ class GCClassifier(pl.LightningModule):
             return None
         loss_config = self.hparams.loss
         if loss_config["name"] == "gc":
-            layout = random_layout(targets, self.hparams.num_classes, self.layout_generator())
+            distractor_images = None
+            if loss_config["composite_source"] == "dataset":
+                if "distractors" not in batch:
+                    raise ValueError(
+                        "loss.composite_source=dataset builds each composite from distractors loaded with its "
+                        "sample, but this batch has none: call the datamodule's set_train_distractors "
+                        "(train.py does)"
+                    )
+                layout = own_distractors_layout(batch["positive"], batch["cell"])
+                distractor_images = batch["distractors"]
+            else:
+                weights = positive_weights(batch, self.hparams.multilabel, loss_config["positive"])
+                layout = random_layout(targets, self.hparams.num_classes, self.layout_generator(), weights)
             out = gc_objective(
                 self.net, images, targets, layout, float(loss_config["lambda"]),
-                loss_config["cam_mode"], loss_config["detach_target"],
+                loss_config["cam_mode"], loss_config["detach_target"], distractor_images,
             )
             loss, logits = out.loss, out.logits
             self.log("train/gc", out.consistency_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
@@ -152,7 +203,7 @@ class GCClassifier(pl.LightningModule):
             logits = self.net(images)
             loss = classification_loss(logits, targets)
             self.log("train/ce", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
-        self.train_acc(logits.detach(), targets.long() if targets.dim() > 1 else targets)
+        self.train_acc(*accuracy_inputs(logits.detach(), targets))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         self.log(f"train/{self.accuracy_name}", self.train_acc, on_step=False, on_epoch=True, batch_size=size)
         return loss
@@ -162,10 +213,13 @@ class GCClassifier(pl.LightningModule):
         if images.shape[0] == 0:
             return
         logits = self.net(images)
-        self.val_acc(logits, targets.long() if targets.dim() > 1 else targets)
+        self.val_acc(*accuracy_inputs(logits, targets))
         size = images.shape[0]
         self.log("val/loss", classification_loss(logits, targets), sync_dist=True, batch_size=size)
         self.log(f"val/{self.accuracy_name}", self.val_acc, prog_bar=True, batch_size=size)
+        if self.val_f1_per_class is not None:
+            self.val_f1_per_class(*accuracy_inputs(logits, targets))
+            self.log(f"val/{PER_CLASS_F1_NAME}", self.val_f1_per_class, batch_size=size)
 
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)
@@ -180,6 +234,8 @@ class GCClassifier(pl.LightningModule):
             return optimizer
         if sched_name == "step":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, **sched_cfg)
+        elif sched_name == "multistep":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **sched_cfg)
         else:
             epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, **sched_cfg)

@@ -27,6 +27,7 @@ def gc_objective(
     lam: float,
     cam_mode: str = "elementwise",
     detach_target: bool = False,
+    distractor_images: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """``classification(f(x), y) + lam * L1(g_c, comp(k, g_x, 0, 0, 0))`` for one batch.
 
@@ -34,6 +35,11 @@ def gc_objective(
     ``backward()`` of ``loss`` then runs the second-order backward through ``dy/dA``. The target
     ``g_x`` is not detached unless ``detach_target`` (the authors' code does not detach it).
     Samples whose layout is invalid (no distractor in the batch) are left out of the GC term.
+
+    ``distractor_images`` ``[B, 3, C, H, W]``: distractors loaded with the samples
+    (``loss.composite_source=dataset``); ``layout.distractors`` then index the batch's images
+    followed by these (:func:`losses.composite.own_distractors_layout`). Only the composites see
+    them: they add nothing to the classification term.
     """
     # Unlabelled multi-label samples (class -1) have no composite; any class serves their map.
     logits, maps = gradcam(net, images, layout.classes.clamp(min=0), cam_mode, create_graph=True)
@@ -42,7 +48,8 @@ def gc_objective(
     if len(kept) == 0:
         consistency = logits.new_zeros(())
     else:
-        composites = make_composite(images, kept)
+        tiles = images if distractor_images is None else torch.cat([images, distractor_images.flatten(0, 1)])
+        composites = make_composite(tiles, kept)
         _, composite_maps = gradcam(net, composites, kept.classes, cam_mode, create_graph=True)
         target = composite_target(maps[kept.samples], kept.cells, composite_maps.shape[-2:])
         if detach_target:

@@ -4,6 +4,7 @@ Cells are numbered row by row: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +51,60 @@ def label_sets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return targets > 0.5
 
 
-def choose_positive(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One of each image's labels, uniformly at random (``-1`` for an image without labels)."""
-    weights = labels.float().cpu()
+def choose_positive(
+    labels: torch.Tensor, generator: torch.Generator | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One of each image's labels at random (``-1`` for an image without labels).
+
+    ``weights`` None: uniformly over the labels. ``weights`` ``[B, K]`` (instance counts per class):
+    with probability proportional to the weight, among the image's labels only, so each annotation
+    is equally likely to be the one explained (the authors' draw over COCO annotations); a class
+    of weight 0 is never drawn.
+    """
+    if weights is None:
+        weights = labels.float()
+    else:
+        if weights.shape != labels.shape:
+            raise ValueError(f"instance counts {tuple(weights.shape)} do not match the labels {tuple(labels.shape)}")
+        weights = weights.float() * labels
+        # multinomial would fail on a zero row with a message that names neither the image nor the counts.
+        unweighted = labels.any(1) & (weights.sum(1) == 0)
+        if unweighted.any():
+            raise ValueError(
+                f"batch images {unweighted.nonzero().flatten().tolist()} have labels but no instance of any of them"
+            )
+    weights = weights.cpu()
     has_label = weights.sum(1) > 0
     positive = torch.full((labels.shape[0],), -1, dtype=torch.long)
     if has_label.any():
         positive[has_label] = torch.multinomial(weights[has_label], 1, generator=generator).squeeze(1)
     return positive.to(labels.device)
+
+
+def positive_weights(batch: Mapping[str, torch.Tensor], multilabel: bool, positive: str) -> torch.Tensor | None:
+    """The weights :func:`choose_positive` draws a multi-label explained class by, as ``loss.positive``
+    says: the batch's (or sample's) per-class instance counts ``"instances"`` for ``instances``,
+    None (uniformly over the labels) for ``labels`` and for single-label data."""
+    if not multilabel or positive != "instances":
+        return None
+    if "instances" not in batch:
+        raise ValueError(
+            "loss.positive=instances draws the explained class by instance count, but this multi-label "
+            "data has no 'instances' (per-class counts); use loss.positive=labels"
+        )
+    return batch["instances"]
+
+
+def explained_classes(
+    targets: torch.Tensor, num_classes: int, generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The class each image explains, on the CPU: its label for class indices ``[B]``; for
+    multi-hot targets ``[B, K]`` one of its labels drawn by :func:`choose_positive` with
+    ``weights`` (-1 for an image without labels)."""
+    if targets.dim() == 1:
+        return targets.long().cpu()
+    return choose_positive(label_sets(targets, num_classes), generator, weights).cpu()
 
 
 def choose_distractors(
@@ -86,17 +133,37 @@ def choose_distractors(
 
 
 def random_layout(
-    targets: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
+    targets: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
 ) -> CompositeLayout:
     """A random layout for a batch, one row per sample: the class it explains, its cell and its
-    distractors (``classes`` is -1 and ``valid`` False for a multi-label sample without labels)."""
+    distractors (``classes`` is -1 and ``valid`` False for a multi-label sample without labels).
+
+    ``weights``: per-class instance counts ``[B, K]`` of multi-label targets, to draw the explained
+    class by instance count rather than uniformly over the labels (:func:`choose_positive`);
+    ignored for single-label targets, whose explained class is their label.
+    """
     labels = label_sets(targets, num_classes)
-    positive = targets.long().cpu() if targets.dim() == 1 else choose_positive(labels, generator)
+    positive = explained_classes(targets, num_classes, generator, weights)
     distractors, valid = choose_distractors(labels, positive, generator)
     cells = torch.randint(0, 4, (targets.shape[0],), generator=generator)
     device = targets.device
     samples = torch.arange(targets.shape[0], device=device)
     return CompositeLayout(samples, positive.to(device), cells.to(device), distractors.to(device), valid.to(device))
+
+
+def own_distractors_layout(classes: torch.Tensor, cells: torch.Tensor) -> CompositeLayout:
+    """The layout of a batch of ``B`` samples that bring their explained class, their cell and their
+    own 3 distractors (``loss.composite_source=dataset``). Its distractor indices point past the
+    batch, into the distractor images stacked after it: sample ``b``'s are ``B + 3b``, ``B + 3b + 1``,
+    ``B + 3b + 2`` of ``torch.cat([images, distractor_images.flatten(0, 1)])``. Every row is valid."""
+    batch = classes.shape[0]
+    device = classes.device
+    distractors = batch + torch.arange(batch * NUM_DISTRACTORS, device=device).view(batch, NUM_DISTRACTORS)
+    return CompositeLayout(torch.arange(batch, device=device), classes.long(), cells.long().to(device), distractors,
+                           torch.ones(batch, dtype=torch.bool, device=device))
 
 
 def tile_2x2(tiles: torch.Tensor) -> torch.Tensor:
@@ -131,19 +198,29 @@ def place_in_cell(maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return _arrange(slots, cells)
 
 
-def composite_target(
-    maps: torch.Tensor, cells: torch.Tensor, size: tuple[int, int], eps: float = 1e-8
-) -> torch.Tensor:
-    """Target for the composite's normalised map of size ``size``.
+def composite_target(maps: torch.Tensor, cells: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``comp(k, g, 0, 0, 0)`` on the composite's map of size ``size = (H_c, W_c)``: each ``h x w``
+    map goes where the network sees its cell, at row and column offsets 0 and ``H_c - h`` /
+    ``W_c - w``, zeros elsewhere.
 
-    The single-image maps are placed at ``2h x 2w``. When the composite's feature map is not
-    exactly twice the single image's (AlexNet: 27x27 vs 2x13 at 448 px), the placed map is
-    resized bilinearly (``align_corners=False``) to ``size`` and renormalised to sum to 1 again,
-    so target and composite map stay distributions on the same grid.
+    When the image side is a multiple of the network's output stride, the far cell's features are
+    the image's own shifted by ``side / stride`` cells (the layers are shift-invariant; only
+    receptive fields that reach across a cell border differ), so they end at the composite's far
+    edge and start at ``H_c - h``. ResNet: ``H_c = 2h``, so the offsets are 0 and ``h``. AlexNet at
+    448 px: 13x13 maps at offsets 0 and 14 of 27x27; row and column 13, whose receptive fields
+    straddle two images, are a seam with zero target. (An earlier rule resized the placed 26x26 map
+    to 27x27, which misplaced it by up to half a cell.)
     """
-    placed = place_in_cell(maps, cells)
-    if tuple(placed.shape[-2:]) == tuple(size):
-        return placed
-    resized = F.interpolate(placed.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)
-    resized = resized.squeeze(1)
-    return resized / (resized.sum(dim=(1, 2), keepdim=True) + eps)
+    h, w = maps.shape[-2:]
+    height, width = size
+    if height < 2 * h or width < 2 * w:
+        raise ValueError(
+            f"the composite's map ({height}x{width}) is smaller than two image maps ({h}x{w}) side by side: "
+            "its cells overlap and no placement is exact; use an image side that is a multiple of the "
+            "network's output stride"
+        )
+    rows = torch.cat([torch.arange(h), torch.arange(height - h, height)]).to(maps.device)
+    cols = torch.cat([torch.arange(w), torch.arange(width - w, width)]).to(maps.device)
+    target = maps.new_zeros(maps.shape[0], height, width)
+    target[:, rows[:, None], cols] = place_in_cell(maps, cells)
+    return target

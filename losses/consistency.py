@@ -6,10 +6,16 @@ import torch.nn.functional as F
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class indices ``[B]``; BCE with logits for multi-hot targets ``[B, K]``."""
+    """Cross-entropy for class indices ``[B]``, averaged over the batch; for multi-hot targets
+    ``[B, K]``, BCE with logits summed over the classes and averaged over the batch.
+
+    The multi-label sum is the authors' ``80 * BCE_mean`` on COCO's 80 classes: the paper's lambda
+    (1 on COCO) weighs the GC term against this scale, not against the mean over classes.
+    """
     if targets.dim() == 1:
         return F.cross_entropy(logits, targets.long())
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return bce.sum(dim=1).mean()
 
 
 def consistency_l1(composite_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,20 @@
 """The Hydra configs compose as documented: each default lives in one place, derived values follow
-the choices they depend on, and the evaluation settings are one object shared by every user."""
+the choices they depend on, the evaluation settings are one object shared by every user, every
+experiment builds the paper's run, and the batch is global."""
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-import train  # noqa: F401  (registers the validation_metric resolver, as running train.py does)
+import train  # also registers the validation_metric resolver, as running train.py does
+from datamodules import build_datamodule
 from evaluation.callbacks import ExplanationMetricsCallback, FGSMRobustnessCallback
 from evaluation.settings import CONFIG_FILE, EvaluationSettings, default_settings
+from gcmodels.module import LOSS_OPTIONS
 from tests.conftest import ROOT
+from tests.test_datamodules import imagenet_tree, write_coco_split
 
 
 def compose_config(name: str, *overrides: str):
@@ -22,7 +28,9 @@ def test_sgd_recipes_take_the_papers_learning_rate_of_the_architecture(model, lr
         cfg = compose_config("train", f"model={model}", f"optimizer={optimizer}")
         assert cfg.optimizer.lr == lr and cfg.optimizer.name == "sgd"
     assert compose_config("train", f"model={model}", "data=coco").optimizer.lr == 0.01  # COCO fine-tunes
-    assert set(compose_config("train", f"model={model}").model) == {"name", "pooling", "pretrained", "output_stride"}
+    assert set(compose_config("train", f"model={model}").model) == {"name", "pooling", "pretrained", "output_stride",
+                                                                     "init_from"}
+    assert compose_config("train", f"model={model}").model.init_from is None
 
 
 @pytest.mark.parametrize("data, metric", [("synthetic", "val/acc"), ("imagenet", "val/acc"), ("coco", "val/f1")])
@@ -34,7 +42,7 @@ def test_checkpoints_watch_the_data_sets_validation_score(data, metric):
 
 def test_losses_carry_only_their_own_options():
     assert OmegaConf.to_container(compose_config("train", "loss=ce").loss) == {"name": "ce"}
-    assert set(compose_config("train", "loss=gc").loss) == {"name", "lambda", "cam_mode", "detach_target"}
+    assert set(compose_config("train", "loss=gc").loss) == {"name", *LOSS_OPTIONS["gc"]}
 
 
 def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
@@ -42,7 +50,7 @@ def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
     callbacks = {name: instantiate(cfg.callbacks[name]) for name in ("explanation_metrics", "fgsm_robustness")}
     assert isinstance(callbacks["explanation_metrics"], ExplanationMetricsCallback)
     assert isinstance(callbacks["fgsm_robustness"], FGSMRobustnessCallback)
-    expected = EvaluationSettings(tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0), fgsm_space="pixel",
+    expected = EvaluationSettings(protocol="standard", short_side=448, tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0), fgsm_space="pixel",
                                   seed=7, batch_size=5, noise_seeds=3)
     assert all(callback.settings == expected for callback in callbacks.values())
     evaluate = compose_config("evaluate", "ckpt_path=x.ckpt", "seed=7", "data.batch_size=5", "evaluation.fgsm_eps=[2,4]")
@@ -64,3 +72,97 @@ def test_bad_settings_name_the_key(override, message):
     cfg = compose_config("evaluate", "ckpt_path=x.ckpt", override)
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         instantiate(cfg.evaluation)
+
+
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_one_experiment_per_paper_run():
+    imagenet = [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50", "alexnet") for variant in ("baseline", "gc")]
+    imagenet += [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50") for variant in ("gmp", "gmp_gc")]
+    assert EXPERIMENTS == sorted(imagenet + ["coco_resnet18_baseline", "coco_resnet18_gc"])
+
+
+def learning_rates(module, epochs: int) -> list[float]:
+    """The learning rate of each epoch, as the epoch-interval scheduler sets it."""
+    schedule = module.configure_optimizers()
+    optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_builds_the_papers_run(name, tmp_path):
+    data, arch, variant = name.split("_", 2)
+    overrides = [f"experiment={name}", f"data.data_dir={tmp_path}", "data.num_workers=0"]
+    if data == "coco":
+        overrides.append("model.init_from=imagenet.ckpt")
+    cfg = compose_config("train", *overrides)
+    if data == "coco":
+        write_coco_split(tmp_path, cfg.data.val_split)
+    else:
+        imagenet_tree(tmp_path)
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    module = train.build_module(cfg, datamodule)
+    hparams = module.hparams
+    gc = variant.endswith("gc")
+    assert cfg.data.name == data and cfg.trainer.strategy == "ddp"
+    assert hparams.model == {"name": arch, "pooling": "max" if "gmp" in variant else "avg", "pretrained": False,
+                             "output_stride": 16 if arch == "alexnet" else 32,
+                             "init_from": "imagenet.ckpt" if data == "coco" else None}
+    assert hparams.loss["name"] == ("gc" if gc else "ce")
+    if gc:
+        assert hparams.loss["lambda"] == (1.0 if data == "coco" else 25.0)
+    assert {key: hparams.optimizer[key] for key in ("name", "momentum", "weight_decay")} == {
+        "name": "sgd", "momentum": 0.9, "weight_decay": 1e-4}
+    if data == "coco":  # fine-tuning: lr 0.01, x0.1 at epochs 24 and 30 of 36; our global batch of 64
+        assert (cfg.trainer.max_epochs, cfg.data.batch_size) == (36, 64)
+        expected = [0.01] * 24 + [0.001] * 6 + [0.0001] * 6
+    else:  # the architecture's lr (AlexNet 0.01), x0.1 every 30 epochs of 90; the paper's global 256
+        assert (cfg.trainer.max_epochs, cfg.data.batch_size) == (90, 256)
+        lr = 0.01 if arch == "alexnet" else 0.1
+        expected = [lr] * 30 + [lr / 10] * 30 + [lr / 100] * 30
+    assert learning_rates(module, cfg.trainer.max_epochs) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "gc"])
+def test_a_coco_experiment_needs_its_imagenet_checkpoint(variant, tmp_path, monkeypatch):
+    variable = f"IMAGENET_RESNET18_{variant.upper()}_CKPT"
+    monkeypatch.delenv(variable, raising=False)
+    cfg = compose_config("train", f"experiment=coco_resnet18_{variant}", f"data.data_dir={tmp_path}")
+    write_coco_split(tmp_path, cfg.data.val_split)
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    with pytest.raises(InterpolationResolutionError, match=rf"Environment variable '{variable}' not found(.|\n)*"
+                                                           r"full_key: model.init_from"):
+        train.build_module(cfg, datamodule)
+    monkeypatch.setenv(variable, "imagenet.ckpt")
+    assert train.build_module(cfg, datamodule).hparams.model["init_from"] == "imagenet.ckpt"
+
+
+def test_multistep_milestones_are_required_and_checked(tmp_path):
+    cfg = compose_config("train", "scheduler=multistep", f"data.data_dir={tmp_path}")
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
+    with pytest.raises(MissingMandatoryValue, match="scheduler.milestones"):
+        train.build_module(cfg, datamodule)
+    model = {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32, "init_from": None}
+    for milestones in ([30, 24], [], [0, 3], "24"):
+        with pytest.raises(ValueError, match=r"scheduler.milestones must be a non-empty increasing list of epochs >= 1"):
+            train.GCClassifier(model=model, loss={"name": "ce"}, optimizer={"name": "sgd", "lr": 0.1},
+                               scheduler={"name": "multistep", "milestones": milestones, "gamma": 0.1},
+                               num_classes=3, multilabel=False, layout_seed=0)
+
+
+@pytest.mark.parametrize("batch_size, world_size, per_process", [(256, 1, 256), (256, 8, 32), (6, 2, 3), (64, 16, 4)])
+def test_the_batch_is_global(batch_size, world_size, per_process):
+    assert train.per_process_batch(batch_size, world_size) == per_process
+
+
+@pytest.mark.parametrize("batch_size, world_size", [(256, 3), (1, 2), (6, 4)])
+def test_a_global_batch_that_does_not_divide_is_refused(batch_size, world_size):
+    with pytest.raises(ValueError, match=rf"data.batch_size={batch_size} is the global batch, split evenly over the "
+                                         rf"{world_size} processes \(trainer.devices x trainer.num_nodes\)"):
+        train.per_process_batch(batch_size, world_size)

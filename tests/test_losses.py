@@ -1,13 +1,18 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import gcmodels.module
 from gcmodels.gradcam import gradcam
+from gcmodels.module import GCClassifier, check_loss_options
 from gcmodels.networks import build_network
 from gcmodels.objective import gc_objective
 from losses import (
     CompositeLayout,
     choose_distractors,
+    choose_positive,
     classification_loss,
     composite_target,
     consistency_l1,
@@ -15,7 +20,9 @@ from losses import (
     make_composite,
     place_in_cell,
     random_layout,
+    tile_2x2,
 )
+from losses.composite import own_distractors_layout
 from tests.conftest import tiny_net
 
 # (row, column) of each cell: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
@@ -52,37 +59,74 @@ def test_composite_puts_positive_in_its_cell_and_distractors_in_order(cell):
         assert torch.all(block == expected), (k, block.unique())
 
 
-def test_resize_rule_hand_computed_2_to_3():
-    # A 1x1 map in cell 0 is [[1,0],[0,0]] at 2x2; bilinear (align_corners=False) to 3x3 samples
-    # source coordinates -1/6 (clamped to 0), 1/2 and 7/6 (clamped to 1): weights [1, .5, 0].
-    target = composite_target(torch.ones(1, 1, 1), torch.tensor([0]), (3, 3))
-    expected = torch.outer(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 0.5, 0.0])) / 2.25
-    assert torch.allclose(target[0], expected, atol=1e-6)
+@pytest.mark.parametrize("cell", [0, 1, 2, 3])
+def test_target_offsets_hand_computed(cell):
+    # 2x3 maps on a 5x7 composite map: rows at offsets 0 and 3, columns at 0 and 4; row 2 and
+    # column 3 are the seam.
+    maps = torch.arange(1.0, 7.0).view(1, 2, 3)
+    target = composite_target(maps, torch.tensor([cell]), (5, 7))
+    expected = torch.zeros(1, 5, 7)
+    row, col = CELL_POSITION[cell]
+    expected[0, 3 * row:3 * row + 2, 4 * col:4 * col + 3] = maps[0]
+    assert torch.equal(target, expected)
 
 
-def test_alexnet_size_rule_13_to_27():
-    net = build_network("alexnet", 4).eval()
+def test_target_refuses_a_composite_map_smaller_than_two_cells():
+    with pytest.raises(ValueError, match="5x6.*smaller than two image maps \\(3x3\\)"):
+        composite_target(torch.rand(1, 3, 3), torch.tensor([0]), (5, 6))
+
+
+# Receptive field of the explained layer: position i sees input pixels stride*i + first to
+# stride*i + last, walked back through every convolution and pooling (kernel, stride, padding).
+RECEPTIVE_FIELDS = {"alexnet": (16, -66, 96), "resnet18": (32, -217, 217)}
+
+
+@pytest.mark.parametrize(
+    "name, side, near, far",
+    # ResNet18 at 224 px has no such position (its receptive field, 435 px, is wider than the
+    # image), hence 320 px.
+    [("alexnet", 224, range(8), range(5, 13)), ("resnet18", 320, range(4), range(7, 10))],
+)
+def test_target_placement_is_where_the_network_sees_each_cell(name, side, near, far):
+    """The features of a 2x2 composite equal each image's own features placed by
+    ``composite_target``, exactly at every position whose receptive field stays inside its own
+    image (so sees neither the neighbouring image nor padding the image alone would see): in a
+    cell's near half-axis (offset 0) up to ``near``'s end, in the far half-axis from ``far``'s
+    start. Just outside that region the features differ: it is exact, not a safe margin."""
+    torch.manual_seed(0)
+    net = build_network(name, 5).eval()
+    images = torch.rand(4, 3, side, side)
+    in_own_cell = CompositeLayout(samples=torch.tensor([0]), classes=torch.tensor([0]), cells=torch.tensor([0]),
+                                  distractors=torch.tensor([[1, 2, 3]]), valid=torch.tensor([True]))
     with torch.no_grad():
-        single = net.forward_features(torch.rand(1, 3, 224, 224))
-        composite = net.forward_features(torch.rand(1, 3, 448, 448))
-    assert single.shape[-1] == 13 and composite.shape[-1] == 27  # not exactly 2x: the rule applies
-    maps = torch.rand(4, 13, 13)
-    maps = maps / maps.sum(dim=(1, 2), keepdim=True)
-    cells = torch.tensor([0, 1, 2, 3])
-    target = composite_target(maps, cells, (27, 27))
-    assert target.shape == (4, 27, 27)
-    assert torch.allclose(target.sum(dim=(1, 2)), torch.ones(4), atol=1e-5)
-    # Rule: place at 26x26, resize bilinearly to 27x27, renormalise; checked against F.interpolate.
-    for b, cell in enumerate(cells.tolist()):
-        placed = torch.zeros(26, 26)
-        row, col = CELL_POSITION[cell]
-        placed[13 * row:13 * row + 13, 13 * col:13 * col + 13] = maps[b]
-        resized = F.interpolate(placed[None, None], size=(27, 27), mode="bilinear", align_corners=False)[0, 0]
-        assert torch.allclose(target[b], resized / resized.sum(), atol=1e-6)
-        # Nearly all mass stays in the positive cell's quadrant of the 27x27 grid.
-        rows = slice(0, 14) if row == 0 else slice(13, 27)
-        cols = slice(0, 14) if col == 0 else slice(13, 27)
-        assert target[b, rows, cols].sum() > 0.97
+        own = net.forward_features(images)  # image k sits in cell k of the composite
+        composite = net.forward_features(make_composite(images, in_own_cell))[0]
+    h, size = own.shape[-1], tuple(composite.shape[-2:])
+
+    def placed(per_cell):
+        """Each cell's ``[n, h, h]`` placed in that cell by the rule, the four summed."""
+        return sum(composite_target(maps, torch.full((len(maps),), k), size)
+                   for k, maps in enumerate(map(per_cell, range(4))))
+
+    stride, first, last = RECEPTIVE_FIELDS[name]
+    position = torch.arange(h)
+    inside = {0: stride * position + last < side, 1: stride * position + first >= 0}
+    assert inside[0].nonzero().flatten().tolist() == list(near)
+    assert inside[1].nonzero().flatten().tolist() == list(far)
+    region = placed(lambda k: torch.outer(inside[k // 2], inside[k % 2]).float()[None])[0] > 0
+    cells = placed(lambda k: torch.ones(1, h, h))[0] > 0
+    expected = placed(lambda k: own[k])
+    scale = own.abs().max()
+    difference = (composite - expected).abs().amax(dim=0) / scale
+    assert difference[region].max() < 1e-5
+    assert difference[cells & ~region].min() > 5e-5
+    if name == "alexnet":
+        assert size == (27, 27) and not cells[13].any() and not cells[:, 13].any()  # the seam
+        # The earlier rule (the 26x26 placement resized to 27x27) puts features half a cell off.
+        resized = F.interpolate(tile_2x2(own[None]), size=size, mode="bilinear", align_corners=False)[0]
+        assert ((composite - resized).abs().amax(dim=0) / scale)[region].max() > 0.05
+    else:
+        assert size == (2 * h, 2 * h)
 
 
 def test_distractors_never_share_the_positive_class():
@@ -144,6 +188,119 @@ def test_consistency_l1_is_mean_absolute_difference():
     assert torch.allclose(consistency_l1(a, b), (a - b).abs().sum() / a.numel())
     with pytest.raises(ValueError, match="differ in shape"):
         consistency_l1(a, b[:, :3])
+
+
+def test_multilabel_classification_loss_sums_over_classes():
+    """The authors' COCO objective, ``80 * BCE_mean``: BCE summed over the classes, averaged over
+    the batch."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(5, 7, generator=generator) < 0.4).double()
+    loss = classification_loss(logits, targets)
+    assert torch.allclose(loss, 7 * F.binary_cross_entropy_with_logits(logits, targets))
+    by_hand = 0.0
+    for b in range(5):
+        for k in range(7):
+            p = torch.sigmoid(logits[b, k])
+            by_hand -= targets[b, k] * torch.log(p) + (1 - targets[b, k]) * torch.log(1 - p)
+    assert torch.allclose(loss, by_hand / 5)
+    labels = torch.tensor([0, 3, 6, 2, 2])
+    assert torch.allclose(classification_loss(logits, labels), F.cross_entropy(logits, labels))  # single label: CE
+
+
+# Instances per class of one image: classes 0, 2, 4 hold 3, 1, 6 instances; 1 is labelled with no
+# instance and 3 has a count but no label, so neither may be explained.
+COUNTS = torch.tensor([3.0, 0.0, 1.0, 2.0, 6.0])
+LABELS = torch.tensor([True, True, True, False, True])
+
+
+def _draw_frequencies(weights, draws=6000):
+    labels = LABELS.expand(draws, -1)
+    if weights is not None:
+        weights = weights.expand(draws, -1)
+    positive = choose_positive(labels, torch.Generator().manual_seed(0), weights)
+    return torch.bincount(positive, minlength=len(LABELS)).double() / draws
+
+
+def test_positive_drawn_by_instance_count():
+    frequencies = _draw_frequencies(COUNTS)
+    # 6000 draws: the standard deviation of each frequency is at most 0.0065; bounds at 4.5 of them.
+    expected = torch.tensor([0.3, 0.0, 0.1, 0.0, 0.6], dtype=torch.float64)
+    assert torch.allclose(frequencies, expected, atol=0.03), frequencies
+    assert frequencies[1] == 0 and frequencies[3] == 0
+
+
+def test_positive_drawn_uniformly_over_labels():
+    frequencies = _draw_frequencies(None)
+    expected = torch.tensor([0.25, 0.25, 0.25, 0.0, 0.25], dtype=torch.float64)
+    assert torch.allclose(frequencies, expected, atol=0.03), frequencies
+    assert frequencies[3] == 0
+
+
+def test_instance_counts_must_fit_the_labels():
+    with pytest.raises(ValueError, match="do not match the labels"):
+        choose_positive(LABELS[None], weights=COUNTS)
+    labels = torch.tensor([[True, False], [False, True]])
+    with pytest.raises(ValueError, match="batch images \\[1\\] have labels but no instance"):
+        choose_positive(labels, weights=torch.tensor([[2.0, 0.0], [1.0, 0.0]]))
+
+
+def test_random_layout_draws_by_weights_on_multilabel_data_only():
+    targets = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    counts = torch.tensor([[0.0, 4.0, 0.0], [0.0, 0.0, 2.0], [5.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    for seed in range(5):
+        layout = random_layout(targets, 3, torch.Generator().manual_seed(seed), counts)
+        assert layout.classes.tolist() == [1, 2, 0, 0]
+    single = torch.tensor([2, 0, 1, 1])
+    layout = random_layout(single, 3, torch.Generator().manual_seed(0), counts)
+    assert torch.equal(layout.classes, single)
+
+
+def _classifier(positive: str, multilabel: bool, composite_source: str = "batch") -> GCClassifier:
+    return GCClassifier(
+        model={"name": "tiny"}, loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False,
+                                      "positive": positive, "composite_source": composite_source},
+        optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, num_classes=3, multilabel=multilabel,
+        layout_seed=0, net=tiny_net(3),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
+@pytest.mark.parametrize("positive", ["instances", "labels"])
+def test_training_step_passes_instance_counts_as_loss_positive_says(monkeypatch, positive):
+    seen = []
+    monkeypatch.setattr(gcmodels.module, "random_layout",
+                        lambda targets, num_classes, generator, weights: seen.append(weights) or
+                        random_layout(targets, num_classes, generator, weights))
+    batch = {"image": torch.rand(4, 3, 8, 8), "target": torch.eye(3)[[0, 1, 2, 0]],
+             "instances": torch.eye(3)[[0, 1, 2, 0]] * 2}
+    _classifier(positive, multilabel=True).training_step(batch, 0)
+    assert seen[-1] is (batch["instances"] if positive == "instances" else None)
+    single = {"image": batch["image"], "target": torch.tensor([0, 1, 2, 0])}  # no counts: not needed
+    _classifier(positive, multilabel=False).training_step(single, 0)
+    assert seen[-1] is None
+    without_counts = {"image": batch["image"], "target": batch["target"]}
+    if positive == "instances":
+        with pytest.raises(ValueError, match="loss.positive=instances .* no 'instances'"):
+            _classifier(positive, multilabel=True).training_step(without_counts, 0)
+    else:
+        _classifier(positive, multilabel=True).training_step(without_counts, 0)
+
+
+GC_OPTIONS = {"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False, "positive": "labels",
+              "composite_source": "batch"}
+
+
+@pytest.mark.parametrize("key, value, allowed", [("positive", "boxes", "['instances', 'labels']"),
+                                                 ("composite_source", "disk", "['batch', 'dataset']")])
+def test_loss_options_positive_and_composite_source_are_checked(key, value, allowed):
+    check_loss_options({**GC_OPTIONS, key: "dataset" if key == "composite_source" else "instances"})
+    with pytest.raises(ValueError, match=re.escape(f"loss.{key}={value!r} is unknown; allowed: {allowed}")):
+        check_loss_options({**GC_OPTIONS, key: value})
+    options = dict(GC_OPTIONS)
+    del options[key]
+    with pytest.raises(ValueError, match=key):
+        check_loss_options(options)
 
 
 def _fixed_layout(targets):
@@ -290,3 +447,24 @@ def test_invalid_samples_are_left_out_of_the_gc_term():
     out_none = gc_objective(net, images, targets, layout, lam=1.0)
     assert out_none.num_composites == 0 and out_none.consistency_loss == 0
     assert torch.allclose(out_none.loss, out_all.classification_loss)
+
+
+@pytest.mark.parametrize("cam_mode", ["elementwise", "standard"])
+def test_dataset_mode_loss_equals_batch_mode_for_the_same_distractors(cam_mode):
+    """loss.composite_source=dataset changes where the distractors come from, nothing else: with the
+    batch layout's distractor images given as each sample's own, the loss, its terms and its
+    gradient are those of the batch mode."""
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).double()
+    images, targets = torch.rand(6, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    layout = _fixed_layout(targets)
+    assert layout.valid.all()
+    batch = gc_objective(net, images, targets, layout, lam=2.5, cam_mode=cam_mode)
+    own = own_distractors_layout(layout.classes, layout.cells)
+    dataset = gc_objective(net, images, targets, own, lam=2.5, cam_mode=cam_mode,
+                           distractor_images=images[layout.distractors].clone())
+    assert dataset.num_composites == batch.num_composites == 6
+    for name in ("loss", "classification_loss", "consistency_loss", "logits"):
+        assert torch.equal(getattr(dataset, name), getattr(batch, name)), name
+    weight = net.head[-1].weight
+    assert torch.equal(torch.autograd.grad(dataset.loss, weight)[0], torch.autograd.grad(batch.loss, weight)[0])

@@ -1,10 +1,15 @@
 """End-to-end runs of ``python train.py`` (the real command line) on tiny synthetic data."""
 import json
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import multilabel_f1_score
 
-from tests.conftest import assert_ok, logged_metrics, read_summary, train
+from gcmodels.module import GCClassifier
+from tests.conftest import assert_ok, linear_net, logged_metrics, read_summary, train
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +20,13 @@ def test_default_gc_run_logs_both_terms_and_leaves_checkpoints(tmp_path, data_di
     summary = read_summary(tmp_path)
     assert summary["loss"] == "gc" and summary["model"] == "resnet18"
     assert "val/acc" in run.stdout and summary["last_checkpoint"] in run.stdout
+    assert "6 (6 per process x 1)" in run.stdout and summary["processes"] == 1
     rows = logged_metrics(tmp_path)
     columns = set().union(*rows)
     assert {"train/ce_epoch", "train/gc_epoch", "train/loss_epoch", "train/acc", "val/acc", "train/gc_left_out"} <= columns
     checkpoint = torch.load(summary["last_checkpoint"], weights_only=False)
-    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 16}
+    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 16,
+                                                       "init_from": None}
 
 
 @pytest.mark.parametrize(
@@ -44,12 +51,16 @@ def test_models_losses_and_loggers(tmp_path, data_dir, overrides):
 
 
 def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
-    run = train(tmp_path, data_dir, "trainer=ddp_cpu")
+    # data.batch_size is global: 6 images per process, as a single process has in the other tests.
+    run = train(tmp_path / "ddp", data_dir, "trainer=ddp_cpu", "data.batch_size=12")
     assert_ok(run)
-    summary = read_summary(tmp_path)
-    assert summary["loss"] == "gc"
+    summary = read_summary(tmp_path / "ddp")
+    assert summary["loss"] == "gc" and summary["processes"] == 2 and "12 (6 per process x 2)" in run.stdout
     # The explanation callback's metrics are reduced over both processes without a deadlock.
-    assert {"explain/pg", "explain/nqh", "explain/fgsm/eps=8"} <= set().union(*logged_metrics(tmp_path))
+    assert {"explain/pg", "explain/nqh", "explain/fgsm/eps=8"} <= set().union(*logged_metrics(tmp_path / "ddp"))
+    odd = train(tmp_path / "odd", data_dir, "trainer=ddp_cpu", "data.batch_size=7")
+    assert odd.returncode != 0
+    assert "data.batch_size=7 is the global batch, split evenly over the 2 processes" in odd.stderr
 
 
 def test_multirun_one_output_dir_per_run(tmp_path, data_dir):
@@ -61,10 +72,16 @@ def test_multirun_one_output_dir_per_run(tmp_path, data_dir):
     assert combos == {("ce", "avg"), ("ce", "max"), ("gc", "avg"), ("gc", "max")}
 
 
-def test_resume_same_architecture_and_refuse_another(tmp_path, data_dir):
-    first = tmp_path / "first"
+@pytest.fixture(scope="module")
+def last_checkpoint(tmp_path_factory, data_dir) -> str:
+    """last.ckpt of a default run on the tiny data (ResNet18, 3 classes)."""
+    first = tmp_path_factory.mktemp("first")
     assert_ok(train(first, data_dir))
-    last = read_summary(first)["last_checkpoint"]
+    return read_summary(first)["last_checkpoint"]
+
+
+def test_resume_same_architecture_and_refuse_another(tmp_path, data_dir, last_checkpoint):
+    last = last_checkpoint
     resumed = train(tmp_path / "resumed", data_dir, f"ckpt_path={last}", "trainer.max_epochs=2")
     assert_ok(resumed)
     assert read_summary(tmp_path / "resumed")["epochs"] == 2
@@ -74,3 +91,42 @@ def test_resume_same_architecture_and_refuse_another(tmp_path, data_dir):
     classes = train(tmp_path / "classes", data_dir, f"ckpt_path={last}", "data.num_classes=4")
     assert classes.returncode != 0
     assert "number of classes: checkpoint has 3, data has 4" in classes.stderr
+
+
+def test_init_from_another_runs_weights_and_not_beside_a_resume(tmp_path, data_dir, last_checkpoint):
+    last = last_checkpoint
+    # Another class set, as ImageNet -> COCO: the final layer starts fresh, and the log says so.
+    started = train(tmp_path / "started", data_dir, f"model.init_from={last}", "data.num_classes=4")
+    assert_ok(started)
+    log = started.stdout + started.stderr
+    assert f"model.init_from: network weights loaded from {Path(last).resolve()}" in log
+    assert "not loaded: head.2.bias, head.2.weight (the final layer keeps its fresh initialisation: the checkpoint has " \
+           "3 classes, this run 4)" in log
+    summary = read_summary(tmp_path / "started")
+    checkpoint = torch.load(summary["last_checkpoint"], weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["init_from"] == summary["init_from"] == str(Path(last).resolve())
+    both = train(tmp_path / "both", data_dir, f"ckpt_path={last}", f"model.init_from={last}")
+    assert both.returncode != 0
+    assert f"model.init_from: the checkpoint's run started from None, config has '{Path(last).resolve()}'" in both.stderr
+    other = train(tmp_path / "other", data_dir, f"model.init_from={last}", "model=alexnet")
+    assert other.returncode != 0 and "holds a 'resnet18' network, but this run builds model.name='alexnet'" in other.stderr
+
+
+def test_multilabel_validation_logs_overall_and_per_class_f1():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 2, 2, generator=generator, dtype=torch.float64)
+    # Class 0 on most images, class 3 on one: the two averages differ.
+    targets = torch.zeros(12, 4, dtype=torch.float64)
+    targets[:10, 0] = targets[::3, 1] = targets[1::4, 2] = targets[5, 3] = 1
+    samples = [{"image": image, "target": target} for image, target in zip(images, targets)]
+    module = GCClassifier(model={"name": "linear", "pooling": "avg", "pretrained": False, "output_stride": None,
+                                 "init_from": None},
+                          loss={"name": "ce"}, optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"},
+                          num_classes=4, multilabel=True, layout_seed=0, net=linear_net(12, 4))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, DataLoader(samples, batch_size=5), verbose=False)[0]
+    logits = module.net(images)
+    overall = multilabel_f1_score(logits, targets.long(), num_labels=4, average="micro")
+    per_class = multilabel_f1_score(logits, targets.long(), num_labels=4, average="macro")
+    assert overall != pytest.approx(per_class)
+    assert logged["val/f1"] == pytest.approx(float(overall)) and logged["val/f1_per_class"] == pytest.approx(float(per_class))

@@ -1,0 +1,149 @@
+"""Tiny copies of ImageNet and MS-COCO in exactly their distributed formats, for the tests.
+
+ImageNet: ``train/<wnid>/*.JPEG``; validation flat (``val/ILSVRC2012_val_*.JPEG`` with the
+ILSVRC2012 box XML files beside them, 1-based inclusive corners) or in class folders. COCO:
+``<split>/*.jpg`` and ``annotations/instances_<split>.json`` with polygon, RLE and crowd
+annotations and an image without any. Images have different sizes and a solid object drawn where
+the annotations say, on a noisy background.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+OTHER_WNID = "n09999999"  # an object of a class outside the training classes
+COLOURS = ((230, 40, 40), (40, 200, 60), (50, 70, 230))
+VAL_SIZES = ((48, 36), (36, 48), (40, 40))  # width, height
+
+# Validation images: (class, size index, [(wnid or None for its own class, box, difficult)]);
+# boxes are (xmin, ymin, xmax, ymax), 1-based and inclusive as in the XML files.
+VAL_IMAGES = (
+    (0, 0, [(None, (3, 4, 20, 18), False)]),
+    (1, 0, [(None, (20, 10, 40, 30), False), (OTHER_WNID, (1, 1, 8, 8), False)]),
+    (2, 1, [(None, (5, 20, 30, 44), False)]),
+    (0, 1, [(None, (2, 2, 12, 12), True)]),  # only difficult boxes: out of PG and SPG
+    (1, 2, [(None, (10, 10, 20, 22), False), (None, (28, 26, 38, 38), True)]),  # union of two boxes
+    (2, 2, [(None, (30, 2, 39, 12), False)]),
+    (0, 2, [(None, (1, 25, 15, 40), False)]),
+    (1, 1, [(None, (15, 30, 34, 46), False)]),
+    (2, 0, [(None, (35, 5, 47, 20), False)]),
+)
+
+
+def _background(size: tuple[int, int], seed: int) -> Image.Image:
+    noise = np.random.default_rng(seed).integers(90, 160, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(noise)
+
+
+def draw_box(image: Image.Image, box: tuple[int, int, int, int], colour) -> None:
+    """Fill a 1-based inclusive box."""
+    xmin, ymin, xmax, ymax = box
+    pixels = np.array(image)
+    pixels[ymin - 1:ymax, xmin - 1:xmax] = colour
+    image.paste(Image.fromarray(pixels))
+
+
+def box_xml(path: Path, image_name: str, size: tuple[int, int], objects) -> None:
+    """An ILSVRC2012 validation box file: ``objects`` = [(wnid, (xmin, ymin, xmax, ymax), difficult)]."""
+    body = "".join(
+        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>"
+        for wnid, (x0, y0, x1, y1), difficult in objects
+    )
+    path.write_text(
+        f"<annotation><folder>val</folder><filename>{Path(image_name).stem}</filename><source><database>ILSVRC_2012"
+        f"</database></source><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{body}</annotation>"
+    )
+
+
+def write_imagenet(root: Path, flat: bool = True, train_per_class: int = 4) -> list[dict]:
+    """The tree under ``root``; returns the validation images as dicts (path, label, size, objects)."""
+    for label, wnid in enumerate(WNIDS):
+        for index in range(train_per_class):
+            size = VAL_SIZES[index % len(VAL_SIZES)]
+            image = _background(size, seed=100 * label + index)
+            draw_box(image, (4 + 2 * index, 4, 24 + 2 * index, 24), COLOURS[label])
+            path = root / "train" / wnid / f"{wnid}_{index}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=95)
+    images = []
+    for number, (label, size_index, objects) in enumerate(VAL_IMAGES, start=1):
+        size = VAL_SIZES[size_index]
+        objects = [(wnid or WNIDS[label], box, difficult) for wnid, box, difficult in objects]
+        image = _background(size, seed=number)
+        for wnid, box, _ in objects:
+            draw_box(image, box, COLOURS[WNIDS.index(wnid)] if wnid in WNIDS else (250, 250, 250))
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        folder = root / "val" if flat else root / "val" / WNIDS[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name, quality=95)
+        box_xml(folder / name.replace(".JPEG", ".xml"), name, size, objects)
+        images.append({"path": folder / name, "label": label, "size": size, "objects": objects})
+    return images
+
+
+# --------------------------------------------------------------------------- COCO
+
+CATEGORIES = ({"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"})
+COCO_SIZES = ((48, 36), (40, 40))
+
+
+def _rle(height: int, width: int, box: tuple[int, int, int, int], compressed: bool) -> dict:
+    """RLE of a 0-based (x, y, w, h) box: compressed (string counts) or uncompressed (a list, as
+    COCO stores crowds)."""
+    x, y, w, h = box
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    if compressed:
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    counts, current, run = [], 0, 0  # column-major runs, starting with a run of zeros
+    for value in mask.flatten(order="F"):
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return {"size": [height, width], "counts": counts}
+
+
+def write_coco(root: Path, year: int = 2014, images_per_split: int = 6) -> None:
+    """``train<year>`` and ``val<year>``: image i holds categories by a fixed pattern, drawn as
+    boxes and annotated as a polygon, a compressed RLE or an uncompressed crowd RLE in turn; the
+    last image of each split has no annotation."""
+    for split in ("train", "val"):
+        name = f"{split}{year}"
+        images, annotations = [], []
+        for image_id in range(1, images_per_split + 1):
+            width, height = COCO_SIZES[image_id % len(COCO_SIZES)]
+            image = _background((width, height), seed=image_id + (0 if split == "train" else 50))
+            file_name = f"COCO_{name}_{image_id:012d}.jpg"
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            if image_id < images_per_split:
+                present = [k for k in range(len(CATEGORIES)) if (image_id + k) % 3 != 0] or [0]
+                for order, k in enumerate(present):
+                    box = (2 + 16 * order, 3 + 4 * k, 14, 12)  # x, y, w, h
+                    x, y, w, h = box
+                    draw_box(image, (x + 1, y + 1, x + w, y + h), COLOURS[k])
+                    kind = (image_id + order) % 3
+                    if kind == 0:
+                        segmentation = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                    else:
+                        segmentation = _rle(height, width, box, compressed=kind == 1)
+                    annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                        "category_id": CATEGORIES[k]["id"], "iscrowd": int(kind == 2),
+                                        "segmentation": segmentation, "area": float(w * h), "bbox": list(box)})
+            path = root / name / file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=95)
+        ann_file = root / "annotations" / f"instances_{name}.json"
+        ann_file.parent.mkdir(parents=True, exist_ok=True)
+        ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                        "categories": list(CATEGORIES)}))
