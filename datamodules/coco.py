@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from .base import ClassificationDataModule, existing_dir
 from .images import (
@@ -22,9 +24,11 @@ from .images import (
     imagenet_eval_transform,
     imagenet_train_transform,
     load_rgb_or_skip,
+    TrialGeometry,
     make_trial,
-    paired_eval_transform,
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_coco(ann_file: str | os.PathLike) -> COCO:
@@ -50,7 +54,8 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
 
 
 class CocoMultiLabelDataset(Dataset):
-    """Multi-label images of a COCO split: target = multi-hot over the categories present.
+    """Multi-label images of a COCO split: target = multi-hot over the categories present, and
+    ``"instances"``, the number of annotations of each category (float ``[K]``).
 
     Categories are mapped to contiguous indices 0..K-1 in increasing category id (COCO's ids have
     gaps). Choices:
@@ -80,23 +85,24 @@ class CocoMultiLabelDataset(Dataset):
         self.classes: list[str] = [self.coco.cats[cat_id]["name"] for cat_id in self.category_ids]
         index_of = {cat_id: index for index, cat_id in enumerate(self.category_ids)}
 
-        labels: dict[int, set[int]] = {}
+        instances: dict[int, torch.Tensor] = {}
         for ann in self.coco.dataset["annotations"]:
             if ann["category_id"] not in index_of:
                 raise ValueError(
                     f"annotation {ann.get('id')} in {self.ann_file} has category_id "
                     f"{ann['category_id']}, which is not among the file's categories"
                 )
-            labels.setdefault(ann["image_id"], set()).add(index_of[ann["category_id"]])
-        self.image_ids: list[int] = sorted(image_id for image_id in labels if image_id in self.coco.imgs)
+            counts = instances.setdefault(ann["image_id"], torch.zeros(len(self.category_ids)))
+            counts[index_of[ann["category_id"]]] += 1
+        self.image_ids: list[int] = sorted(image_id for image_id in instances if image_id in self.coco.imgs)
         if not self.image_ids:
             raise ValueError(f"no annotated images in COCO annotation file {self.ann_file}")
         # Paths and targets are precomputed so that __getitem__ never touches the large COCO
         # index (forked workers would otherwise copy its pages as reference counts change).
-        self.paths = [self.image_dir / self.coco.imgs[image_id]["file_name"] for image_id in self.image_ids]
-        self.targets = torch.zeros(len(self.image_ids), self.num_classes, dtype=torch.bool)
-        for row, image_id in enumerate(self.image_ids):
-            self.targets[row, sorted(labels[image_id])] = True
+        self.paths = image_paths(self.coco, self.image_ids, self.image_dir, self.ann_file)
+        # Instances per class: the authors draw the explained class over annotations (loss.positive).
+        self.instances = torch.stack([instances[image_id] for image_id in self.image_ids])
+        self.targets = self.instances > 0
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +115,10 @@ class CocoMultiLabelDataset(Dataset):
         """bool ``[N, K]``: the categories present in each image."""
         return self.targets.clone()
 
+    def label_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """long ``([P], [P])``: the (image, category index) pairs present, ordered by image."""
+        return self.targets.nonzero(as_tuple=True)
+
     def keys(self) -> list[str]:
         """A name per image that does not depend on the order of the json: its file name."""
         return [str(self.coco.imgs[image_id]["file_name"]) for image_id in self.image_ids]
@@ -117,7 +127,28 @@ class CocoMultiLabelDataset(Dataset):
         image = load_rgb_or_skip(self.paths[index], self.skip_corrupt)
         if image is None:
             return None
-        return {"image": self.transform(image), "target": self.targets[index].to(torch.float32)}
+        return {"image": self.transform(image), "target": self.targets[index].to(torch.float32),
+                "instances": self.instances[index]}
+
+
+def image_paths(coco: COCO, image_ids: Sequence[int], image_dir: Path, ann_file: Path) -> list[Path]:
+    """The files of ``image_ids``, checked against ``image_dir`` in one listing: an entry whose
+    ``file_name`` leaves the folder (absolute, ``..``) or has no file is an error naming it."""
+    present = {entry.name for entry in os.scandir(image_dir)}
+    paths, missing = [], []
+    for image_id in image_ids:
+        name = str(coco.imgs[image_id].get("file_name", ""))
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"image {image_id} in {ann_file} has file_name {name!r}, which does not name a file "
+                             f"inside {image_dir}")
+        if Path(name).parts[0] not in present:
+            missing.append(name)
+        paths.append(image_dir / name)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of {ann_file} are not in {image_dir}, e.g. "
+                                f"{missing[:5]}: the json and the image folder do not match (another split "
+                                f"or year?)")
+    return paths
 
 
 def coco_masks(
@@ -141,9 +172,15 @@ def coco_masks(
         index = index_of.get(ann["category_id"])
         if index is None:
             continue  # a category outside the classes being evaluated
-        instance = coco.annToMask(ann).astype(bool)
+        instance = coco.annToMask(ann if ann.get("segmentation") else box_as_polygon(ann)).astype(bool)
         masks[index] = masks[index] | instance if index in masks else instance
     return masks
+
+
+def box_as_polygon(ann: dict) -> dict:
+    """``ann`` with its box as its segmentation, for annotations that have none."""
+    x, y, w, h = ann["bbox"]
+    return {**ann, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
 
 
 class CocoMaskDataset(Dataset):
@@ -151,9 +188,9 @@ class CocoMaskDataset(Dataset):
     (image, annotated class) pair, the mask being the union of the class's instance masks.
 
     ``category_ids[k]`` is the COCO category id of class ``k``; categories outside it are not
-    evaluated. With ``image_size`` the image and its mask go through the validation geometry
-    together (:func:`paired_eval_transform`); with None images keep their size (the synthetic
-    images all have one size already). With ``skip_corrupt`` a corrupt image gives None.
+    evaluated. ``geometry`` (:class:`TrialGeometry`) sizes the image and its mask: the standard
+    validation geometry, or the authors' (masks at the image's original size). With
+    ``skip_corrupt`` a corrupt image gives None.
     """
 
     def __init__(
@@ -161,12 +198,13 @@ class CocoMaskDataset(Dataset):
         image_dir: str | os.PathLike,
         ann_file: str | os.PathLike,
         category_ids: Sequence[int],
-        image_size: int | None,
+        geometry: TrialGeometry,
         skip_corrupt: bool,
     ) -> None:
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir}")
+        self.geometry = geometry.check()
         self.skip_corrupt = skip_corrupt
         self.coco = load_coco(ann_file)
         self.category_ids = list(category_ids)
@@ -177,38 +215,60 @@ class CocoMaskDataset(Dataset):
         )
         if not self.trials:
             raise ValueError(f"no annotated objects of the evaluated classes in {ann_file}")
-        self.transform = paired_eval_transform(image_size)
+        image_ids = sorted({image_id for image_id, _ in self.trials})
+        self.paths = dict(zip(image_ids, image_paths(self.coco, image_ids, self.image_dir, Path(ann_file))))
+        boxes_only = sum(not ann.get("segmentation") for ann in self.coco.dataset["annotations"])
+        if boxes_only:
+            log.warning("%d annotation(s) of %s have no segmentation: their boxes serve as masks", boxes_only,
+                        ann_file)
 
     def __len__(self) -> int:
         return len(self.trials)
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """Each trial's image size (height, width) as the json states it."""
+        images = self.coco.imgs
+        return [(images[image_id]["height"], images[image_id]["width"]) for image_id, _ in self.trials]
+
     def __getitem__(self, index: int) -> Sample | None:
         image_id, class_index = self.trials[index]
-        path = self.image_dir / self.coco.loadImgs(image_id)[0]["file_name"]
+        path = self.paths[image_id]
         image = load_rgb_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
         mask = coco_masks(self.coco, image_id, {class_index: self.category_ids[class_index]})[class_index]
-        return make_trial(path, image, mask, class_index, self.transform)
+        return make_trial(path, image, mask, class_index, self.geometry)
+
+
+VAL_TRANSFORMS = ("square", "center_crop")
 
 
 class COCODataModule(ClassificationDataModule):
-    """Images in ``data_dir/<split>/``, annotations in ``data_dir/annotations/instances_<split>.json``.
+    """Images in ``data_dir/<split>/``, annotations in ``data_dir/annotations/instances_<split>.json``
+    (COCO 2014 or 2017: ``train_split``/``val_split`` name the folders, e.g. ``train2014``).
 
     Targets are multi-hot over the categories (see :class:`CocoMultiLabelDataset` for the handling
-    of crowd annotations and unannotated images). The transforms are ImageNet's. The class list is
-    read from the validation annotations; the training file must have the same categories.
+    of crowd annotations and unannotated images). Training: RandomResizedCrop + flip.
+    Validation (``val_transform``): ``square``, Resize((size, size)) as the authors' COCO script,
+    or ``center_crop``, ImageNet's Resize(256/224 * size) + CenterCrop(size), which can cut
+    objects at the borders off. The class list is read from the validation annotations; the
+    training file must have the same categories.
     """
 
     name = "coco"
     multilabel = True
 
-    def __init__(self, data_dir: str | Path, *, train_split: str, val_split: str, **loading) -> None:
-        """``train_split``, ``val_split``: folder names (``train2017``, ``val2017``); ``loading``:
-        the options of :class:`ClassificationDataModule`."""
+    def __init__(self, data_dir: str | Path, *, train_split: str, val_split: str, val_transform: str,
+                 **loading) -> None:
+        """``train_split``, ``val_split``: folder names (``train2014``, ``val2017``, ...);
+        ``val_transform``: ``square`` or ``center_crop``; ``loading``: the options of
+        :class:`ClassificationDataModule`."""
         super().__init__(data_dir, **loading)
+        if val_transform not in VAL_TRANSFORMS:
+            raise ValueError(f"data.val_transform must be one of {list(VAL_TRANSFORMS)}, got {val_transform!r}")
         self.train_split = train_split
         self.val_split = val_split
+        self.val_transform = val_transform
         self.save_hyperparameters()
 
     @property
@@ -223,21 +283,30 @@ class COCODataModule(ClassificationDataModule):
     def val_annotation_file(self) -> Path:
         return self._ann_file(self.val_split)
 
-    def _build_localization_dataset(self) -> CocoMaskDataset:
+    def _build_localization_dataset(self, geometry: TrialGeometry) -> CocoMaskDataset:
         """One trial per (validation image, ground-truth class), with the class's segmentation
-        mask, resized and centre-cropped with the image."""
+        mask."""
         return CocoMaskDataset(self.data_dir / self.val_split, self.val_annotation_file,
-                               self.val_dataset().category_ids, self.image_size, self.skip_corrupt)
+                               self.val_dataset().category_ids, geometry._replace(image_size=self.image_size),
+                               self.skip_corrupt)
 
     def _ann_file(self, split: str) -> Path:
         return self.data_dir / "annotations" / f"instances_{split}.json"
 
     def _dataset(self, split: str, transform: Transform) -> CocoMultiLabelDataset:
         existing_dir("data_dir", self.data_dir)
-        return CocoMultiLabelDataset(self.data_dir / split, self._ann_file(split), transform, self.skip_corrupt)
+        image_dir, ann_file = self.data_dir / split, self._ann_file(split)
+        if not image_dir.is_dir() or not ann_file.is_file():
+            raise FileNotFoundError(f"COCO split {split!r} needs {image_dir}/ and {ann_file}.\n{COCO_LAYOUT}")
+        return CocoMultiLabelDataset(image_dir, ann_file, transform, self.skip_corrupt)
 
     def _build_val_dataset(self) -> CocoMultiLabelDataset:
-        return self._dataset(self.val_split, imagenet_eval_transform(self.image_size))
+        if self.val_transform == "square":
+            transform = transforms.Compose([transforms.Resize((self.image_size, self.image_size)),
+                                            transforms.ToTensor()])
+        else:
+            transform = imagenet_eval_transform(self.image_size)
+        return self._dataset(self.val_split, transform)
 
     def _build_train_dataset(self) -> CocoMultiLabelDataset:
         val_set = self.val_dataset()
@@ -248,3 +317,11 @@ class COCODataModule(ClassificationDataModule):
                 "class indices would not agree"
             )
         return train_set
+
+
+COCO_LAYOUT = """\
+data.data_dir must hold MS-COCO as distributed (2014 or 2017; data.train_split / data.val_split):
+  <data_dir>/train2014/*.jpg
+  <data_dir>/val2014/*.jpg
+  <data_dir>/annotations/instances_train2014.json
+  <data_dir>/annotations/instances_val2014.json"""

@@ -25,7 +25,7 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively (as ImageFolder does), in sorted order."""
     files = []
     for directory, subdirs, names in os.walk(folder, followlinks=True):
@@ -36,43 +36,23 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-class ClassFolderDataset(Dataset):
-    """Single-label images in the ImageFolder layout ``root/<class>/<image files>``.
+class LabelledImageDataset(Dataset):
+    """Single-label images: ``samples`` is a list of ``(path, class index)`` into ``classes``.
 
-    Classes are the sorted folder names, unless ``class_names`` is given (e.g. the training
-    classes, so that a validation tree uses the same indices); a folder that is not among
-    ``class_names`` is an error naming it. A class of ``class_names`` without a folder simply has
-    no samples here. With ``skip_corrupt`` a corrupt file yields None instead of raising, and
-    the datamodules' ``collate_fn`` drops it from the batch.
+    With ``skip_corrupt`` a corrupt file yields None instead of raising, and the datamodules'
+    ``collate_fn`` drops it from the batch. ``root`` is the folder the paths are named under
+    (:meth:`keys`).
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        transform: Transform,
-        skip_corrupt: bool,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, root: str | os.PathLike, samples: Sequence[tuple[Path, int]], classes: Sequence[str],
+                 transform: Transform, skip_corrupt: bool) -> None:
         self.root = Path(root)
+        self.samples = list(samples)
+        self.classes = list(classes)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
-        folders = list_class_folders(self.root)
-        if class_names is None:
-            self.classes = folders
-        else:
-            unknown = sorted(set(folders) - set(class_names))
-            if unknown:
-                raise ValueError(
-                    f"class folder(s) {unknown} in {self.root} are not among the expected classes "
-                    f"({len(class_names)} classes, e.g. those of the training set)"
-                )
-            self.classes = list(class_names)
-        index_of = {name: index for index, name in enumerate(self.classes)}
-        self.samples: list[tuple[Path, int]] = [
-            (path, index_of[name]) for name in folders for path in _image_files(self.root / name)
-        ]
         if not self.samples:
-            raise ValueError(f"no image files {IMAGE_EXTENSIONS} in the class folders of {self.root}")
+            raise ValueError(f"no image files {IMAGE_EXTENSIONS} in {self.root}")
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +66,10 @@ class ClassFolderDataset(Dataset):
         labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
         return torch.nn.functional.one_hot(labels, self.num_classes).bool()
 
+    def label_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """long ``([P], [P])``: the (image, class) pairs of the labels, ordered by image."""
+        return torch.arange(len(self.samples)), torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
     def keys(self) -> list[str]:
         """A name per image that does not depend on where the tree lies or how it is listed: the
         path under the root."""
@@ -97,3 +81,38 @@ class ClassFolderDataset(Dataset):
         if image is None:
             return None
         return {"image": self.transform(image), "target": torch.tensor(label, dtype=torch.int64)}
+
+
+class ClassFolderDataset(LabelledImageDataset):
+    """Single-label images in the ImageFolder layout ``root/<class>/<image files>``.
+
+    Classes are the sorted folder names, unless ``class_names`` is given (e.g. the training
+    classes, so that a validation tree uses the same indices); a folder that is not among
+    ``class_names`` is an error naming it. A class of ``class_names`` without a folder simply has
+    no samples here.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform,
+        skip_corrupt: bool,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        root = Path(root)
+        folders = list_class_folders(root)
+        if class_names is None:
+            classes = folders
+        else:
+            unknown = sorted(set(folders) - set(class_names))
+            if unknown:
+                raise ValueError(
+                    f"class folder(s) {unknown} in {root} are not among the expected classes "
+                    f"({len(class_names)} classes, e.g. those of the training set)"
+                )
+            classes = list(class_names)
+        index_of = {name: index for index, name in enumerate(classes)}
+        samples = [(path, index_of[name]) for name in folders for path in image_files(root / name)]
+        if not samples:
+            raise ValueError(f"no image files {IMAGE_EXTENSIONS} in the class folders of {root}")
+        super().__init__(root, samples, classes, transform, skip_corrupt)

@@ -1,25 +1,27 @@
-"""ImageNet (ILSVRC-2012 classification) in the ImageFolder layout, and its validation box XML
-files for the localisation trials."""
+"""ImageNet (ILSVRC-2012 classification) as distributed, and its validation box XML files for the
+labels of a flat validation folder and the localisation trials."""
 
 from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
 from .base import ClassificationDataModule, existing_dir
-from .imagefolder import ClassFolderDataset, list_class_folders
+from .imagefolder import ClassFolderDataset, LabelledImageDataset, list_class_folders
 from .images import (
+    IMAGE_EXTENSIONS,
     Sample,
+    TrialGeometry,
     imagenet_eval_transform,
     imagenet_train_transform,
     load_rgb_or_skip,
     make_trial,
-    paired_eval_transform,
 )
 
 
@@ -34,8 +36,8 @@ class IlsvrcBoxes(NamedTuple):
 def read_ilsvrc_boxes(xml_path: str | os.PathLike) -> IlsvrcBoxes:
     """Parse an ILSVRC (PASCAL-VOC style) box annotation file.
 
-    Coordinates are returned as written in the file (inclusive pixel corners, in the image's own
-    size), so callers rescale them with ``width`` and ``height`` when the image is resized.
+    Coordinates are returned as written in the file (1-based, inclusive pixel corners, in the
+    image's own size): :func:`ilsvrc_box_mask` turns them into a mask.
     """
     xml_path = Path(xml_path)
     if not xml_path.is_file():
@@ -69,73 +71,110 @@ def _xml_int(element: ElementTree.Element, path: str) -> int:
     return int(float(_xml_text(element, path)))
 
 
-class BoxMaskDataset(Dataset):
-    """ImageNet validation trials: each image with its class, masked by the union of its boxes of
-    that class, read from ``box_dir/<image file stem>.xml`` (ILSVRC's validation box files).
+def ilsvrc_box_mask(boxes: Sequence[tuple[int, int, int, int]], width: int, height: int,
+                    image_width: int, image_height: int) -> torch.Tensor:
+    """bool ``[image_height, image_width]``: the union of ``boxes``, ILSVRC corners (1-based and
+    inclusive, as the XML files write them) in an image of ``width`` x ``height``, rescaled when
+    the decoded image has another size."""
+    scale_x, scale_y = image_width / width, image_height / height
+    mask = torch.zeros(image_height, image_width, dtype=torch.bool)
+    for xmin, ymin, xmax, ymax in boxes:
+        # Pixel x covers [x - 1, x) in 0-based edges: the box spans edges [xmin - 1, xmax).
+        mask[round((ymin - 1) * scale_y):round(ymax * scale_y), round((xmin - 1) * scale_x):round(xmax * scale_x)] = True
+    return mask
 
-    Images without a usable box of their class are left out, as in the papers' evaluation, and
-    counted apart: ``skipped_difficult`` those whose boxes of the class are all "difficult",
-    ``skipped_no_box`` those with no box of the class at all (an annotation problem rather than
-    a hard image). Boxes are rescaled when the image's size differs from the size the XML file
-    states. Corrupt images are skipped (None) or raise as ``images.skip_corrupt`` says.
+
+class BoxMaskDataset(Dataset):
+    """ImageNet validation trials: each image with its class, masked by its boxes of that class,
+    from ILSVRC's validation box XML files (``annotations[path]``, parsed by the datamodule).
+
+    ``geometry.protocol`` decides which boxes and which images count, as each protocol does:
+    - ``standard``: the union of the class's boxes that are not "difficult"; an image whose boxes
+      of the class are all difficult is left out of every metric;
+    - ``authors``: the union of all the class's boxes (the authors' ``imagenet_as_mask``); an image
+      whose boxes of the class are all difficult is kept for CH but left out of PG and SPG
+      (``"pointing"`` False), as their scripts do.
+    ``skipped_difficult`` counts the images left out of PG and SPG that way, ``skipped_no_box``
+    those with no box of the class at all (an annotation problem rather than a hard image; left
+    out of every metric). Corrupt images are skipped (None) or raise as ``images.skip_corrupt``
+    says.
     """
 
-    def __init__(self, images: ClassFolderDataset, box_dir: str | os.PathLike, image_size: int):
-        self.box_dir = Path(box_dir)
-        if not self.box_dir.is_dir():
-            raise FileNotFoundError(f"data.box_dir: directory not found: {self.box_dir}")
-        self.transform = paired_eval_transform(image_size)
+    def __init__(self, images: LabelledImageDataset, annotations: Mapping[Path, IlsvrcBoxes],
+                 geometry: TrialGeometry):
+        self.geometry = geometry.check()
         self.skip_corrupt = images.skip_corrupt
-        self.trials: list[tuple[Path, int, list[tuple[int, int, int, int]], int, int]] = []
+        authors = geometry.protocol == "authors"
+        # (path, class, boxes, XML width, XML height, counts for PG and SPG)
+        self.trials: list[tuple[Path, int, list[tuple[int, int, int, int]], int, int, bool]] = []
         self.skipped_difficult = 0
         self.skipped_no_box = 0
         for path, class_index in images.samples:
-            annotation = read_ilsvrc_boxes(self.box_dir / f"{Path(path).stem}.xml")
+            annotation = annotations[path]
             of_class = [b for b in annotation.boxes if b["name"] == images.classes[class_index]]
-            boxes = [b["box"] for b in of_class if not b["difficult"]]
-            if boxes:
-                self.trials.append((Path(path), class_index, boxes, annotation.width, annotation.height))
-            elif of_class:
-                self.skipped_difficult += 1
-            else:
+            usable = [b["box"] for b in of_class if not b["difficult"]]
+            if not of_class:
                 self.skipped_no_box += 1
+                continue
+            if not usable:
+                self.skipped_difficult += 1
+                if not authors:
+                    continue
+            boxes = [b["box"] for b in of_class] if authors else usable
+            self.trials.append((Path(path), class_index, boxes, annotation.width, annotation.height, bool(usable)))
 
     def __len__(self) -> int:
         return len(self.trials)
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """Each trial's image size (height, width) as its XML file states it."""
+        return [(height, width) for _, _, _, width, height, _ in self.trials]
+
     def __getitem__(self, index: int) -> Sample | None:
-        path, class_index, boxes, width, height = self.trials[index]
+        path, class_index, boxes, width, height, pointing = self.trials[index]
         image = load_rgb_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
-        scale_x, scale_y = image.width / width, image.height / height
-        mask = torch.zeros(image.height, image.width, dtype=torch.bool)
-        for xmin, ymin, xmax, ymax in boxes:  # inclusive pixel corners
-            mask[round(ymin * scale_y):round((ymax + 1) * scale_y), round(xmin * scale_x):round((xmax + 1) * scale_x)] = True
-        return make_trial(path, image, mask, class_index, self.transform)
+        if self.geometry.protocol == "authors" and image.size != (width, height):
+            # Maps are scored at the XML's size there, and batches are grouped by it.
+            raise ValueError(f"image {path} is {image.width}x{image.height} but its box file states "
+                             f"{width}x{height}")
+        mask = ilsvrc_box_mask(boxes, width, height, image.width, image.height)
+        return make_trial(path, image, mask, class_index, self.geometry, pointing)
+
+
+VAL_LAYOUT = """data.data_dir must hold ImageNet as distributed:
+  <data_dir>/train/<wnid>/*.JPEG                 (one folder per class)
+  <data_dir>/val/ILSVRC2012_val_*.JPEG           (flat, as the archive unpacks; labels and boxes from
+  <box_dir or data_dir/val>/ILSVRC2012_val_*.xml  the ILSVRC2012 box XML files), or
+  <data_dir>/val/<wnid>/*.JPEG                   (sorted into class folders)"""
 
 
 class ImageNetDataModule(ClassificationDataModule):
-    """``data_dir/train/<wnid>/*.JPEG`` and ``data_dir/val/<wnid>/*.JPEG``.
+    """ILSVRC-2012 classification: ``data_dir/train/<wnid>/*.JPEG``, and the validation images
+    either flat (``data_dir/val/*.JPEG``, as the archive unpacks) or in class folders
+    (``data_dir/val/<wnid>/*.JPEG``). Classes are the sorted training wnids.
 
-    The official validation archive is flat (50,000 files plus a label list): it must first be
-    sorted into one folder per wnid, as for torchvision's ImageFolder, since labels are read from
-    folder names. Validation classes must equal the training classes, so that class indices agree.
-    Training uses RandomResizedCrop + flip, validation Resize(256/224 * size) + CenterCrop(size).
-    With ``box_dir`` (ILSVRC's validation box XML files, one per image, named after it) the
-    localisation metrics are available; with None they are not.
+    Box files (ILSVRC2012 validation XML, one per image, named after it) are read from ``box_dir``,
+    or next to the images where it is None. A flat validation folder takes each image's label from
+    its box file (the class of its first object, as the authors' scripts do; every object of an
+    ILSVRC validation image is of its class), so every image needs one. In class folders the box
+    files are optional: without any, the localisation metrics are unavailable; with some, every
+    image needs its own. Training uses RandomResizedCrop + flip, validation Resize(256/224 * size)
+    + CenterCrop(size).
     """
 
     name = "imagenet"
     multilabel = False
 
     def __init__(self, data_dir: str | Path, *, box_dir: str | Path | None, **loading) -> None:
-        """``box_dir``: the validation box XML files, or None; ``loading``: the options of
-        :class:`ClassificationDataModule`."""
+        """``box_dir``: the validation box XML files, or None (next to the images); ``loading``:
+        the options of :class:`ClassificationDataModule`."""
         super().__init__(data_dir, **loading)
         self.box_dir = Path(box_dir) if box_dir is not None else None
         self.save_hyperparameters()
         self._class_names: list[str] | None = None
+        self._annotations: dict[Path, IlsvrcBoxes] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -148,29 +187,72 @@ class ImageNetDataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _build_localization_dataset(self) -> BoxMaskDataset | None:
-        """Validation images masked by their boxes of their class (``box_dir/<stem>.xml``)."""
-        if self.box_dir is None:
-            return None
-        return BoxMaskDataset(self.val_dataset(), self.box_dir, self.image_size)
+    def _xml_path(self, image: Path) -> Path:
+        return (self.box_dir if self.box_dir is not None else image.parent) / f"{image.stem}.xml"
+
+    def _read_annotations(self, images: Sequence[Path]) -> dict[Path, IlsvrcBoxes]:
+        """The box file of every image in ``images`` (an error names the first image without one)."""
+        if self.box_dir is not None:
+            existing_dir("box_dir", self.box_dir)
+        annotations = {}
+        for image in images:
+            xml = self._xml_path(image)
+            if not xml.is_file():
+                raise FileNotFoundError(f"validation image {image} has no box file: expected {xml}")
+            annotations[image] = read_ilsvrc_boxes(xml)
+        return annotations
+
+    def _build_localization_dataset(self, geometry: TrialGeometry) -> BoxMaskDataset | None:
+        """Validation images masked by their boxes of their class, or None without box files."""
+        val_set = self.val_dataset()
+        if self._annotations is None:
+            paths = [path for path, _ in val_set.samples]
+            if self.box_dir is None and not any(self._xml_path(path).is_file() for path in paths):
+                return None  # class folders without box files: no localisation
+            self._annotations = self._read_annotations(paths)
+        return BoxMaskDataset(val_set, self._annotations, geometry._replace(image_size=self.image_size))
 
     def _split_dir(self, split: str) -> Path:
         existing_dir("data_dir", self.data_dir)
-        return existing_dir("data_dir", self.data_dir / split)
+        split_dir = self.data_dir / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"{split_dir} not found.\n{VAL_LAYOUT}")
+        return split_dir
 
-    def _build_val_dataset(self) -> ClassFolderDataset:
+    def _build_val_dataset(self) -> LabelledImageDataset:
         val_dir = self._split_dir("val")
-        val_classes = list_class_folders(val_dir)
-        if val_classes != self.class_names:
-            missing = sorted(set(self.class_names) - set(val_classes))
+        transform = imagenet_eval_transform(self.image_size)
+        flat = sorted(entry for entry in val_dir.iterdir()
+                      if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        folders = [entry.name for entry in val_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+        if flat and folders:
+            raise ValueError(f"{val_dir} holds both image files and folders {sorted(folders)[:5]}: use one layout."
+                             f"\n{VAL_LAYOUT}")
+        if not flat and not folders:
+            raise ValueError(f"no validation images in {val_dir}.\n{VAL_LAYOUT}")
+        if folders:
+            val_classes = list_class_folders(val_dir)
             extra = sorted(set(val_classes) - set(self.class_names))
-            raise ValueError(
-                f"data.data_dir: the classes of {val_dir} differ from those of {self._split_dir('train')}: "
-                f"missing in val {missing[:10]}, not in train {extra[:10]}"
-            )
-        return ClassFolderDataset(
-            val_dir, imagenet_eval_transform(self.image_size), self.skip_corrupt, class_names=self.class_names
-        )
+            if extra:
+                raise ValueError(
+                    f"data.data_dir: class folder(s) {extra[:10]} of {val_dir} are not among the training classes "
+                    f"of {self._split_dir('train')}"
+                )
+            return ClassFolderDataset(val_dir, transform, self.skip_corrupt, class_names=self.class_names)
+        # Flat: labels from the box files, read once and kept for the localisation trials.
+        self._annotations = self._read_annotations(flat)
+        index_of = {wnid: index for index, wnid in enumerate(self.class_names)}
+        samples = []
+        for path in flat:
+            objects = self._annotations[path].boxes
+            if not objects:
+                raise ValueError(f"box file {self._xml_path(path)} of {path} names no object: no label")
+            wnid = objects[0]["name"]
+            if wnid not in index_of:
+                raise ValueError(f"box file {self._xml_path(path)} labels {path} as {wnid!r}, which is not among "
+                                 f"the {len(index_of)} training classes of {self._split_dir('train')}")
+            samples.append((path, index_of[wnid]))
+        return LabelledImageDataset(val_dir, samples, self.class_names, transform, self.skip_corrupt)
 
     def _build_train_dataset(self) -> ClassFolderDataset:
         return ClassFolderDataset(

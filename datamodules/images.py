@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -105,27 +105,69 @@ def imagenet_eval_transform(image_size: int) -> transforms.Compose:
 # (its class, masked by the union of its boxes of that class).
 
 
-def paired_eval_transform(image_size: int | None) -> v2.Compose | None:
-    """The validation geometry (Resize(256/224 * size) + CenterCrop(size)) for an image and its
-    mask together, so they stay aligned; None keeps the images' own size."""
-    if image_size is None:
-        return None
-    return v2.Compose([v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size)])
+PROTOCOLS = ("standard", "authors")
+
+
+class TrialGeometry(NamedTuple):
+    """How a localisation trial's image and mask are sized (``evaluation.protocol``).
+
+    - ``standard``: the image and its mask go together through the validation geometry
+      (Resize(256/224 * size) + CenterCrop(size)) of ``image_size``, or keep their size where it is
+      None (the synthetic images have theirs already);
+    - ``authors``: the authors' scripts: the image's shorter side resized to ``short_side`` (None
+      keeps it), no crop, with PIL's bilinear resize as torchvision's ``Resize`` does it; the mask
+      stays at the image's original size, and the explanation is resized to it for scoring.
+    """
+
+    protocol: str = "standard"
+    image_size: int | None = None
+    short_side: int | None = None
+
+    def check(self) -> "TrialGeometry":
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"evaluation.protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        return self
+
+    def apply(self, image: Image.Image, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The network's input (uint8 ``[3, H', W']``) and the scored mask (bool) of one trial."""
+        if self.protocol == "authors":
+            if self.short_side is not None:
+                image = transforms.functional.resize(image, self.short_side)
+            return v2.functional.pil_to_tensor(image), mask
+        tv_image, tv_mask = tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(mask)
+        if self.image_size is not None:
+            size = self.image_size
+            tv_image, tv_mask = v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size)])(tv_image, tv_mask)
+        return tv_image.as_subclass(torch.Tensor), tv_mask.as_subclass(torch.Tensor)
 
 
 def make_trial(
-    path: Path, image: Image.Image, mask: np.ndarray | Tensor, class_index: int, transform: v2.Compose | None
+    path: Path, image: Image.Image, mask: np.ndarray | Tensor, class_index: int, geometry: TrialGeometry,
+    pointing: bool = True,
 ) -> Sample:
-    """``{"image": [3,H,W] in [0,1], "target": class index, "mask": bool [H,W]}`` of one trial,
-    from the decoded PIL ``image`` of ``path`` and its mask."""
-    image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
-    mask = tv_tensors.Mask(torch.as_tensor(mask))
-    if tuple(mask.shape) != tuple(image.shape[-2:]):
-        raise ValueError(f"mask of size {tuple(mask.shape)} does not fit image {path} of size {tuple(image.shape[-2:])}")
-    if transform is not None:
-        image, mask = transform(image, mask)
+    """``{"image": [3,H,W] in [0,1], "target": class index, "mask": bool [h,w], "pointing": bool}``
+    of one trial, from the decoded PIL ``image`` of ``path`` and its mask at the image's size.
+    ``pointing`` False: the trial counts for CH only, not for PG and SPG (the authors' ImageNet
+    images whose boxes of the class are all "difficult")."""
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != (image.height, image.width):
+        raise ValueError(f"mask of size {tuple(mask.shape)} does not fit image {path} of size "
+                         f"{(image.height, image.width)}")
+    image, mask = geometry.apply(image, mask)
     return {
-        "image": v2.functional.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor),
+        "image": v2.functional.to_dtype(image, torch.float32, scale=True),
         "target": torch.tensor(class_index),
-        "mask": mask.as_subclass(torch.Tensor).bool(),
+        "mask": mask.bool(),
+        "pointing": torch.tensor(pointing),
     }
+
+
+def size_buckets(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of indices whose items have equal ``sizes``, in order of first appearance, at most
+    ``batch_size`` each: images of different sizes cannot be stacked, and padding them would
+    change what the network sees at the borders (the authors explain one image at a time)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(index)
+    return [group[start:start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]

@@ -9,6 +9,7 @@ from torchvision import transforms
 
 from .base import ClassificationDataModule
 from .coco import CocoMaskDataset
+from .images import TrialGeometry
 from .imagefolder import ClassFolderDataset
 from .shapes import SyntheticParams, generate_synthetic, is_complete, synthetic_dir
 
@@ -66,11 +67,11 @@ class SyntheticDataModule(ClassificationDataModule):
     def prepare_data(self) -> None:
         generate_synthetic(self.data_dir, self.params)
 
-    def _build_localization_dataset(self) -> CocoMaskDataset:
-        """Validation images with their object's exact mask (category id = class index + 1), at
-        their own size, which is already ``image_size``."""
+    def _build_localization_dataset(self, geometry: TrialGeometry) -> CocoMaskDataset:
+        """Validation images with their object's exact mask (category id = class index + 1); under
+        the standard protocol at their own size, which is already ``image_size``."""
         return CocoMaskDataset(self._split_dir("val"), self.val_annotation_file, range(1, self.num_classes + 1),
-                               None, self.skip_corrupt)
+                               geometry, self.skip_corrupt)
 
     def _split_dir(self, split: str) -> Path:
         if not is_complete(self.dataset_dir, self.params):

@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
 
     datamodule.prepare_data()
-    unsupported = unsupported_metrics(datamodule, metrics)
+    unsupported = unsupported_metrics(datamodule, metrics, settings.trial_geometry)
     if unsupported:
         raise ValueError("; ".join(f"metric {name!r} {reason}" for name, reason in unsupported.items()))
     datamodule.setup("validate")

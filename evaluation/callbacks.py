@@ -42,7 +42,7 @@ class _EvaluationCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        dropped = unsupported_metrics(datamodule, self.metrics)
+        dropped = unsupported_metrics(datamodule, self.metrics, self.settings.trial_geometry)
         for name, reason in dropped.items():
             rank_zero_warn(f"{type(self).__name__}: metric {name!r} is not computed: it {reason}")
         metrics = [name for name in self.metrics if name not in dropped]

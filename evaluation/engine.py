@@ -15,11 +15,13 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from datamodules import ClassificationDataModule
+from datamodules.images import TrialGeometry, size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
 from evaluation.metrics import classes as metric_classes
 from evaluation.references import REFERENCES, centre_maps, noise_maps
 from evaluation.settings import EvaluationSettings
-from gcmodels.module import accuracy_metric, accuracy_name
+from gcmodels.module import (PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name,
+                             per_class_f1_metric)
 
 METRICS = ("acc", "pg", "spg", "ch", "nqh", "fgsm")
 # Metrics scored on the localisation trials (images with masks); the others on the validation set.
@@ -40,13 +42,15 @@ def check_metrics(metrics: Iterable[str]) -> list[str]:
     return metrics
 
 
-def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[str]) -> dict[str, str]:
+def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[str],
+                        geometry: TrialGeometry = TrialGeometry()) -> dict[str, str]:
     """The metrics of ``metrics`` that ``datamodule`` cannot serve, each with the reason; callers
-    decide whether that is an error (``python -m evaluation``) or a warning (training callbacks)."""
+    decide whether that is an error (``python -m evaluation``) or a warning (training callbacks).
+    ``geometry``: the protocol's, so that the trials built to answer are those used next."""
     reasons = {}
     localization = [name for name in metrics if name in LOCALIZATION_METRICS]
     # Only asked when needed: building the trials reads every annotation file.
-    if localization and datamodule.localization_dataset() is None:
+    if localization and datamodule.localization_dataset(geometry) is None:
         for name in localization:
             reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
                              "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
@@ -118,16 +122,20 @@ class ExplanationEvaluator:
         self.noise_generator = torch.Generator().manual_seed(settings.seed)
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
-            "pg": lambda: metric_classes.PointingGame(tolerance=settings.tolerance,
-                                                      tolerance_at=settings.tolerance_at, num_classes=num_classes),
+            "pg": lambda: metric_classes.PointingGame(
+                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes),
             "spg": lambda: metric_classes.StochasticPointingGame(
-                tolerance=settings.tolerance, tolerance_at=settings.tolerance_at, num_samples=settings.spg_samples,
+                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at,
+                num_samples=settings.spg_samples,
                 num_runs=settings.spg_runs, seed=settings.seed),
             "ch": metric_classes.ContentHeatmap,
             "nqh": metric_classes.NegativeQuadrantsHeatmap,
             "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps, settings.fgsm_space),
         }
         self.state: dict[str, Metric] = {name: builders[name]() for name in self.metrics}
+        if multilabel and "acc" in self.state:
+            # The COCO papers report F1 two ways: overall (micro, "acc" here) and per class.
+            self.state[PER_CLASS_F1_NAME] = per_class_f1_metric(num_classes)
         # The same localisation metrics of the reference maps, on the same trials.
         localization = [name for name in self.metrics if name in LOCALIZATION_METRICS]
         self.references: dict[str, dict[str, Metric]] = {
@@ -153,7 +161,9 @@ class ExplanationEvaluator:
         with torch.no_grad():
             logits = net(batch["image"])
         targets = batch["target"]
-        self.state["acc"].update(logits, targets.long() if self.multilabel else targets)
+        for name in ("acc", PER_CLASS_F1_NAME):
+            if name in self.state:
+                self.state[name].update(*accuracy_inputs(logits, targets))
 
     def update_fgsm(self, net, batch: dict) -> None:
         self.state["fgsm"].update(net, batch["image"], batch["target"])
@@ -164,25 +174,35 @@ class ExplanationEvaluator:
         self.state["nqh"].update(self.explainer(net, batch["image"], batch["target"]), batch["cell"])
 
     def update_localization(self, net, batch: dict) -> None:
-        """The explainer's maps, and the reference maps, scored on the batch's trials."""
+        """The explainer's maps, and the reference maps, scored on the batch's trials (masks may be
+        larger than the images: the authors' protocol scores at the original size)."""
         masks, classes = batch["mask"], batch["target"]
-        self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes)
+        pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
+        self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes,
+                                          pointing)
         count, (height, width) = len(masks), masks.shape[-2:]
         if self.references:
-            self._update_localization_metrics(self.references["center"],
-                                              centre_maps(count, height, width, masks.device), masks, classes)
+            self._update_localization_metrics(self.references["center"], centre_maps(count, height, width, masks.device),
+                                              masks, classes, pointing)
             for _ in range(self.settings.noise_seeds):  # one pooled mean over the seeds' maps
                 noise = noise_maps(count, height, width, self.noise_generator, masks.device)
-                self._update_localization_metrics(self.references["noise"], noise, masks, classes)
+                self._update_localization_metrics(self.references["noise"], noise, masks, classes, pointing)
 
     @staticmethod
     def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
-                                     classes: torch.Tensor) -> None:
-        for name in LOCALIZATION_METRICS:
-            if name in metrics:
-                # PG also counts per class (on COCO every (image, class) pair is a trial).
-                extra = {"classes": classes} if name == "pg" else {}
-                metrics[name].update(heatmaps, masks, **extra)
+                                     classes: torch.Tensor, pointing: torch.Tensor) -> None:
+        """``pointing`` False: a trial scored by CH only (the authors' difficult-only images)."""
+        if "ch" in metrics:
+            metrics["ch"].update(heatmaps, masks)
+        if not pointing.all():
+            heatmaps, masks, classes = heatmaps[pointing], masks[pointing], classes[pointing]
+            if not len(classes):
+                return
+        if "pg" in metrics:
+            # PG also counts per class (on COCO every (image, class) pair is a trial).
+            metrics["pg"].update(heatmaps, masks, classes=classes)
+        if "spg" in metrics:
+            metrics["spg"].update(heatmaps, masks)
 
     def compute(self) -> dict:
         """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
@@ -192,6 +212,8 @@ class ExplanationEvaluator:
             value = metric.compute()
             if name == "acc":
                 results[accuracy_name(self.multilabel)] = float(value)
+            elif name == PER_CLASS_F1_NAME:
+                results[name] = float(value)
             elif name == "fgsm":
                 results["fgsm"] = {key: float(v) for key, v in value.items()}
             else:
@@ -242,12 +264,27 @@ class ExplanationEvaluator:
                 for batch in _batches(composites, device, "NQH", progress):
                     self.update_nqh(net, batch)
             if localization:
-                trials = datamodule.localization_dataset()
+                trials = datamodule.localization_dataset(self.settings.trial_geometry)
                 if trials is None:
                     raise ValueError(f"data {datamodule.name!r} has no localisation trials (masks or boxes)")
-                for batch in _batches(loader(shard(trials, rank, world_size, max_images)), device, "localisation",
-                                      progress):
+                indices = shard_indices(len(trials), rank, world_size, max_images)
+                if self.settings.protocol == "authors":
+                    # Images keep their aspect: a batch holds trials of one original size.
+                    sizes = trials.sizes()
+                    batches = [[indices[i] for i in bucket]
+                               for bucket in size_buckets([sizes[i] for i in indices], self.settings.batch_size)]
+                    trial_loader = DataLoader(trials, batch_sampler=batches, num_workers=num_workers,
+                                              collate_fn=datamodule.collate_fn)
+                else:
+                    trial_loader = loader(Subset(trials, indices))
+                for batch in _batches(trial_loader, device, "localisation", progress):
                     self.update_localization(net, batch)
-            return self.compute()
+            results = self.compute()
+            if localization:
+                # Counted over the whole validation set (ImageNet's box files); not sharded.
+                for key in ("skipped_difficult", "skipped_no_box"):
+                    if hasattr(trials, key):
+                        results["skipped"][key] = int(getattr(trials, key))
+            return results
         finally:
             net.train(was_training)

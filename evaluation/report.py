@@ -38,7 +38,7 @@ def row_label(row: dict) -> str:
 
 def table1_columns(rows: list[dict]) -> list[tuple[str, str]]:
     """(key, heading) of the Table 1 columns present in any row."""
-    candidates = [("acc", "Top-1"), ("f1", "F1"), ("pg", "PG"), ("spg", "SPG"), ("ch", "CH"), ("nqh", "NQH")]
+    candidates = [("acc", "Top-1"), ("f1", "F1 overall"), ("f1_per_class", "F1 per class"), ("pg", "PG"), ("spg", "SPG"), ("ch", "CH"), ("nqh", "NQH")]
     return [(key, heading) for key, heading in candidates if any(key in row["results"] for row in rows)]
 
 

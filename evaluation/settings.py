@@ -11,6 +11,7 @@ import numbers
 from pathlib import Path
 from typing import Sequence
 
+from datamodules.images import PROTOCOLS, TrialGeometry
 from evaluation.attacks import SPACES
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "evaluation" / "default.yaml"
@@ -28,13 +29,18 @@ def _is_int(value: object) -> bool:
 class EvaluationSettings:
     """Settings of the metrics; each is checked on construction, errors name ``evaluation.<key>``.
 
-    ``tolerance``: pointing-game tolerance in pixels at an image side of ``tolerance_at`` pixels
-    (None: in the masks' own pixels). ``spg_samples`` points per image in each of ``spg_runs`` runs.
+    ``protocol``: the geometry of the localisation trials (PG, SPG, CH): ``standard`` (the
+    validation crop; ``tolerance`` pixels at an image side of ``tolerance_at`` pixels, or in the
+    masks' own pixels where it is None) or ``authors`` (the authors' scripts: the image's shorter
+    side resized to ``short_side``, or kept where it is None, no crop, maps resized to the
+    original image, ``tolerance`` in original pixels; ``tolerance_at`` is not used). ``spg_samples`` points per image in each of ``spg_runs`` runs.
     ``fgsm_eps``: FGSM eps in 1/255 units, in ``fgsm_space`` (pixel or normalized). ``seed``: NQH composites, SPG points and the noise
     reference maps. ``batch_size``: images per evaluation batch and process. ``noise_seeds``:
     uniform-noise reference maps per trial (their scores are averaged).
     """
 
+    protocol: str
+    short_side: int | None
     tolerance: float
     tolerance_at: float | None
     spg_samples: int
@@ -47,6 +53,10 @@ class EvaluationSettings:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.protocol not in PROTOCOLS:
+            problems.append(f"evaluation.protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        if self.short_side is not None and not (_is_int(self.short_side) and self.short_side >= 8):
+            problems.append(f"evaluation.short_side must be an integer >= 8 or null, got {self.short_side!r}")
         if not (_is_number(self.tolerance) and self.tolerance > 0):
             problems.append(f"evaluation.tolerance must be a number > 0, got {self.tolerance!r}")
         if self.tolerance_at is not None and not (_is_number(self.tolerance_at) and self.tolerance_at > 0):
@@ -65,6 +75,17 @@ class EvaluationSettings:
             raise ValueError("; ".join(problems))
         # Hydra hands over a ListConfig; a tuple keeps the settings frozen and hashable.
         object.__setattr__(self, "fgsm_eps", tuple(float(e) for e in eps))
+
+    @property
+    def trial_geometry(self) -> TrialGeometry:
+        """How the datamodules size the localisation trials under this protocol."""
+        return TrialGeometry(self.protocol, None, self.short_side if self.protocol == "authors" else None)
+
+    @property
+    def scoring_tolerance_at(self) -> float | None:
+        """The image side the tolerance refers to when scored: None (original pixels) under the
+        authors' protocol."""
+        return None if self.protocol == "authors" else self.tolerance_at
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from datamodules import (
 from datamodules.coco import CocoMaskDataset, CocoMultiLabelDataset, coco_masks, load_coco
 from datamodules.imagefolder import ClassFolderDataset
 from datamodules.imagenet import BoxMaskDataset, read_ilsvrc_boxes
-from datamodules.images import CorruptImageError, collate_samples
+from datamodules.images import CorruptImageError, TrialGeometry, collate_samples
 from datamodules.shapes import MAX_CLASSES, MIN_IMAGE_SIZE, MIN_OBJECT_PIXELS, SyntheticParams, generate_synthetic
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -50,7 +50,7 @@ def imagenet_module(data_dir: Path, **overrides) -> ImageNetDataModule:
 
 
 def coco_module(data_dir: Path, **overrides) -> COCODataModule:
-    splits = dict(train_split="train2017", val_split="val2017")
+    splits = dict(train_split="train2017", val_split="val2017", val_transform="center_crop")
     return COCODataModule(data_dir, **{**LOADING, "image_size": 32, **splits, **overrides})
 
 
@@ -513,8 +513,11 @@ def test_imagenet_datamodule_batches(tmp_path):
 
 def test_imagenet_datamodule_errors(tmp_path):
     module = imagenet_module(imagenet_tree(tmp_path, val_classes=("n01", "n03")))
-    with pytest.raises(ValueError, match=r"missing in val \['n02'\], not in train \['n03'\]"):
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['n03'\] of .*val are not among the training classes"):
         module.setup("fit")
+    # A validation set that lacks some classes is fine (a part of ImageNet val): indices still agree.
+    module = imagenet_module(imagenet_tree(tmp_path / "part", val_classes=("n02",)))
+    assert module.val_dataset().classes == ["n01", "n02"] and module.val_dataset().samples[0][1] == 1
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=f"data\\.data_dir: directory not found: {esc(missing)}"):
         imagenet_module(missing).num_classes
@@ -639,7 +642,7 @@ def write_boxes(path: Path, objects: list[tuple[str, bool]], box=(2, 3, 20, 15))
     )
 
 
-def box_trials(root: Path, skip_corrupt: bool) -> BoxMaskDataset:
+def box_trials(root: Path, skip_corrupt: bool, protocol: str = "standard") -> BoxMaskDataset:
     """Val images n01_0 (a usable box), n01_1 (only difficult boxes of n01), n02_0 (only another
     class's box), n02_1 (no object at all)."""
     imagenet_tree(root)
@@ -648,8 +651,8 @@ def box_trials(root: Path, skip_corrupt: bool) -> BoxMaskDataset:
     write_boxes(box_dir / "n01_1.xml", [("n01", True), ("n02", False)])
     write_boxes(box_dir / "n02_0.xml", [("n01", False)])
     write_boxes(box_dir / "n02_1.xml", [])
-    images = ClassFolderDataset(root / "val", transforms.ToTensor(), skip_corrupt=skip_corrupt)
-    return BoxMaskDataset(images, box_dir, image_size=32)
+    module = imagenet_module(root, box_dir=box_dir, skip_corrupt=skip_corrupt)
+    return module.localization_dataset(TrialGeometry(protocol))
 
 
 def test_box_trials_count_difficult_and_boxless_images_apart(tmp_path):
@@ -657,6 +660,13 @@ def test_box_trials_count_difficult_and_boxless_images_apart(tmp_path):
     assert len(trials) == 1 and trials.trials[0][0].name == "n01_0.JPEG"
     assert trials.skipped_difficult == 1  # n01_1: its boxes of n01 are all difficult
     assert trials.skipped_no_box == 2  # n02_0 and n02_1: no box of n02 at all
+    # The authors' protocol keeps n01_1 for CH only, masked by all its boxes of n01 (difficult too).
+    trials = box_trials(tmp_path / "authors", skip_corrupt=False, protocol="authors")
+    assert [(path.name, pointing) for path, *_, pointing in trials.trials] == [("n01_0.JPEG", True),
+                                                                               ("n01_1.JPEG", False)]
+    assert trials.skipped_difficult == 1 and trials.skipped_no_box == 2
+    trial = trials[1]
+    assert not trial["pointing"] and trial["mask"].shape == (30, 40) and trial["mask"].sum() == 19 * 13
 
 
 def test_box_trials_honour_skip_corrupt(tmp_path, caplog):
@@ -677,11 +687,11 @@ def test_coco_mask_trials_honour_skip_corrupt(tmp_path, caplog):
     ann_file = write_coco_split(tmp_path, "val2017")
     path = tmp_path / "val2017" / f"{1:012d}.jpg"  # image 1: trials 0 and 1
     path.write_bytes(b"not a jpeg")
-    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, image_size=None, skip_corrupt=False)
+    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, TrialGeometry(), skip_corrupt=False)
     with pytest.raises(CorruptImageError, match=f"corrupt image file {esc(path)}"):
         trials[0]
     assert trials[2]["mask"].shape == (30, 40)  # the other images are unaffected
-    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, image_size=None, skip_corrupt=True)
+    trials = CocoMaskDataset(tmp_path / "val2017", ann_file, CATEGORY_IDS, TrialGeometry(), skip_corrupt=True)
     with caplog.at_level("WARNING", logger="datamodules.images"):
         assert trials[0] is None and trials[1] is None
     assert str(path) in caplog.text

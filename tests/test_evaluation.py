@@ -63,7 +63,7 @@ class SquaresModule:
     def val_dataset(self):
         return self.data
 
-    def localization_dataset(self):
+    def localization_dataset(self, geometry=None):
         return self.data
 
 
@@ -217,7 +217,7 @@ def test_bad_metric_names_and_missing_masks():
     class NoMasks(SquaresModule):
         name = "imagenet"
 
-        def localization_dataset(self):
+        def localization_dataset(self, geometry=None):
             return None
 
     reasons = unsupported_metrics(NoMasks(), ["acc", "pg", "ch", "nqh"])
@@ -371,3 +371,18 @@ def test_pictures_show_the_trials_masks_on_grey_images(tmp_path):
         assert grey.shape == panel.image.shape[-2:] and 0.25 <= grey.min() and grey.max() <= 0.75
     path = save_overlay_grid([("Grad-CAM", panels)], tmp_path / "grid.png", "test")
     assert path.stat().st_size > 0
+
+
+def test_multilabel_f1_reads_logits_inside_0_1_as_logits():
+    """Logits of 0.3 mean probability 0.57 > 0.5: predicted. torchmetrics alone would read scores
+    that all lie in [0, 1] as probabilities and threshold 0.3 raw."""
+    from gcmodels.module import accuracy_inputs, accuracy_metric
+
+    logits = torch.tensor([[0.3, 0.3], [0.3, 0.3]])
+    targets = torch.ones(2, 2)
+    metric = accuracy_metric(2, multilabel=True)
+    metric.update(*accuracy_inputs(logits, targets))
+    assert float(metric.compute()) == 1.0
+    single = accuracy_metric(3, multilabel=False)
+    single.update(*accuracy_inputs(torch.tensor([[0.1, 0.5, 0.2]]), torch.tensor([1])))
+    assert float(single.compute()) == 1.0

@@ -25,8 +25,9 @@ def make_imagenet(root, boxes):
             image.save(folder / f"ILSVRC2012_val_{index:08d}.JPEG", quality=95)
             if split == "val":
                 (root / "boxes").mkdir(exist_ok=True)
-                objects = OBJECT.format(name=wnid, difficult=int(difficult), x0=x0, y0=y0, x1=x1, y1=y1)
-                objects += OBJECT.format(name="n09999999", difficult=0, x0=0, y0=0, x1=5, y1=5)  # another class
+                # ILSVRC writes 1-based inclusive corners: pixel x0 (0-based) is x0 + 1 there.
+                objects = OBJECT.format(name=wnid, difficult=int(difficult), x0=x0 + 1, y0=y0 + 1, x1=x1 + 1, y1=y1 + 1)
+                objects += OBJECT.format(name="n09999999", difficult=0, x0=1, y0=1, x1=6, y1=6)  # another class
                 (root / "boxes" / f"ILSVRC2012_val_{index:08d}.xml").write_text(BOX_XML.format(w=80, h=60, objects=objects))
 
 

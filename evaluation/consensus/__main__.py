@@ -58,6 +58,10 @@ def run(cfg: DictConfig) -> dict:
     options = committee.consensus_options(kind, cfg.sigma, cfg.aggregation)
     paths = committee.find_checkpoints(cfg.ckpts, cfg.ckpts_dir, cfg.ckpts_glob)
     settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
+    if settings.protocol != "standard":
+        # Members' maps are stacked and compared pixel by pixel: one image size for all.
+        raise ValueError(f"evaluation.protocol={settings.protocol!r}: the consensus scores work on the standard "
+                         "geometry only (evaluation.protocol=standard)")
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     members = committee.load_members(paths, datamodule)
     device = resolve_device(cfg.device)
