@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from evaluation.composites import dataset_layout
@@ -340,6 +341,7 @@ def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
     for split in ("train", "val"):
         for wnid in ("n01", "n02", "n03"):
             (data / split / wnid).mkdir(parents=True)
+            Image.new("RGB", (40, 30)).save(data / split / wnid / f"{wnid}.JPEG")  # no box file beside it
     command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={tmp_path / 'out'}", "data=imagenet",
                f"data.data_dir={data}", f"ckpt_path={ce}", "metrics=[acc,pg]"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
