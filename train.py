@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,7 @@ from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from gcmodels.checkpoints import check_resume_compatible, init_from_checkpoint
 from gcmodels.module import GCClassifier
+from gcmodels.safety import InterruptCheckpoint, NonFiniteGuard
 
 
 def validation_metric(data_name: str) -> str:
@@ -82,8 +84,31 @@ def build_loggers(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(conf) for conf in cfg.logger.values()]
 
 
+def check_writable(cfg: DictConfig) -> None:
+    """Create and write once every folder the run writes to (output, checkpoints, loggers), before
+    any data is generated or read: a run must not train for hours and then fail to save."""
+    folders = {"output_dir": cfg.output_dir}
+    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")):
+        folders.update({f"{group}.{name}.{key}": conf[key] for name, conf in cfg[group].items() if conf.get(key)})
+    for key, folder in folders.items():
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OSError(f"{key}={folder} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+                          f"choose a writable folder") from err
+
+
+def find_callback(trainer: pl.Trainer, kind: type) -> pl.Callback | None:
+    return next((callback for callback in trainer.callbacks if isinstance(callback, kind)), None)
+
+
 def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> dict:
     checkpoint = trainer.checkpoint_callback
+    interrupt = find_callback(trainer, InterruptCheckpoint)
+    last = interrupt.saved if interrupt and interrupt.saved else checkpoint.last_model_path if checkpoint else None
+    guard = find_callback(trainer, NonFiniteGuard)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     summary = {
         "model": cfg.model.name,
@@ -93,18 +118,22 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
         "loss": cfg.loss.name,
         "lambda": cfg.loss.get("lambda"),
         "data": cfg.data.name,
+        "status": "interrupted" if trainer.interrupted else "finished",
         "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
         "batch_size": cfg.data.batch_size,
         "processes": trainer.world_size,
         "metrics": metrics,
         "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
         "best_score": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
-        "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
+        "last_checkpoint": str(last) if last else None,
+        "nonfinite_skipped": guard.skipped if guard else None,
         "heatmaps": str(heatmaps) if heatmaps else None,
         "output_dir": cfg.output_dir,
     }
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [(key, summary[key]) for key in ("model", "pooling", "init_from", "loss", "lambda", "data", "epochs")]
+    rows = [(key, summary[key]) for key in ("status", "model", "pooling", "init_from", "loss", "lambda", "data", "epochs",
+                                            "global_step", "nonfinite_skipped")]
     rows.append(("batch", f"{cfg.data.batch_size} ({cfg.data.batch_size // trainer.world_size} per process x "
                           f"{trainer.world_size})"))
     rows += [(name, f"{value:.4f}") for name, value in sorted(metrics.items()) if name.startswith(("val/", "explain/"))]
@@ -129,7 +158,9 @@ def save_heatmaps(module: GCClassifier, datamodule: ClassificationDataModule, cf
 
 
 def run(cfg: DictConfig) -> dict | None:
-    """Train as configured; returns the summary on the main process (None on other ranks)."""
+    """Train as configured; returns the summary on the main process (None on other ranks). Ctrl-C
+    writes the summary (status interrupted) and exits as Lightning does, with status 1."""
+    check_writable(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.model.init_from is not None:
@@ -150,7 +181,13 @@ def run(cfg: DictConfig) -> dict | None:
     datamodule.batch_size = per_process_batch(cfg.data.batch_size, trainer.world_size)
     # weights_only: a resumed file was already read safely by check_resume_compatible; Lightning
     # reads it again the same way (tensors and plain containers only).
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:
+        # Lightning's answer to Ctrl-C, after its on_exception hooks (InterruptCheckpoint's checkpoint).
+        if trainer.interrupted and trainer.is_global_zero:
+            summarise(trainer, cfg, None)
+        raise
     if not trainer.is_global_zero:
         return None
     heatmaps = save_heatmaps(module, datamodule, cfg)

@@ -138,7 +138,11 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            # Workers start anew with every loop, seeded from the main process's random state, which
+            # a checkpoint restores: persistent ones would carry their own streams over epochs, and
+            # a resumed run, whose loaders start fresh, would draw seeds the uninterrupted run did
+            # not (tests/test_resume.py).
+            persistent_workers=False,
         )
 
     def set_train_distractors(self, positive: str | None) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
@@ -13,6 +14,7 @@ from gcmodels.checkpoints import load_checkpoint
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
 from gcmodels.objective import gc_objective
+from gcmodels.safety import gather_per_rank, global_random_state, set_global_random_state
 from losses import classification_loss, random_layout
 from losses.composite import own_distractors_layout, positive_weights
 
@@ -134,6 +136,9 @@ class GCClassifier(pl.LightningModule):
         self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
                                                              model["pretrained"], model["output_stride"])
         self._layout_generator: torch.Generator | None = None
+        # The current training step's loss terms, for checks before the optimiser step
+        # (gcmodels.safety.NonFiniteGuard).
+        self.loss_terms: dict[str, torch.Tensor] = {}
         self.train_acc = accuracy_metric(num_classes, multilabel)
         self.val_acc = accuracy_metric(num_classes, multilabel)
         self.val_f1_per_class = per_class_f1_metric(num_classes) if multilabel else None
@@ -168,7 +173,30 @@ class GCClassifier(pl.LightningModule):
             )
         return self._layout_generator
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Taken as the file is written, i.e. after the epoch's validation and whatever callbacks
+        # drew at its end: where a resumed run must pick up every stream. Per process, since each
+        # DDP rank draws its own layouts and may consume its global streams differently.
+        checkpoint["random_states"] = gather_per_rank({"layout": self.layout_generator().get_state(),
+                                                       **global_random_state()})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None:  # rebuilt outside training: the caller's random streams are not ours to set
+            return
+        states = checkpoint.get("random_states")
+        world_size = self.trainer.world_size
+        if states is None or len(states) != world_size:
+            reason = ("the checkpoint holds no random states (it predates them)" if states is None else
+                      f"the checkpoint holds the random states of {len(states)} processes, this run has {world_size}")
+            rank_zero_warn(f"{reason}: layouts, shuffling and augmentation restart from seed={self.hparams.layout_seed}, so "
+                           f"the resumed run will not match an uninterrupted one exactly")
+            return
+        state = states[self.global_rank]
+        self.layout_generator().set_state(state["layout"])
+        set_global_random_state(state)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self.loss_terms = {}
         images, targets = batch["image"], batch["target"]
         size = images.shape[0]
         self.log("train/skipped_corrupt", float(batch.get("skipped", 0)), on_step=False, on_epoch=True,
@@ -195,6 +223,7 @@ class GCClassifier(pl.LightningModule):
                 loss_config["cam_mode"], loss_config["detach_target"], distractor_images,
             )
             loss, logits = out.loss, out.logits
+            self.loss_terms = {"train/ce": out.classification_loss.detach(), "train/gc": out.consistency_loss.detach()}
             self.log("train/gc", out.consistency_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
             self.log("train/gc_left_out", float(size - out.num_composites), on_step=False, on_epoch=True,
                      reduce_fx="sum", sync_dist=True, batch_size=size)
@@ -202,6 +231,7 @@ class GCClassifier(pl.LightningModule):
         else:
             logits = self.net(images)
             loss = classification_loss(logits, targets)
+            self.loss_terms = {"train/ce": loss.detach()}
             self.log("train/ce", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         self.train_acc(*accuracy_inputs(logits.detach(), targets))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)

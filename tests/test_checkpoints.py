@@ -195,3 +195,15 @@ def test_resume_names_the_runs_own_init_from(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=rf"cannot resume from .*model.init_from: the checkpoint's run started from "
                                              rf"'{re.escape(started['init_from'])}', config has {other!r}"):
             check_resume_compatible(path, {**MODEL, "init_from": other}, 3, False)
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.001, 0.5, 0.999])
+def test_a_truncated_checkpoint_is_refused_naming_it(tmp_path, kept):
+    original = module({"name": "ce"})
+    whole = tmp_path / "whole.ckpt"
+    save(whole, dict(original.hparams), original.state_dict())
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * kept)])
+    for load in (read_hparams, GCClassifier.from_checkpoint, lambda path: check_resume_compatible(path, MODEL, 3, False)):
+        with pytest.raises(ValueError, match=rf"not a readable PyTorch checkpoint: {re.escape(str(cut))} "):
+            load(cut)

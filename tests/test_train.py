@@ -1,5 +1,6 @@
 """End-to-end runs of ``python train.py`` (the real command line) on tiny synthetic data."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multilabel_f1_score
 
+from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier
 from tests.conftest import assert_ok, linear_net, logged_metrics, read_summary, train
 
@@ -130,3 +132,43 @@ def test_multilabel_validation_logs_overall_and_per_class_f1():
     per_class = multilabel_f1_score(logits, targets.long(), num_labels=4, average="macro")
     assert overall != pytest.approx(per_class)
     assert logged["val/f1"] == pytest.approx(float(overall)) and logged["val/f1_per_class"] == pytest.approx(float(per_class))
+
+
+def test_a_truncated_checkpoint_is_refused_before_training(tmp_path, data_dir, last_checkpoint):
+    cut = tmp_path / "cut.ckpt"
+    with open(last_checkpoint, "rb") as whole:
+        cut.write_bytes(whole.read(Path(last_checkpoint).stat().st_size // 2))
+    run = train(tmp_path / "run", data_dir, f"ckpt_path={cut}")
+    assert run.returncode != 0 and f"not a readable PyTorch checkpoint: {cut}" in run.stderr
+
+
+def test_an_unwritable_output_folder_is_an_error_before_anything_runs(tmp_path):
+    # Folders under a regular file: unwritable for root too, which a chmod is not.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fresh_data = tmp_path / "data"
+    run = train(tmp_path / "run", fresh_data, f"output_dir={blocker}/out")
+    assert run.returncode != 0
+    assert f"output_dir={blocker}/out cannot be written (NotADirectoryError: Not a directory)" in run.stderr
+    assert not fresh_data.exists()  # nothing generated, nothing trained
+    hydra_dir = train(blocker / "run", fresh_data)  # Hydra creates its run folder itself, first
+    assert hydra_dir.returncode != 0 and f"Not a directory: '{blocker / 'run'}'" in hydra_dir.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_checkpoint_or_is_skipped(tmp_path, data_dir):
+    huge = ["optimizer=sgd", "optimizer.lr=1e30", "trainer.max_epochs=2", "heatmap_images=0",
+            "~callbacks.explanation_metrics", "~callbacks.fgsm_robustness"]
+    stopped = train(tmp_path / "stop", data_dir, *huge)
+    error = re.search(r"FloatingPointError: non-finite (.+) at global step (\d+) \(epoch \d+\), learning rate 1e\+30\. "
+                      r"Training stopped; .* is saved in (\S+\.ckpt);", stopped.stderr)
+    assert stopped.returncode != 0 and error, stopped.stderr[-3000:]
+    assert re.match(r"train/ce = |train/gc = |the gradient of net\.", error.group(1))
+    saved = load_checkpoint(error.group(3))
+    assert saved["global_step"] == int(error.group(2)) >= 1
+    assert all(torch.isfinite(value).all() for value in saved["state_dict"].values())
+    skipped = train(tmp_path / "skip", data_dir, *huge, "callbacks.nonfinite.mode=skip")
+    assert_ok(skipped)
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["status"] == "finished" and 1 <= summary["nonfinite_skipped"] <= summary["global_step"] == 4
+    assert max(float(row["train/nonfinite_skipped"]) for row in logged_metrics(tmp_path / "skip")
+               if row.get("train/nonfinite_skipped")) == summary["nonfinite_skipped"]
