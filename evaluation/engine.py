@@ -2,7 +2,9 @@
 
 Shared by the checkpoint-evaluation script and the training callbacks, so both report the same
 numbers. Each metric is a torchmetrics ``Metric``: under DDP every process evaluates its own
-share of the images and ``compute()`` sums the counts over processes. Results are fractions in
+share of the images and ``compute()`` sums the counts over processes. Random draws (SPG's
+points, the noise reference maps) are seeded per trial, by its index in the data set, so any
+number of processes and any batch size give the numbers of one process. Results are fractions in
 [0, 1]; only the human-facing reports print percent.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datamodules import ClassificationDataModule
 from datamodules.images import TrialGeometry, size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
 from evaluation.metrics import classes as metric_classes
-from evaluation.references import REFERENCES, centre_maps, noise_maps
+from evaluation.references import REFERENCES, centre_maps, trial_noise_maps
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import (PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name,
                              per_class_f1_metric)
@@ -92,6 +94,22 @@ def shard(dataset: Dataset, rank: int, world_size: int, max_images: int | None) 
     return Subset(dataset, shard_indices(len(dataset), rank, world_size, max_images))
 
 
+class Indexed(Dataset):
+    """``dataset``'s samples with their index in it (``"index"``, long): the seed of a trial's
+    random draws (SPG's points, its noise maps), which then do not depend on the batch, the
+    process or the order. A sample that is None (a corrupt file) stays None."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.dataset[index]
+        return None if sample is None else {**sample, "index": torch.tensor(index)}
+
+
 def _batches(loader: DataLoader, device: torch.device, description: str, progress: bool):
     for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
         if batch["image"].numel():
@@ -119,7 +137,6 @@ class ExplanationEvaluator:
         self.num_classes = num_classes
         self.multilabel = multilabel
         self.settings = settings
-        self.noise_generator = torch.Generator().manual_seed(settings.seed)
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
             "pg": lambda: metric_classes.PointingGame(
@@ -143,10 +160,9 @@ class ExplanationEvaluator:
         } if localization else {}
 
     def reset(self) -> None:
-        """Forget every update: the metrics' states and the reference noise's random stream."""
+        """Forget every update."""
         for metric in self._all_metrics():
             metric.reset()
-        self.noise_generator.manual_seed(self.settings.seed)
 
     def _all_metrics(self) -> list[Metric]:
         return list(self.state.values()) + [m for metrics in self.references.values() for m in metrics.values()]
@@ -175,34 +191,42 @@ class ExplanationEvaluator:
 
     def update_localization(self, net, batch: dict) -> None:
         """The explainer's maps, and the reference maps, scored on the batch's trials (masks may be
-        larger than the images: the authors' protocol scores at the original size)."""
+        larger than the images: the authors' protocol scores at the original size). ``"index"``:
+        the trials' indices in the data set, which seed their random draws."""
         masks, classes = batch["mask"], batch["target"]
         pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
+
+        def maps_seeds(number: int) -> torch.Tensor:
+            """Seeds of the trials' maps numbered ``number``: 0 the explainer's (and the centred
+            peak's), 1.. the noise maps; rows of one width (functional.trial_uniforms)."""
+            return torch.stack([batch["index"], torch.full_like(batch["index"], number)], 1)
+
         self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes,
-                                          pointing)
+                                          pointing, maps_seeds(0))
         count, (height, width) = len(masks), masks.shape[-2:]
         if self.references:
             self._update_localization_metrics(self.references["center"], centre_maps(count, height, width, masks.device),
-                                              masks, classes, pointing)
-            for _ in range(self.settings.noise_seeds):  # one pooled mean over the seeds' maps
-                noise = noise_maps(count, height, width, self.noise_generator, masks.device)
-                self._update_localization_metrics(self.references["noise"], noise, masks, classes, pointing)
+                                              masks, classes, pointing, maps_seeds(0))
+            for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
+                seeds = maps_seeds(number)
+                noise = trial_noise_maps(self.settings.seed, seeds, height, width, masks.device)
+                self._update_localization_metrics(self.references["noise"], noise, masks, classes, pointing, seeds)
 
     @staticmethod
     def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
-                                     classes: torch.Tensor, pointing: torch.Tensor) -> None:
+                                     classes: torch.Tensor, pointing: torch.Tensor, seeds: torch.Tensor) -> None:
         """``pointing`` False: a trial scored by CH only (the authors' difficult-only images)."""
         if "ch" in metrics:
             metrics["ch"].update(heatmaps, masks)
         if not pointing.all():
-            heatmaps, masks, classes = heatmaps[pointing], masks[pointing], classes[pointing]
+            heatmaps, masks, classes, seeds = heatmaps[pointing], masks[pointing], classes[pointing], seeds[pointing]
             if not len(classes):
                 return
         if "pg" in metrics:
             # PG also counts per class (on COCO every (image, class) pair is a trial).
             metrics["pg"].update(heatmaps, masks, classes=classes)
         if "spg" in metrics:
-            metrics["spg"].update(heatmaps, masks)
+            metrics["spg"].update(heatmaps, masks, seeds=seeds)
 
     def compute(self) -> dict:
         """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
@@ -273,10 +297,10 @@ class ExplanationEvaluator:
                     sizes = trials.sizes()
                     batches = [[indices[i] for i in bucket]
                                for bucket in size_buckets([sizes[i] for i in indices], self.settings.batch_size)]
-                    trial_loader = DataLoader(trials, batch_sampler=batches, num_workers=num_workers,
+                    trial_loader = DataLoader(Indexed(trials), batch_sampler=batches, num_workers=num_workers,
                                               collate_fn=datamodule.collate_fn)
                 else:
-                    trial_loader = loader(Subset(trials, indices))
+                    trial_loader = loader(Subset(Indexed(trials), indices))
                 for batch in _batches(trial_loader, device, "localisation", progress):
                     self.update_localization(net, batch)
             results = self.compute()

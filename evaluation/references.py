@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from evaluation.metrics.functional import trial_seeds, trial_uniforms
+
 REFERENCES = ("center", "noise")
 
 
@@ -24,3 +26,11 @@ def noise_maps(count: int, height: int, width: int, generator: torch.Generator,
     """``[count, H, W]`` uniform noise in [0, 1), drawn on the CPU from ``generator`` so that the
     maps do not depend on the device."""
     return torch.rand(count, height, width, generator=generator).to(device)
+
+
+def trial_noise_maps(seed: int, trials: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[B, H, W]`` uniform noise in [0, 1), map ``b`` drawn on the CPU from a generator seeded by
+    ``(seed, trials[b])`` alone (``trials``: non-negative integers ``[B]`` or ``[B, k]`` that
+    identify the maps; :func:`evaluation.metrics.functional.trial_uniforms`): the same map for a
+    trial whatever its batch, its process or the device."""
+    return trial_uniforms("noise", trial_seeds(seed, trials), (height, width), torch.float32).to(device)

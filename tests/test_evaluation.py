@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from evaluation.composites import dataset_layout
-from evaluation.engine import ExplanationEvaluator, check_metrics, unsupported_metrics
+from evaluation.engine import METRICS, ExplanationEvaluator, check_metrics, unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
 from tests.conftest import assert_ok, read_summary, run_module, tiny_net, train
@@ -388,3 +388,22 @@ def test_multilabel_f1_reads_logits_inside_0_1_as_logits():
     single = accuracy_metric(3, multilabel=False)
     single.update(*accuracy_inputs(torch.tensor([[0.1, 0.5, 0.2]]), torch.tensor([1])))
     assert float(single.compute()) == 1.0
+
+
+def test_metric_states_do_not_grow_with_the_number_of_images():
+    """Every metric keeps sums (per class, run or eps at most), never per-image maps or lists: the
+    states of 48 images have the shapes of those of 12."""
+    net = tiny_net(num_classes=4)
+
+    def state_shapes(count: int) -> dict:
+        evaluator = ExplanationEvaluator(oracle, list(METRICS), 4, False, default_settings(seed=0, batch_size=5))
+        evaluator.run(net, SquaresModule(count=count), progress=False)
+        metrics = {**evaluator.state, **{f"{name}_{reference}": metric for reference, group in
+                                         evaluator.references.items() for name, metric in group.items()}}
+        return {(name, key): tuple(state.shape) for name, metric in metrics.items()
+                for key, state in metric.metric_state.items()}
+
+    shapes = state_shapes(12)
+    assert state_shapes(48) == shapes
+    assert {name for name, _ in shapes} >= set(METRICS) | {"pg_noise", "spg_center"}
+    assert max(math.prod(shape) for shape in shapes.values()) <= 6  # 6 FGSM eps; PG: 4 classes; SPG: 5 runs

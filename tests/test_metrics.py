@@ -190,7 +190,7 @@ def test_stochastic_pointing_game_mean_matches_its_expectation():
     fraction estimates the mean heatmap mass inside the dilated mask."""
     heatmaps, masks = random_cases(4, batch=600, height=24, width=24, coarse=(6, 6))
     metric = StochasticPointingGame(tolerance=3, tolerance_at=None, num_samples=20, num_runs=5, seed=0)
-    metric.update(heatmaps[:, ::4, ::4], masks)  # 6x6 maps, upsampled to 24x24 inside
+    metric.update(heatmaps[:, ::4, ::4], masks, torch.arange(600))  # 6x6 maps, upsampled to 24x24 inside
     upsampled = F.interpolate(heatmaps[:, None, ::4, ::4], size=(24, 24), mode="bilinear")[:, 0].double()
     valid = functional.valid_pairs(upsampled, masks)
     inside = (upsampled * functional.dilate_masks(masks, 3)).sum((1, 2)) / upsampled.sum((1, 2))
@@ -239,6 +239,72 @@ def test_bad_inputs_are_refused():
         functional.dilate_masks(masks, 0)
     with pytest.raises(ValueError, match="0..3"):
         functional.negative_quadrants_heatmap(heatmaps, torch.tensor([0, 1, 2, 4]))
+
+
+@pytest.mark.parametrize("bad, count", [(NAN, "1 NaN, 0 inf and 0 negative"), (math.inf, "0 NaN, 1 inf and 0 negative"),
+                                        (-math.inf, "0 NaN, 1 inf and 1 negative"), (-1e-9, "0 NaN, 0 inf and 1 negative")])
+def test_heatmaps_that_are_no_distribution_are_refused_by_every_score(bad, count):
+    heatmaps, masks = random_cases(7, batch=4)
+    heatmaps[2, 5, 6] = bad
+    message = rf"heatmaps \(4, 37, 53\) must be finite and non-negative .* got {count} values"
+    for score in (
+        lambda: functional.pointing_hits(heatmaps, masks),
+        lambda: functional.stochastic_pointing_game(heatmaps, masks, seeds=torch.arange(4)),
+        lambda: functional.content_heatmap(heatmaps, masks),
+        lambda: functional.negative_quadrants_heatmap(heatmaps, torch.zeros(4, dtype=torch.long)),
+        lambda: functional.upsample(heatmaps, (74, 106)),
+        lambda: functional.valid_pairs(heatmaps),
+    ):
+        with pytest.raises(ValueError, match=message):
+            score()
+
+
+def test_tensors_on_another_device_or_of_another_shape_are_refused_with_their_shapes():
+    """The meta device stands for a second device (a GPU) on any machine: the checks read only
+    devices and shapes, before any computation."""
+    heatmaps, masks = random_cases(7, batch=4)
+    with pytest.raises(ValueError, match=r"masks \(4, 37, 53\) are on meta, the heatmaps \(4, 37, 53\) on cpu"):
+        functional.content_heatmap(heatmaps, masks.to("meta"))
+    with pytest.raises(ValueError, match=r"masks must be bool with the heatmaps' shape \(4, 37, 53\), got torch.bool "
+                                         r"\(3, 37, 53\)"):
+        functional.pointing_hits(heatmaps, masks[:3])
+    with pytest.raises(ValueError, match=r"positive_cell \(4,\) are on meta, the heatmaps \(4, 37, 53\) on cpu"):
+        functional.negative_quadrants_heatmap(heatmaps, torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"positive_cell must be integers \[B\] = \[4\] in 0..3, one per heatmap of "
+                                         r"\(4, 37, 53\), got torch.float32 \(4,\)"):
+        functional.negative_quadrants_heatmap(heatmaps, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"seeds must be integers \[B\] or \[B, k\] with B = 4 .*\(4, 37, 53\)\), "
+                                         r"got torch.int64 \(5,\)"):
+        functional.stochastic_pointing_game(heatmaps, masks, seeds=torch.arange(5))
+    with pytest.raises(ValueError, match=r"got torch.float32 \(4, 2\)"):
+        functional.stochastic_pointing_game(heatmaps, masks, seeds=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="give seeds or a generator, not both"):
+        functional.stochastic_pointing_game(heatmaps, masks, generator=torch.Generator(), seeds=torch.arange(4))
+
+
+def test_metric_classes_refuse_bad_classes_and_seeds_and_keep_their_state():
+    small, masks, classes = localisation_batches()
+    pg = PointingGame(tolerance=15, tolerance_at=None, num_classes=4)
+    pg.update(small, masks, classes)
+    before = pg.compute()
+    for bad, message in (
+        (classes[:-1], r"classes must be integers \[B\] = \[30\] in 0..3, one per heatmap of \(30, 8, 8\), "
+                       r"got torch.int64 \(29,\)"),
+        (classes.float(), r"got torch.float32 \(30,\)"),
+        (classes + 1, r"classes must be in 0..3, got values from 1 to 4"),
+        (classes.to("meta"), r"classes \(30,\) are on meta, the heatmaps \(30, 8, 8\) on cpu"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pg.update(small, masks, bad)
+    assert_results_equal(pg.compute(), before)
+    spg = spg_metric()
+    with pytest.raises(ValueError, match=r"seeds must be integers \[B\] or \[B, k\] with B = 30 .* got torch.int64 "
+                                         r"\(30, 2, 1\)"):
+        spg.update(small, masks, torch.zeros(30, 2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="seeds must be non-negative, got -1"):
+        spg.update(small, masks, -torch.ones(30, dtype=torch.long))
+    with pytest.raises(TypeError, match="seeds"):
+        spg.update(small, masks)
 
 
 # ---------------------------------------------------------------- NQH
@@ -387,12 +453,17 @@ def test_pointing_game_scales_its_tolerance_to_the_masks_size():
     assert unscaled.compute()["pg"].item() == 1.0
 
 
+def spg_metric(seed: int = 0) -> StochasticPointingGame:
+    return StochasticPointingGame(tolerance=6, tolerance_at=None, num_samples=20, num_runs=5, seed=seed)
+
+
 def spg_result(seed: int, use_forward: bool = False) -> dict:
     small, masks, _ = localisation_batches()
-    metric = StochasticPointingGame(tolerance=6, tolerance_at=None, num_samples=20, num_runs=5, seed=seed)
+    trials = torch.arange(30)
+    metric = spg_metric(seed)
     step = metric.forward if use_forward else metric.update
-    step(small[:15], masks[:15])
-    step(small[15:], masks[15:])
+    step(small[:15], masks[:15], seeds=trials[:15])
+    step(small[15:], masks[15:], seeds=trials[15:])
     return metric.compute()
 
 
@@ -405,11 +476,55 @@ def test_stochastic_pointing_game_is_reproducible_and_varies_over_runs():
     assert 0 < first["spg"] < 1
 
 
+def test_stochastic_pointing_game_depends_on_the_trials_alone():
+    """Each trial's points come from its seed alone: other batches, another order or two merged
+    metrics (as two DDP processes) give exactly the same result (the scores are multiples of
+    1/20, whose float64 sums do not depend on the order)."""
+    small, masks, _ = localisation_batches()
+    trials = torch.arange(30) + 1000  # the trials' indices in some data set
+    whole = spg_metric()
+    whole.update(small, masks, trials)
+    reordered, merged, other = spg_metric(), spg_metric(), spg_metric()
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    for part in order.split(7):
+        reordered.update(small[part], masks[part], trials[part])
+    merged.update(small[0::2], masks[0::2], trials[0::2])
+    other.update(small[1::2], masks[1::2], trials[1::2])
+    merged.merge_state(other)
+    assert reordered.compute() == whole.compute() and merged.compute() == whole.compute()
+    renumbered = spg_metric()
+    renumbered.update(small, masks, trials + 1)
+    assert renumbered.compute()["spg"] != whole.compute()["spg"]
+    # Each image's points depend on its own seed row only.
+    points = functional._sample_points(small, 50, seeds=trials)
+    assert torch.equal(functional._sample_points(small[order], 50, seeds=trials[order]), points[order])
+    assert torch.equal(functional._sample_points(small[3:4], 50, seeds=trials[3:4]), points[3:4])
+
+
+def test_trial_uniforms_are_a_function_of_the_stream_and_the_row():
+    seeds = torch.tensor([[0, 5, 1], [0, 5, 2], [0, 5, 1], [1, 5, 1]])
+    uniforms = functional.trial_uniforms("spg", seeds, (4, 3), torch.float64)
+    assert uniforms.shape == (4, 4, 3) and uniforms.dtype == torch.float64
+    assert ((uniforms >= 0) & (uniforms < 1)).all()
+    assert torch.equal(uniforms[0], uniforms[2])
+    assert not torch.equal(uniforms[0], uniforms[1]) and not torch.equal(uniforms[0], uniforms[3])
+    noise = functional.trial_uniforms("noise", seeds, (4, 3), torch.float32)
+    assert noise.dtype == torch.float32
+    assert not torch.equal(noise, functional.trial_uniforms("spg", seeds, (4, 3), torch.float32))
+    assert torch.equal(functional.trial_seeds(7, torch.tensor([3, 4])), torch.tensor([[7, 3], [7, 4]]))
+    assert torch.equal(functional.trial_seeds(7, torch.tensor([[3, 1]])), torch.tensor([[7, 3, 1]]))
+    with pytest.raises(ValueError, match="unknown random stream 'lime'"):
+        functional.trial_uniforms("lime", seeds, (2,), torch.float64)
+    with pytest.raises(ValueError, match="seeds must be non-negative, got -5"):
+        functional.trial_uniforms("spg", -seeds, (2,), torch.float64)
+
+
 def test_an_empty_batch_changes_nothing():
     small, masks, classes = localisation_batches()
     for metric, tensors in (
         (PointingGame(tolerance=15, tolerance_at=None, num_classes=4), (small, masks, classes)),
-        (StochasticPointingGame(tolerance=15, tolerance_at=None, num_samples=100, num_runs=5, seed=0), (small, masks)),
+        (StochasticPointingGame(tolerance=15, tolerance_at=None, num_samples=100, num_runs=5, seed=0),
+         (small, masks, torch.arange(30))),
         (ContentHeatmap(), (small, masks)),
         (NegativeQuadrantsHeatmap(), (small, classes)),
     ):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -95,13 +94,14 @@ class PointingGame(_MeanScore):
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None) -> None:
         if (classes is None) != (self.num_classes is None):
             raise ValueError("PointingGame: pass classes to update() if and only if num_classes was given")
+        if classes is not None:
+            # Before any state changes: a refused update leaves the metric as it was.
+            functional._check_per_image(heatmaps, "classes", classes, 0, self.num_classes - 1)
         tolerance = _scaled_tolerance(self.tolerance, self.tolerance_at, masks)
         hits, valid = functional.pointing_hits(functional.upsample(heatmaps, masks.shape[-2:]), masks, tolerance)
         self._add_scores(hits.double().masked_fill(~valid, math.nan))
         if classes is None:
             return
-        if classes.shape != hits.shape or ((classes < 0) | (classes >= self.num_classes)).any():
-            raise ValueError(f"classes must be [B] = [{hits.shape[0]}] with values in 0..{self.num_classes - 1}")
         self.class_trials += torch.bincount(classes[valid], minlength=self.num_classes)
         self.class_hits += torch.bincount(classes[hits], minlength=self.num_classes)
 
@@ -116,21 +116,19 @@ class PointingGame(_MeanScore):
 
 class StochasticPointingGame(Metric):
     """Stochastic pointing game: ``num_samples`` points drawn from the normalised heatmap, each
-    scored like PG; per-image score = hit fraction. ``update(heatmaps, masks)``.
+    scored like PG; per-image score = hit fraction. ``update(heatmaps, masks, seeds)``.
 
-    Every update draws ``num_runs`` independent runs from a generator seeded by ``(seed, number of
-    updates so far)``, so the same seed and the same sequence of updates give the same result.
-    ``compute()`` -> ``{"spg": mean over runs of the run's mean score, "spg_std": sample standard
-    deviation (n - 1) over runs, "skipped"}``. Processes under DDP count their own updates, so
-    they use the same seeds, on different images.
+    ``seeds`` (non-negative integers ``[B]`` or ``[B, k]``, one row per trial; the engine gives
+    the trial's index in the data set and the map's number) identify the trials: a trial draws its
+    ``num_runs`` independent runs from a generator seeded by ``(seed, its row)`` alone
+    (``functional.trial_uniforms``), so the result does not depend on how trials are split into
+    batches or processes, nor on their order. ``compute()`` -> ``{"spg": mean over runs of the
+    run's mean score, "spg_std": sample standard deviation (n - 1) over runs, "skipped"}``.
     """
 
     is_differentiable = False
     higher_is_better = True
-    # The seed follows update_count. torchmetrics' reduce-state forward() resets the metric before
-    # every batch's update, so each batch would see the same count and draw the same seed; the
-    # full-state forward() first updates the accumulated state, with the running count.
-    full_state_update = True
+    full_state_update = False
 
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_samples: int, num_runs: int, seed: int,
                  **kwargs):
@@ -147,16 +145,12 @@ class StochasticPointingGame(Metric):
         self.add_state("scored", _count(), dist_reduce_fx="sum")
         self.add_state("skipped", _count(), dist_reduce_fx="sum")
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # update_count already counts the update being made.
-        seed = np.random.SeedSequence([self.seed, self.update_count]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator(device=device).manual_seed(int(seed))
-
-    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> None:
+        functional._check_seeds(heatmaps, seeds)
         heatmaps = functional.upsample(heatmaps, masks.shape[-2:])
         scores = functional._stochastic_scores(
             heatmaps, masks, self.num_samples, self.num_runs,
-            _scaled_tolerance(self.tolerance, self.tolerance_at, masks), self._generator(heatmaps.device)
+            _scaled_tolerance(self.tolerance, self.tolerance_at, masks), None, functional.trial_seeds(self.seed, seeds)
         )
         valid = ~scores[:, 0].isnan()
         self.run_sums += scores[valid].sum(0, dtype=torch.float64)

@@ -13,6 +13,12 @@ and at ``num_samples`` points per image, so they test those points directly agai
 disc (:func:`_hits_at`), row by row with prefix sums of the mask: one pass over the mask and
 ``O(points * tolerance)`` look-ups per image instead of ``O(H * W * tolerance)`` for dilating the
 whole mask. Both are tested against a per-pixel distance computation.
+
+Randomness (SPG's points, the uniform-noise reference maps) is drawn per trial: row ``b`` of
+:func:`trial_uniforms` comes from a generator seeded by ``seeds[b]`` alone, so a trial's draws do
+not depend on the batch it is in, on the process that scores it or on the order of the trials.
+
+Bad input raises ``ValueError`` naming the shapes, dtypes or devices involved.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import functools
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +38,8 @@ __all__ = [
     "pointing_game",
     "pointing_hits",
     "stochastic_pointing_game",
+    "trial_seeds",
+    "trial_uniforms",
     "upsample",
     "valid_pairs",
 ]
@@ -42,7 +51,18 @@ def _check_heatmaps(heatmaps: torch.Tensor) -> None:
     # One reduction for both checks: NaN propagates through aminmax, -inf fails ``low >= 0``.
     low, high = torch.aminmax(heatmaps) if heatmaps.numel() else (0, 0)
     if not (low >= 0 and high < math.inf):
-        raise ValueError("heatmaps must be finite and non-negative")
+        # Counted only here, on the way out: the common case pays for one reduction.
+        raise ValueError(
+            f"heatmaps {tuple(heatmaps.shape)} must be finite and non-negative (they are taken as distributions), "
+            f"got {int(heatmaps.isnan().sum())} NaN, {int(heatmaps.isinf().sum())} inf and "
+            f"{int((heatmaps < 0).sum())} negative values"
+        )
+
+
+def _check_same_device(heatmaps: torch.Tensor, name: str, other: torch.Tensor) -> None:
+    if other.device != heatmaps.device:
+        raise ValueError(f"{name} {tuple(other.shape)} are on {other.device}, the heatmaps "
+                         f"{tuple(heatmaps.shape)} on {heatmaps.device}: put both on one device")
 
 
 def _check_masks(heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
@@ -51,6 +71,28 @@ def _check_masks(heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
             f"masks must be bool with the heatmaps' shape {tuple(heatmaps.shape)}, "
             f"got {masks.dtype} {tuple(masks.shape)} (upsample the heatmaps to the mask size first)"
         )
+    _check_same_device(heatmaps, "masks", masks)
+
+
+def _is_integer(values: torch.Tensor) -> bool:
+    return not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+
+
+def _check_per_image(heatmaps: torch.Tensor, name: str, values: torch.Tensor, low: int, high: int) -> None:
+    """``values``: one integer per heatmap, in ``low..high``, on the heatmaps' device."""
+    if values.shape != heatmaps.shape[:1] or not _is_integer(values):
+        raise ValueError(f"{name} must be integers [B] = [{heatmaps.shape[0]}] in {low}..{high}, one per heatmap "
+                         f"of {tuple(heatmaps.shape)}, got {values.dtype} {tuple(values.shape)}")
+    _check_same_device(heatmaps, name, values)
+    if len(values) and (values.min() < low or values.max() > high):
+        raise ValueError(f"{name} must be in {low}..{high}, got values from {int(values.min())} to {int(values.max())}")
+
+
+def _check_seeds(heatmaps: torch.Tensor, seeds: torch.Tensor) -> None:
+    """``seeds``: one row of integers per heatmap, on any device (they are read on the CPU)."""
+    if seeds.dim() not in (1, 2) or len(seeds) != len(heatmaps) or not _is_integer(seeds):
+        raise ValueError(f"seeds must be integers [B] or [B, k] with B = {len(heatmaps)} (one row per heatmap of "
+                         f"{tuple(heatmaps.shape)}), got {seeds.dtype} {tuple(seeds.shape)}")
 
 
 def _check_tolerance(tolerance: float) -> None:
@@ -209,48 +251,109 @@ def _batch_slices(heatmaps: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, max(1, len(heatmaps)), step)]
 
 
-def _sample_points(heatmaps: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+# Tags of the random streams, so that no two uses of the same seeds draw the same numbers.
+_STREAMS = ("spg", "noise")
+
+
+def _rows(seeds: torch.Tensor) -> torch.Tensor:
+    """``[B]`` or ``[B, k]`` as ``[B, k]``."""
+    return seeds.unsqueeze(1) if seeds.dim() == 1 else seeds
+
+
+def trial_seeds(seed: int, trials: torch.Tensor) -> torch.Tensor:
+    """long ``[B, 1 + k]``: ``seed`` before each row of ``trials`` (long ``[B]`` or ``[B, k]``,
+    what identifies each trial), the seeds of :func:`trial_uniforms` for one run's ``seed``."""
+    return torch.cat([torch.full((len(trials), 1), seed, dtype=torch.long), _rows(trials).long().cpu()], 1)
+
+
+def trial_uniforms(stream: str, seeds: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``[B, *shape]`` uniforms in [0, 1) on the CPU (float32 or float64): row ``b`` comes from
+    numpy's default generator seeded with ``(stream, *seeds[b])`` (``seeds``: non-negative
+    integers ``[B]`` or ``[B, k]``), so from that row alone.
+
+    Rows of one width: numpy's ``SeedSequence`` pads short seeds with zeros, so ``(1, 2)`` and
+    ``(1, 2, 0)`` seed the same stream. About 9 us per row (a generator each), vectorised within."""
+    if stream not in _STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; known: {list(_STREAMS)}")
+    if seeds.numel() and seeds.min() < 0:
+        raise ValueError(f"seeds must be non-negative, got {int(seeds.min())}")
+    rows = _rows(seeds).tolist()
+    uniforms = torch.empty(len(rows), *shape, dtype=dtype)
+    out = uniforms.numpy()
+    for index, row in enumerate(rows):
+        np.random.default_rng([_STREAMS.index(stream), *row]).random(out=out[index], dtype=out.dtype)
+    return uniforms
+
+
+def _resolve_seeds(heatmaps: torch.Tensor, generator: torch.Generator | None,
+                   seeds: torch.Tensor | None) -> torch.Tensor:
+    """The images' seeds: ``seeds`` as given, or, without them, one drawn per image from
+    ``generator`` (the global generator where None)."""
+    if seeds is None:
+        return torch.randint(0, 2**62, (len(heatmaps),), generator=generator)
+    if generator is not None:
+        raise ValueError("give seeds or a generator, not both: the seeds alone decide the points")
+    _check_seeds(heatmaps, seeds)
+    return seeds
+
+
+def _sample_points(heatmaps: torch.Tensor, num_samples: int, generator: torch.Generator | None = None,
+                   seeds: torch.Tensor | None = None) -> torch.Tensor:
     """long ``[B, num_samples]``: flat indices drawn with replacement from each heatmap taken as a
-    distribution (``torch.multinomial`` normalises the rows), slice by slice (:func:`_batch_slices`).
-    All-zero heatmaps have no distribution; they draw uniformly, and their scores are NaN anyway."""
+    distribution, image ``b``'s by inverse transform sampling of the uniforms of
+    ``trial_uniforms("spg", seeds[b])`` (seeds: :func:`_resolve_seeds`), slice by slice
+    (:func:`_batch_slices`). All-zero heatmaps have no distribution; they draw uniformly, and
+    their scores are NaN anyway."""
+    seeds = _resolve_seeds(heatmaps, generator, seeds)
+    # At least float32: a reduced-precision running sum would stall on large maps.
+    dtype = torch.promote_types(heatmaps.dtype, torch.float32)
+    flat = heatmaps.flatten(1)
+    # One buffer for every slice: a fresh one each time costs page faults (see _batch_slices).
+    buffer = torch.empty(_batch_slices(heatmaps)[0].stop, flat.shape[1], dtype=dtype, device=heatmaps.device)
     draws = []
     for part in _batch_slices(heatmaps):
-        weights = heatmaps[part].flatten(1)
-        empty = weights.amax(1) <= 0
+        cumulative = torch.cumsum(flat[part].to(dtype), 1, out=buffer[:len(flat[part])])
+        empty = cumulative[:, -1] <= 0
         if empty.any():
-            weights = weights.masked_fill(empty.unsqueeze(1), 1.0)
-        draws.append(torch.multinomial(weights, num_samples, replacement=True, generator=generator))
+            cumulative[empty] = torch.arange(1, flat.shape[1] + 1, dtype=dtype, device=heatmaps.device)
+        total = cumulative[:, -1:]
+        uniforms = trial_uniforms("spg", seeds[part], (num_samples,), dtype).to(heatmaps.device)
+        # The pixel drawn is the first whose running sum exceeds u * total: never one of weight 0,
+        # whose sum equals its predecessor's. Below total, so that rounding up cannot pass the
+        # last pixel of positive weight.
+        values = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+        draws.append(torch.searchsorted(cumulative, values, right=True))
     return torch.cat(draws)
 
 
 def _stochastic_scores(
     heatmaps: torch.Tensor, masks: torch.Tensor, num_samples: int, num_runs: int, tolerance: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, seeds: torch.Tensor | None,
 ) -> torch.Tensor:
     """float ``[B, num_runs]``: hit fraction of ``num_samples`` points in each of ``num_runs``
-    independent runs (one draw of ``num_runs * num_samples`` points, split in runs). Slice by
-    slice; the points are those of ``_sample_points(heatmaps, num_runs * num_samples, generator)``."""
+    independent runs (one draw of ``num_runs * num_samples`` points, split in runs), the points
+    of ``_sample_points(heatmaps, num_runs * num_samples, generator, seeds)``."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
     _check_tolerance(tolerance)
     if num_samples < 1 or num_runs < 1:
         raise ValueError(f"num_samples and num_runs must be >= 1, got {num_samples} and {num_runs}")
-    hits = []
-    for part in _batch_slices(heatmaps):
-        points = _sample_points(heatmaps[part], num_runs * num_samples, generator)
-        hits.append(_hits_at(masks[part], points, tolerance))
-    scores = torch.cat(hits).view(-1, num_runs, num_samples).to(heatmaps.dtype).mean(-1)
+    points = _sample_points(heatmaps, num_runs * num_samples, generator, seeds)
+    hits = torch.cat([_hits_at(masks[part], points[part], tolerance) for part in _batch_slices(heatmaps)])
+    scores = hits.view(-1, num_runs, num_samples).to(heatmaps.dtype).mean(-1)
     return _nan_where_invalid(scores, _valid(heatmaps, masks).unsqueeze(1))
 
 
 def stochastic_pointing_game(
     heatmaps: torch.Tensor, masks: torch.Tensor, num_samples: int = 100, tolerance: float = 15,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-image SPG score, float ``[B]``: the fraction of ``num_samples`` points drawn from the
     normalised heatmap that lie within ``tolerance`` of the mask; NaN for invalid images.
-    The points are those of ``_sample_points(heatmaps, num_samples, generator)``."""
-    return _stochastic_scores(heatmaps, masks, num_samples, 1, tolerance, generator).squeeze(1)
+    ``seeds`` (non-negative integers ``[B]`` or ``[B, k]``): image ``b``'s points depend on
+    ``seeds[b]`` alone; without them, each image's seed is drawn from ``generator``. The points
+    are those of ``_sample_points(heatmaps, num_samples, generator, seeds)``."""
+    return _stochastic_scores(heatmaps, masks, num_samples, 1, tolerance, generator, seeds).squeeze(1)
 
 
 def content_heatmap(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -285,8 +388,7 @@ def negative_quadrants_heatmap(heatmaps: torch.Tensor, positive_cell: torch.Tens
     height, width = heatmaps.shape[1:]
     if height < 2 or width < 2:
         raise ValueError(f"a 2x2 composite's heatmap needs at least 2x2 pixels, got {height}x{width}")
-    if positive_cell.shape != heatmaps.shape[:1] or ((positive_cell < 0) | (positive_cell > 3)).any():
-        raise ValueError(f"positive_cell must be [B] = [{heatmaps.shape[0]}] with values in 0..3")
+    _check_per_image(heatmaps, "positive_cell", positive_cell, 0, 3)
     top = _half_weights(height, heatmaps.dtype, heatmaps.device)
     left = _half_weights(width, heatmaps.dtype, heatmaps.device)
     row_halves = torch.stack([top, 1 - top])  # [2, H]: top, bottom

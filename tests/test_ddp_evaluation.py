@@ -1,0 +1,60 @@
+"""Evaluation under DDP equals one process: every metric of 2 gloo processes on an odd number of
+images equals that of one process, whatever the batch size (no image padded in twice, none
+dropped, and SPG's points and the noise maps drawn per trial)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.engine import shard_indices, spread_indices
+from tests.ddp_evaluation import DATA, MAX_IMAGES, WORLD_SIZE, datamodule, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+# Every key of the results: the metrics, their references and the skipped counts.
+KEYS = {"acc", "pg", "pg_micro", "spg", "spg_std", "ch", "nqh", "fgsm", "skipped"} | {
+    f"{key}_{reference}" for key in ("pg", "pg_micro", "spg", "spg_std", "ch") for reference in ("center", "noise")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datamodule(root)  # generated once, before processes read it
+    return root
+
+
+def assert_same_results(actual: dict, expected: dict) -> None:
+    """Equal up to float64 summation order: the processes add their sums in another order."""
+    assert actual.keys() == expected.keys() == KEYS
+    assert actual["skipped"] == expected["skipped"] and actual["fgsm"] == expected["fgsm"]
+    for key in KEYS - {"skipped", "fgsm"}:
+        assert actual[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15, nan_ok=False), key
+
+
+def test_shards_cover_every_image_once():
+    for length, count in ((9, 7), (7, None), (1, None)):
+        expected = spread_indices(length, length if count is None else count)
+        shards = [shard_indices(length, rank, WORLD_SIZE, count) for rank in range(WORLD_SIZE)]
+        assert sorted(shards[0] + shards[1]) == expected and not set(shards[0]) & set(shards[1])
+
+
+def test_results_do_not_depend_on_the_batch_size(data_dir):
+    reference = evaluate(data_dir, batch_size=7)
+    assert not any(reference["skipped"].values()) and reference["spg_std"] > 0  # every map was scored
+    assert len(set(reference["fgsm"].values())) > 1  # the attack changed predictions
+    for batch_size in (1, 3):
+        assert_same_results(evaluate(data_dir, batch_size=batch_size), reference)
+
+
+@pytest.mark.slow  # 2 processes
+def test_two_gloo_processes_equal_one_process_on_an_odd_number_of_images(data_dir, tmp_path):
+    assert MAX_IMAGES % WORLD_SIZE and len(datamodule(data_dir).val_dataset()) > MAX_IMAGES
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "tests.ddp_evaluation", str(data_dir), str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert ranks[0] == ranks[1]  # both processes hold the summed states
+    assert_same_results(ranks[0], evaluate(data_dir, batch_size=DATA["batch_size"]))
