@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules import DATAMODULES, ClassificationDataModule, build_datamodule
+from datamodules.base import check_integer
 from evaluation.engine import validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
@@ -157,16 +158,37 @@ def save_heatmaps(module: GCClassifier, datamodule: ClassificationDataModule, cf
                              f"{explainer} of the labelled class")
 
 
-def run(cfg: DictConfig) -> dict | None:
-    """Train as configured; returns the summary on the main process (None on other ranks). Ctrl-C
-    writes the summary (status interrupted) and exits as Lightning does, with status 1."""
-    check_writable(cfg)
+# Trainer arguments that Lightning takes untyped ("abc" epochs pass) or checks only when it uses
+# them, with the smallest value each accepts (-1: unlimited, or every batch).
+TRAINER_INTEGERS = {"max_epochs": -1, "num_sanity_val_steps": -1, "log_every_n_steps": 1, "num_nodes": 1}
+
+
+def build_run(cfg: DictConfig) -> tuple[ClassificationDataModule, GCClassifier, pl.Trainer]:
+    """The datamodule, module and trainer (with its callbacks and loggers) that ``cfg`` describes.
+    Every config value is checked here, each error naming its key, before any data is generated
+    or read (ImageNet and COCO read only their class names, which the module needs)."""
+    check_integer("seed", cfg.seed, 0)
+    check_integer("heatmap_images", cfg.heatmap_images, 0)
+    for key, minimum in TRAINER_INTEGERS.items():
+        if cfg.trainer.get(key) is not None:
+            check_integer(f"trainer.{key}", cfg.trainer[key], minimum)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.model.init_from is not None:
         # Recorded absolute in the checkpoints, so that the record names the file from anywhere.
         cfg.model.init_from = str(Path(cfg.model.init_from).resolve())
     module = build_module(cfg, datamodule)
+    callbacks = [hydra.utils.instantiate(conf) for conf in cfg.callbacks.values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
+    datamodule.batch_size = per_process_batch(cfg.data.batch_size, trainer.world_size)
+    return datamodule, module, trainer
+
+
+def run(cfg: DictConfig) -> dict | None:
+    """Train as configured; returns the summary on the main process (None on other ranks). Ctrl-C
+    writes the summary (status interrupted) and exits as Lightning does, with status 1."""
+    check_writable(cfg)
+    datamodule, module, trainer = build_run(cfg)
     loss = module.hparams.loss
     if loss["name"] == "gc" and loss["composite_source"] == "dataset":
         datamodule.set_train_distractors(loss["positive"])
@@ -176,9 +198,6 @@ def run(cfg: DictConfig) -> dict | None:
                                 module.hparams.multilabel)
     elif cfg.model.init_from is not None:
         load_initial_weights(cfg, module)
-    callbacks = [hydra.utils.instantiate(conf) for conf in cfg.callbacks.values()]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
-    datamodule.batch_size = per_process_batch(cfg.data.batch_size, trainer.world_size)
     # weights_only: a resumed file was already read safely by check_resume_compatible; Lightning
     # reads it again the same way (tensors and plain containers only).
     try:

@@ -15,14 +15,36 @@ from .distractors import DistractorDataset
 from .images import TrialGeometry, collate_samples
 
 
-def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """Validate an integer config value; the error names the key as ``data.<key>``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"data.{key} must be an integer, got {value!r}")
+def is_number(value: object) -> bool:
+    # bool is a number to Python, but true for a count or a rate is a mistake, not 1.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_integer(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Validate an integer config value; the error names ``key`` (the full config key)."""
+    if not is_integer(value):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"data.{key} must be {allowed}, got {value}")
+        raise ValueError(f"{key} must be {allowed}, got {value}")
     return int(value)
+
+
+def check_number(key: str, value: object, minimum: float, exclusive: bool = False) -> float:
+    """Validate a real config value ``>= minimum`` (``> minimum`` when ``exclusive``); the error
+    names ``key`` (the full config key)."""
+    if not is_number(value) or value < minimum or (exclusive and value == minimum):
+        raise ValueError(f"{key} must be a number {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """:func:`check_integer` of the ``data`` group's ``key``."""
+    return check_integer(f"data.{key}", value, minimum, maximum)
 
 
 def existing_dir(key: str, path: str | Path) -> Path:

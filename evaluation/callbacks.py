@@ -12,6 +12,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from datamodules.base import check_integer
 from evaluation.consensus import committee as committee_lib
 from evaluation.consensus import core as consensus_core
 from evaluation.consensus.store import ExplanationStore
@@ -31,8 +32,10 @@ class _EvaluationCallback(pl.Callback):
 
     def __init__(self, metrics: Sequence[str], explainer: Explainer | None, settings: EvaluationSettings,
                  every_n_epochs: int, max_images: int | None):
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        # The leaf names only: Hydra's error adds the callback's own key (full_key: callbacks.<name>).
+        check_integer("every_n_epochs", every_n_epochs, 1)
+        if max_images is not None:
+            check_integer("max_images", max_images, 1)
         self.metrics = check_metrics(metrics)
         self.explainer = explainer
         self.settings = settings
@@ -77,7 +80,7 @@ class ExplanationMetricsCallback(_EvaluationCallback):
         options = explainer_options(explainer)
         super().__init__(metrics, build_explainer(**options), settings, every_n_epochs, max_images)
         self.explainer_name = options["name"]
-        self.overlay_images = overlay_images
+        self.overlay_images = check_integer("overlay_images", overlay_images, 0)
 
     def after_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.overlay_images <= 0:

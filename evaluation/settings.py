@@ -7,22 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from pathlib import Path
 from typing import Sequence
 
+from datamodules.base import is_integer, is_number
 from datamodules.images import PROTOCOLS, TrialGeometry
 from evaluation.attacks import SPACES
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "evaluation" / "default.yaml"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +47,19 @@ class EvaluationSettings:
         problems = []
         if self.protocol not in PROTOCOLS:
             problems.append(f"evaluation.protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        if self.short_side is not None and not (_is_int(self.short_side) and self.short_side >= 8):
+        if self.short_side is not None and not (is_integer(self.short_side) and self.short_side >= 8):
             problems.append(f"evaluation.short_side must be an integer >= 8 or null, got {self.short_side!r}")
-        if not (_is_number(self.tolerance) and self.tolerance > 0):
+        if not (is_number(self.tolerance) and self.tolerance > 0):
             problems.append(f"evaluation.tolerance must be a number > 0, got {self.tolerance!r}")
-        if self.tolerance_at is not None and not (_is_number(self.tolerance_at) and self.tolerance_at > 0):
+        if self.tolerance_at is not None and not (is_number(self.tolerance_at) and self.tolerance_at > 0):
             problems.append(f"evaluation.tolerance_at must be a number > 0 or null, got {self.tolerance_at!r}")
         for key, minimum in (("spg_samples", 1), ("spg_runs", 2), ("batch_size", 1), ("seed", 0), ("noise_seeds", 1)):
             value = getattr(self, key)
-            if not (_is_int(value) and value >= minimum):
+            if not (is_integer(value) and value >= minimum):
                 problems.append(f"evaluation.{key} must be an integer >= {minimum}, got {value!r}")
         eps = self.fgsm_eps
         if isinstance(eps, (str, bytes)) or not isinstance(eps, Sequence) or not eps or \
-                not all(_is_number(e) and e >= 0 for e in eps):
+                not all(is_number(e) and e >= 0 for e in eps):
             problems.append(f"evaluation.fgsm_eps must be a non-empty list of numbers >= 0 (1/255 units), got {eps!r}")
         if self.fgsm_space not in SPACES:
             problems.append(f"evaluation.fgsm_space must be one of {list(SPACES)}, got {self.fgsm_space!r}")

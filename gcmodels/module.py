@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
+from datamodules.base import check_integer, check_number
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
@@ -59,10 +60,18 @@ def check_loss_options(loss: dict) -> None:
 def check_optim_options(optimizer: dict, scheduler: dict) -> None:
     if optimizer.get("name") not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={optimizer.get('name')!r} is unknown; allowed: {list(OPTIMIZERS)}")
-    if not optimizer.get("lr", 0) > 0:
-        raise ValueError(f"optimizer.lr must be > 0, got {optimizer.get('lr')!r}")
+    check_number("optimizer.lr", optimizer.get("lr"), 0, exclusive=True)
+    for key in ("momentum", "weight_decay"):
+        if key in optimizer:
+            check_number(f"optimizer.{key}", optimizer[key], 0)
     if scheduler.get("name") not in SCHEDULERS:
         raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
+    if scheduler["name"] == "step":
+        check_integer("scheduler.step_size", scheduler.get("step_size"), 1)
+    if scheduler["name"] in ("step", "multistep"):
+        check_number("scheduler.gamma", scheduler.get("gamma"), 0, exclusive=True)
+    if scheduler["name"] == "cosine":
+        check_number("scheduler.eta_min", scheduler.get("eta_min"), 0)
     if scheduler["name"] == "multistep":
         milestones = scheduler.get("milestones")
         if (not isinstance(milestones, (list, tuple)) or not milestones

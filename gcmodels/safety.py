@@ -19,6 +19,8 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from datamodules.base import check_integer
+
 
 def global_random_state() -> dict:
     """The process's global random streams (torch, CUDA, numpy, python) as tensors and plain
@@ -113,11 +115,15 @@ class EpochAndStepCheckpoint(ModelCheckpoint):
     replaces the epoch-end saves (the triggers are exclusive) and, while the monitored score has
     not been logged (the whole first epoch), defers every save to the end of validation."""
 
-    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if every_n_train_steps is not None and (every_n_train_steps < 1 or not self.save_last):
-            raise ValueError(f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps}: give a number of "
-                             f"steps >= 1, with save_last=true (the step checkpoints are last.ckpt), or null")
+    def __init__(self, *args, save_top_k: int = 1, every_n_train_steps: int | None = None, **kwargs):
+        # Lightning compares these without a type check: a string would fail with a bare TypeError.
+        check_integer("callbacks.model_checkpoint.save_top_k", save_top_k, -1)
+        if every_n_train_steps is not None:
+            check_integer("callbacks.model_checkpoint.every_n_train_steps", every_n_train_steps, 1)
+        super().__init__(*args, save_top_k=save_top_k, **kwargs)
+        if every_n_train_steps is not None and not self.save_last:
+            raise ValueError(f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps} needs save_last=true "
+                             f"(the step checkpoints are last.ckpt), or null")
         self.step_interval = every_n_train_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
         (["data.context_bias=-0.1"], ["data.context_bias", "-0.1"]),
         (["model=alexnet", "model.pooling=max"], ["model.pooling='max' is not available for alexnet"]),
         (["data.num_classes=50"], ["data.num_classes must be in [2, 12], got 50"]),
-        (["optimizer.lr=0"], ["optimizer.lr must be > 0"]),
+        (["optimizer.lr=0"], ["optimizer.lr must be a number > 0, got 0"]),
     ],
 )
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, messages):

@@ -9,6 +9,7 @@ from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import NoiseTunnel, Saliency
 from torch import Tensor
 
+from datamodules.base import check_integer, check_number
 from evaluation.explainers.base import Explainer, images_per_pass, input_leaf
 
 
@@ -41,9 +42,10 @@ class SmoothGrad(Explainer):
     samples_per_pass: Optional[int] = None
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.stdev < 0:
-            raise ValueError(f"SmoothGrad needs num_samples >= 1 and stdev >= 0; got "
-                             f"{self.num_samples} and {self.stdev}")
+        check_integer("explainer.num_samples", self.num_samples, 1)
+        check_number("explainer.stdev", self.stdev, 0)
+        if self.seed is not None:
+            check_integer("explainer.seed", self.seed, 0)  # torch.manual_seed refuses negatives
 
     def explain(self, net, images, targets):
         if self.seed is None:
@@ -82,6 +84,9 @@ class IntegratedGradients(Explainer):
     steps: int
     baseline: float | Tensor = 0.0
     internal_batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        check_integer("explainer.steps", self.steps, 1)
 
     def attributions(self, net, images, targets) -> tuple[Tensor, Tensor]:
         """Per-channel attributions ``[B, C, H, W]`` and Captum's convergence delta ``[B]``

@@ -13,6 +13,7 @@ import torch
 from skimage.segmentation import slic
 from torch import Tensor, nn
 
+from datamodules.base import check_integer, check_number
 from evaluation.explainers.base import Explainer, images_per_pass, require_eval
 
 SCORES = ("probability", "logit")
@@ -55,12 +56,15 @@ class Lime(Explainer):
     samples_per_pass: Optional[int] = None
 
     def __post_init__(self):
+        # At least the image itself and one perturbation.
+        check_integer("explainer.num_samples", self.num_samples, 2)
+        check_number("explainer.kernel_width", self.kernel_width, 0, exclusive=True)
+        check_integer("explainer.num_segments", self.num_segments, 1)
+        check_number("explainer.compactness", self.compactness, 0, exclusive=True)
+        check_number("explainer.ridge", self.ridge, 0)
+        # Hashed as 8 signed bytes (_image_seed): any such integer, negatives included.
+        check_integer("explainer.seed", self.seed, -2**63, 2**63 - 1)
         checks = {
-            "num_samples": (self.num_samples >= 2, "an integer >= 2 (the image itself and at least one perturbation)"),
-            "kernel_width": (self.kernel_width > 0, "> 0"),
-            "num_segments": (self.num_segments >= 1, "an integer >= 1"),
-            "compactness": (self.compactness > 0, "> 0"),
-            "ridge": (self.ridge >= 0, ">= 0"),
             "samples_per_pass": (self.samples_per_pass is None or self.samples_per_pass >= 1,
                                  "None or an integer >= 1"),
             "score": (self.score in SCORES, f"one of {list(SCORES)}"),
