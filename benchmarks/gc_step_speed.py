@@ -87,7 +87,7 @@ def decoded_per_sample(batches: int = 4) -> float:
             module = GCClassifier(
                 model={"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32},
                 loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False,
-                      "positive": "instances", "composite_source": "batch"},
+                      "positive": "instances", "composite_source": "batch", "composites": "per_sample"},
                 optimizer={"name": "sgd", "lr": 0.01}, scheduler={"name": "none"}, num_classes=4, multilabel=False,
                 layout_seed=0,
             )

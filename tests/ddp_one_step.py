@@ -44,7 +44,7 @@ def build_module() -> GCClassifier:
     return GCClassifier(
         model={"name": "tiny", "pooling": "avg", "pretrained": False, "output_stride": None},
         loss={"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False, "positive": "instances",
-              "composite_source": "batch"},
+              "composite_source": "batch", "composites": "per_sample"},
         optimizer=OPTIMIZER, scheduler={"name": "none"}, num_classes=NUM_CLASSES, multilabel=False, layout_seed=0,
         net=tiny_net(NUM_CLASSES).double(),
     )
