@@ -98,7 +98,7 @@ def classifier() -> GCClassifier:
     return GCClassifier(
         model={"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 16},
         loss={"name": "gc", "lambda": 25.0, "cam_mode": "elementwise", "detach_target": False,
-              "positive": "instances", "composite_source": "batch"},
+              "positive": "instances", "composite_source": "batch", "composites": "per_sample"},
         optimizer={"name": "adamw", "lr": 1e-3}, scheduler={"name": "none"}, num_classes=NUM_CLASSES,
         multilabel=False, layout_seed=0,
     )

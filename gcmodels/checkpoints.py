@@ -60,7 +60,8 @@ def upgrade_hparams(hparams: dict) -> dict:
     without ``output_stride`` (older than the option) had its architecture's own; one without
     ``init_from`` started from fresh (or torchvision) weights; a GC loss without ``positive``
     drew the explained class of a multi-label image uniformly over its labels, and one without
-    ``composite_source`` took its distractors from the batch."""
+    ``composite_source`` took its distractors from the batch, one without ``composites`` built one
+    composite per sample."""
     model = hparams.get("model")
     if isinstance(model, dict) and "output_stride" not in model:
         model = hparams["model"] = {**model, "output_stride": native_output_stride(model.get("name", ""))}
@@ -74,7 +75,8 @@ def upgrade_hparams(hparams: dict) -> dict:
         hparams["loss"] = loss
     loss = hparams.get("loss")
     if isinstance(loss, dict) and loss.get("name") == "gc":
-        hparams["loss"] = {"positive": "labels", "composite_source": "batch", **loss}
+        hparams["loss"] = {"positive": "labels", "composite_source": "batch", "composites": "per_sample",
+                           **loss}
     return hparams
 
 

@@ -20,6 +20,7 @@ def gradcam_from_activations(
     create_graph: bool = False,
     normalize: bool = True,
     eps: float = 1e-8,
+    retain_graph: bool = False,
 ) -> torch.Tensor:
     """Grad-CAM maps ``[B, h, w]`` of ``scores[b]`` (one logit per sample) at ``activations[B, C, h, w]``.
 
@@ -29,7 +30,8 @@ def gradcam_from_activations(
 
     Requires that ``scores[b]`` depends on ``activations[b]`` only (true for every head here:
     pooling and fully connected layers, no batch statistics), so one gradient of the sum gives
-    every sample's own gradient.
+    every sample's own gradient. ``retain_graph``: keep the graph for another gradient of the same
+    activations (implied by ``create_graph``).
     """
     if mode not in MODES:
         raise ValueError(f"Grad-CAM mode {mode!r} is unknown; allowed: {list(MODES)}")
@@ -38,7 +40,8 @@ def gradcam_from_activations(
             f"need one score per sample: scores {tuple(scores.shape)} vs activations "
             f"{tuple(activations.shape)}"
         )
-    (grads,) = torch.autograd.grad(scores.sum(), activations, create_graph=create_graph)
+    (grads,) = torch.autograd.grad(scores.sum(), activations, create_graph=create_graph,
+                                   retain_graph=create_graph or retain_graph)
     # Maps in float32 even under mixed precision: the eps of the normalisation vanishes in fp16.
     dtype = torch.promote_types(activations.dtype, torch.float32)
     grads, activations = grads.to(dtype), activations.to(dtype)
@@ -57,16 +60,37 @@ def gradcam(
     mode: str = "elementwise",
     create_graph: bool = False,
     normalize: bool = True,
+    owners: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, K]`` and Grad-CAM maps ``[B, h, w]`` of ``net`` (an ``ExplainableNet``) for
-    ``classes[B]`` at the output of ``net.features``. Works under ``torch.no_grad`` callers too
-    (it enables gradients locally), which validation and evaluation need."""
+    """Logits ``[N, K]`` of ``images`` and Grad-CAM maps ``[R, h, w]`` of ``net`` (an
+    ``ExplainableNet``) at the output of ``net.features``, map ``r`` for class ``classes[r]`` of image
+    ``owners[r]`` (None: image ``r``). Works under ``torch.no_grad`` callers too (it enables
+    gradients locally), which validation and evaluation need.
+
+    Each image goes forward once, however many maps it has (``loss.composites=shared``). A gradient
+    of a sum of scores separates the images but not two classes of one image, so the maps are taken
+    in rounds, one gradient each, every image at most once per round: as many rounds as the most
+    maps any image has."""
+    if owners is None:
+        owners = torch.arange(images.shape[0], device=images.device)
     with torch.enable_grad():
         activations = net.forward_features(images)
         if not activations.requires_grad:
             # Frozen weights and plain images: Grad-CAM still needs dy/dA.
             activations = activations.detach().requires_grad_(True)
         logits = net.head(activations)
-        scores = logits.gather(1, classes.view(-1, 1)).squeeze(1)
-        maps = gradcam_from_activations(activations, scores, mode, create_graph, normalize)
+        order = owners.argsort(stable=True)
+        first = torch.searchsorted(owners[order], owners[order])
+        rounds = torch.empty_like(owners)
+        rounds[order] = torch.arange(owners.shape[0], device=owners.device) - first
+        rows, maps = [], []
+        last = int(rounds.max())
+        for index in range(last + 1):
+            members = (rounds == index).nonzero().flatten()
+            own = owners[members]
+            scores = logits.new_zeros(images.shape[0]).index_put((own,), logits[own, classes[members]])
+            maps.append(gradcam_from_activations(activations, scores, mode, create_graph, normalize,
+                                                 retain_graph=index < last)[own])
+            rows.append(members)
+        maps = torch.cat(maps)[torch.cat(rows).argsort()]
     return logits, maps

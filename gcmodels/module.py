@@ -16,7 +16,7 @@ from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
 from gcmodels.objective import gc_objective
 from gcmodels.safety import gather_per_rank, global_random_state, set_global_random_state
-from losses import classification_loss, random_layout
+from losses import classification_loss, random_layout, shared_layout
 from losses.composite import own_distractors_layout, positive_weights
 
 LOSSES = ("ce", "gc")
@@ -25,13 +25,17 @@ SCHEDULERS = ("step", "multistep", "cosine", "none")
 
 
 # The options each loss takes (the keys of its config group besides ``name``).
-LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target", "positive", "composite_source")}
+LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target", "positive", "composite_source",
+                                 "composites")}
 # How a multi-label image's explained class is drawn: by instance count (the authors' draw over
 # annotations) or uniformly over its labels.
 POSITIVES = ("instances", "labels")
 # Where a composite's distractors come from: the other images of the training batch, or three
 # more training images loaded with each sample (the authors' code).
 COMPOSITE_SOURCES = ("batch", "dataset")
+# Whether each sample builds its own composite (the paper's) or a composite of four images that can
+# be each other's distractors serves all four (one forward and double backward instead of four).
+COMPOSITES = ("per_sample", "shared")
 
 
 def check_loss_options(loss: dict) -> None:
@@ -55,6 +59,13 @@ def check_loss_options(loss: dict) -> None:
     if loss["composite_source"] not in COMPOSITE_SOURCES:
         raise ValueError(f"loss.composite_source={loss['composite_source']!r} is unknown; "
                          f"allowed: {list(COMPOSITE_SOURCES)}")
+    if loss["composites"] not in COMPOSITES:
+        raise ValueError(f"loss.composites={loss['composites']!r} is unknown; allowed: {list(COMPOSITES)}")
+    if loss["composites"] == "shared" and loss["composite_source"] == "dataset":
+        # Each sample loads its own distractors there: no batch image is another's distractor to share with.
+        raise ValueError("loss.composites=shared groups the batch's own images into composites and cannot use "
+                         "distractors loaded with each sample: use loss.composite_source=batch or "
+                         "loss.composites=per_sample")
 
 
 def check_optim_options(optimizer: dict, scheduler: dict) -> None:
@@ -226,7 +237,8 @@ class GCClassifier(pl.LightningModule):
                 distractor_images = batch["distractors"]
             else:
                 weights = positive_weights(batch, self.hparams.multilabel, loss_config["positive"])
-                layout = random_layout(targets, self.hparams.num_classes, self.layout_generator(), weights)
+                draw = shared_layout if loss_config["composites"] == "shared" else random_layout
+                layout = draw(targets, self.hparams.num_classes, self.layout_generator(), weights)
             out = gc_objective(
                 self.net, images, targets, layout, float(loss_config["lambda"]),
                 loss_config["cam_mode"], loss_config["detach_target"], distractor_images,

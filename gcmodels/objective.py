@@ -40,6 +40,10 @@ def gc_objective(
     (``loss.composite_source=dataset``); ``layout.distractors`` then index the batch's images
     followed by these (:func:`losses.composite.own_distractors_layout`). Only the composites see
     them: they add nothing to the classification term.
+
+    ``layout.groups`` (``loss.composites=shared``): rows of one group share one composite, which
+    goes forward once; each row's map on it is its own gradient (:func:`gcmodels.gradcam.gradcam`).
+    The L1 term averages over the rows as in the per-sample mode, so lambda keeps its meaning.
     """
     # Unlabelled multi-label samples (class -1) have no composite; any class serves their map.
     logits, maps = gradcam(net, images, layout.classes.clamp(min=0), cam_mode, create_graph=True)
@@ -49,8 +53,16 @@ def gc_objective(
         consistency = logits.new_zeros(())
     else:
         tiles = images if distractor_images is None else torch.cat([images, distractor_images.flatten(0, 1)])
-        composites = make_composite(tiles, kept)
-        _, composite_maps = gradcam(net, composites, kept.classes, cam_mode, create_graph=True)
+        owners = None
+        if kept.groups is not None:
+            shared, owners = torch.unique(kept.groups, return_inverse=True)
+            # One row per group builds its composite: the others describe the same picture.
+            first = owners.new_full(shared.shape, len(kept)).scatter_reduce(
+                0, owners, torch.arange(len(kept), device=owners.device), "amin")
+            composites = make_composite(tiles, kept.select(first))
+        else:
+            composites = make_composite(tiles, kept)
+        _, composite_maps = gradcam(net, composites, kept.classes, cam_mode, create_graph=True, owners=owners)
         target = composite_target(maps[kept.samples], kept.cells, composite_maps.shape[-2:])
         if detach_target:
             target = target.detach()

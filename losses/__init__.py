@@ -9,6 +9,7 @@ from losses.composite import (
     make_composite,
     place_in_cell,
     random_layout,
+    shared_layout,
     tile_2x2,
 )
 from losses.consistency import classification_loss, consistency_l1
@@ -25,5 +26,6 @@ __all__ = [
     "make_composite",
     "place_in_cell",
     "random_layout",
+    "shared_layout",
     "tile_2x2",
 ]

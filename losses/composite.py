@@ -23,6 +23,9 @@ class CompositeLayout:
     they fill the remaining cells; ``valid[r]``: False when the batch holds no image without class
     ``classes[r]`` (such a row has no composite and its ``classes``/``distractors`` must not be
     used: :meth:`valid_subset` leaves it out).
+
+    ``groups[r]`` (``loss.composites=shared``): rows with the same group describe the same picture
+    and share one composite, which goes through the network once; None: every row has its own.
     """
 
     samples: torch.Tensor
@@ -30,6 +33,7 @@ class CompositeLayout:
     cells: torch.Tensor
     distractors: torch.Tensor
     valid: torch.Tensor
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.samples.shape[0]
@@ -37,7 +41,7 @@ class CompositeLayout:
     def select(self, rows: torch.Tensor) -> "CompositeLayout":
         """The rows ``rows`` (a bool mask or indices) of this layout."""
         return CompositeLayout(self.samples[rows], self.classes[rows], self.cells[rows], self.distractors[rows],
-                               self.valid[rows])
+                               self.valid[rows], None if self.groups is None else self.groups[rows])
 
     def valid_subset(self) -> "CompositeLayout":
         """The rows that have a composite."""
@@ -152,6 +156,60 @@ def random_layout(
     device = targets.device
     samples = torch.arange(targets.shape[0], device=device)
     return CompositeLayout(samples, positive.to(device), cells.to(device), distractors.to(device), valid.to(device))
+
+
+def _reciprocal_groups(labels: list[set[int]], positive: list[int], order: list[int]) -> list[list[int]]:
+    """Groups of 4 batch indices, first fit in ``order``: a sample joins the first open group none of
+    whose members carries its class and whose members' classes it does not carry."""
+    groups: list[list[int]] = []
+    full = []
+    for sample in order:
+        if positive[sample] < 0:
+            continue
+        for group in groups:
+            if all(positive[sample] not in labels[other] and positive[other] not in labels[sample] for other in group):
+                group.append(sample)
+                if len(group) == 4:
+                    groups.remove(group)
+                    full.append(group)
+                break
+        else:
+            groups.append([sample])
+    return full
+
+
+def shared_layout(
+    targets: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
+) -> CompositeLayout:
+    """Like :func:`random_layout`, but the batch is partitioned at random into groups of 4 that can
+    all be each other's distractors, and each group's composite serves its 4 members
+    (``loss.composites=shared``): the members fill the cells in random order, so a member's
+    distractors are the group's other 3. Samples that no group takes get a per-sample composite
+    from the batch, as :func:`random_layout` draws it, in a group of their own."""
+    labels = label_sets(targets, num_classes).cpu()
+    positive = explained_classes(targets, num_classes, generator, weights)
+    batch = targets.shape[0]
+    order = torch.randperm(batch, generator=generator).tolist()
+    label_lists = [set(row.nonzero().flatten().tolist()) for row in labels]
+    groups = torch.tensor(_reciprocal_groups(label_lists, positive.tolist(), order), dtype=torch.long).view(-1, 4)
+    # Row g of cell_members: the batch indices in cells 0-3 of group g's composite.
+    shuffle = torch.rand(groups.shape, generator=generator).argsort(1)
+    cell_members = groups.gather(1, shuffle)
+    distractors, valid = choose_distractors(labels, positive, generator)
+    cells = torch.randint(0, 4, (batch,), generator=generator)
+    group_of = batch + torch.arange(batch)  # a fallback sample's own group, apart from the shared ones
+    members = cell_members.flatten()
+    cells[members] = torch.arange(4).repeat(groups.shape[0])
+    group_of[members] = torch.arange(groups.shape[0]).repeat_interleave(4)
+    others = torch.tensor([[c for c in range(4) if c != cell] for cell in range(4)])
+    distractors[members] = cell_members.repeat_interleave(4, 0).gather(1, others.repeat(groups.shape[0], 1))
+    valid[members] = True
+    device = targets.device
+    return CompositeLayout(torch.arange(batch, device=device), positive.to(device), cells.to(device),
+                           distractors.to(device), valid.to(device), group_of.to(device))
 
 
 def own_distractors_layout(classes: torch.Tensor, cells: torch.Tensor) -> CompositeLayout:

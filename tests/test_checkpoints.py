@@ -32,7 +32,7 @@ def assert_same_weights(one: GCClassifier, other: GCClassifier) -> None:
 
 def test_a_checkpoint_rebuilds_its_network_and_options(tmp_path):
     loss = {"name": "gc", "lambda": 25.0, "cam_mode": "standard", "detach_target": True, "positive": "instances",
-            "composite_source": "dataset"}
+            "composite_source": "dataset", "composites": "per_sample"}
     original = module(loss)
     save(tmp_path / "new.ckpt", dict(original.hparams), original.state_dict())
     loaded = GCClassifier.from_checkpoint(tmp_path / "new.ckpt")
@@ -45,7 +45,7 @@ def test_a_checkpoint_rebuilds_its_network_and_options(tmp_path):
      # Before loss.positive, the explained class was drawn uniformly over an image's labels; before
      # loss.composite_source, distractors came from the batch.
      {"name": "gc", "lambda": 25.0, "cam_mode": "standard", "detach_target": True, "positive": "labels",
-      "composite_source": "batch"}),
+      "composite_source": "batch", "composites": "per_sample"}),
     # The old ce checkpoints carried GC options they never used: they are dropped.
     ({"loss": "ce", "lam": 1.0, "cam_mode": "elementwise", "detach_target": False}, {"name": "ce"}),
 ])

@@ -159,7 +159,8 @@ def gc_classifier(multilabel: bool, composite_source: str, num_classes: int = 3)
     torch.manual_seed(0)
     return GCClassifier(
         model={"name": "tiny"}, loss={"name": "gc", "lambda": 2.0, "cam_mode": "elementwise", "detach_target": False,
-                                      "positive": "instances", "composite_source": composite_source},
+                                      "positive": "instances", "composite_source": composite_source,
+                                      "composites": "per_sample"},
         optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, num_classes=num_classes,
         multilabel=multilabel, layout_seed=0, net=tiny_net(num_classes),
     )

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_gc_step_equals_single_process_on_combined_batch(tmp_path):
+@pytest.mark.parametrize("composites", ["per_sample", "shared"])
+def test_ddp_gc_step_equals_single_process_on_combined_batch(tmp_path, composites):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "tests.ddp_one_step", str(tmp_path)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "tests.ddp_one_step", str(tmp_path), composites], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -34,10 +35,15 @@ def test_ddp_gc_step_equals_single_process_on_combined_batch(tmp_path):
     fields = {name: torch.cat([r["layout"][name] for r in ranks]) for name in ("classes", "cells", "valid")}
     shifted = {name: torch.cat([r["layout"][name] + i * size for i, r in enumerate(ranks)])
                for name in ("samples", "distractors")}
-    layout = CompositeLayout(**shifted, **fields)
+    # Shared composites: group ids apart per rank (each is below twice the rank's batch).
+    groups = None if composites == "per_sample" else torch.cat(
+        [r["layout"]["groups"] + i * 2 * size for i, r in enumerate(ranks)])
+    layout = CompositeLayout(**shifted, **fields, groups=groups)
     assert layout.valid.all()  # so the per-rank GC means average to the combined mean
+    if composites == "shared":
+        assert (torch.cat([r["layout"]["groups"] for r in ranks]) < size).all()  # one composite per rank
 
-    module = build_module()
+    module = build_module(composites)
     module.net.load_state_dict(ranks[0]["initial"])
     options = {k: v for k, v in OPTIMIZER.items() if k != "name"}
     optimizer = torch.optim.SGD(module.net.parameters(), **options)

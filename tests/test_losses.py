@@ -259,7 +259,8 @@ def test_random_layout_draws_by_weights_on_multilabel_data_only():
 def _classifier(positive: str, multilabel: bool, composite_source: str = "batch") -> GCClassifier:
     return GCClassifier(
         model={"name": "tiny"}, loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False,
-                                      "positive": positive, "composite_source": composite_source},
+                                      "positive": positive, "composite_source": composite_source,
+                                      "composites": "per_sample"},
         optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, num_classes=3, multilabel=multilabel,
         layout_seed=0, net=tiny_net(3),
     )
@@ -288,7 +289,7 @@ def test_training_step_passes_instance_counts_as_loss_positive_says(monkeypatch,
 
 
 GC_OPTIONS = {"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False, "positive": "labels",
-              "composite_source": "batch"}
+              "composite_source": "batch", "composites": "per_sample"}
 
 
 @pytest.mark.parametrize("key, value, allowed", [("positive", "boxes", "['instances', 'labels']"),

@@ -137,7 +137,7 @@ def tiny_bn_module(lr: float) -> GCClassifier:
     return GCClassifier(
         model={"name": "tiny", "pooling": "avg", "pretrained": False, "output_stride": None, "init_from": None},
         loss={"name": "gc", "lambda": 1.0, "cam_mode": "elementwise", "detach_target": False, "positive": "labels",
-              "composite_source": "batch"},
+              "composite_source": "batch", "composites": "per_sample"},
         optimizer={"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 1e-4}, scheduler={"name": "none"},
         num_classes=3, multilabel=False, layout_seed=0, net=net)
 
