@@ -71,14 +71,17 @@ def gradcam(
     of a sum of scores separates the images but not two classes of one image, so the maps are taken
     in rounds, one gradient each, every image at most once per round: as many rounds as the most
     maps any image has."""
-    if owners is None:
-        owners = torch.arange(images.shape[0], device=images.device)
     with torch.enable_grad():
         activations = net.forward_features(images)
         if not activations.requires_grad:
             # Frozen weights and plain images: Grad-CAM still needs dy/dA.
             activations = activations.detach().requires_grad_(True)
         logits = net.head(activations)
+        if owners is None:
+            # One map per image: a single gradient, and no round bookkeeping (whose rounds.max()
+            # would wait for the GPU) on every training step and explanation.
+            scores = logits.gather(1, classes.view(-1, 1)).squeeze(1)
+            return logits, gradcam_from_activations(activations, scores, mode, create_graph, normalize)
         order = owners.argsort(stable=True)
         first = torch.searchsorted(owners[order], owners[order])
         rounds = torch.empty_like(owners)
