@@ -83,13 +83,19 @@ def option_overrides(group: str, options: dict, own: tuple[str, ...] = ()) -> li
             if key != "_target_" and key not in own]
 
 
+def trains_with_gc(variant_overrides) -> bool:
+    return "loss=gc" in [str(item) for item in variant_overrides]
+
+
 def train_arguments(cfg: DictConfig, run: Run) -> list[str]:
     variant = [str(item) for item in cfg.variants[run.variant]]
+    # GC options (e.g. loss.composites) do not exist in the CE loss config: only GC variants get them.
+    gc = [str(item) for item in cfg.gc_overrides] if trains_with_gc(variant) else []
     # The report evaluates every checkpoint once at the end; per-epoch callbacks would only cost time.
     epochs = [] if cfg.epochs is None else [f"trainer.max_epochs={cfg.epochs}"]
     return [str(ROOT / "train.py"), *variant, *data_overrides(cfg), *epochs, f"seed={run.seed}",
             "~callbacks.explanation_metrics", "~callbacks.fgsm_robustness",
-            *[str(item) for item in cfg.train_overrides], f"hydra.run.dir={run.directory}"]
+            *[str(item) for item in cfg.train_overrides], *gc, f"hydra.run.dir={run.directory}"]
 
 
 def evaluation_arguments(cfg: DictConfig, run: Run, evaluation: dict, explainer: dict) -> list[str]:
@@ -329,6 +335,8 @@ def plan(cfg: DictConfig) -> list[Run]:
     if missing:
         raise ValueError(f"variants must include baseline, gc, gmp and gmp_gc (the claims compare them); "
                          f"missing: {sorted(missing)}")
+    if cfg.gc_overrides and not any(trains_with_gc(overrides) for overrides in cfg.variants.values()):
+        raise ValueError(f"gc_overrides {list(cfg.gc_overrides)} given, but no variant trains with loss=gc")
     out = Path(cfg.output_dir)
     # Seed by seed: a partial run already compares every variant.
     return [Run(variant, int(seed), out / "runs" / variant / f"seed{seed}") for seed in cfg.seeds
@@ -374,7 +382,7 @@ def run(cfg: DictConfig) -> dict:
     seconds["total_this_call"] = time.perf_counter() - start
     settings = {key: OmegaConf.to_container(cfg, resolve=True)[key] for key in
                 ("seeds", "image_size", "train_per_class", "epochs", "batch_size", "data_overrides", "train_overrides",
-                 "variants",
+                 "gc_overrides", "variants",
                  "consensus_explainer", "little_top1")}
     summary = {"settings": {**settings, "evaluation": evaluation, "explainer": explainer}, "results": results,
                "claims": found, "consensus": consensus, "seconds": seconds,
@@ -391,7 +399,7 @@ def markdown(cfg, results, found, consensus, runs, evaluation, explainer, second
              f"{run['model']} (output stride {run['output_stride']}), {len(results)} variants x {seeds} seeds; "
              f"{run['epochs']} epochs, {run['train_per_class']} training images per class at {run['image_size']} px, "
              f"batch {run['batch_size']}, GC lambda {run['lambda']:g}; extra overrides: "
-             f"{list(cfg.train_overrides) or 'none'}. Each last checkpoint is evaluated with "
+             f"{list(cfg.train_overrides) or 'none'}; GC variants only: {list(cfg.gc_overrides) or 'none'}. Each last checkpoint is evaluated with "
              f"{explainer['name']} on the whole validation set. Values in %, mean ± std over seeds.", "",
              "## Table 1: accuracy and explanation quality", ""]
     lines += table1(results)
