@@ -21,13 +21,6 @@ def centre_maps(count: int, height: int, width: int, device: torch.device) -> to
     return torch.exp(-0.5 * squared / spread**2).expand(count, height, width)
 
 
-def noise_maps(count: int, height: int, width: int, generator: torch.Generator,
-               device: torch.device) -> torch.Tensor:
-    """``[count, H, W]`` uniform noise in [0, 1), drawn on the CPU from ``generator`` so that the
-    maps do not depend on the device."""
-    return torch.rand(count, height, width, generator=generator).to(device)
-
-
 def trial_noise_maps(seed: int, trials: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
     """``[B, H, W]`` uniform noise in [0, 1), map ``b`` drawn on the CPU from a generator seeded by
     ``(seed, trials[b])`` alone (``trials``: non-negative integers ``[B]`` or ``[B, k]`` that

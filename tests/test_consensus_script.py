@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from evaluation.callbacks import ConsensusCallback
+from evaluation.consensus import committee as committee_module
 from evaluation.consensus.committee import find_checkpoints, weights_digest
+from evaluation.consensus.stats import average_precision
+from evaluation.references import trial_noise_maps
 from evaluation.consensus.store import ExplanationStore, settings_digest
 from evaluation.settings import default_settings
 from tests.conftest import assert_ok, read_summary, run_module, train
@@ -45,6 +48,23 @@ def test_a_member_is_its_weights_not_its_file():
     assert weights_digest(model, weights) == same  # training state around the weights does not count
     assert weights_digest(model, {**weights, "net.fc.weight": torch.arange(6.0).view(2, 3) + 1}) != same
     assert weights_digest({**model, "pooling": "max"}, weights) != same
+
+
+def test_reference_noise_maps_are_seeded_per_image_whatever_the_slicing(monkeypatch):
+    """As ``python -m evaluation``: an image's noise maps depend on the seed, its position and the
+    map's number alone (a sequential generator gave other maps for other slice sizes)."""
+    generator = np.random.default_rng(0)
+    masks = np.zeros((10, 16, 16), dtype=bool)
+    for image, (row, col) in enumerate(generator.integers(0, 12, size=(10, 2))):
+        masks[image, row:row + 4, col:col + 4] = True
+    shared = {"labels": np.zeros(10, dtype=np.int64), "masks": masks}
+    settings = default_settings(seed=3, batch_size=4, noise_seeds=2)
+    whole = committee_module.reference_map(shared, settings)
+    monkeypatch.setattr(committee_module, "SLICE_IMAGES", 3)
+    assert committee_module.reference_map(shared, settings) == whole
+    expected = [average_precision(trial_noise_maps(3, torch.tensor([[image, number]]), 16, 16, "cpu")[0],
+                                  torch.from_numpy(masks[image])) for image in range(10) for number in (1, 2)]
+    assert whole["noise"] == pytest.approx(np.mean(expected), rel=1e-12)
 
 
 def test_committee_lists_and_their_errors(tmp_path):

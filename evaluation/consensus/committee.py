@@ -25,7 +25,7 @@ from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
-from evaluation.references import REFERENCES, centre_maps, noise_maps
+from evaluation.references import REFERENCES, centre_maps, trial_noise_maps
 from evaluation.report import row_label
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import load_checkpoint
@@ -367,13 +367,16 @@ def consensus_map(entries: Sequence[dict], shared: dict, kind: str, options: dic
 
 def reference_map(shared: dict, settings: EvaluationSettings) -> dict[str, float]:
     """mAP against the masks of the reference maps on the same images: a centred peak, and uniform
-    noise (``settings.noise_seeds`` maps per image, seeded by ``settings.seed``)."""
-    generator = torch.Generator().manual_seed(settings.seed)
+    noise (``settings.noise_seeds`` maps per image, each seeded by ``settings.seed``, the image's
+    position in the store and the map's number alone, as ``python -m evaluation`` seeds its trials)."""
     values: dict[str, list[float]] = {reference: [] for reference in REFERENCES}
     for rows in _slices(len(shared["labels"])):
         masks = torch.from_numpy(np.array(shared["masks"][rows]))
         count, (height, width) = len(masks), masks.shape[-2:]
         values["center"] += _average_precisions(centre_maps(count, height, width, masks.device), masks)
-        for _ in range(settings.noise_seeds):
-            values["noise"] += _average_precisions(noise_maps(count, height, width, generator, masks.device), masks)
+        images = torch.arange(rows.start, rows.start + count)
+        for number in range(1, settings.noise_seeds + 1):
+            trials = torch.stack([images, torch.full_like(images, number)], 1)
+            noise = trial_noise_maps(settings.seed, trials, height, width, masks.device)
+            values["noise"] += _average_precisions(noise, masks)
     return {reference: float(np.nanmean(numbers)) for reference, numbers in values.items()}
