@@ -190,7 +190,8 @@ class CocoMaskDataset(Dataset):
     ``category_ids[k]`` is the COCO category id of class ``k``; categories outside it are not
     evaluated. ``geometry`` (:class:`TrialGeometry`) sizes the image and its mask: the standard
     validation geometry, or the authors' (masks at the image's original size). With
-    ``skip_corrupt`` a corrupt image gives None.
+    ``skip_corrupt`` a corrupt image gives None. ``coco``: the index of ``ann_file`` where the
+    caller has loaded it already (a COCO 2014 val json takes seconds and gigabytes to index).
     """
 
     def __init__(
@@ -200,13 +201,14 @@ class CocoMaskDataset(Dataset):
         category_ids: Sequence[int],
         geometry: TrialGeometry,
         skip_corrupt: bool,
+        coco: COCO | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir}")
         self.geometry = geometry.check()
         self.skip_corrupt = skip_corrupt
-        self.coco = load_coco(ann_file)
+        self.coco = load_coco(ann_file) if coco is None else coco
         self.category_ids = list(category_ids)
         index_of = {cat_id: index for index, cat_id in enumerate(self.category_ids)}
         self.trials: list[tuple[int, int]] = sorted(
@@ -286,9 +288,9 @@ class COCODataModule(ClassificationDataModule):
     def _build_localization_dataset(self, geometry: TrialGeometry) -> CocoMaskDataset:
         """One trial per (validation image, ground-truth class), with the class's segmentation
         mask."""
-        return CocoMaskDataset(self.data_dir / self.val_split, self.val_annotation_file,
-                               self.val_dataset().category_ids, geometry._replace(image_size=self.image_size),
-                               self.skip_corrupt)
+        val_set = self.val_dataset()
+        return CocoMaskDataset(self.data_dir / self.val_split, self.val_annotation_file, val_set.category_ids,
+                               geometry._replace(image_size=self.image_size), self.skip_corrupt, coco=val_set.coco)
 
     def _ann_file(self, split: str) -> Path:
         return self.data_dir / "annotations" / f"instances_{split}.json"

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import datamodules.images
+import datamodules.coco as coco_data
 from datamodules import (
     DATAMODULES,
     COCODataModule,
@@ -584,7 +585,7 @@ def test_build_datamodule_errors(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_localization_dataset_of_each_datamodule(tmp_path):
+def test_localization_dataset_of_each_datamodule(tmp_path, monkeypatch):
     synthetic = synthetic_module(tmp_path / "synthetic")
     synthetic.prepare_data()
     trials = synthetic.localization_dataset()
@@ -593,8 +594,11 @@ def test_localization_dataset_of_each_datamodule(tmp_path):
 
     write_coco_split(tmp_path / "coco", "train2017")
     write_coco_split(tmp_path / "coco", "val2017")
+    loads = []
+    monkeypatch.setattr(coco_data, "load_coco", lambda path: loads.append(path) or load_coco(path))
     trials = coco_module(tmp_path / "coco").localization_dataset()
     assert isinstance(trials, CocoMaskDataset) and len(trials) == 4  # (image, class) pairs
+    assert loads == [tmp_path / "coco" / "annotations" / "instances_val2017.json"]  # one index for both sets
     assert trials[0]["image"].shape == (3, 32, 32) and trials[0]["mask"].shape == (32, 32)
 
     imagenet_tree(tmp_path / "imagenet")
