@@ -310,5 +310,11 @@ class ExplanationEvaluator:
                     if hasattr(trials, key):
                         results["skipped"][key] = int(getattr(trials, key))
             return results
+        except torch.OutOfMemoryError as err:
+            # The batch defaults to the data's training batch, which explanations at the authors'
+            # 448 px may not fit: say which key sizes it.
+            raise torch.OutOfMemoryError(
+                f"out of memory evaluating {self.settings.batch_size} images per batch (protocol "
+                f"{self.settings.protocol}): lower evaluation.batch_size. {err}") from err
         finally:
             net.train(was_training)

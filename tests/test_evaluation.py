@@ -182,6 +182,16 @@ def test_nqh_explains_composites_a_quarter_batch_at_a_time():
     assert results["nqh"] == pytest.approx(0.75)
 
 
+def test_out_of_memory_names_the_batch_key_and_restores_the_mode():
+    def too_big(net, images, classes):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    net = tiny_net(num_classes=4).train()
+    with pytest.raises(torch.OutOfMemoryError, match=r"8 images per batch .*lower evaluation\.batch_size.*9\.00 GiB"):
+        evaluator(too_big, ["pg"], batch_size=8).run(net, SquaresModule(), progress=False)
+    assert net.training
+
+
 def test_one_evaluator_serves_every_epoch_from_a_clean_state():
     """A callback keeps one evaluator for the whole run: each run starts afresh (same images,
     same composites and SPG points, so the same numbers), never accumulating earlier epochs."""
