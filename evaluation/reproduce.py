@@ -84,6 +84,7 @@ def option_overrides(group: str, options: dict, own: tuple[str, ...] = ()) -> li
 
 
 def trains_with_gc(variant_overrides) -> bool:
+    """Whether a variant's train.py overrides select the GC loss (conf/loss/gc.yaml)."""
     return "loss=gc" in [str(item) for item in variant_overrides]
 
 
@@ -399,7 +400,8 @@ def markdown(cfg, results, found, consensus, runs, evaluation, explainer, second
              f"{run['model']} (output stride {run['output_stride']}), {len(results)} variants x {seeds} seeds; "
              f"{run['epochs']} epochs, {run['train_per_class']} training images per class at {run['image_size']} px, "
              f"batch {run['batch_size']}, GC lambda {run['lambda']:g}; extra overrides: "
-             f"{list(cfg.train_overrides) or 'none'}; GC variants only: {list(cfg.gc_overrides) or 'none'}. Each last checkpoint is evaluated with "
+             f"{list(cfg.train_overrides) or 'none'}; GC variants only: {list(cfg.gc_overrides) or 'none'}. "
+             "Each last checkpoint is evaluated with "
              f"{explainer['name']} on the whole validation set. Values in %, mean ± std over seeds.", "",
              "## Table 1: accuracy and explanation quality", ""]
     lines += table1(results)

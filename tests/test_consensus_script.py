@@ -13,8 +13,8 @@ from evaluation.callbacks import ConsensusCallback
 from evaluation.consensus import committee as committee_module
 from evaluation.consensus.committee import find_checkpoints, weights_digest
 from evaluation.consensus.stats import average_precision
-from evaluation.references import trial_noise_maps
 from evaluation.consensus.store import ExplanationStore, settings_digest
+from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
 from tests.conftest import assert_ok, read_summary, run_module, train
 
