@@ -203,6 +203,7 @@ class GCClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is None:  # rebuilt outside training: the caller's random streams are not ours to set
             return
+        self._warn_if_the_schedule_keeps_another_length(checkpoint)
         states = checkpoint.get("random_states")
         world_size = self.trainer.world_size
         if states is None or len(states) != world_size:
@@ -214,6 +215,19 @@ class GCClassifier(pl.LightningModule):
         state = states[self.global_rank]
         self.layout_generator().set_state(state["layout"])
         set_global_random_state(state)
+
+    def _warn_if_the_schedule_keeps_another_length(self, checkpoint: dict) -> None:
+        """Lightning restores the scheduler's state after this hook, T_max included: a run resumed
+        with a larger trainer.max_epochs would see its learning rate rise again past the old end."""
+        epochs = self.trainer.max_epochs
+        for saved in checkpoint.get("lr_schedulers", []):
+            if "T_max" in saved and epochs is not None and epochs > 0 and saved["T_max"] != epochs:
+                rank_zero_warn(
+                    f"trainer.max_epochs={epochs}, but the checkpoint's cosine schedule spans T_max={saved['T_max']} "
+                    f"epochs and the resumed run keeps it (past epoch {saved['T_max']} its learning rate rises "
+                    f"again). For a new schedule, start a new run from these weights with "
+                    f"model.init_from=<checkpoint> (fresh optimizer and schedule) instead of ckpt_path "
+                    f"(docs/checkpoints.md)")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.loss_terms = {}

@@ -142,6 +142,23 @@ def tiny_bn_module(lr: float) -> GCClassifier:
         num_classes=3, multilabel=False, layout_seed=0, net=net)
 
 
+def test_resuming_with_more_epochs_warns_that_the_cosine_schedule_keeps_its_length(tmp_path):
+    samples = [{"image": torch.rand(3, 8, 8), "target": index % 3} for index in range(6)]
+    module = tiny_bn_module(0.1)
+    module.hparams.scheduler = {"name": "cosine", "eta_min": 0.0}
+
+    def fit(epochs: int, ckpt_path=None) -> pl.Trainer:
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, DataLoader(samples, batch_size=3), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "two.ckpt")
+    with pytest.warns(UserWarning, match=r"trainer\.max_epochs=4, but the checkpoint's cosine schedule spans T_max=2"):
+        resumed = fit(4, tmp_path / "two.ckpt")
+    assert resumed.lr_scheduler_configs[0].scheduler.T_max == 2  # what the warning says: the old length stays
+
+
 class RecordStates(pl.Callback):
     """The module's state (weights and batch-norm statistics) before every step."""
 
