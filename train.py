@@ -22,7 +22,7 @@ from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from gcmodels.checkpoints import check_resume_compatible, init_from_checkpoint
-from gcmodels.module import GCClassifier
+from gcmodels.module import GCClassifier, cosine_epochs
 from gcmodels.safety import InterruptCheckpoint, NonFiniteGuard
 
 
@@ -172,6 +172,8 @@ def build_run(cfg: DictConfig) -> tuple[ClassificationDataModule, GCClassifier, 
     for key, minimum in TRAINER_INTEGERS.items():
         if cfg.trainer.get(key) is not None:
             check_integer(f"trainer.{key}", cfg.trainer[key], minimum)
+    if cfg.scheduler.name == "cosine" and cfg.trainer.get("max_epochs") is not None:
+        cosine_epochs(cfg.trainer.max_epochs)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     if cfg.model.init_from is not None:

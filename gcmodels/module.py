@@ -124,6 +124,15 @@ def accuracy_metric(num_classes: int, multilabel: bool, **kwargs) -> Metric:
     return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro", **kwargs)
 
 
+def cosine_epochs(max_epochs: int | None) -> int:
+    """The cosine schedule's length: trainer.max_epochs, which must be a number of epochs (the
+    schedule used to fall back to 1 epoch, an lr that rose and fell every other epoch)."""
+    if max_epochs is None or max_epochs < 1:
+        raise ValueError(f"scheduler=cosine decays over trainer.max_epochs, which is {max_epochs}: give "
+                         f"trainer.max_epochs >= 1 or another scheduler (step, multistep, none)")
+    return max_epochs
+
+
 class GCClassifier(pl.LightningModule):
     """Image classifier trained with ``loss.name=ce`` or ``gc`` (CE + lambda * Grad-CAM consistency).
 
@@ -302,6 +311,6 @@ class GCClassifier(pl.LightningModule):
         elif sched_name == "multistep":
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **sched_cfg)
         else:
-            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, **sched_cfg)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cosine_epochs(self.trainer.max_epochs),
+                                                                   **sched_cfg)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

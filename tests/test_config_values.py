@@ -139,6 +139,15 @@ def test_every_numeric_option_of_a_group_is_checked(group, option, tmp_path):
     assert not failures("train", base, keys, {key: key for key in keys}, train.build_run, tmp_path / "data")
 
 
+@pytest.mark.parametrize("epochs", [-1, 0])
+def test_a_cosine_schedule_needs_a_number_of_epochs(tmp_path, epochs):
+    """-1 (unlimited) and 0 are legal epochs, but a cosine schedule over them would be 1 epoch long."""
+    with pytest.raises(ValueError, match=rf"scheduler=cosine decays over trainer\.max_epochs, which is {epochs}"):
+        train.build_run(compose_train(train_base(tmp_path, f"trainer.max_epochs={epochs}")))
+    train.build_run(compose_train(train_base(tmp_path, f"trainer.max_epochs={epochs}", "scheduler=none")))
+    assert not (tmp_path / "data").exists()
+
+
 def test_top_level_callback_and_evaluation_values_are_checked(tmp_path):
     base = train_base(tmp_path)
     cfg = compose_train(base)
