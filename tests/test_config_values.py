@@ -13,6 +13,7 @@ import train
 from datamodules.base import is_number
 from evaluation.explainers import build_explainer
 from tests.conftest import ROOT
+from tests.test_config import compose_config
 
 CONF = ROOT / "conf"
 
@@ -119,13 +120,8 @@ def train_base(tmp_path: Path, *choices: str) -> list[str]:
     return [*choices, f"output_dir={tmp_path / 'out'}", f"data.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu"]
 
 
-def compose_train(base: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=base)
-
-
 def test_the_default_run_builds_without_reading_data(tmp_path):
-    datamodule, module, trainer = train.build_run(compose_train(train_base(tmp_path)))
+    datamodule, module, trainer = train.build_run(compose_config("train", *train_base(tmp_path)))
     assert module.hparams.num_classes == datamodule.num_classes and trainer.callbacks
     assert not (tmp_path / "data").exists()
 
@@ -133,7 +129,7 @@ def test_the_default_run_builds_without_reading_data(tmp_path):
 @pytest.mark.parametrize("group, option", [(group, option) for group in GROUPS for option in options(group)])
 def test_every_numeric_option_of_a_group_is_checked(group, option, tmp_path):
     base = train_base(tmp_path, f"{group}={option}", *REQUIRED.get(f"{group}={option}", []))
-    keys = numeric_leaves(compose_train(base)[group], f"{group}.")
+    keys = numeric_leaves(compose_config("train", *base)[group], f"{group}.")
     # ce and scheduler=none have no numeric option; every other option has some.
     assert keys or f"{group}={option}" in {"loss=ce", "scheduler=none"}
     assert not failures("train", base, keys, {key: key for key in keys}, train.build_run, tmp_path / "data")
@@ -143,14 +139,15 @@ def test_every_numeric_option_of_a_group_is_checked(group, option, tmp_path):
 def test_a_cosine_schedule_needs_a_number_of_epochs(tmp_path, epochs):
     """-1 (unlimited) and 0 are legal epochs, but a cosine schedule over them would be 1 epoch long."""
     with pytest.raises(ValueError, match=rf"scheduler=cosine decays over trainer\.max_epochs, which is {epochs}"):
-        train.build_run(compose_train(train_base(tmp_path, f"trainer.max_epochs={epochs}")))
-    train.build_run(compose_train(train_base(tmp_path, f"trainer.max_epochs={epochs}", "scheduler=none")))
+        train.build_run(compose_config("train", *train_base(tmp_path, f"trainer.max_epochs={epochs}")))
+    train.build_run(compose_config("train", *train_base(tmp_path, f"trainer.max_epochs={epochs}",
+                                                        "scheduler=none")))
     assert not (tmp_path / "data").exists()
 
 
 def test_top_level_callback_and_evaluation_values_are_checked(tmp_path):
     base = train_base(tmp_path)
-    cfg = compose_train(base)
+    cfg = compose_config("train", *base)
     keys = {key: value for key, value in numeric_leaves(cfg, "").items()
             if key.split(".")[0] not in {*GROUPS, *FEEDERS}}
     keys.update(NULL_DEFAULTS)
@@ -161,8 +158,7 @@ def test_top_level_callback_and_evaluation_values_are_checked(tmp_path):
 @pytest.mark.parametrize("name", options("explainer"))
 def test_every_numeric_explainer_option_is_checked(name, tmp_path):
     base = [f"explainer={name}", "ckpt_path=x.ckpt", f"data.data_dir={tmp_path / 'data'}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        keys = numeric_leaves(compose(config_name="evaluate", overrides=base).explainer, "explainer.")
+    keys = numeric_leaves(compose_config("evaluate", *base).explainer, "explainer.")
     rule_keys = {key: key.replace("explainer.", f"explainer[{name}].") for key in keys}
     assert not failures("evaluate", base, keys, rule_keys,
                         lambda cfg: build_explainer(**OmegaConf.to_container(cfg.explainer, resolve=True)),

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from hydra import compose, initialize_config_dir
-
 from evaluation.reproduce import claims, mean_std, paired_claim, plan, train_arguments
 from tests.conftest import ROOT, assert_ok
+from tests.test_config import compose_config
 
 
 def test_paired_claims_judge_the_mean_and_every_seed():
@@ -50,13 +49,9 @@ def test_claims_compare_the_right_variants_seed_by_seed():
     assert found["GC costs little top-1"]["verdict"] == "holds"
 
 
-def reproduce_config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("reproduce", overrides=[f"output_dir={tmp_path}", *overrides])
-
-
 def test_gc_overrides_reach_only_the_gc_variants(tmp_path):
-    cfg = reproduce_config(tmp_path, 'gc_overrides=["loss.composites=shared"]', 'train_overrides=["trainer=cpu"]')
+    shared = 'gc_overrides=["loss.composites=shared"]'
+    cfg = compose_config("reproduce", f"output_dir={tmp_path}", shared, 'train_overrides=["trainer=cpu"]')
     by_variant = {run.variant: train_arguments(cfg, run) for run in plan(cfg) if run.seed == 0}
     for variant, arguments in by_variant.items():
         assert "trainer=cpu" in arguments
@@ -65,7 +60,7 @@ def test_gc_overrides_reach_only_the_gc_variants(tmp_path):
     # does not exist there. Given with no GC variant at all, they are refused before anything runs.
     no_gc = ['variants.gc=["loss=ce"]', 'variants.gmp_gc=["loss=ce","model.pooling=max"]']
     with pytest.raises(ValueError, match="no variant trains with loss=gc"):
-        plan(reproduce_config(tmp_path, 'gc_overrides=["loss.composites=shared"]', *no_gc))
+        plan(compose_config("reproduce", f"output_dir={tmp_path}", shared, *no_gc))
 
 
 @pytest.mark.slow
