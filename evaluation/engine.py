@@ -20,7 +20,7 @@ from datamodules import ClassificationDataModule
 from datamodules.images import TrialGeometry, size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
 from evaluation.metrics import classes as metric_classes
-from evaluation.references import REFERENCES, centre_maps, trial_noise_maps
+from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import (PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name,
                              per_class_f1_metric)
@@ -195,20 +195,14 @@ class ExplanationEvaluator:
         the trials' indices in the data set, which seed their random draws."""
         masks, classes = batch["mask"], batch["target"]
         pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
-
-        def maps_seeds(number: int) -> torch.Tensor:
-            """Seeds of the trials' maps numbered ``number``: 0 the explainer's (and the centred
-            peak's), 1.. the noise maps; rows of one width (functional.trial_uniforms)."""
-            return torch.stack([batch["index"], torch.full_like(batch["index"], number)], 1)
-
         self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes,
-                                          pointing, maps_seeds(0))
+                                          pointing, map_seeds(batch["index"], 0))
         count, (height, width) = len(masks), masks.shape[-2:]
         if self.references:
             self._update_localization_metrics(self.references["center"], centre_maps(count, height, width, masks.device),
-                                              masks, classes, pointing, maps_seeds(0))
+                                              masks, classes, pointing, map_seeds(batch["index"], 0))
             for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
-                seeds = maps_seeds(number)
+                seeds = map_seeds(batch["index"], number)
                 noise = trial_noise_maps(self.settings.seed, seeds, height, width, masks.device)
                 self._update_localization_metrics(self.references["noise"], noise, masks, classes, pointing, seeds)
 

@@ -21,6 +21,14 @@ def centre_maps(count: int, height: int, width: int, device: torch.device) -> to
     return torch.exp(-0.5 * squared / spread**2).expand(count, height, width)
 
 
+def map_seeds(trials: torch.Tensor, number: int) -> torch.Tensor:
+    """Seeds ``[B, 2]`` of the maps numbered ``number`` of the trials ``trials`` (long ``[B]``, each
+    trial's index): 0 the explainer's (and the centred peak's), 1.. the noise maps; rows of one
+    width (:func:`evaluation.metrics.functional.trial_uniforms`). The evaluation engine and the
+    consensus script seed alike through it."""
+    return torch.stack([trials, torch.full_like(trials, number)], 1)
+
+
 def trial_noise_maps(seed: int, trials: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
     """``[B, H, W]`` uniform noise in [0, 1), map ``b`` drawn on the CPU from a generator seeded by
     ``(seed, trials[b])`` alone (``trials``: non-negative integers ``[B]`` or ``[B, k]`` that

@@ -25,7 +25,7 @@ from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
-from evaluation.references import REFERENCES, centre_maps, trial_noise_maps
+from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
 from evaluation.report import row_label
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import load_checkpoint
@@ -376,7 +376,6 @@ def reference_map(shared: dict, settings: EvaluationSettings) -> dict[str, float
         values["center"] += _average_precisions(centre_maps(count, height, width, masks.device), masks)
         images = torch.arange(rows.start, rows.start + count)
         for number in range(1, settings.noise_seeds + 1):
-            trials = torch.stack([images, torch.full_like(images, number)], 1)
-            noise = trial_noise_maps(settings.seed, trials, height, width, masks.device)
+            noise = trial_noise_maps(settings.seed, map_seeds(images, number), height, width, masks.device)
             values["noise"] += _average_precisions(noise, masks)
     return {reference: float(np.nanmean(numbers)) for reference, numbers in values.items()}
