@@ -143,8 +143,7 @@ class ConsensusCallback(pl.Callback):
         missing = [str(path) for path in self.committee if not path.is_file()]
         if missing:
             raise FileNotFoundError(f"callbacks.consensus.committee: checkpoint(s) not found: {missing}")
-        if target not in committee_lib.TARGETS:
-            raise ValueError(f"callbacks.consensus.target={target!r} is unknown; allowed: {list(committee_lib.TARGETS)}")
+        committee_lib.check_image_options(target, num_images, resolution, prefix="callbacks.consensus.")
         # Plain containers: the data config keys the explanation store's digest (JSON).
         self.data = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.explainer_options = explainer_options(explainer)

@@ -163,3 +163,16 @@ def test_every_numeric_explainer_option_is_checked(name, tmp_path):
     assert not failures("evaluate", base, keys, rule_keys,
                         lambda cfg: build_explainer(**OmegaConf.to_container(cfg.explainer, resolve=True)),
                         tmp_path / "data")
+
+
+def test_consensus_callback_values_are_checked(tmp_path):
+    """callbacks=with_consensus scores the model only at the end of training: its options are
+    checked when the run is built, so a typo does not cost the run."""
+    committee = [tmp_path / f"member{index}.ckpt" for index in range(2)]
+    for path in committee:
+        path.touch()
+    base = train_base(tmp_path, "callbacks=with_consensus", f"callbacks.consensus.committee=[{committee[0]},{committee[1]}]",
+                      f"callbacks.consensus.store_dir={tmp_path / 'store'}")
+    keys = numeric_leaves(compose_config("train", *base).callbacks.consensus, "callbacks.consensus.")
+    assert set(keys) == {"callbacks.consensus.num_images", "callbacks.consensus.resolution", "callbacks.consensus.sigma"}
+    assert not failures("train", base, keys, {key: key for key in keys}, train.build_run, tmp_path / "data")

@@ -89,6 +89,9 @@ def test_committee_lists_and_their_errors(tmp_path):
     ({"target": "random"}, "target='random' is unknown"),
     ({"aggregation": "median"}, "aggregation='median' is unknown"),
     ({"sigma": 0}, "sigma must be a number > 0"),
+    ({"resolution": 1}, "callbacks.consensus.resolution must be >= 2, got 1"),
+    ({"num_images": 0}, "callbacks.consensus.num_images must be >= 1, got 0"),
+    ({"num_images": True}, "callbacks.consensus.num_images must be an integer, got True"),
     ({"explainer": "shap"}, "explainer 'shap' is unknown"),
 ])
 def test_consensus_callback_checks_its_options_before_training(tmp_path, options, message):
@@ -197,6 +200,7 @@ def test_scores_do_not_depend_on_the_order_of_members_and_a_folder_is_a_committe
         (["ckpts=[ONE,TWO]", "explainer.name=nope"], "explainer 'nope' is unknown"),
         (["ckpts=[ONE,TWO]", "aggregation=median"], "aggregation='median' is unknown; allowed: ['linear', 'squared']"),
         (["ckpts=[ONE,TWO]", "target=random"], "target='random' is unknown"),
+        (["ckpts=[ONE,TWO]", "resolution=1"], "resolution must be >= 2, got 1"),
         (["ckpts=[ONE,TWO]", "data.num_classes=4"], "has 3 classes, but data 'synthetic' has 4"),
     ],
 )

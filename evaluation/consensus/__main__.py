@@ -33,12 +33,7 @@ from evaluation.settings import EvaluationSettings
 
 
 def check_options(cfg: DictConfig) -> None:
-    if cfg.target not in committee.TARGETS:
-        raise ValueError(f"target={cfg.target!r} is unknown; allowed: {list(committee.TARGETS)}")
-    if not (isinstance(cfg.resolution, int) and cfg.resolution >= 2):
-        raise ValueError(f"resolution must be an integer >= 2, got {cfg.resolution!r}")
-    if cfg.num_images is not None and not (isinstance(cfg.num_images, int) and cfg.num_images >= 1):
-        raise ValueError(f"num_images must be an integer >= 1 or null, got {cfg.num_images!r}")
+    committee.check_image_options(cfg.target, cfg.num_images, cfg.resolution)
     if cfg.convergence.sizes is not None and any(size < 2 for size in cfg.convergence.sizes):
         raise ValueError(f"convergence.sizes must be committee sizes >= 2, got {list(cfg.convergence.sizes)}")
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules import ClassificationDataModule
+from datamodules.base import check_integer
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore
@@ -106,6 +107,16 @@ def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, mi
         raise ValueError(f"a committee needs at least {minimum} distinct checkpoints, got {len(members)}: "
                          f"{[str(p) for p in paths]}")
     return list(members.values())
+
+
+def check_image_options(target: str, num_images: int | None, resolution: int, prefix: str = "") -> None:
+    """The options that say which images are explained and how, checked before any checkpoint or
+    image is read; errors name the key under ``prefix`` (``callbacks.consensus.`` for the callback)."""
+    if target not in TARGETS:
+        raise ValueError(f"{prefix}target={target!r} is unknown; allowed: {list(TARGETS)}")
+    check_integer(f"{prefix}resolution", resolution, 2)
+    if num_images is not None:
+        check_integer(f"{prefix}num_images", num_images, 1)
 
 
 def consensus_options(kind: str, sigma: float, aggregation: str) -> dict:
