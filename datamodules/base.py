@@ -42,6 +42,14 @@ def check_number(key: str, value: object, minimum: float, exclusive: bool = Fals
     return float(value)
 
 
+def check_bool(key: str, value: object) -> bool:
+    """Validate a boolean config value; the error names ``key`` (the full config key)."""
+    # bool(value) would take `no`, `off` or `'false'` (strings to Hydra) for true.
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
     """:func:`check_integer` of the ``data`` group's ``key``."""
     return check_integer(f"data.{key}", value, minimum, maximum)
@@ -102,7 +110,7 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         self.image_size = check_int("image_size", image_size, minimum=8)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        self.skip_corrupt = bool(skip_corrupt)
+        self.skip_corrupt = check_bool("data.skip_corrupt", skip_corrupt)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._localization_sets: dict[TrialGeometry, Dataset | None] = {}

@@ -268,6 +268,9 @@ class COCODataModule(ClassificationDataModule):
         super().__init__(data_dir, **loading)
         if val_transform not in VAL_TRANSFORMS:
             raise ValueError(f"data.val_transform must be one of {list(VAL_TRANSFORMS)}, got {val_transform!r}")
+        if train_split == val_split:
+            raise ValueError(f"data.train_split and data.val_split are both {train_split!r}: the validation scores "
+                             f"would be measured on the training images; give two splits (e.g. train2014 and val2014)")
         self.train_split = train_split
         self.val_split = val_split
         self.val_transform = val_transform

@@ -192,8 +192,6 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def _read_annotations(self, images: Sequence[Path]) -> dict[Path, IlsvrcBoxes]:
         """The box file of every image in ``images`` (an error names the first image without one)."""
-        if self.box_dir is not None:
-            existing_dir("box_dir", self.box_dir)
         annotations = {}
         for image in images:
             xml = self._xml_path(image)
@@ -220,6 +218,11 @@ class ImageNetDataModule(ClassificationDataModule):
         return split_dir
 
     def _build_val_dataset(self) -> LabelledImageDataset:
+        # Here, although class-folder validation images read their box files only for the
+        # localisation trials: setup() builds this set first, so a mistyped box_dir fails before
+        # the training set is listed and an epoch is trained.
+        if self.box_dir is not None:
+            existing_dir("box_dir", self.box_dir)
         val_dir = self._split_dir("val")
         transform = imagenet_eval_transform(self.image_size)
         flat = sorted(entry for entry in val_dir.iterdir()

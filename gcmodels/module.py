@@ -1,6 +1,7 @@
 """The LightningModule: one classifier, trained with cross-entropy (``ce``) or with the GC loss (``gc``)."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
-from datamodules.base import check_integer, check_number
+from datamodules.base import check_bool, check_integer, check_number
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.networks import ExplainableNet, build_network
@@ -20,8 +21,19 @@ from losses import classification_loss, random_layout, shared_layout
 from losses.composite import own_distractors_layout, positive_weights
 
 LOSSES = ("ce", "gc")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("step", "multistep", "cosine", "none")
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+SCHEDULERS = {"step": torch.optim.lr_scheduler.StepLR, "multistep": torch.optim.lr_scheduler.MultiStepLR,
+              "cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "none": None}
+# Arguments of those classes that the config cannot set, and why. A torch class takes every other
+# argument of its signature as an option of its config group.
+NOT_OPTIONS = {
+    "params": "the module passes its parameters",
+    "optimizer": "the module passes its optimizer",
+    "T_max": "the cosine schedule spans trainer.max_epochs",
+    # A scheduler built with last_epoch >= 0 refuses an optimizer that was not resumed (it lacks
+    # initial_lr), and only in configure_optimizers, after the data is read.
+    "last_epoch": "a resumed run (ckpt_path) restores the schedule's position",
+}
 
 
 # The options each loss takes (the keys of its config group besides ``name``).
@@ -52,8 +64,7 @@ def check_loss_options(loss: dict) -> None:
         raise ValueError(f"loss.lambda must be a number >= 0, got {lam!r}")
     if loss["cam_mode"] not in CAM_MODES:
         raise ValueError(f"loss.cam_mode={loss['cam_mode']!r} is unknown; allowed: {list(CAM_MODES)}")
-    if not isinstance(loss["detach_target"], bool):
-        raise ValueError(f"loss.detach_target must be true or false, got {loss['detach_target']!r}")
+    check_bool("loss.detach_target", loss["detach_target"])
     if loss["positive"] not in POSITIVES:
         raise ValueError(f"loss.positive={loss['positive']!r} is unknown; allowed: {list(POSITIVES)}")
     if loss["composite_source"] not in COMPOSITE_SOURCES:
@@ -68,15 +79,33 @@ def check_loss_options(loss: dict) -> None:
                          "loss.composites=per_sample")
 
 
+def check_class_options(group: str, config: dict, cls: type | None) -> None:
+    """Refuse a key of the ``group`` config (besides ``name``) that ``cls`` (None: no class, no
+    options) does not take, or that is not the config's to set (:data:`NOT_OPTIONS`), and a flag
+    of ``cls`` (an argument whose default is a bool) that is not true or false."""
+    parameters = dict(inspect.signature(cls).parameters) if cls is not None else {}
+    accepted = sorted(set(parameters) - set(NOT_OPTIONS))
+    for key in sorted(set(config) - {"name"}):
+        if key in parameters and key in NOT_OPTIONS:
+            raise ValueError(f"{group}.{key} cannot be set: {NOT_OPTIONS[key]}")
+        if key not in accepted:
+            takes = f"its options are {accepted}" if accepted else "it takes no options"
+            raise ValueError(f"{group}.{key} is not an option of {group}.name={config['name']}: {takes}")
+        if isinstance(parameters[key].default, bool):
+            check_bool(f"{group}.{key}", config[key])
+
+
 def check_optim_options(optimizer: dict, scheduler: dict) -> None:
     if optimizer.get("name") not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={optimizer.get('name')!r} is unknown; allowed: {list(OPTIMIZERS)}")
+    check_class_options("optimizer", optimizer, OPTIMIZERS[optimizer["name"]])
     check_number("optimizer.lr", optimizer.get("lr"), 0, exclusive=True)
     for key in ("momentum", "weight_decay"):
         if key in optimizer:
             check_number(f"optimizer.{key}", optimizer[key], 0)
     if scheduler.get("name") not in SCHEDULERS:
         raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
+    check_class_options("scheduler", scheduler, SCHEDULERS[scheduler["name"]])
     if scheduler["name"] == "step":
         check_integer("scheduler.step_size", scheduler.get("step_size"), 1)
     if scheduler["name"] in ("step", "multistep"):
@@ -297,20 +326,12 @@ class GCClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)
-        name, lr = opt_cfg.pop("name"), opt_cfg.pop("lr")
-        if name == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=lr, **opt_cfg)
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=lr, **opt_cfg)
+        optimizer = OPTIMIZERS[opt_cfg.pop("name")](self.parameters(), **opt_cfg)
         sched_cfg = dict(self.hparams.scheduler)
-        sched_name = sched_cfg.pop("name")
-        if sched_name == "none":
+        scheduler_class = SCHEDULERS[sched_cfg.pop("name")]
+        if scheduler_class is None:
             return optimizer
-        if sched_name == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, **sched_cfg)
-        elif sched_name == "multistep":
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **sched_cfg)
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cosine_epochs(self.trainer.max_epochs),
-                                                                   **sched_cfg)
+        if scheduler_class is torch.optim.lr_scheduler.CosineAnnealingLR:
+            sched_cfg["T_max"] = cosine_epochs(self.trainer.max_epochs)
+        scheduler = scheduler_class(optimizer, **sched_cfg)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from datamodules.base import check_bool
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -137,6 +139,7 @@ def build_network(
         raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {list(POOLINGS)}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"number of classes must be an integer >= 2, got {num_classes!r}")
+    check_bool("model.pretrained", pretrained)
     if output_stride is None:
         output_stride = native_output_stride(name)
     if output_stride not in UNSTRIDED_STAGES:
