@@ -5,24 +5,29 @@ Every component is built, and so every config value checked, before any data is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules import DATAMODULES, ClassificationDataModule, build_datamodule
 from datamodules.base import check_integer
-from evaluation.engine import validation_sample
+from evaluation.callbacks import ExplanationMetricsCallback, FGSMRobustnessCallback, flatten
+from evaluation.engine import ExplanationEvaluator, validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
-from gcmodels.checkpoints import check_resume_compatible, init_from_checkpoint
-from gcmodels.module import GCClassifier, cosine_epochs
+from gcmodels.checkpoints import RESUMED_GROUPS, check_resume_compatible, init_from_checkpoint
+from gcmodels.module import PER_CLASS_F1_NAME, GCClassifier, accuracy_name, cosine_epochs
+from gcmodels.networks import UNSTRIDED_STAGES, native_output_stride
 from gcmodels.safety import InterruptCheckpoint, NonFiniteGuard
 
 
@@ -66,6 +71,120 @@ def per_process_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+def check_composites(loss: dict, model: dict, datamodule: ClassificationDataModule, world_size: int) -> None:
+    """What loss=gc's 2x2 composites of training images need: an image side that is a whole number
+    of the explained layer's cells, and, when the distractors come from the batch, enough images in
+    each process's batch (``datamodule.batch_size``) to draw them from."""
+    if loss["name"] != "gc":
+        return
+    size, name = datamodule.image_size, model["name"]
+    stride = native_output_stride(name) if model["output_stride"] is None else model["output_stride"]
+    if size % stride:
+        # composite_target puts each image's map at the composite map's edges, where the image's own
+        # cells are only when its side is a multiple of the stride.
+        strides = [option for option in sorted(UNSTRIDED_STAGES) if not size % option]
+        other_stride = ("" if name == "alexnet" or not strides else
+                        f", or model.output_stride={' or '.join(map(str, strides))}")
+        raise ValueError(
+            f"data.image_size={size} is not a multiple of model.output_stride={stride} ({name}'s explained layer has "
+            f"a cell per {stride} pixels{', fixed' if name == 'alexnet' else ''}): loss=gc places each image's Grad-CAM "
+            f"map in its cell of the 2x2 composite's map, which matches the image's own cells only at a multiple (else "
+            f"the target is misplaced, or the composite's map is smaller than two image maps and the first training "
+            f"step fails); use data.image_size={math.ceil(size / stride) * stride}{other_stride}")
+    if loss["composite_source"] == "batch":
+        shared = loss["composites"] == "shared"
+        needed = 4 if shared else 2
+        if datamodule.batch_size < needed:
+            outcome = ("no group of 4 forms, and every image gets a composite of its own as with "
+                       "loss.composites=per_sample" if shared else
+                       "no composite has a distractor, and the run trains as plain CE")
+            raise ValueError(
+                f"data.batch_size={datamodule.batch_size * world_size} gives {datamodule.batch_size} image(s) to each "
+                f"of {world_size} process(es), and loss=gc (loss.composite_source=batch"
+                f"{', loss.composites=shared' if shared else ''}) builds its composites from the images of a "
+                f"process's batch: with fewer than {needed}, {outcome}; give data.batch_size >= {needed * world_size}"
+                f" or loss.{'composites=per_sample' if shared else 'composite_source=dataset'}")
+
+
+EVALUATION_CALLBACKS = (ExplanationMetricsCallback, FGSMRobustnessCallback)
+# ModelCheckpoint's mode for each score a best checkpoint can be chosen by, by its name after "val/"
+# (the module's) or "explain/" (the evaluation callbacks'; FGSM's per eps). The other values these
+# log (skipped counts, spg_std, the reference maps' *_center and *_noise) rank no model.
+SCORE_MODES = {"acc": "max", "f1": "max", PER_CLASS_F1_NAME: "max", "loss": "min", "pg": "max", "pg_micro": "max",
+               "spg": "max", "ch": "max", "nqh": "min", "fgsm": "max"}
+
+
+def score_mode(name: str) -> str | None:
+    return SCORE_MODES.get(name.split("/")[1])
+
+
+def validation_logged(datamodule: ClassificationDataModule, callbacks: dict[str, pl.Callback]) -> dict[str, str | None]:
+    """Every name logged by the end of a validation epoch, where ModelCheckpoint chooses the best
+    checkpoint, with the name of the callback that logs it (None: the module's ``val/*``)."""
+    multilabel = datamodule.multilabel
+    logged = {f"val/{name}": None
+              for name in (accuracy_name(multilabel), "loss", *([PER_CLASS_F1_NAME] if multilabel else []))}
+    for name, callback in callbacks.items():
+        if isinstance(callback, EVALUATION_CALLBACKS):
+            # The evaluator that the callback builds at setup, computed before any update: the
+            # names it logs, known without reading data (as a superset: setup drops the metrics
+            # the data cannot serve).
+            evaluator = ExplanationEvaluator(callback.explainer, callback.metrics, datamodule.num_classes,
+                                             multilabel, callback.settings)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
+                logged.update({f"explain/{key}": name for key in flatten(evaluator.compute())})
+    return logged
+
+
+def check_checkpoint_monitors(callbacks: dict[str, pl.Callback], datamodule: ClassificationDataModule,
+                              trainer: pl.Trainer) -> None:
+    """Each ModelCheckpoint's ``monitor`` must be a score logged at every validation, and its
+    ``mode`` the direction in which that score improves. Lightning finds out at the end of the
+    first epoch, without saving a checkpoint, or never (the best checkpoint is then the worst)."""
+    logged = validation_logged(datamodule, callbacks)
+    scores = sorted(score for score in logged if score_mode(score))
+    # None: validation every val_check_interval steps, in any epoch.
+    validation_epochs = trainer.check_val_every_n_epoch or 1
+    for name, callback in callbacks.items():
+        if not isinstance(callback, ModelCheckpoint) or callback.monitor is None:
+            continue
+        key, monitor = f"callbacks.{name}", callback.monitor
+        if monitor not in logged:
+            raise ValueError(f"{key}.monitor={monitor!r} is not logged at validation, where the best checkpoint is "
+                             f"chosen; scores logged there: {scores}")
+        mode = score_mode(monitor)
+        if mode is None:
+            raise ValueError(f"{key}.monitor={monitor!r} is a count or a reference map's score, which ranks no "
+                             f"model; scores logged at validation: {scores}")
+        if callback.mode != mode:
+            raise ValueError(f"{key}.mode={callback.mode} keeps the checkpoint of the "
+                             f"{'highest' if callback.mode == 'max' else 'lowest'} {monitor}, which is better "
+                             f"{'higher' if mode == 'max' else 'lower'} ({key}.monitor={monitor}): set {key}.mode={mode}")
+        source = logged[monitor]
+        every = 1 if source is None else callbacks[source].every_n_epochs
+        if validation_epochs % every:
+            raise ValueError(f"{key}.monitor={monitor} is logged every {every} epochs (callbacks.{source}.every_n_epochs), "
+                             f"and the best checkpoint is chosen at every validation (every {validation_epochs} "
+                             f"epoch(s), trainer.check_val_every_n_epoch): the first one without it fails, saving no "
+                             f"checkpoint; callbacks.{source}.every_n_epochs must divide {validation_epochs}")
+
+
+def warn_unaligned_evaluations(callbacks: dict[str, pl.Callback], trainer: pl.Trainer) -> None:
+    """An evaluation callback runs at the end of a validation epoch that is a multiple of its
+    ``every_n_epochs``: warn when none comes before the last epoch."""
+    validation_epochs, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if validation_epochs is None or epochs < 1:  # validation by steps; unlimited (-1), or no epoch at all
+        return
+    for name, callback in callbacks.items():
+        if isinstance(callback, EVALUATION_CALLBACKS):
+            first = math.lcm(callback.every_n_epochs, validation_epochs)
+            if first > epochs:
+                rank_zero_warn(f"callbacks.{name}.every_n_epochs={callback.every_n_epochs} with "
+                               f"trainer.check_val_every_n_epoch={validation_epochs}: callbacks.{name} would first run "
+                               f"at epoch {first}, after the last (trainer.max_epochs={epochs}), and logs nothing")
+
+
 def load_initial_weights(cfg: DictConfig, module: GCClassifier) -> None:
     """``model.init_from``: start from another checkpoint's network (ImageNet -> COCO in the paper).
     Done here rather than in the module, so that rebuilding a checkpoint of this run
@@ -86,10 +205,11 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def check_writable(cfg: DictConfig) -> None:
-    """Create and write once every folder the run writes to (output, checkpoints, loggers), before
-    any data is generated or read: a run must not train for hours and then fail to save."""
+    """Create and write once every folder the run writes to (output, checkpoints, the consensus
+    callback's explanation store, loggers), before any data is generated or read: a run must not
+    train for hours and then fail to save."""
     folders = {"output_dir": cfg.output_dir}
-    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")):
+    for group, key in (("callbacks", "dirpath"), ("callbacks", "store_dir"), ("logger", "save_dir")):
         folders.update({f"{group}.{name}.{key}": conf[key] for name, conf in cfg[group].items() if conf.get(key)})
     for key, folder in folders.items():
         try:
@@ -180,9 +300,13 @@ def build_run(cfg: DictConfig) -> tuple[ClassificationDataModule, GCClassifier, 
         # Recorded absolute in the checkpoints, so that the record names the file from anywhere.
         cfg.model.init_from = str(Path(cfg.model.init_from).resolve())
     module = build_module(cfg, datamodule)
-    callbacks = [hydra.utils.instantiate(conf) for conf in cfg.callbacks.values()]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
+    callbacks = {name: hydra.utils.instantiate(conf) for name, conf in cfg.callbacks.items()}
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg),
+                                                  callbacks=list(callbacks.values()))
     datamodule.batch_size = per_process_batch(cfg.data.batch_size, trainer.world_size)
+    check_composites(module.hparams.loss, module.hparams.model, datamodule, trainer.world_size)
+    check_checkpoint_monitors(callbacks, datamodule, trainer)
+    warn_unaligned_evaluations(callbacks, trainer)
     return datamodule, module, trainer
 
 
@@ -197,7 +321,7 @@ def run(cfg: DictConfig) -> dict | None:
     if cfg.ckpt_path:
         # Also refuses an init_from other than the resumed run's own: the weights come from ckpt_path.
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,
-                                module.hparams.multilabel)
+                                module.hparams.multilabel, {group: module.hparams[group] for group in RESUMED_GROUPS})
     elif cfg.model.init_from is not None:
         load_initial_weights(cfg, module)
     # weights_only: a resumed file was already read safely by check_resume_compatible; Lightning

@@ -91,11 +91,29 @@ def _same_file(one: str | Path | None, other: str | Path | None) -> bool:
     return Path(one).resolve() == Path(other).resolve()
 
 
-def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool) -> None:
+# Config groups a resumed run must keep: Lightning restores the optimizer's and the scheduler's state
+# over the config's values, which the new checkpoints would record all the same, and a loss changed
+# midway would be recorded as the whole run's.
+RESUMED_GROUPS = ("loss", "optimizer", "scheduler")
+
+
+def _group_differences(group: str, saved: dict, config: dict) -> list[str]:
+    """``group.key: checkpoint has ..., config has ...`` for each key of the checkpoint whose value
+    the config changes or drops. Keys only the config has are options added since the checkpoint
+    was written (``loss.composites``): not compared, so that older checkpoints stay resumable."""
+    return [f"{group}.{key}: checkpoint has {saved[key]!r}, config has "
+            f"{repr(config[key]) if key in config else 'no such key'}"
+            for key in sorted(saved) if key not in config or saved[key] != config[key]]
+
+
+def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool,
+                            settings: dict[str, dict] | None = None) -> None:
     """Refuse to resume from a checkpoint of another architecture, pooling, output stride or class
     count, or of a run started from other weights (``model.init_from``: a resumed run is the same
     run, so it must name the checkpoint's own starting point, or none when it had none; the
-    weights come from ``path`` either way)."""
+    weights come from ``path`` either way). ``settings``: the run's config groups of
+    :data:`RESUMED_GROUPS` (``{"loss": {...}, ...}``), whose every value must be the checkpoint's
+    (None: not compared)."""
     saved = read_hparams(path)
     saved_model = dict(saved.get("model") or {})
     problems = []
@@ -110,6 +128,14 @@ def check_resume_compatible(path: str | Path, model: dict, num_classes: int, mul
         problems.append(f"number of classes: checkpoint has {saved.get('num_classes')}, data has {num_classes}")
     if bool(saved.get("multilabel", False)) != bool(multilabel):
         problems.append(f"multilabel: checkpoint has {saved.get('multilabel')}, data has {multilabel}")
+    changed = [difference for group, values in (settings or {}).items()
+               for difference in _group_differences(group, dict(saved.get(group) or {}), dict(values))]
+    if changed:
+        problems += changed
+        problems.append(f"ckpt_path continues the checkpoint's run, with its optimizer and scheduler state (over "
+                        f"the new values, which its checkpoints would record all the same) and its loss: to train "
+                        f"these weights with new settings, start a new run from them with "
+                        f"model.init_from={path} instead of ckpt_path")
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 

@@ -1,0 +1,181 @@
+"""Config values that are legal one by one but wrong together are refused when the run is built
+(train.build_run, or train.run before fitting), naming the keys, before any data is generated or
+read: a checkpoint monitor that is never logged or is ranked the wrong way, GC composites that
+the batch or the image size cannot make, a resume with other training settings. Evaluation
+callbacks that would never run before the last epoch are warned about."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import train
+from gcmodels.checkpoints import check_resume_compatible
+from gcmodels.networks import build_network
+from losses import random_layout, shared_layout
+from tests.conftest import TINY, assert_ok, logged_metrics, read_summary
+from tests.conftest import train as run_train
+from tests.test_config import compose_config
+from tests.test_config_values import train_base
+from tests.test_datamodules import write_coco_split
+
+
+def build(tmp_path, *overrides: str):
+    return train.build_run(compose_config("train", *train_base(tmp_path, *overrides)))
+
+
+def refused(tmp_path, *overrides: str) -> str:
+    with pytest.raises(ValueError) as error:
+        build(tmp_path, *overrides)
+    assert not (tmp_path / "data").exists()
+    return str(error.value)
+
+
+@pytest.mark.parametrize("monitor, mode", [("val/loss", "min"), ("explain/nqh", "min"), ("explain/pg", "max"),
+                                           ("val/acc", "max")])
+def test_the_checkpoint_mode_must_be_the_monitored_scores_direction(tmp_path, monitor, mode):
+    wrong = "max" if mode == "min" else "min"
+    message = refused(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={wrong}")
+    assert f"callbacks.model_checkpoint.mode={wrong}" in message and f"callbacks.model_checkpoint.monitor={monitor}" in message
+    assert f"set callbacks.model_checkpoint.mode={mode}" in message
+    build(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={mode}")
+
+
+def test_a_multilabel_runs_checkpoint_watches_its_f1(tmp_path):
+    cfg = compose_config("train", *train_base(tmp_path, "data=coco"))
+    write_coco_split(tmp_path / "data", cfg.data.val_split)
+    build(tmp_path, "data=coco", "callbacks.model_checkpoint.monitor=val/f1_per_class")
+    with pytest.raises(ValueError, match=r"callbacks.model_checkpoint.monitor='val/acc' is not logged at validation.*"
+                                         r"'val/f1', 'val/f1_per_class', 'val/loss'"):
+        build(tmp_path, "data=coco", "callbacks.model_checkpoint.monitor=val/acc")
+
+
+@pytest.mark.parametrize("overrides, unlogged", [
+    (["callbacks.model_checkpoint.monitor=val/accuracy"], "val/accuracy"),  # a typo
+    (["callbacks.model_checkpoint.monitor=train/loss"], "train/loss"),  # logged, but not at validation
+    (["~callbacks.explanation_metrics", "callbacks.model_checkpoint.monitor=explain/pg"], "explain/pg"),
+])
+def test_a_monitor_that_is_not_logged_at_validation_is_refused(tmp_path, overrides, unlogged):
+    message = refused(tmp_path, *overrides)
+    assert f"callbacks.model_checkpoint.monitor={unlogged!r} is not logged at validation" in message
+    scores = message.split("scores logged there: ")[1]
+    assert "'val/acc'" in scores and "'val/loss'" in scores
+    assert ("'explain/pg'" in scores) == ("~callbacks.explanation_metrics" not in overrides)
+
+
+def test_a_count_is_not_a_score_to_monitor(tmp_path):
+    message = refused(tmp_path, "callbacks.model_checkpoint.monitor=explain/skipped/pg")
+    assert "callbacks.model_checkpoint.monitor='explain/skipped/pg' is a count" in message
+
+
+def test_a_monitored_explanation_metric_must_be_logged_at_every_validation(tmp_path):
+    message = refused(tmp_path, "callbacks.model_checkpoint.monitor=explain/pg",
+                      "callbacks.explanation_metrics.every_n_epochs=2")
+    assert "callbacks.model_checkpoint.monitor=explain/pg is logged every 2 epochs" in message
+    assert "callbacks.explanation_metrics.every_n_epochs must divide 1" in message
+    build(tmp_path, "callbacks.model_checkpoint.monitor=explain/pg", "callbacks.explanation_metrics.every_n_epochs=2",
+          "+trainer.check_val_every_n_epoch=2")
+
+
+@pytest.mark.slow
+def test_the_scores_a_run_is_checked_against_are_those_it_logs(tmp_path, data_dir):
+    """The names build_run derives are the columns a run writes; a run checkpointed by the lowest
+    explain/nqh saves its best checkpoint."""
+    monitor = ["callbacks.model_checkpoint.monitor=explain/nqh", "callbacks.model_checkpoint.mode=min"]
+    assert_ok(run_train(tmp_path / "run", data_dir, *monitor))
+    read_summary(tmp_path / "run")
+    columns = set().union(*logged_metrics(tmp_path / "run"))
+    cfg = compose_config("train", f"output_dir={tmp_path / 'out'}", f"data.data_dir={data_dir}", *TINY, *monitor)
+    datamodule, _, _ = train.build_run(cfg)
+    callbacks = {name: instantiate(conf) for name, conf in cfg.callbacks.items()}
+    assert set(train.validation_logged(datamodule, callbacks)) == {
+        column for column in columns if column.startswith(("val/", "explain/"))}
+
+
+def test_gc_needs_images_to_compose_in_each_processs_batch(tmp_path):
+    # What the check prevents: a lone image has no distractor, and fewer than 4 share no composite.
+    assert not random_layout(torch.tensor([0]), 3).valid.any()
+    assert shared_layout(torch.arange(3), 3).groups.unique().numel() == 3
+    message = refused(tmp_path, "data.batch_size=1")
+    assert "data.batch_size=1 gives 1 image(s) to each of 1 process(es), and loss=gc" in message
+    assert "give data.batch_size >= 2 or loss.composite_source=dataset" in message
+    message = refused(tmp_path, "data.batch_size=2", "trainer=ddp_cpu")
+    assert "data.batch_size=2 gives 1 image(s) to each of 2 process(es)" in message
+    message = refused(tmp_path, "data.batch_size=3", "loss.composites=shared")
+    assert "data.batch_size=3" in message and "loss.composites=shared" in message and ">= 4" in message
+    # Distractors loaded with each sample, or no composite at all: one image is enough.
+    build(tmp_path, "data.batch_size=1", "loss.composite_source=dataset")
+    build(tmp_path, "data.batch_size=1", "loss=ce")
+    build(tmp_path, "data.batch_size=4", "loss.composites=shared")
+
+
+@pytest.mark.parametrize("overrides, size, stride", [
+    (["model.output_stride=32"], 80, 32),  # the synthetic default's 80 px: 2.5 cells
+    (["data.image_size=72"], 72, 16),
+    (["model=alexnet", "data.image_size=72"], 72, 16),
+])
+def test_gc_needs_an_image_side_that_is_a_whole_number_of_cells(tmp_path, overrides, size, stride):
+    message = refused(tmp_path, *overrides)
+    assert f"data.image_size={size} is not a multiple of model.output_stride={stride}" in message
+    build(tmp_path, *overrides, "loss=ce")
+
+
+@pytest.mark.parametrize("name, stride, size", [("resnet18", 8, 64), ("resnet18", 16, 80), ("resnet18", 32, 96),
+                                                ("alexnet", 16, 64), ("alexnet", 16, 224)])
+def test_at_a_multiple_of_the_stride_a_composites_map_holds_its_four_images_maps(name, stride, size):
+    """The rule the check enforces is enough for composite_target: the composite's map is at least
+    two image maps wide (ResNet: exactly; AlexNet: with a seam)."""
+    net = build_network(name, 3, output_stride=stride).eval()
+    with torch.no_grad():
+        side = net.forward_features(torch.zeros(1, 3, size, size)).shape[-1]
+        composite = net.forward_features(torch.zeros(1, 3, 2 * size, 2 * size)).shape[-1]
+    assert composite >= 2 * side and (name == "alexnet" or composite == 2 * side)
+    assert side == (size // stride if name == "resnet18" else size // stride - 1)
+
+
+def test_evaluation_callbacks_that_never_run_before_the_last_epoch_are_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"callbacks.explanation_metrics.every_n_epochs=3 with "
+                                         r"trainer.check_val_every_n_epoch=1: .* first run at epoch 3, after the last "
+                                         r"\(trainer.max_epochs=2\)"):
+        build(tmp_path, "callbacks.explanation_metrics.every_n_epochs=3", "trainer.max_epochs=2")
+    with pytest.warns(UserWarning, match=r"callbacks.fgsm_robustness.every_n_epochs=2 with "
+                                         r"trainer.check_val_every_n_epoch=3: .* first run at epoch 6"):
+        build(tmp_path, "callbacks.fgsm_robustness.every_n_epochs=2", "+trainer.check_val_every_n_epoch=3")
+    for aligned in (["callbacks.explanation_metrics.every_n_epochs=3", "trainer.max_epochs=3"],
+                    ["callbacks.explanation_metrics.every_n_epochs=3", "trainer.max_epochs=-1", "scheduler=none"]):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="callbacks.")
+            build(tmp_path, *aligned)
+
+
+def test_resuming_with_other_training_settings_is_refused(tmp_path):
+    base = [*TINY, "trainer.max_epochs=2"]
+    _, module, _ = build(tmp_path, *base)
+    path = tmp_path / "saved.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    changed = ["optimizer.lr=0.5", "scheduler.eta_min=0.0001", "loss.lambda=1"]
+    with pytest.raises(ValueError) as error:
+        train.run(compose_config("train", *train_base(tmp_path, *base, f"ckpt_path={path}", *changed)))
+    message = str(error.value)
+    assert not (tmp_path / "data").exists()
+    for difference in ("optimizer.lr: checkpoint has 0.001, config has 0.5",
+                       "scheduler.eta_min: checkpoint has 0.0, config has 0.0001",
+                       "loss.lambda: checkpoint has 25.0, config has 1"):
+        assert difference in message
+    assert f"model.init_from={path} instead of ckpt_path" in message
+    with pytest.raises(ValueError) as error:
+        train.run(compose_config("train", *train_base(tmp_path, *base, f"ckpt_path={path}", "loss=ce")))
+    message = str(error.value)
+    assert "loss.name: checkpoint has 'gc', config has 'ce'" in message
+    assert "loss.lambda: checkpoint has 25.0, config has no such key" in message
+    # The trainer's settings may change (trainer.max_epochs: a longer run).
+    _, longer, _ = build(tmp_path, *base, "trainer.max_epochs=4")
+    check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
+                            {group: longer.hparams[group] for group in train.RESUMED_GROUPS})
+    # A checkpoint written before loss.composites existed resumes: its run had no such option.
+    older = dict(module.hparams, loss={key: value for key, value in module.hparams.loss.items() if key != "composites"})
+    torch.save({"hyper_parameters": older, "state_dict": module.state_dict()}, path)
+    check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
+                            {group: longer.hparams[group] for group in train.RESUMED_GROUPS})
