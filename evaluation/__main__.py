@@ -1,8 +1,8 @@
 """Evaluate checkpoints: ``python -m evaluation ckpt_path=PATH [data=...] [explainer=...] [metrics=[...]]``.
 
 Writes report.md, report.csv, report.json and heatmaps.png to the output dir. Every input is
-checked (paths, checkpoints, class counts, metric and explainer names, settings) before any
-evaluation.
+checked (image counts, paths, checkpoints and their class sets, metric and explainer names, the
+explainer's layer on each network, settings) before any data is read.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from datamodules import build_datamodule
-from evaluation.engine import (ExplanationEvaluator, check_metrics, resolve_device, unsupported_metrics,
-                               validation_sample)
-from evaluation.explainers import build_explainer
+from datamodules import ClassificationDataModule, build_datamodule
+from datamodules.base import check_integer
+from evaluation.engine import (ExplanationEvaluator, check_checkpoint_explainer, check_metrics, check_trained_classes,
+                               resolve_device, unsupported_metrics, validation_sample)
+from evaluation.explainers import Explainer, build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from evaluation.report import row_label, write_reports
@@ -30,12 +31,20 @@ def checkpoint_paths(value) -> list[Path]:
     return paths
 
 
-def check_checkpoint(path: Path, num_classes: int, data_name: str) -> dict:
-    """The checkpoint's hyper-parameters, after checking it fits the data."""
+def check_options(cfg: DictConfig) -> None:
+    """The counts of images evaluated and drawn, checked before anything is read."""
+    if cfg.max_images is not None:
+        check_integer("max_images", cfg.max_images, 1)
+    check_integer("heatmap_images", cfg.heatmap_images, 0)
+    check_integer("heatmap_composites", cfg.heatmap_composites, 0)
+
+
+def check_checkpoint(path: Path, datamodule: ClassificationDataModule, explainer: Explainer) -> dict:
+    """The checkpoint's hyper-parameters, after checking that it was trained on the data's classes
+    and that the explainer's options fit its network."""
     hparams = read_hparams(path)
-    if hparams.get("num_classes") != num_classes:
-        raise ValueError(f"checkpoint {path} has {hparams.get('num_classes')} classes, but data "
-                         f"{data_name!r} has {num_classes}")
+    check_trained_classes(path, hparams, datamodule)
+    check_checkpoint_explainer(explainer, path, hparams)
     return hparams
 
 
@@ -47,6 +56,7 @@ def describe(path: Path, hparams: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_options(cfg)
     metrics = check_metrics(cfg.metrics)
     explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
     explainer = build_explainer(**explainer_options)
@@ -54,7 +64,7 @@ def run(cfg: DictConfig) -> dict:
     paths = checkpoint_paths(cfg.ckpt_path)
     settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
-    hparams = [check_checkpoint(path, datamodule.num_classes, datamodule.name) for path in paths]
+    hparams = [check_checkpoint(path, datamodule, explainer) for path in paths]
     device = resolve_device(cfg.device)
 
     datamodule.prepare_data()

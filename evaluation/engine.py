@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 from datamodules import ClassificationDataModule
 from datamodules.images import TrialGeometry, size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
+from evaluation.explainers.base import check_explainer
 from evaluation.metrics import classes as metric_classes
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import (PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name,
                              per_class_f1_metric)
+from gcmodels.networks import build_network
 
 METRICS = ("acc", "pg", "spg", "ch", "nqh", "fgsm")
 # Metrics scored on the localisation trials (images with masks); the others on the validation set.
@@ -67,6 +69,35 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_trained_classes(path, hparams: dict, datamodule: ClassificationDataModule) -> None:
+    """Refuse the checkpoint at ``path`` (its hyper-parameters ``hparams``) where it was trained on
+    another class set than ``datamodule``'s: another count, or other names where the checkpoint
+    records them (a checkpoint of other classes of the same count would be scored on labels it
+    never learnt)."""
+    if hparams.get("num_classes") != datamodule.num_classes:
+        raise ValueError(f"checkpoint {path} has {hparams.get('num_classes')} classes, but data "
+                         f"{datamodule.name!r} has {datamodule.num_classes}")
+    names = hparams.get("class_names")
+    if names is not None and list(names) != list(datamodule.class_names):
+        raise ValueError(f"checkpoint {path} was trained on other classes than data {datamodule.name!r}: "
+                         f"{list(names)[:5]}... against {list(datamodule.class_names)[:5]}...")
+
+
+def check_checkpoint_explainer(explainer, path, hparams: dict, key: str = "explainer") -> None:
+    """:func:`~evaluation.explainers.check_explainer` on the network of the checkpoint at ``path``
+    (its hyper-parameters ``hparams``), built on the meta device: its modules and shapes without
+    weights (nothing is allocated or downloaded), before any data is read. The error names the
+    checkpoint (members of a committee may differ in architecture) and ``key``, where the caller's
+    config holds the explainer."""
+    model = hparams["model"]
+    with torch.device("meta"):
+        net = build_network(model["name"], hparams["num_classes"], model["pooling"], False, model["output_stride"])
+    try:
+        check_explainer(explainer, net, key)
+    except (ValueError, NotImplementedError) as err:
+        raise type(err)(f"{err} (checkpoint {path}, a {model['name']})") from None
 
 
 def spread_indices(length: int, count: int) -> list[int]:

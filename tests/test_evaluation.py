@@ -15,6 +15,7 @@ from evaluation.composites import dataset_layout
 from evaluation.engine import METRICS, ExplanationEvaluator, check_metrics, unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
+from gcmodels.checkpoints import read_hparams
 from tests.conftest import assert_ok, read_summary, run_module, tiny_net, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,8 +349,9 @@ def test_evaluation_refuses_a_file_that_is_not_a_checkpoint(tmp_path, checkpoint
 def test_localisation_metric_on_data_without_masks(tmp_path, checkpoints):
     (ce, _), _ = checkpoints
     data = tmp_path / "imagenet"
+    # Class folders named as the checkpoint's classes: a checkpoint of other classes is refused first.
     for split in ("train", "val"):
-        for wnid in ("n01", "n02", "n03"):
+        for wnid in read_hparams(ce)["class_names"]:
             (data / split / wnid).mkdir(parents=True)
             Image.new("RGB", (40, 30)).save(data / split / wnid / f"{wnid}.JPEG")  # no box file beside it
     command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={tmp_path / 'out'}", "data=imagenet",

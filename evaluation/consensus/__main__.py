@@ -20,22 +20,50 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules import build_datamodule
+from datamodules.base import check_bool, check_integer
 from evaluation.consensus import committee, core, stats
 from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import resolve_device
+from evaluation.engine import check_checkpoint_explainer, resolve_device
 from evaluation.explainers import build_explainer
 from evaluation.figures import Panel, save_overlay_grid
 from evaluation.settings import EvaluationSettings
 
 
 def check_options(cfg: DictConfig) -> None:
+    """The options that need no checkpoint, checked before any is read."""
     committee.check_image_options(cfg.target, cfg.num_images, cfg.resolution)
-    if cfg.convergence.sizes is not None and any(size < 2 for size in cfg.convergence.sizes):
-        raise ValueError(f"convergence.sizes must be committee sizes >= 2, got {list(cfg.convergence.sizes)}")
+    check_bool("leave_one_out", cfg.leave_one_out)
+    check_bool("convergence.enabled", cfg.convergence.enabled)
+    if cfg.subcommittees.size is not None:
+        # A correlation over 2 members is always +-1.
+        check_integer("subcommittees.size", cfg.subcommittees.size, 3)
+    check_integer("subcommittees.draws", cfg.subcommittees.draws, 1)
+    sizes = cfg.convergence.sizes
+    if sizes is not None:
+        if not isinstance(sizes, ListConfig) or not sizes:
+            raise ValueError(f"convergence.sizes must be a list of committee sizes (null: 2 to the committee's "
+                             f"size), got {sizes!r}")
+        for size in sizes:
+            check_integer("convergence.sizes", size, 2)
+    check_integer("convergence.trials", cfg.convergence.trials, 1)
+    check_integer("picture_images", cfg.picture_images, 1)
+
+
+def check_members(cfg: DictConfig, members: list[committee.Member], explainer) -> None:
+    """The options that depend on the committee, checked before any member is explained: the sizes
+    against its number of distinct members, the explainer against each member's network."""
+    count = len(members)
+    if cfg.subcommittees.size is not None and cfg.subcommittees.size > count:
+        raise ValueError(f"subcommittees.size={cfg.subcommittees.size}: the committee has {count} distinct members")
+    if cfg.convergence.enabled and cfg.convergence.sizes is not None and max(cfg.convergence.sizes) > count:
+        raise ValueError(f"convergence.sizes={list(cfg.convergence.sizes)}: the committee has {count} distinct "
+                         "members")
+    for member in members:
+        check_checkpoint_explainer(explainer, member.path, member.hparams)
 
 
 def member_rows(members, entries, computed, scores, ranks) -> list[dict]:
@@ -59,6 +87,7 @@ def run(cfg: DictConfig) -> dict:
                          "geometry only (evaluation.protocol=standard)")
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     members = committee.load_members(paths, datamodule)
+    check_members(cfg, members, explainer)
     device = resolve_device(cfg.device)
 
     datamodule.prepare_data()
@@ -102,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
             summary["convergence"] = core.committee_size_convergence(
                 lambda chosen: committee.consensus_map(entries, shared, kind, options, members=chosen),
                 len(members), sizes, cfg.convergence.trials, generator)
-    if cfg.subcommittees.size:
+    if cfg.subcommittees.size is not None:
         explanations = committee.stacked(entries, slice(None))
         valid = (committee.superpixel_valid(np.asarray(shared["segments"]), explanations.shape[-1])
                  if kind == "superpixel" else None)

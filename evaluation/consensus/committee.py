@@ -23,7 +23,7 @@ from datamodules.base import check_integer
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import spread_indices
+from evaluation.engine import check_trained_classes, spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
@@ -91,13 +91,7 @@ def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, mi
     for path in paths:
         checkpoint = load_checkpoint(path)
         hparams = checkpoint["hyper_parameters"]
-        if hparams["num_classes"] != datamodule.num_classes:
-            raise ValueError(f"checkpoint {path} has {hparams['num_classes']} classes, but data "
-                             f"{datamodule.name!r} has {datamodule.num_classes}: a committee shares one class set")
-        names = hparams.get("class_names")
-        if names is not None and list(names) != list(datamodule.class_names):
-            raise ValueError(f"checkpoint {path} was trained on other classes than data {datamodule.name!r}: "
-                             f"{list(names)[:5]}... against {list(datamodule.class_names)[:5]}...")
+        check_trained_classes(path, hparams, datamodule)
         digest = weights_digest(hparams["model"], checkpoint["state_dict"])
         if digest in members:
             print(f"{path}: the same weights as {members[digest].path}; counted once")

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 
 from omegaconf import OmegaConf
 
-from evaluation.explainers.base import Explainer
+from evaluation.explainers.base import Explainer, check_explainer
 from evaluation.explainers.excitation import SIGNALS, ContrastiveExcitationBackprop
 from evaluation.explainers.fullgrad import FullGrad
 from evaluation.explainers.gradcam import GradCAM
@@ -29,6 +29,7 @@ from evaluation.explainers.lime import Lime
 __all__ = [
     "EXPLAINERS", "SIGNALS", "ContrastiveExcitationBackprop", "Explainer", "FullGrad", "GradCAM",
     "Gradient", "IntegratedGradients", "explainer_options", "Lime", "SmoothGrad", "build_explainer",
+    "check_explainer",
 ]
 
 EXPLAINERS: dict[str, Callable[..., Explainer]] = {

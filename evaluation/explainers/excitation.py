@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from evaluation.explainers.base import (
-    Explainer, batchnorm_scale, name_list, require_eval, submodule,
+    Explainer, batchnorm_scale, layer_output_shapes, name_list, require_eval, submodule,
 )
 
 
@@ -334,7 +334,14 @@ class ContrastiveExcitationBackprop(Explainer):
 
     def explain(self, net, images, targets):
         contrast = self.probabilities(net, images, targets, "contrast")
-        if contrast.dim() != 4:
-            raise ValueError(f"c-MWP maps need a layer with output [B, C, h, w]; layer "
-                             f"{self.layer or 'features'!r} gives {tuple(contrast.shape)}")
+        self._require_map(contrast.shape)
         return F.relu(contrast.sum(dim=1))
+
+    def check_layer(self, net):
+        self.stages(net)
+        self._require_map(layer_output_shapes(net, self.layer or "features")[0])
+
+    def _require_map(self, shape) -> None:
+        if len(shape) != 4:
+            raise ValueError(f"c-MWP maps need a layer with output [B, C, h, w]; layer "
+                             f"{self.layer or 'features'!r} gives {tuple(shape)}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from evaluation.explainers.base import Explainer, input_leaf, submodule
+from evaluation.explainers.base import Explainer, input_leaf, layer_output_shapes, submodule
 from gcmodels.gradcam import MODES, gradcam, gradcam_from_activations
 
 
@@ -46,11 +46,19 @@ class GradCAM(Explainer):
             logits = net(input_leaf(images))
         finally:
             handle.remove()
-        if len(captured) != 1 or captured[0].dim() != 4:
-            raise ValueError(
-                f"Grad-CAM layer {self.layer!r} must run once per forward pass and output "
-                f"[B, C, h, w]; it ran {len(captured)} time(s)"
-                + (f" with output shape {tuple(captured[0].shape)}" if captured else "")
-            )
+        self._require_one_map([output.shape for output in captured])
         scores = logits.gather(1, targets.view(-1, 1)).squeeze(1)
         return gradcam_from_activations(captured[0], scores, self.mode, normalize=False)
+
+    def check_layer(self, net):
+        if self.layer is not None:
+            self._require_one_map(layer_output_shapes(net, self.layer))
+
+    def _require_one_map(self, shapes: list) -> None:
+        """``shapes``: the layer's outputs in one forward pass."""
+        if len(shapes) != 1 or len(shapes[0]) != 4:
+            raise ValueError(
+                f"Grad-CAM layer {self.layer!r} must run once per forward pass and output "
+                f"[B, C, h, w]; it ran {len(shapes)} time(s)"
+                + (f" with output shape {tuple(shapes[0])}" if shapes else "")
+            )

@@ -1,0 +1,155 @@
+"""``python -m evaluation`` and ``python -m evaluation.consensus`` refuse bad options, a checkpoint of
+other classes and an explainer layer the network does not have before any data is generated or
+read (the entries' run() is called directly on stand-in checkpoints that hold only hyper-parameters:
+nothing gets as far as their weights)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from datamodules import build_datamodule
+from evaluation.__main__ import run as evaluate
+from evaluation.consensus.__main__ import run as consensus
+from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradient, check_explainer
+from gcmodels.networks import ExplainableNet, build_network
+from tests.conftest import TINY
+from tests.test_config import compose_config
+
+DATA = [item for item in TINY if item.startswith("data.")]
+
+
+def data_overrides(tmp_path: Path) -> list[str]:
+    return [f"data.data_dir={tmp_path / 'data'}", *DATA]
+
+
+def class_names(tmp_path: Path) -> list[str]:
+    cfg = compose_config("evaluate", "ckpt_path=x.ckpt", *data_overrides(tmp_path))
+    return list(build_datamodule(dict(cfg.data)).class_names)
+
+
+def stand_in(path: Path, names: list[str] | None, marker: float = 0.0, num_classes: int = 3) -> str:
+    """A checkpoint file with a ResNet18's hyper-parameters and no weights of it."""
+    hparams = {"model": {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 32,
+                         "init_from": None},
+               "loss": {"name": "ce"}, "num_classes": num_classes, "multilabel": False, "layout_seed": 0,
+               "class_names": names}
+    torch.save({"hyper_parameters": hparams, "state_dict": {"net.marker": torch.tensor([marker])}}, path)
+    return str(path)
+
+
+def assert_no_data(tmp_path: Path) -> None:
+    assert not (tmp_path / "data").exists(), "data was generated before the check"
+
+
+def evaluation_config(tmp_path: Path, *overrides: str, names: list[str] | None = None):
+    checkpoint = stand_in(tmp_path / "model.ckpt", class_names(tmp_path) if names is None else names)
+    return compose_config("evaluate", f"ckpt_path={checkpoint}", *data_overrides(tmp_path), "device=cpu", *overrides)
+
+
+def consensus_config(tmp_path: Path, *overrides: str):
+    names = class_names(tmp_path)
+    members = [stand_in(tmp_path / f"member{index}.ckpt", names, marker=index) for index in range(2)]
+    return compose_config("consensus", f"ckpts=[{','.join(members)}]", *data_overrides(tmp_path), "device=cpu",
+                          f"store_dir={tmp_path / 'store'}", *overrides)
+
+
+# ------------------------------------------------------------------------------- python -m evaluation
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_images", "0"), ("max_images", "-2"), ("max_images", "abc"), ("max_images", "true"),
+    ("heatmap_images", "-1"), ("heatmap_images", "abc"), ("heatmap_composites", "-1"), ("heatmap_composites", "1.5"),
+])
+def test_evaluation_counts_are_checked_before_the_data(tmp_path, key, value):
+    # Before: max_images=0 reported acc 0 and NaN, heatmap_composites=-1 drew no composite, and the
+    # rest failed after the data was prepared (heatmap_images=abc after a whole evaluation).
+    with pytest.raises(ValueError, match=rf"^{key} must be"):
+        evaluate(evaluation_config(tmp_path, f"{key}={value}"))
+    assert_no_data(tmp_path)
+
+
+def test_evaluation_refuses_a_checkpoint_of_other_classes(tmp_path):
+    # Before: a checkpoint of 3 other classes was scored on the 3 synthetic classes, exit 0.
+    cfg = evaluation_config(tmp_path, names=["cat", "dog", "fish"])
+    with pytest.raises(ValueError, match="was trained on other classes than data 'synthetic'"):
+        evaluate(cfg)
+    assert_no_data(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["explainer.layer=layer4"], ValueError, "explainer.layer='layer4': layer 'layer4' is not a submodule"),
+    (["explainer.layer=head.1"], ValueError, "output [B, C, h, w]"),  # the flattened features
+    (["explainer.layer=features.7.0.relu"], ValueError, "ran 2 time(s)"),  # a block's ReLU runs twice
+    (["explainer=cmwp", "explainer.layer=features.7.0.conv1"], NotImplementedError,
+     "explainer.layer='features.7.0.conv1': c-MWP cannot stop at layer"),
+])
+def test_evaluation_refuses_an_explainer_layer_of_another_network(tmp_path, overrides, error, message):
+    # Before: found only after the classification and FGSM passes of the first checkpoint.
+    with pytest.raises(error, match=re.escape(message)):
+        evaluate(evaluation_config(tmp_path, *overrides))
+    assert_no_data(tmp_path)
+
+
+# ----------------------------------------------------------------------- python -m evaluation.consensus
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("subcommittees.size", "2", "subcommittees.size must be >= 3, got 2"),
+    ("subcommittees.size", "abc", "subcommittees.size must be an integer"),
+    ("subcommittees.draws", "0", "subcommittees.draws must be >= 1, got 0"),
+    ("convergence.trials", "0", "convergence.trials must be >= 1, got 0"),
+    ("convergence.trials", "true", "convergence.trials must be an integer"),
+    ("convergence.sizes", "[2,abc]", "convergence.sizes must be an integer"),
+    ("convergence.sizes", "[1,2]", "convergence.sizes must be >= 2, got 1"),
+    ("convergence.sizes", "[]", "convergence.sizes must be a list of committee sizes"),
+    ("convergence.sizes", "3", "convergence.sizes must be a list of committee sizes"),
+    ("picture_images", "0", "picture_images must be >= 1, got 0"),
+    ("picture_images", "-1", "picture_images must be >= 1, got -1"),
+    ("leave_one_out", "no", "leave_one_out must be true or false, got 'no'"),
+    ("convergence.enabled", "off", "convergence.enabled must be true or false, got 'off'"),
+])
+def test_consensus_options_are_checked_before_the_members(tmp_path, key, value, message):
+    # Before: refused (without the full key) after every member had been explained, or, for
+    # picture_images, a crash after the csv, json and md were written.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        consensus(consensus_config(tmp_path, f"{key}={value}"))
+    assert_no_data(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["subcommittees.size=3"], "subcommittees.size=3: the committee has 2 distinct members"),
+    (["convergence.sizes=[2,3]"], "convergence.sizes=[2, 3]: the committee has 2 distinct members"),
+    (["explainer.layer=layer4"], "explainer.layer='layer4': layer 'layer4' is not a submodule"),
+])
+def test_consensus_checks_the_members_before_explaining_them(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        consensus(consensus_config(tmp_path, *overrides))
+    assert_no_data(tmp_path)
+
+
+# --------------------------------------------------------------------------------- check_explainer
+
+
+def test_check_explainer_leaves_a_training_network_as_it_was():
+    """The dry run that finds a layer's output shape runs on the meta device: the batch-norm
+    statistics of a network in training mode (as the training callbacks have it) do not move."""
+    net = build_network("resnet18", 3).train()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    for explainer in (GradCAM(layer="features.6"), ContrastiveExcitationBackprop("features.6"), GradCAM(),
+                      Gradient()):
+        check_explainer(explainer, net)
+    assert net.training and all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
+
+
+def test_check_explainer_names_the_callers_key():
+    net = ExplainableNet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+                         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match=re.escape("callbacks.explanation_metrics.explainer.layer='layer4': ")):
+        check_explainer(GradCAM(layer="layer4"), net, key="callbacks.explanation_metrics.explainer")
+    with pytest.raises(ValueError, match=re.escape("explainer.layer='head.1': c-MWP maps need a layer with output")):
+        check_explainer(ContrastiveExcitationBackprop("head.1"), net)
+    check_explainer(GradCAM(layer="features.0"), net)
