@@ -16,11 +16,13 @@ from datamodules.base import check_integer
 from evaluation.consensus import committee as committee_lib
 from evaluation.consensus import core as consensus_core
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import Explainer, ExplanationEvaluator, check_metrics, unsupported_metrics, validation_sample
-from evaluation.explainers import build_explainer, explainer_options
+from evaluation.engine import (Explainer, ExplanationEvaluator, check_checkpoint_explainer, check_metrics,
+                               unsupported_metrics, validation_sample)
+from evaluation.explainers import build_explainer, check_explainer, explainer_options
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from evaluation.settings import EvaluationSettings
+from gcmodels.checkpoints import read_hparams
 
 
 class _EvaluationCallback(pl.Callback):
@@ -43,7 +45,13 @@ class _EvaluationCallback(pl.Callback):
         self.max_images = max_images
         self.evaluator: ExplanationEvaluator | None = None
 
+    # Where the callback's explainer sits in the train config, for errors raised after Hydra built it.
+    explainer_key = "callbacks.explanation_metrics.explainer"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.explainer is not None:
+            # Before the sanity check and the first step: a layer typo must not cost an epoch.
+            check_explainer(self.explainer, pl_module.net, self.explainer_key)
         datamodule = trainer.datamodule
         dropped = unsupported_metrics(datamodule, self.metrics, self.settings.trial_geometry)
         for name, reason in dropped.items():
@@ -155,19 +163,34 @@ class ConsensusCallback(pl.Callback):
         self.target = target
         self.resolution = resolution
         self.store_dir = store_dir
+        # Last, as the slowest check: a file that is not a checkpoint of this project. Its classes
+        # are compared with the data's in setup, once the data is known.
+        for path in self.committee:
+            try:
+                read_hparams(path)
+            except ValueError as err:
+                raise ValueError(f"callbacks.consensus.committee: {err}") from err
+        self.members: list[committee_lib.Member] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the first training step, on every process (one refusing alone would leave the
+        # others waiting): a member of other classes must not cost the run.
+        self.members = committee_lib.load_members(self.committee, trainer.datamodule, minimum=1)
+        check_explainer(self.explainer, pl_module.net, "callbacks.consensus.explainer")
+        for member in self.members:
+            check_checkpoint_explainer(self.explainer, member.path, member.hparams, "callbacks.consensus.explainer")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        members = committee_lib.load_members(self.committee, datamodule, minimum=1)
         images = committee_lib.committee_images(datamodule, self.num_images)
         store = ExplanationStore(self.store_dir, committee_lib.run_settings(
             self.data, self.explainer_options, self.target, self.resolution, self.settings.batch_size, len(images)))
         shared = committee_lib.stored_shared_arrays(store, images, datamodule, self.explainer, self.settings.batch_size)
         entries = [committee_lib.member_entry(member, store, self.explainer, images, datamodule, shared, self.target,
                                               self.resolution, self.settings, pl_module.device)[0]
-                   for member in members]
+                   for member in self.members]
         was_training = pl_module.net.training
         pl_module.net.eval()
         try:

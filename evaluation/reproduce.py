@@ -34,8 +34,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from datamodules import build_datamodule  # noqa: E402
+from datamodules.base import check_bool, check_integer, is_number  # noqa: E402
 from evaluation.engine import resolve_device, validation_sample  # noqa: E402
-from evaluation.explainers import build_explainer  # noqa: E402
+from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from evaluation.figures import save_overlay_grid  # noqa: E402
 from evaluation.panels import explanation_panels  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
@@ -83,6 +84,13 @@ def option_overrides(group: str, options: dict, own: tuple[str, ...] = ()) -> li
             if key != "_target_" and key not in own]
 
 
+def evaluation_overrides(evaluation: dict) -> list[str]:
+    """The ``evaluation`` options for the evaluation and consensus steps: all of them, but a null
+    ``batch_size``, which leaves the step its own default, the data's batch."""
+    own = ("batch_size",) if evaluation["batch_size"] is None else ()
+    return option_overrides("evaluation", evaluation, own=own)
+
+
 def trains_with_gc(variant_overrides) -> bool:
     """Whether a variant's train.py overrides select the GC loss (conf/loss/gc.yaml)."""
     return "loss=gc" in [str(item) for item in variant_overrides]
@@ -102,7 +110,15 @@ def train_arguments(cfg: DictConfig, run: Run) -> list[str]:
 def evaluation_arguments(cfg: DictConfig, run: Run, evaluation: dict, explainer: dict) -> list[str]:
     return ["-m", "evaluation", f"ckpt_path={run.checkpoint}", *data_overrides(cfg), f"seed={cfg.seed}",
             f"device={cfg.device}", f"explainer={explainer['name']}", *option_overrides("explainer", explainer),
-            *option_overrides("evaluation", evaluation, own=("batch_size",)), "heatmap_images=0", f"hydra.run.dir={run.evaluation_dir}"]
+            *evaluation_overrides(evaluation), "heatmap_images=0", f"hydra.run.dir={run.evaluation_dir}"]
+
+
+def consensus_arguments(cfg: DictConfig, runs: list[Run], evaluation: dict) -> list[str]:
+    out = Path(cfg.output_dir)
+    return ["-m", "evaluation.consensus", "ckpts=[" + ",".join(str(r.checkpoint) for r in runs) + "]",
+            *data_overrides(cfg), f"explainer={cfg.consensus_explainer}", f"device={cfg.device}", f"seed={cfg.seed}",
+            *evaluation_overrides(evaluation), f"store_dir={out / 'consensus_store'}",
+            f"hydra.run.dir={out / 'consensus'}"]
 
 
 def run_step(arguments: list[str], directory: Path, description: str, inputs: dict | None = None) -> float:
@@ -329,6 +345,44 @@ def run_description(runs: list[Run]) -> dict:
 
 # ------------------------------------------------------------------------------------ main
 
+# evaluation.batch_size null leaves each step the data's batch, which train.py checks (data.batch_size)
+# in the first step, before any data is generated: any valid batch stands in for it here.
+PLACEHOLDER_BATCH = 1
+
+
+def check_device(name) -> None:
+    """``device`` resolved as the evaluation steps will; a CUDA device must exist here."""
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})") from err
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_step_options(cfg: DictConfig) -> None:
+    """The options of the evaluation, consensus and report steps, checked as those steps will check
+    them: a typo must not surface after hours of training."""
+    if not (is_number(cfg.little_top1) and 0 <= cfg.little_top1 < 1):
+        raise ValueError(f"little_top1 must be a number in [0, 1) (a fraction of top-1: 0.03 is 3 points), "
+                         f"got {cfg.little_top1!r}")
+    check_integer("heatmap_images", cfg.heatmap_images, 0)
+    placeholder = {"batch_size": PLACEHOLDER_BATCH} if cfg.evaluation.batch_size is None else {}
+    settings = hydra.utils.instantiate(cfg.evaluation, **placeholder)
+    build_explainer(**OmegaConf.to_container(cfg.explainer, resolve=True))
+    if check_bool("consensus", cfg.consensus):
+        # The consensus step selects it as a config group: a name, not a mapping of options.
+        if not isinstance(cfg.consensus_explainer, str):
+            raise ValueError(f"consensus_explainer must be the name of an explainer of conf/explainer/, "
+                             f"got {cfg.consensus_explainer!r}")
+        build_explainer(**explainer_options(cfg.consensus_explainer))
+        if settings.protocol != "standard":
+            raise ValueError(f"evaluation.protocol={settings.protocol!r}: the committee consensus (consensus=true) "
+                             f"works on the standard geometry only; give evaluation.protocol=standard or "
+                             f"consensus=false")
+    check_device(cfg.device)
+
+
 def plan(cfg: DictConfig) -> list[Run]:
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {list(cfg.seeds)}")
@@ -338,6 +392,7 @@ def plan(cfg: DictConfig) -> list[Run]:
                          f"missing: {sorted(missing)}")
     if cfg.gc_overrides and not any(trains_with_gc(overrides) for overrides in cfg.variants.values()):
         raise ValueError(f"gc_overrides {list(cfg.gc_overrides)} given, but no variant trains with loss=gc")
+    check_step_options(cfg)
     out = Path(cfg.output_dir)
     # Seed by seed: a partial run already compares every variant.
     return [Run(variant, int(seed), out / "runs" / variant / f"seed{seed}") for seed in cfg.seeds
@@ -364,20 +419,18 @@ def run(cfg: DictConfig) -> dict:
     consensus = None
     if cfg.consensus:
         consensus_dir = out / "consensus"
-        arguments = ["-m", "evaluation.consensus", "ckpts=[" + ",".join(str(r.checkpoint) for r in runs) + "]",
-                     *data_overrides(cfg), f"explainer={cfg.consensus_explainer}", f"device={cfg.device}",
-                     f"seed={cfg.seed}", *option_overrides("evaluation", evaluation, own=("batch_size",)),
-                     f"store_dir={out / 'consensus_store'}", f"hydra.run.dir={consensus_dir}"]
         # The same paths may hold other weights after a run was redone: the consensus follows the files.
         inputs = {str(r.checkpoint): file_digest(r.checkpoint) for r in runs}
-        seconds["consensus"] = run_step(arguments, consensus_dir, "committee consensus", inputs)
+        seconds["consensus"] = run_step(consensus_arguments(cfg, runs, evaluation), consensus_dir,
+                                        "committee consensus", inputs)
         saved = json.loads((consensus_dir / "consensus.json").read_text())
         consensus = {"members": saved["members"], "correlations": saved["correlations"],
                      **{key: saved["summary"][key] for key in ("consensus_map", "reference_map") if key in saved["summary"]}}
 
     found = claims(results, cfg.little_top1)
-    figures = {"fgsm": save_fgsm_plot(results, evaluation["fgsm_space"], out / "fgsm.png"),
-               "heatmaps": save_variant_heatmaps(cfg, runs, explainer, out / "heatmaps.png")}
+    figures = {"fgsm": save_fgsm_plot(results, evaluation["fgsm_space"], out / "fgsm.png")}
+    if cfg.heatmap_images > 0:
+        figures["heatmaps"] = save_variant_heatmaps(cfg, runs, explainer, out / "heatmaps.png")
     if consensus is not None:
         figures["consensus_scatter"] = out / "consensus" / "scatter.png"
     seconds["total_this_call"] = time.perf_counter() - start
@@ -416,8 +469,10 @@ def markdown(cfg, results, found, consensus, runs, evaluation, explainer, second
     if consensus is not None:
         lines += ["", f"## Committee consensus ({cfg.consensus_explainer}, all checkpoints)", ""]
         lines += consensus_lines(consensus, runs)
-    lines += ["", "## Figures", "", "- `heatmaps.png`: explanations of each variant on the same images",
-              "- `fgsm.png`: top-1 against FGSM eps"]
+    lines += ["", "## Figures", ""]
+    if cfg.heatmap_images > 0:
+        lines.append("- `heatmaps.png`: explanations of each variant on the same images")
+    lines.append("- `fgsm.png`: top-1 against FGSM eps")
     if consensus is not None:
         lines.append("- `consensus/scatter.png`: consensus score against top-1")
     lines += ["", f"Time: training {seconds['train'] / 60:.1f} min, evaluation {seconds['evaluate'] / 60:.1f} min"

@@ -1,0 +1,143 @@
+"""Options that used to fail only after training: those of the one-command reproduction's later
+steps (evaluation, consensus, report), refused by ``plan``, and the committee of the training's
+consensus callback, refused before the first training step."""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train
+from evaluation import reproduce
+from evaluation.reproduce import consensus_arguments, evaluation_arguments, plan
+from gcmodels.module import GCClassifier
+from tests.conftest import TINY
+from tests.test_config import compose_config
+from tests.test_config_values import train_base
+
+
+@pytest.mark.parametrize("override, message", [
+    ("little_top1=3", r"little_top1 must be a number in \[0, 1\) \(a fraction of top-1: 0.03 is 3 points\), got 3"),
+    ("little_top1=-0.01", r"little_top1 must be a number in \[0, 1\)"),
+    ("little_top1=abc", r"little_top1 must be a number in \[0, 1\)"),
+    ("heatmap_images=-1", "heatmap_images must be >= 0, got -1"),
+    ("evaluation.spg_runs=1", "evaluation.spg_runs must be an integer >= 2, got 1"),
+    ("evaluation.batch_size=0", "evaluation.batch_size must be an integer >= 1, got 0"),
+    ("+explainer.colour=red", "colour"),
+    ("consensus_explainer=limee", "explainer 'limee' is unknown"),
+    ("consensus_explainer={name:lime}", "consensus_explainer must be the name of an explainer"),
+    ("evaluation.protocol=authors", "evaluation.protocol='authors': the committee consensus .* consensus=false"),
+    ("consensus=no", "consensus must be true or false, got 'no'"),
+    ("device=gpu", "device='gpu' is not a device"),
+    # One past the last CUDA device of this machine (cuda:0 on a machine without one).
+    (f"device=cuda:{torch.cuda.device_count()}", f"this machine has {torch.cuda.device_count()} CUDA device"),
+])
+def test_plan_refuses_what_a_later_step_would_refuse(tmp_path, override, message):
+    with pytest.raises(Exception, match=message):
+        plan(compose_config("reproduce", f"output_dir={tmp_path}", override))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["little_top1=0"], ["heatmap_images=0"], ["evaluation.batch_size=5"], ["consensus_explainer=lime"],
+    # Only the consensus is limited to the standard geometry; without it the authors' protocol runs.
+    ["evaluation.protocol=authors", "consensus=false"],
+])
+def test_plan_takes_valid_step_options(tmp_path, overrides):
+    assert len(plan(compose_config("reproduce", f"output_dir={tmp_path}", *overrides))) == 12
+
+
+def test_an_evaluation_batch_size_reaches_the_evaluation_and_consensus_steps(tmp_path):
+    """It was dropped: every step used the data's batch whatever evaluation.batch_size said."""
+    for value, passed in (("null", []), ("5", ["evaluation.batch_size=5"])):
+        cfg = compose_config("reproduce", f"output_dir={tmp_path}", f"evaluation.batch_size={value}")
+        runs = plan(cfg)
+        evaluation = OmegaConf.to_container(cfg.evaluation, resolve=True)
+        explainer = OmegaConf.to_container(cfg.explainer, resolve=True)
+        for arguments in (evaluation_arguments(cfg, runs[0], evaluation, explainer),
+                          consensus_arguments(cfg, runs, evaluation)):
+            assert [item for item in arguments if item.startswith("evaluation.batch_size=")] == passed
+
+
+def test_no_heatmap_images_leave_the_heatmaps_figure_out(tmp_path, monkeypatch):
+    """heatmap_images=0 crashed the report, after every step had run; now it means no heatmaps.png,
+    as it does for train.py and python -m evaluation. The steps' outputs are written by hand."""
+    cfg = compose_config("reproduce", f"output_dir={tmp_path}", "seeds=[0]", "heatmap_images=0", "consensus=false")
+    result = {"acc": 0.5, "pg": 0.5, "spg": 0.5, "ch": 0.5, "nqh": 0.5, "fgsm": {"eps=0": 0.5, "eps=8": 0.25},
+              **{f"{key}_{reference}": 0.25 for key in ("pg", "spg", "ch") for reference in ("center", "noise")}}
+    saved = {"model": {"name": "resnet18", "output_stride": 16}, "loss": {"lambda": 25.0}, "trainer": {"max_epochs": 1},
+             "data": {"image_size": 64, "train_per_class": 4, "batch_size": 6}}
+    for run in plan(cfg):
+        for folder in (run.evaluation_dir, run.directory / ".hydra"):
+            folder.mkdir(parents=True)
+        (run.evaluation_dir / "report.json").write_text(json.dumps({"checkpoints": [{"results": result}]}))
+        OmegaConf.save(saved, run.directory / ".hydra" / "config.yaml")
+    monkeypatch.setattr(reproduce, "run_step", lambda *arguments, **options: 0.0)
+    summary = reproduce.run(cfg)
+    assert set(summary["figures"]) == {"fgsm"} and (tmp_path / "fgsm.png").is_file()
+    assert not (tmp_path / "heatmaps.png").exists() and "heatmaps.png" not in (tmp_path / "report.md").read_text()
+
+
+def consensus_run(tmp_path, member) -> list[str]:
+    return train_base(tmp_path, *TINY, "callbacks=with_consensus", f"callbacks.consensus.committee=[{member}]",
+                      f"callbacks.consensus.store_dir={tmp_path / 'store'}", "~callbacks.explanation_metrics",
+                      "~callbacks.fgsm_robustness")
+
+
+def save_member(path, name: str, output_stride: int, num_classes: int, class_names: list | None) -> str:
+    """A committee member: an untrained ``name`` network (``class_names`` None: none recorded, as in
+    older checkpoints)."""
+    model = {"name": name, "pooling": "avg", "pretrained": False, "output_stride": output_stride, "init_from": None}
+    member = GCClassifier(model=model, loss={"name": "ce"}, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                          scheduler={"name": "none"}, num_classes=num_classes, multilabel=False, layout_seed=0,
+                          class_names=class_names)
+    torch.save({"hyper_parameters": dict(member.hparams), "state_dict": member.state_dict()}, path)
+    return str(path)
+
+
+def test_a_committee_file_that_is_no_checkpoint_fails_when_the_run_is_built(tmp_path):
+    member = tmp_path / "member.ckpt"
+    member.write_text("not a checkpoint")
+    with pytest.raises(Exception, match="callbacks.consensus.committee: not a readable PyTorch checkpoint"):
+        train.build_run(compose_config("train", *consensus_run(tmp_path, member)))
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_member_of_other_classes_fails_before_the_first_training_step(tmp_path):
+    """It failed at the end of training, in on_fit_end."""
+    member = save_member(tmp_path / "member.ckpt", "resnet18", 32, 4, ["a", "b", "c", "d"])
+    datamodule, module, trainer = train.build_run(compose_config("train", *consensus_run(tmp_path, member)))
+    with pytest.raises(ValueError, match="has 4 classes, but data 'synthetic' has 3"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_an_explainer_layer_the_network_lacks_fails_before_the_first_training_step(tmp_path):
+    """It failed at the end of the first training epoch, before any checkpoint was written."""
+    datamodule, module, trainer = train.build_run(compose_config("train", *train_base(
+        tmp_path, *TINY, "callbacks.explanation_metrics.explainer={name:gradcam,layer:layer9}")))
+    with pytest.raises(ValueError, match="callbacks.explanation_metrics.explainer.layer='layer9'"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_a_consensus_explainer_layer_a_member_lacks_fails_before_the_first_training_step(tmp_path):
+    """The trained model is a ResNet18 with the layer; the committee's AlexNet (no class names
+    recorded, as in older checkpoints) has no ResNet downsample layer."""
+    member = save_member(tmp_path / "member.ckpt", "alexnet", 16, 3, None)
+    datamodule, module, trainer = train.build_run(compose_config(
+        "train", *consensus_run(tmp_path, member), "callbacks.consensus.explainer={name:gradcam,layer:features.5.0.downsample}"))
+    with pytest.raises(ValueError, match=f"callbacks.consensus.explainer.layer='features.5.0.downsample'.*{member}"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_an_unwritable_consensus_store_fails_before_any_data_is_read(tmp_path):
+    """It failed at the end of training, when the first explanation was stored."""
+    member = tmp_path / "member.ckpt"
+    member.write_bytes(b"")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = compose_config("train", *consensus_run(tmp_path, member), f"callbacks.consensus.store_dir={blocker}/store")
+    with pytest.raises(OSError, match=f"callbacks.consensus.store_dir={blocker}/store cannot be written"):
+        train.check_writable(cfg)
+    assert not (tmp_path / "data").exists()
