@@ -114,6 +114,11 @@ SCORE_MODES = {"acc": "max", "f1": "max", PER_CLASS_F1_NAME: "max", "loss": "min
                "spg": "max", "ch": "max", "nqh": "min", "fgsm": "max"}
 
 
+# ModelCheckpoint's own candidates besides the logged values, in either mode (step with max: keep
+# the latest save_top_k checkpoints).
+COUNTER_MONITORS = ("epoch", "step")
+
+
 def score_mode(name: str) -> str | None:
     return SCORE_MODES.get(name.split("/")[1])
 
@@ -147,7 +152,7 @@ def check_checkpoint_monitors(callbacks: dict[str, pl.Callback], datamodule: Cla
     # None: validation every val_check_interval steps, in any epoch.
     validation_epochs = trainer.check_val_every_n_epoch or 1
     for name, callback in callbacks.items():
-        if not isinstance(callback, ModelCheckpoint) or callback.monitor is None:
+        if not isinstance(callback, ModelCheckpoint) or callback.monitor in (None, *COUNTER_MONITORS):
             continue
         key, monitor = f"callbacks.{name}", callback.monitor
         if monitor not in logged:

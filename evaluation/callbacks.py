@@ -17,7 +17,7 @@ from evaluation.consensus import committee as committee_lib
 from evaluation.consensus import core as consensus_core
 from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import (Explainer, ExplanationEvaluator, check_checkpoint_explainer, check_metrics,
-                               unsupported_metrics, validation_sample)
+                               check_trained_classes, unsupported_metrics, validation_sample)
 from evaluation.explainers import build_explainer, check_explainer, explainer_options
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
@@ -165,32 +165,39 @@ class ConsensusCallback(pl.Callback):
         self.store_dir = store_dir
         # Last, as the slowest check: a file that is not a checkpoint of this project. Its classes
         # are compared with the data's in setup, once the data is known.
+        self.member_hparams = {}
         for path in self.committee:
             try:
-                read_hparams(path)
+                self.member_hparams[path] = read_hparams(path)
             except ValueError as err:
                 raise ValueError(f"callbacks.consensus.committee: {err}") from err
-        self.members: list[committee_lib.Member] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before the first training step, on every process (one refusing alone would leave the
-        # others waiting): a member of other classes must not cost the run.
-        self.members = committee_lib.load_members(self.committee, trainer.datamodule, minimum=1)
+        # others waiting): a member of other classes, or whose network lacks the explainer's
+        # layer, must not cost the run.
         check_explainer(self.explainer, pl_module.net, "callbacks.consensus.explainer")
-        for member in self.members:
-            check_checkpoint_explainer(self.explainer, member.path, member.hparams, "callbacks.consensus.explainer")
+        for path, hparams in self.member_hparams.items():
+            try:
+                check_trained_classes(path, hparams, trainer.datamodule)
+            except ValueError as err:
+                raise ValueError(f"callbacks.consensus.committee: {err}") from None
+            check_checkpoint_explainer(self.explainer, path, hparams, "callbacks.consensus.explainer")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
+        # Read now, not at setup: a member's file (another run's last.ckpt) may have been rewritten
+        # during the training, and the store keys explanations by the weights' digest.
+        members = committee_lib.load_members(self.committee, datamodule, minimum=1)
         images = committee_lib.committee_images(datamodule, self.num_images)
         store = ExplanationStore(self.store_dir, committee_lib.run_settings(
             self.data, self.explainer_options, self.target, self.resolution, self.settings.batch_size, len(images)))
         shared = committee_lib.stored_shared_arrays(store, images, datamodule, self.explainer, self.settings.batch_size)
         entries = [committee_lib.member_entry(member, store, self.explainer, images, datamodule, shared, self.target,
                                               self.resolution, self.settings, pl_module.device)[0]
-                   for member in self.members]
+                   for member in members]
         was_training = pl_module.net.training
         pl_module.net.eval()
         try:

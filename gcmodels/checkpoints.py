@@ -99,8 +99,9 @@ RESUMED_GROUPS = ("loss", "optimizer", "scheduler")
 
 def _group_differences(group: str, saved: dict, config: dict) -> list[str]:
     """``group.key: checkpoint has ..., config has ...`` for each key of the checkpoint whose value
-    the config changes or drops. Keys only the config has are options added since the checkpoint
-    was written (``loss.composites``): not compared, so that older checkpoints stay resumable."""
+    the config changes or drops. Options added since the checkpoint was written hold what its run
+    did (:func:`upgrade_hparams`: an old GC run's ``loss.positive`` is ``labels``), so they are
+    compared too; keys only the config has are options that had no effect then, not compared."""
     return [f"{group}.{key}: checkpoint has {saved[key]!r}, config has "
             f"{repr(config[key]) if key in config else 'no such key'}"
             for key in sorted(saved) if key not in config or saved[key] != config[key]]
@@ -133,9 +134,9 @@ def check_resume_compatible(path: str | Path, model: dict, num_classes: int, mul
     if changed:
         problems += changed
         problems.append(f"ckpt_path continues the checkpoint's run, with its optimizer and scheduler state (over "
-                        f"the new values, which its checkpoints would record all the same) and its loss: to train "
-                        f"these weights with new settings, start a new run from them with "
-                        f"model.init_from={path} instead of ckpt_path")
+                        f"the new values, which its checkpoints would record all the same) and its loss: give the "
+                        f"checkpoint's values to continue it, or, to train these weights with new settings, start "
+                        f"a new run from them with model.init_from={path} instead of ckpt_path")
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 

@@ -70,6 +70,13 @@ def test_a_count_is_not_a_score_to_monitor(tmp_path):
     assert "callbacks.model_checkpoint.monitor='explain/skipped/pg' is a count" in message
 
 
+@pytest.mark.parametrize("monitor", ["step", "epoch"])
+def test_lightnings_own_counters_may_be_monitored_in_either_mode(tmp_path, monitor):
+    """monitor=step with mode=max keeps the latest checkpoints: Lightning's usual way."""
+    for mode in ("max", "min"):
+        build(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={mode}")
+
+
 def test_a_monitored_explanation_metric_must_be_logged_at_every_validation(tmp_path):
     message = refused(tmp_path, "callbacks.model_checkpoint.monitor=explain/pg",
                       "callbacks.explanation_metrics.every_n_epochs=2")
@@ -174,8 +181,15 @@ def test_resuming_with_other_training_settings_is_refused(tmp_path):
     _, longer, _ = build(tmp_path, *base, "trainer.max_epochs=4")
     check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
                             {group: longer.hparams[group] for group in train.RESUMED_GROUPS})
-    # A checkpoint written before loss.composites existed resumes: its run had no such option.
-    older = dict(module.hparams, loss={key: value for key, value in module.hparams.loss.items() if key != "composites"})
+    # A checkpoint older than the loss config dict: its options are compared with what its run did
+    # (upgrade_hparams), so today's default loss.positive=instances differs; its own value resumes.
+    loss = dict(module.hparams.loss)
+    older = {**module.hparams, "loss": "gc", "lam": loss["lambda"], "cam_mode": loss["cam_mode"],
+             "detach_target": loss["detach_target"]}
     torch.save({"hyper_parameters": older, "state_dict": module.state_dict()}, path)
+    settings = {group: dict(longer.hparams[group]) for group in train.RESUMED_GROUPS}
+    with pytest.raises(ValueError, match="loss.positive: checkpoint has 'labels', config has 'instances'"):
+        check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
+                                settings)
     check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
-                            {group: longer.hparams[group] for group in train.RESUMED_GROUPS})
+                            {**settings, "loss": {**settings["loss"], "positive": "labels"}})
