@@ -65,10 +65,17 @@ def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; otherwise the named device."""
+    """``auto``: CUDA when available, else the CPU; otherwise the named device, which must exist on
+    this machine (the error names the ``device`` key)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})") from err
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_trained_classes(path, hparams: dict, datamodule: ClassificationDataModule) -> None:

@@ -30,7 +30,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from datamodules import build_datamodule  # noqa: E402
@@ -350,16 +349,6 @@ def run_description(runs: list[Run]) -> dict:
 PLACEHOLDER_BATCH = 1
 
 
-def check_device(name) -> None:
-    """``device`` resolved as the evaluation steps will; a CUDA device must exist here."""
-    try:
-        device = resolve_device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})") from err
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 def check_step_options(cfg: DictConfig) -> None:
     """The options of the evaluation, consensus and report steps, checked as those steps will check
     them: a typo must not surface after hours of training."""
@@ -380,7 +369,8 @@ def check_step_options(cfg: DictConfig) -> None:
             raise ValueError(f"evaluation.protocol={settings.protocol!r}: the committee consensus (consensus=true) "
                              f"works on the standard geometry only; give evaluation.protocol=standard or "
                              f"consensus=false")
-    check_device(cfg.device)
+    # As the evaluation steps will resolve it.
+    resolve_device(cfg.device)
 
 
 def plan(cfg: DictConfig) -> list[Run]:

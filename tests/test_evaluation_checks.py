@@ -14,6 +14,7 @@ from torch import nn
 from datamodules import build_datamodule
 from evaluation.__main__ import run as evaluate
 from evaluation.consensus.__main__ import run as consensus
+from evaluation.engine import resolve_device
 from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradient, check_explainer
 from gcmodels.networks import ExplainableNet, build_network
 from tests.conftest import TINY
@@ -153,3 +154,13 @@ def test_check_explainer_names_the_callers_key():
     with pytest.raises(ValueError, match=re.escape("explainer.layer='head.1': c-MWP maps need a layer with output")):
         check_explainer(ContrastiveExcitationBackprop("head.1"), net)
     check_explainer(GradCAM(layer="features.0"), net)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu", "device='gpu' is not a device"),
+    (f"cuda:{torch.cuda.device_count()}", f"this machine has {torch.cuda.device_count()} CUDA device"),
+])
+def test_a_device_this_machine_lacks_is_named_by_every_script(name, message):
+    """The evaluation, consensus and reproduce scripts resolve ``device`` through one function."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_device(name)
