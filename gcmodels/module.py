@@ -300,6 +300,12 @@ class GCClassifier(pl.LightningModule):
             self.log("train/gc", out.consistency_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
             self.log("train/gc_left_out", float(size - out.num_composites), on_step=False, on_epoch=True,
                      reduce_fx="sum", sync_dist=True, batch_size=size)
+            if layout.groups is not None:
+                # Shared composites: the share of samples no group of four took, trained on a
+                # per-sample composite instead (multi-label batches fall back far more often).
+                fallback = layout.valid & (layout.groups >= size)
+                self.log("train/gc_fallback", fallback.sum() / size, on_step=False, on_epoch=True,
+                         sync_dist=True, batch_size=size)
             self.log("train/ce", out.classification_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         else:
             logits = self.net(images)

@@ -138,3 +138,18 @@ def test_training_step_shares_composites():
     loss = module.training_step({"image": torch.rand(8, 3, 8, 8), "target": torch.arange(8) % 4}, 0)
     loss.backward()
     assert composites == [8, 2]  # the batch, then one composite per group of four
+
+
+def test_training_step_logs_the_share_of_samples_that_fall_back_to_per_sample_composites(monkeypatch):
+    module = GCClassifier(model={"name": "tiny"}, loss=GC_OPTIONS, optimizer={"name": "sgd", "lr": 0.1},
+                          scheduler={"name": "none"}, num_classes=4, multilabel=False, layout_seed=0,
+                          net=tiny_net(4))
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
+    passes = []
+    module.net.features.register_forward_hook(lambda layer, inputs, output: passes.append(len(output)))
+    # Classes 1-3 once each: at most one group of four, so at least four samples fall back.
+    module.training_step({"image": torch.rand(8, 3, 8, 8), "target": torch.tensor([0, 0, 0, 0, 0, 1, 2, 3])}, 0)
+    composites = passes[1]  # groups + fallbacks, with 4 * groups + fallbacks = 8
+    groups = (8 - composites) // 3
+    assert float(logged["train/gc_fallback"]) == (8 - 4 * groups) / 8 >= 0.5
