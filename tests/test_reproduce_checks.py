@@ -1,7 +1,9 @@
 """Options that used to fail only after training: those of the one-command reproduction's later
 steps (evaluation, consensus, report), refused by ``plan``, and the committee of the training's
-consensus callback, refused before the first training step."""
+consensus callback, refused before the first training step. The report step on hand-made step
+outputs."""
 import json
+import math
 
 import pytest
 import torch
@@ -58,23 +60,83 @@ def test_an_evaluation_batch_size_reaches_the_evaluation_and_consensus_steps(tmp
             assert [item for item in arguments if item.startswith("evaluation.batch_size=")] == passed
 
 
-def test_no_heatmap_images_leave_the_heatmaps_figure_out(tmp_path, monkeypatch):
-    """heatmap_images=0 crashed the report, after every step had run; now it means no heatmaps.png,
-    as it does for train.py and python -m evaluation. The steps' outputs are written by hand."""
-    cfg = compose_config("reproduce", f"output_dir={tmp_path}", "seeds=[0]", "heatmap_images=0", "consensus=false")
-    result = {"acc": 0.5, "pg": 0.5, "spg": 0.5, "ch": 0.5, "nqh": 0.5, "fgsm": {"eps=0": 0.5, "eps=8": 0.25},
-              **{f"{key}_{reference}": 0.25 for key in ("pg", "spg", "ch") for reference in ("center", "noise")}}
+def step_result(acc: float, **extra) -> dict:
+    return {"acc": acc, "pg": 0.5, "spg": 0.5, "ch": 0.5, "nqh": 0.5, "fgsm": {"eps=0": acc, "eps=8": acc / 2},
+            **{f"{key}_{reference}": 0.25 for key in ("pg", "spg", "ch") for reference in ("center", "noise")},
+            **extra}
+
+
+def write_step_outputs(cfg, result_of) -> list:
+    """What the training and evaluation steps leave, written by hand: ``result_of(run)`` is the
+    run's evaluation results."""
     saved = {"model": {"name": "resnet18", "output_stride": 16}, "loss": {"lambda": 25.0}, "trainer": {"max_epochs": 1},
              "data": {"image_size": 64, "train_per_class": 4, "batch_size": 6}}
-    for run in plan(cfg):
-        for folder in (run.evaluation_dir, run.directory / ".hydra"):
+    runs = plan(cfg)
+    for run in runs:
+        for folder in (run.evaluation_dir, run.directory / ".hydra", run.checkpoint.parent):
             folder.mkdir(parents=True)
-        (run.evaluation_dir / "report.json").write_text(json.dumps({"checkpoints": [{"results": result}]}))
+        run.checkpoint.write_bytes(b"")
+        (run.evaluation_dir / "report.json").write_text(json.dumps({"checkpoints": [{"results": result_of(run)}]}))
         OmegaConf.save(saved, run.directory / ".hydra" / "config.yaml")
+    return runs
+
+
+def test_no_heatmap_images_leave_the_heatmaps_figure_out(tmp_path, monkeypatch):
+    """heatmap_images=0 crashed the report, after every step had run; now it means no heatmaps.png,
+    as it does for train.py and python -m evaluation."""
+    cfg = compose_config("reproduce", f"output_dir={tmp_path}", "seeds=[0]", "heatmap_images=0", "consensus=false")
+    write_step_outputs(cfg, lambda run: step_result(0.5))
     monkeypatch.setattr(reproduce, "run_step", lambda *arguments, **options: 0.0)
     summary = reproduce.run(cfg)
     assert set(summary["figures"]) == {"fgsm"} and (tmp_path / "fgsm.png").is_file()
     assert not (tmp_path / "heatmaps.png").exists() and "heatmaps.png" not in (tmp_path / "report.md").read_text()
+
+
+def correlation(x: str, pearson: float, **extra) -> dict:
+    return {"x": x, "y": "accuracy", "n": 3, "pearson": pearson, "pearson_p": 0.5, "spearman": pearson,
+            "spearman_p": 0.5, "note": None, **extra}
+
+
+def test_the_report_gives_retention_success_intervals_and_group_correlations(tmp_path, monkeypatch):
+    """On hand-made step outputs: an evaluation report without fgsm_success (older ones) and a seed
+    with a clean top-1 of 0 are said so, not crashed on; every number reaches report.json as JSON."""
+    cfg = compose_config("reproduce", f"output_dir={tmp_path}", "seeds=[0,1,2]", "heatmap_images=0",
+                         "consensus_explainer=gradcam")
+
+    def result_of(run):
+        acc = 0.0 if (run.variant, run.seed) == ("gmp_gc", 2) else 0.4 + 0.1 * run.seed
+        success = {} if run.variant == "gc" else {"fgsm_success": {"eps=0": 0.0, "eps=8": 0.5}}
+        return step_result(acc, **success)
+
+    runs = write_step_outputs(cfg, result_of)
+    consensus = tmp_path / "consensus"
+    consensus.mkdir()
+    members = [{"checkpoint": str(run.checkpoint), "rank": rank, "consensus_score": 0.1, "accuracy": 0.5}
+               for rank, run in enumerate(runs, 1)]
+    (consensus / "consensus.json").write_text(json.dumps({
+        "summary": {}, "members": members, "correlations": [correlation("consensus_score", 0.84)],
+        "group_correlations": [correlation("consensus_score", 0.1, group="pooling=avg"),
+                               correlation("consensus_score", None, group="pooling=max", note="'accuracy' constant")]}))
+    monkeypatch.setattr(reproduce, "run_step", lambda *arguments, **options: 0.0)
+    reproduce.run(cfg)
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    robust = report["fgsm_robustness"]
+    assert robust["baseline"]["mean_retention"] == pytest.approx([0.5, 0.5, 0.5])
+    assert robust["gmp_gc"]["mean_retention"] == [0.5, 0.5, None]  # clean top-1 0: undefined
+    assert robust["gc"]["success"] == [None, None, None] and robust["gmp"]["success"][0]["eps=8"] == 0.5
+    fgsm = [claim for claim in report["claims"] if "under FGSM" in claim["claim"]]
+    assert [claim["verdict"] for claim in fgsm] == ["does not hold", "inconclusive", "inconclusive"]
+    assert fgsm[0]["interval"] == [0.0, 0.0] and fgsm[1]["mean"] is None
+    for claim in report["claims"]:
+        assert {"interval", "sign_test_p", "differences", "verdict"} <= set(claim)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| claim | verdict | mean difference (points) | 95% interval (points) | sign test p |" in markdown
+    assert "smallest possible p is 0.25, so it can never reject at 5%" in markdown
+    assert "Retention is undefined (clean top-1 0, shown as -) for GMP+GC seed 2" in markdown
+    assert "| GC | missing | missing |" in markdown and "has no `fgsm_success`" in markdown
+    assert "a Grad-CAM committee" in markdown
+    assert "| pooling=max | consensus_score | accuracy | 3 | - (0.5) | - (0.5) | 'accuracy' constant |" in markdown
+    assert math.isclose(report["consensus"]["group_correlations"][0]["pearson"], 0.1)
 
 
 def consensus_run(tmp_path, member) -> list[str]:
