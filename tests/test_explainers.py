@@ -535,8 +535,9 @@ def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
     images, targets = images_and_targets()
     options = {"smoothgrad": {"num_samples": 3, "stdev": 0.15, "seed": None}, "integrated_gradients": {"steps": 4},
                # 16 px noise images: a high compactness keeps several superpixels.
-               "lime": {"num_samples": 20, "kernel_width": 0.25, "num_segments": 4, "compactness": 100.0,
-                        "seed": 0, "fill": "mean", "score": "probability", "ridge": 1.0}}.get(name, {})
+               "lime": {"num_samples": 20, "kernel_width": 0.25, "segmentation": "slic", "num_segments": 4,
+                        "compactness": 100.0, "kernel_size": 4.0, "max_dist": 200.0, "ratio": 0.2, "seed": 0,
+                        "fill": "segment", "score": "probability", "ridge": 1.0}}.get(name, {})
     explainer = build_explainer(name, **options)
     torch.manual_seed(0)  # SmoothGrad's noise: the same draws in both calls
     with torch.no_grad():

@@ -1,8 +1,15 @@
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lime.lime_base import LimeBase
+from lime.lime_image import LimeImageExplainer
+from lime.wrappers.scikit_image import SegmentationAlgorithm
+from sklearn.linear_model import Ridge
+from sklearn.metrics import pairwise_distances
 from torch import nn
 
 from evaluation.explainers import EXPLAINERS, Lime, build_explainer
@@ -10,8 +17,11 @@ from gcmodels.networks import ExplainableNet
 from tests.conftest import tiny_net
 
 SIZE = 32
-OPTIONS = dict(num_samples=40, kernel_width=0.25, num_segments=8, compactness=10.0, seed=0, fill="mean",
-               score="probability", ridge=1.0)
+OPTIONS = dict(num_samples=40, kernel_width=0.25, segmentation="slic", num_segments=8, compactness=10.0,
+               kernel_size=4.0, max_dist=200.0, ratio=0.2, seed=0, fill="segment", score="probability",
+               ridge=1.0)
+# lime_image's kernel width, in its exp(-d^2 / (2 w^2)) form.
+LIME_WIDTH = 0.25
 
 
 def lime(**changes) -> Lime:
@@ -120,12 +130,132 @@ def test_works_under_no_grad_and_leaves_no_parameter_gradients():
 
 @pytest.mark.parametrize("option, value", [
     ("num_samples", 1), ("kernel_width", 0.0), ("kernel_width", -0.25), ("num_segments", 0),
-    ("compactness", 0.0), ("ridge", -1.0), ("samples_per_pass", 0), ("score", "margin"),
-    ("fill", "median"), ("fill", True),
+    ("compactness", 0.0), ("ridge", -1.0), ("samples_per_pass", 0), ("samples_per_pass", 1.5),
+    ("score", "margin"), ("segmentation", "felzenszwalb"), ("kernel_size", 0.0), ("max_dist", -1.0),
+    ("ratio", 0.0), ("ratio", 1.5), ("ratio", "0.2"), ("fill", "median"), ("fill", True),
 ])
 def test_bad_options_are_refused_by_name(option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=rf"explainer\.{option} must be .*got {value!r}"):
         lime(**{option: value})
+
+
+def test_the_old_fill_mean_is_refused_not_reread():
+    # "mean" was the whole image's mean colour before the default became each superpixel's own.
+    with pytest.raises(ValueError, match="explainer.fill='mean' is ambiguous.*'segment'.*'image'"):
+        lime(fill="mean")
+
+
+# -------------------------------------------------------------------------- the lime package
+
+
+def quadrants(size=8, batch=1):
+    """Four square superpixels, ids 0..3 row by row, ``[batch, 2 * size, 2 * size]``."""
+    ids = torch.arange(4).view(2, 2).repeat_interleave(size, 0).repeat_interleave(size, 1)
+    return ids.expand(batch, -1, -1).clone()
+
+
+def test_fill_paints_each_superpixel_with_its_own_mean_the_image_mean_or_a_grey_level():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 16, generator=generator, dtype=torch.float64)
+    # The second image has two superpixels, so ids are shifted per image in the batched sums.
+    segments = torch.stack([quadrants()[0], quadrants()[0] // 2])
+    fill = lime().fill_images(images, segments)
+    assert fill.shape == images.shape and fill.dtype == images.dtype
+    for image, image_fill, image_segments in zip(images, fill, segments):
+        for segment in image_segments.unique():
+            inside = image_segments == segment
+            mean = image[:, inside].mean(dim=1)
+            torch.testing.assert_close(image_fill[:, inside], mean.unsqueeze(1).expand(-1, int(inside.sum())),
+                                       rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(lime(fill="image").fill_images(images, segments).expand_as(images),
+                               images.mean(dim=(2, 3), keepdim=True).expand_as(images), rtol=0, atol=0)
+    assert torch.equal(lime(fill=0.25).fill_images(images, segments).expand_as(images),
+                       torch.full_like(images, 0.25))
+
+
+def lime_image_run(net, image, target, segments, mask, num_samples):
+    """``lime_image.explain_instance`` with its defaults (``hide_color=None``, ``Ridge(alpha=1)``,
+    every superpixel kept), on ``segments`` and with ``mask`` as its random on/off draws: the
+    images its classifier received and the weights of ``target``."""
+    received = []
+
+    def classifier(batch):
+        received.append(torch.from_numpy(batch).permute(0, 3, 1, 2))
+        with torch.no_grad():
+            return net(received[-1]).softmax(dim=1).numpy()
+
+    explainer = LimeImageExplainer(kernel_width=LIME_WIDTH)
+    # data_labels draws its on/off matrix with random_state.randint(0, 2, num_samples * S).
+    explainer.random_state = SimpleNamespace(randint=lambda low, high, size: mask.long().flatten().numpy())
+    explanation = explainer.explain_instance(
+        image.permute(1, 2, 0).numpy(), classifier, labels=(int(target),), top_labels=None,
+        num_samples=num_samples, segmentation_fn=lambda _image: segments.numpy(), random_seed=0)
+    weights = torch.zeros(int(segments.max()) + 1, dtype=torch.float64)
+    for segment, weight in explanation.local_exp[int(target)]:
+        weights[segment] = weight
+    return torch.cat(received), weights
+
+
+@pytest.mark.parametrize("handmade", [True, False])
+def test_perturbed_images_and_weights_equal_lime_images(handmade):
+    """The same superpixels and on/off draws through lime_image and through Lime: the same
+    perturbed images (off superpixels in their own mean colour) and the same weights."""
+    net, images = smooth_net(), smooth_images(batch=2)
+    targets = torch.tensor([1, 3])
+    explainer = lime(kernel_width=LIME_WIDTH * math.sqrt(2))
+    segments = quadrants(size=SIZE // 2, batch=2) if handmade else explainer.segment(images)
+    received = []
+    handle = net.register_forward_hook(lambda _module, inputs, _output: received.append(inputs[0]))
+    try:
+        _, weights = explainer.superpixel_weights(net, images, targets, segments)
+    finally:
+        handle.remove()
+    perturbed = torch.cat(received).view(2, OPTIONS["num_samples"], 3, SIZE, SIZE)
+    masks = explainer.perturbations(images, segments)
+    for index in range(2):
+        assert not masks[index][1:].all(dim=1).all()  # some superpixel is off: the fill is used
+        lime_images, lime_weights = lime_image_run(net, images[index], targets[index], segments[index],
+                                                   masks[index], OPTIONS["num_samples"])
+        torch.testing.assert_close(perturbed[index], lime_images, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(weights[index], lime_weights, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("ridge, regressor, selection, features", [
+    (1.0, None, "auto", 100000),  # lime_image's defaults: Ridge(alpha=1), and 'auto' keeps every column
+    (0.3, Ridge(alpha=0.3), "none", 12),
+    (0.0, Ridge(alpha=0.0), "none", 12),
+])
+def test_fit_is_lime_bases_weighted_ridge(ridge, regressor, selection, features):
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, 2, (300, 12), generator=generator).bool()
+    mask[0] = True
+    score = torch.rand(300, generator=generator, dtype=torch.float64)
+    data = mask.long().numpy()
+    distances = pairwise_distances(data, data[:1], metric="cosine").ravel()  # as lime_image
+    base = LimeBase(lambda d: np.sqrt(np.exp(-(d ** 2) / LIME_WIDTH ** 2)))  # lime_image's kernel
+    labels = torch.stack([1 - score, score], dim=1).numpy()
+    _, local, _, _ = base.explain_instance_with_data(data, labels, distances, 1, features,
+                                                     feature_selection=selection, model_regressor=regressor)
+    expected = torch.zeros(12, dtype=torch.float64)
+    for feature, weight in local:
+        expected[feature] = weight
+    fitted = lime(kernel_width=LIME_WIDTH * math.sqrt(2), ridge=ridge)._fit(mask, score)
+    torch.testing.assert_close(fitted, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_quickshift_is_lime_images_segmentation():
+    """The same superpixels as lime_image's default SegmentationAlgorithm, ids up to relabelling."""
+    generator = torch.Generator().manual_seed(3)
+    coarse = torch.rand(2, 3, 6, 6, generator=generator, dtype=torch.float64)
+    images = F.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
+    algorithm = SegmentationAlgorithm("quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=0)
+    segments = lime(segmentation="quickshift").segment(images)
+    for image, ours in zip(images, segments):
+        theirs = algorithm(image.permute(1, 2, 0).numpy())
+        count = len(np.unique(theirs))
+        assert count > 3 and torch.equal(ours.unique(), torch.arange(count))
+        # One to one: each pair (ours, theirs) occurs for exactly one id of either.
+        assert len(np.unique(np.stack([ours.numpy().ravel(), theirs.ravel()]), axis=1).T) == count
 
 
 def test_refuses_training_mode_batch_norm():

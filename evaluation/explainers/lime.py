@@ -5,31 +5,36 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from numbers import Real
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from skimage.segmentation import slic
+from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from datamodules.base import check_integer, check_number
+from datamodules.base import check_integer, check_number, is_integer, is_number
 from evaluation.explainers.base import Explainer, images_per_pass, require_eval
 
 SCORES = ("probability", "logit")
+SEGMENTATIONS = ("slic", "quickshift")
+FILLS = ("segment", "image")
 
 
 @dataclass
 class Lime(Explainer):
-    """LIME on SLIC superpixels.
+    """LIME on superpixels, as the ``lime`` package's ``lime_image`` computes it.
 
-    For each image: SLIC superpixels (``num_segments``, ``compactness``); ``num_samples`` binary
-    vectors ``z`` over them, the first all ones (the image itself), the others uniform on/off; each
-    perturbed image keeps the "on" superpixels and paints the "off" ones with ``fill`` (``"mean"``:
-    the image's mean colour; a number: that grey level); the net's ``score`` of the target class
-    (``"probability"``: softmax, LIME's choice; ``"logit"``); sample weights
-    ``pi = exp(-d^2 / kernel_width^2)``, ``d`` the cosine distance between ``z`` and all ones; a
-    weighted ridge fit ``score ~ z . beta + c`` with L2 penalty ``ridge`` on ``beta`` only.
+    For each image: superpixels (``segmentation``: ``"slic"`` with ``num_segments`` and
+    ``compactness``, or ``"quickshift"`` with ``kernel_size``, ``max_dist`` and ``ratio``, called as
+    ``lime_image`` calls it); ``num_samples`` binary vectors ``z`` over them, the first all ones (the
+    image itself), the others uniform on/off; each perturbed image keeps the "on" superpixels and
+    paints the "off" ones with ``fill`` (``"segment"``: each superpixel's own mean colour,
+    ``lime_image``'s ``hide_color=None``; ``"image"``: the whole image's mean colour; a number: that
+    grey level); the net's ``score`` of the target class (``"probability"``: softmax, LIME's choice;
+    ``"logit"``); sample weights ``pi = exp(-d^2 / kernel_width^2)``, ``d`` the cosine distance
+    between ``z`` and all ones; a weighted ridge fit ``score ~ z . beta + c`` with L2 penalty
+    ``ridge`` on ``beta`` only (``lime_image``: ``Ridge(alpha=1)`` on every superpixel).
+    ``docs/departures.md`` lists what still differs from ``lime_image``.
 
     The kernel is the paper's. The ``lime`` package's ``kernel_fn`` takes a square root of it
     (weights ``exp(-d^2 / (2 w^2))``): its ``kernel_width=w`` is ``kernel_width=w * sqrt(2)`` here.
@@ -47,8 +52,12 @@ class Lime(Explainer):
 
     num_samples: int
     kernel_width: float
+    segmentation: str
     num_segments: int
     compactness: float
+    kernel_size: float
+    max_dist: float
+    ratio: float
     seed: int
     fill: Union[str, float]
     score: str
@@ -61,34 +70,71 @@ class Lime(Explainer):
         check_number("explainer.kernel_width", self.kernel_width, 0, exclusive=True)
         check_integer("explainer.num_segments", self.num_segments, 1)
         check_number("explainer.compactness", self.compactness, 0, exclusive=True)
+        check_number("explainer.kernel_size", self.kernel_size, 0, exclusive=True)
+        check_number("explainer.max_dist", self.max_dist, 0, exclusive=True)
         check_number("explainer.ridge", self.ridge, 0)
         # Hashed as 8 signed bytes (_image_seed): any such integer, negatives included.
         check_integer("explainer.seed", self.seed, -2**63, 2**63 - 1)
+        if self.fill == "mean":
+            # Its meaning changed (the image's mean, now fill=image): refused rather than reread.
+            raise ValueError(f"explainer.fill='mean' is ambiguous (it was the whole image's mean "
+                             f"colour); use {FILLS[0]!r} (each superpixel's own mean colour, lime_image's) "
+                             f"or {FILLS[1]!r} (the whole image's mean colour)")
         checks = {
-            "samples_per_pass": (self.samples_per_pass is None or self.samples_per_pass >= 1,
-                                 "None or an integer >= 1"),
+            "samples_per_pass": (self.samples_per_pass is None or is_integer(self.samples_per_pass)
+                                 and self.samples_per_pass >= 1, "null or an integer >= 1"),
+            "segmentation": (self.segmentation in SEGMENTATIONS, f"one of {list(SEGMENTATIONS)}"),
+            # 0 would leave colour out of quickshift's distance: the superpixels would ignore the image.
+            "ratio": (is_number(self.ratio) and 0 < self.ratio <= 1, "a number in (0, 1]"),
             "score": (self.score in SCORES, f"one of {list(SCORES)}"),
-            # bool is a Real, and fill=True is more likely a mistake than a grey level of 1.
-            "fill": (self.fill == "mean" if isinstance(self.fill, str)
-                     else isinstance(self.fill, Real) and not isinstance(self.fill, bool), '"mean" or a number'),
+            # is_number refuses bool: fill=True is more likely a mistake than a grey level of 1.
+            "fill": (self.fill in FILLS if isinstance(self.fill, str) else is_number(self.fill),
+                     f"one of {list(FILLS)} or a number"),
         }
         for option, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"LIME option {option} must be {allowed}; got {getattr(self, option)!r}")
+                raise ValueError(f"explainer.{option} must be {allowed}, got {getattr(self, option)!r}")
 
     # ------------------------------------------------------------------------------ the steps
 
     def segment(self, images: Tensor) -> Tensor:
-        """SLIC superpixels, long ``[B, H, W]`` on the images' device, ids ``0 .. S_b - 1``."""
+        """The superpixels of ``segmentation``, long ``[B, H, W]`` on the images' device, ids
+        ``0 .. S_b - 1``."""
         pixels = images.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
         segments = []
         for image in pixels:
-            labels = slic(image, n_segments=self.num_segments, compactness=self.compactness,
-                          start_label=0, channel_axis=-1)
-            # Relabelled whatever SLIC returns: every id is a column of the design matrix, so a
-            # gap would be a column of zeros.
+            if self.segmentation == "slic":
+                labels = slic(image, n_segments=self.num_segments, compactness=self.compactness,
+                              start_label=0, channel_axis=-1)
+            else:
+                # lime_image's call. Its random_seed reaches no quickshift argument since
+                # scikit-image renamed it rng (lime's wrapper drops it), so both break ties with
+                # rng's default. Colours are compared in Lab, and rgb2lab reads a float image as
+                # [0, 1] and a uint8 one as [0, 255]: our [0, 1] images get the superpixels that
+                # lime_image finds in the same picture as uint8 (the references pass uint8).
+                labels = quickshift(image, kernel_size=self.kernel_size, max_dist=self.max_dist,
+                                    ratio=self.ratio, channel_axis=-1)
+            # Relabelled whatever the algorithm returns: every id is a column of the design
+            # matrix, so a gap would be a column of zeros.
             segments.append(np.unique(labels, return_inverse=True)[1].reshape(labels.shape))
         return torch.from_numpy(np.stack(segments)).long().to(images.device)
+
+    def fill_images(self, images: Tensor, segments: Tensor) -> Tensor:
+        """What an off superpixel is painted with, broadcastable to ``images``: per pixel its
+        superpixel's mean colour (``fill="segment"``), the image's mean colour, or the grey level."""
+        if self.fill == "image":
+            return images.mean(dim=(2, 3), keepdim=True)
+        if self.fill != "segment":
+            return torch.full_like(images[:, :, :1, :1], float(self.fill))
+        # One index_add over the whole batch: image b's ids are shifted past those of images < b.
+        sizes = segments.flatten(1).amax(dim=1) + 1
+        ids = (segments + (sizes.cumsum(0) - sizes).view(-1, 1, 1)).flatten()
+        pixels = images.detach().permute(0, 2, 3, 1).reshape(len(ids), -1).double()
+        sums = pixels.new_zeros(int(sizes.sum()), pixels.shape[1]).index_add_(0, ids, pixels)
+        counts = pixels.new_zeros(len(sums)).index_add_(0, ids, torch.ones_like(pixels[:, 0]))
+        # An id missing from given segments divides 0 by 0, but no pixel reads it.
+        means = (sums / counts.unsqueeze(1))[ids]
+        return means.view(images.shape[0], *images.shape[2:], -1).permute(0, 3, 1, 2).to(images.dtype)
 
     def perturbations(self, images: Tensor, segments: Tensor) -> list[Tensor]:
         """Per image, the on/off vectors: bool ``[num_samples, S_b]``, row 0 all on."""
@@ -103,8 +149,8 @@ class Lime(Explainer):
 
     def superpixel_weights(self, net: nn.Module, images: Tensor, targets: Tensor,
                            segments: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
-        """The superpixels (``segments``, or SLIC's) and, per image, the signed ridge weights
-        ``beta``: float64 ``[S_b]``, ``S_b`` = the image's largest segment id + 1."""
+        """The superpixels (``segments``, or those of ``segmentation``) and, per image, the signed
+        ridge weights ``beta``: float64 ``[S_b]``, ``S_b`` = the image's largest segment id + 1."""
         require_eval(net, (nn.modules.batchnorm._BatchNorm,), "LIME")
         if segments is None:
             segments = self.segment(images)
@@ -134,8 +180,7 @@ class Lime(Explainer):
     def _scores(self, net, images, targets, segments, masks) -> list[Tensor]:
         """The score of every perturbation of every image, float64, ``num_samples`` per image."""
         count, samples = len(images), self.num_samples
-        fill = images.mean(dim=(2, 3), keepdim=True) if self.fill == "mean" else torch.full_like(
-            images[:, :, :1, :1], float(self.fill))
+        fill = self.fill_images(images, segments)
         per_pass = self.samples_per_pass or images_per_pass(images)
         scores = []
         # Only the inputs vary and nothing is differentiated: no graph, even under the base
