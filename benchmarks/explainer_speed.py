@@ -1,7 +1,7 @@
 """Seconds per image of Grad-CAM, SmoothGrad and LIME on ResNet18, and what batching LIME's
 perturbations buys over one forward pass per perturbation.
 
-    python benchmarks/explainer_speed.py [--images 8] [--size 64] [--lime-samples 500]
+    python benchmarks/explainer_speed.py [--images 8] [--size 64] [--lime-samples 1000]
         [--per-sample-images 2] [--threads 1] [--device cpu]
 
 LIME runs twice in the same process: batched on all images (the perturbations of all images share
@@ -48,7 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--lime-samples", type=int, default=500)
+    parser.add_argument("--lime-samples", type=int, default=None,
+                        help="perturbations per image (default: conf/explainer/lime.yaml's num_samples)")
     parser.add_argument("--lime-segments", type=int, default=50)
     parser.add_argument("--per-sample-images", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -69,8 +70,9 @@ def main() -> None:
     net.head.register_forward_hook(lambda _module, _inputs, _output: passes.append(1))
 
     # The explainers as configured (conf/explainer/*.yaml), sample counts from the command line.
-    lime_options = explainer_options({"name": "lime", "num_samples": args.lime_samples,
-                                      "num_segments": args.lime_segments, "seed": args.seed})
+    lime_options = explainer_options({"name": "lime", "num_segments": args.lime_segments, "seed": args.seed})
+    if args.lime_samples is not None:
+        lime_options["num_samples"] = args.lime_samples
     batched = build_explainer(**lime_options)
     per_sample = build_explainer(**lime_options, samples_per_pass=1)
     smoothgrad = explainer_options("smoothgrad")
@@ -93,8 +95,8 @@ def main() -> None:
         (_, weights), seconds = timed(device, explainer.superpixel_weights, net, images[part], targets[part])
         results[name] = weights
         per_pass = explainer.samples_per_pass or "auto"
-        rows.append((name, f"{args.lime_samples} samples, samples_per_pass={per_pass}", len(passes), len(weights),
-                     seconds))
+        rows.append((name, f"{explainer.num_samples} samples, samples_per_pass={per_pass}", len(passes),
+                     len(weights), seconds))
     _, slic_seconds = timed(device, batched.segment, images)
     difference = max(float((a - b).abs().max()) for a, b in zip(results["lime"], results["lime per sample"]))
     segments = [int(w.numel()) for w in results["lime"]]
