@@ -108,10 +108,11 @@ def check_composites(loss: dict, model: dict, datamodule: ClassificationDataModu
 
 EVALUATION_CALLBACKS = (ExplanationMetricsCallback, FGSMRobustnessCallback)
 # ModelCheckpoint's mode for each score a best checkpoint can be chosen by, by its name after "val/"
-# (the module's) or "explain/" (the evaluation callbacks'; FGSM's per eps). The other values these
-# log (skipped counts, spg_std, the reference maps' *_center and *_noise) rank no model.
+# (the module's) or "explain/" (the evaluation callbacks'; FGSM's top-1 and attack success rate per
+# eps). The other values these log (skipped and zero_maps_uniform counts, spg_std, the reference
+# maps' *_center and *_noise) rank no model.
 SCORE_MODES = {"acc": "max", "f1": "max", PER_CLASS_F1_NAME: "max", "loss": "min", "pg": "max", "pg_micro": "max",
-               "spg": "max", "ch": "max", "nqh": "min", "fgsm": "max"}
+               "spg": "max", "ch": "max", "nqh": "min", "fgsm": "max", "fgsm_success": "min", "fgsm_clean": "max"}
 
 
 # ModelCheckpoint's own candidates besides the logged values, in either mode (step with max: keep

@@ -178,12 +178,13 @@ class ExplanationEvaluator:
         builders: dict[str, Callable[[], Metric]] = {
             "acc": lambda: accuracy_metric(num_classes, multilabel),
             "pg": lambda: metric_classes.PointingGame(
-                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes),
+                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes,
+                zero_maps=settings.zero_maps),
             "spg": lambda: metric_classes.StochasticPointingGame(
                 tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at,
                 num_samples=settings.spg_samples,
-                num_runs=settings.spg_runs, seed=settings.seed),
-            "ch": metric_classes.ContentHeatmap,
+                num_runs=settings.spg_runs, seed=settings.seed, zero_maps=settings.zero_maps),
+            "ch": lambda: metric_classes.ContentHeatmap(zero_maps=settings.zero_maps),
             "nqh": metric_classes.NegativeQuadrantsHeatmap,
             "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps, settings.fgsm_space),
         }
@@ -262,7 +263,11 @@ class ExplanationEvaluator:
 
     def compute(self) -> dict:
         """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
-        ``<key>_center`` and ``<key>_noise``: the reference maps' scores on the same trials."""
+        ``zero_maps_uniform`` (under ``evaluation.zero_maps=uniform`` only) the all-zero maps scored
+        as uniform ones, per metric; ``<key>_center`` and ``<key>_noise``: the reference maps' scores
+        on the same trials. FGSM: ``fgsm`` top-1 under attack and ``fgsm_success`` the attack's
+        success rate among the images correct before it, both per eps, and ``fgsm_clean`` the clean
+        top-1 of the same images."""
         results: dict = {"skipped": {}}
         for name, metric in self.state.items():
             value = metric.compute()
@@ -271,11 +276,18 @@ class ExplanationEvaluator:
             elif name == PER_CLASS_F1_NAME:
                 results[name] = float(value)
             elif name == "fgsm":
-                results["fgsm"] = {key: float(v) for key, v in value.items()}
+                prefix = metric_classes.FGSMRobustness.success_prefix
+                results["fgsm"] = {key: float(v) for key, v in value.items()
+                                   if key != "clean" and not key.startswith(prefix)}
+                results["fgsm_success"] = {key.removeprefix(prefix): float(v) for key, v in value.items()
+                                           if key.startswith(prefix)}
+                results["fgsm_clean"] = float(value["clean"])
             else:
                 for key, number in value.items():
                     if key == "skipped":
                         results["skipped"][name] = int(number)
+                    elif key == "uniform":
+                        results.setdefault("zero_maps_uniform", {})[name] = int(number)
                     elif key == "without_composite":
                         results["skipped"]["nqh_without_composite"] = int(number)
                     else:
@@ -283,7 +295,7 @@ class ExplanationEvaluator:
         for reference, metrics in self.references.items():
             for metric in metrics.values():
                 results.update({f"{key}_{reference}": float(number) for key, number in metric.compute().items()
-                                if key != "skipped"})
+                                if key not in ("skipped", "uniform")})
         return results
 
     def run(self, net, datamodule: ClassificationDataModule, max_images: int | None = None, rank: int = 0,

@@ -1,10 +1,12 @@
 """Report files of a checkpoint evaluation: report.json, report.csv and report.md.
 
 Laid out like the paper: Table 1 (accuracy and explanation metrics, one row per checkpoint) and
-Table 6 (top-1 under FGSM for each eps). Beside the localisation metrics, what a centred peak and
-uniform noise score on the same trials (``evaluation.references``). report.json and report.csv
-hold fractions in [0, 1], as the metrics give them; report.md, for people, prints percent and says
-so.
+Table 6 (top-1 under FGSM for each eps), with the attack's success rate among the images correct
+before it beside Table 6. Beside the localisation metrics, what a centred peak and uniform noise
+score on the same trials (``evaluation.references``); under the authors' protocol, also how many
+trials an all-zero map left out or had scored as uniform (``evaluation.zero_maps``), since their
+scripts score every such map. report.json and report.csv hold fractions in [0, 1], as the metrics
+give them; report.md, for people, prints percent and says so.
 """
 from __future__ import annotations
 
@@ -24,9 +26,22 @@ def _percent(value) -> str:
 REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
 
 
+LOCALIZATION_KEYS = ("pg", "spg", "ch")
+
+
+def _table1_cell(results: dict, key: str) -> str:
+    """A score in percent (SPG: mean ± std), or a count of ``group/name`` (``skipped/pg``)."""
+    if key == "spg":
+        return f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}"
+    if "/" in key:
+        group, name = key.split("/")
+        count = results.get(group, {}).get(name)
+        return "-" if count is None else str(count)
+    return _percent(results.get(key))
+
+
 def _table1_cells(results: dict, columns: list[tuple[str, str]]) -> list[str]:
-    return [f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}" if key == "spg"
-            else _percent(results.get(key)) for key, _ in columns]
+    return [_table1_cell(results, key) for key, _ in columns]
 
 
 def row_label(row: dict) -> str:
@@ -42,11 +57,43 @@ def table1_columns(rows: list[dict]) -> list[tuple[str, str]]:
     return [(key, heading) for key, heading in candidates if any(key in row["results"] for row in rows)]
 
 
-def fgsm_keys(rows: list[dict]) -> list[str]:
+def zero_map_columns(columns: list[tuple[str, str]], zero_maps: str) -> tuple[list[tuple[str, str]], str]:
+    """``columns`` with, after PG, SPG and CH, the count of their trials whose map was all zero:
+    left out (``skip``; with those of an empty mask) or scored as uniform; and the table's note."""
+    if zero_maps == "uniform":
+        group, label = "zero_maps_uniform", "as uniform"
+        note = ("Beside PG, SPG and CH: the trials whose all-zero heatmap was scored as a uniform map, as the "
+                "authors' +1e-8 does (evaluation.zero_maps=uniform).")
+    else:
+        group, label = "skipped", "skipped"
+        note = ("Beside PG, SPG and CH: the trials left out (all-zero heatmap or empty mask); the authors' "
+                "scripts score an all-zero heatmap as a uniform map (+1e-8), as evaluation.zero_maps=uniform does.")
+    widened = []
+    for key, heading in columns:
+        widened.append((key, heading))
+        if key in LOCALIZATION_KEYS:
+            widened.append((f"{group}/{key}", f"{heading} {label}"))
+    return widened, note
+
+
+def fgsm_keys(rows: list[dict], group: str = "fgsm") -> list[str]:
     keys: list[str] = []
     for row in rows:
-        keys += [key for key in row["results"].get("fgsm", {}) if key not in keys]
+        keys += [key for key in row["results"].get(group, {}) if key not in keys]
     return keys
+
+
+def _eps_table(rows: list[dict], group: str, keys: list[str], first: tuple[str, str] | None = None) -> list[str]:
+    """One row per checkpoint of ``results[group][eps key]`` in percent, after the column ``first``
+    (its key in the results, its heading) where given."""
+    headings = ([first[1]] if first else []) + keys
+    lines = ["| model | " + " | ".join(headings) + " |", "|---" * (len(headings) + 1) + "|"]
+    for row in rows:
+        results = row["results"]
+        cells = ([_percent(results.get(first[0]))] if first else []) + [_percent(results.get(group, {}).get(key))
+                                                                         for key in keys]
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict[str, Path]:
@@ -58,14 +105,19 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
 
     columns = table1_columns(rows)
     eps_keys = fgsm_keys(rows)
+    success_keys = fgsm_keys(rows, "fgsm_success")
     skipped_keys = sorted({key for row in rows for key in row["results"]["skipped"]})
+    uniform_keys = sorted({key for row in rows for key in row["results"].get("zero_maps_uniform", {})})
+    clean = ["fgsm_clean"] if any("fgsm_clean" in row["results"] for row in rows) else []
     reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in ("pg", "spg", "spg_std", "ch")
                       if any(f"{key}_{reference}" in row["results"] for row in rows)]
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + [key for key, _ in columns]
                         + (["spg_std"] if any(key == "spg" for key, _ in columns) else []) + reference_keys
-                        + [f"fgsm_{key}" for key in eps_keys] + [f"skipped_{key}" for key in skipped_keys])
+                        + [f"fgsm_{key}" for key in eps_keys] + clean + [f"fgsm_success_{key}" for key in success_keys]
+                        + [f"skipped_{key}" for key in skipped_keys]
+                        + [f"zero_maps_uniform_{key}" for key in uniform_keys])
         for row in rows:
             results = row["results"]
             writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"), row.get("lambda")]
@@ -73,30 +125,42 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                             + ([results.get("spg_std")] if any(key == "spg" for key, _ in columns) else [])
                             + [results.get(key) for key in reference_keys]
                             + [results.get("fgsm", {}).get(key) for key in eps_keys]
-                            + [results["skipped"].get(key) for key in skipped_keys])
+                            + [results.get(key) for key in clean]
+                            + [results.get("fgsm_success", {}).get(key) for key in success_keys]
+                            + [results["skipped"].get(key) for key in skipped_keys]
+                            + [results.get("zero_maps_uniform", {}).get(key) for key in uniform_keys])
 
     lines = [f"# Explanation evaluation ({settings['explainer']} on {settings['data']})", ""]
     if columns:
-        lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", "",
-                  "| model | " + " | ".join(heading for _, heading in columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
+        lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", ""]
+        shown = columns
+        if settings.get("protocol") == "authors" and any(key in LOCALIZATION_KEYS for key, _ in columns):
+            shown, note = zero_map_columns(columns, settings.get("zero_maps", "skip"))
+            lines += [note, ""]
+        lines += ["| model | " + " | ".join(heading for _, heading in shown) + " |",
+                  "|---" * (len(shown) + 1) + "|"]
         for row in rows:
-            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], columns)) + " |")
+            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], shown)) + " |")
         # The reference maps do not depend on the model: the first checkpoint's trials stand for all
         # (every checkpoint is scored on the same trials).
         for reference, label in REFERENCE_LABELS.items():
             if f"pg_{reference}" in rows[0]["results"] or f"ch_{reference}" in rows[0]["results"]:
                 results = {key: rows[0]["results"].get(f"{key}_{reference}") for key in ("pg", "spg", "spg_std", "ch")}
-                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, columns)) + " |")
+                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, shown)) + " |")
         lines.append("")
     if eps_keys:
-        lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", "",
-                  "| model | " + " | ".join(eps_keys) + " |", "|---" * (len(eps_keys) + 1) + "|"]
-        lines += [f"| {row_label(row)} | " + " | ".join(_percent(row['results']['fgsm'].get(key)) for key in eps_keys) + " |"
-                  for row in rows]
-        lines.append("")
+        lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", ""]
+        lines += _eps_table(rows, "fgsm", eps_keys) + [""]
+    if success_keys:
+        lines += ["Attack success rate (%) under FGSM among the images classified correctly before the attack "
+                  "(lower is better), beside their clean top-1; eps in 1/255 units.", ""]
+        lines += _eps_table(rows, "fgsm_success", success_keys, ("fgsm_clean", "clean top-1")) + [""]
     lines.append("Checkpoints:")
-    lines += [f"- {row_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty mask): "
-              f"{row['results']['skipped'] or 'none'}" for row in rows]
+    for row in rows:
+        results = row["results"]
+        uniform = (f"; all-zero heatmaps scored as uniform: {results['zero_maps_uniform']}"
+                   if "zero_maps_uniform" in results else "")
+        lines.append(f"- {row_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty mask): "
+                     f"{results['skipped'] or 'none'}{uniform}")
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths

@@ -13,6 +13,7 @@ from typing import Sequence
 from datamodules.base import is_integer, is_number
 from datamodules.images import PROTOCOLS, TrialGeometry
 from evaluation.attacks import SPACES
+from evaluation.metrics.classes import ZERO_MAPS
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "evaluation" / "default.yaml"
 
@@ -28,7 +29,9 @@ class EvaluationSettings:
     original image, ``tolerance`` in original pixels; ``tolerance_at`` is not used). ``spg_samples`` points per image in each of ``spg_runs`` runs.
     ``fgsm_eps``: FGSM eps in 1/255 units, in ``fgsm_space`` (pixel or normalized). ``seed``: NQH composites, SPG points and the noise
     reference maps. ``batch_size``: images per evaluation batch and process. ``noise_seeds``:
-    uniform-noise reference maps per trial (their scores are averaged).
+    uniform-noise reference maps per trial (their scores are averaged). ``zero_maps``: an all-zero
+    map in PG, SPG and CH is left out and counted (``skip``) or scored as a uniform map, as the
+    authors' ``+1e-8`` does (``uniform``).
     """
 
     protocol: str
@@ -42,6 +45,7 @@ class EvaluationSettings:
     seed: int
     batch_size: int
     noise_seeds: int
+    zero_maps: str = "skip"
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +67,8 @@ class EvaluationSettings:
             problems.append(f"evaluation.fgsm_eps must be a non-empty list of numbers >= 0 (1/255 units), got {eps!r}")
         if self.fgsm_space not in SPACES:
             problems.append(f"evaluation.fgsm_space must be one of {list(SPACES)}, got {self.fgsm_space!r}")
+        if self.zero_maps not in ZERO_MAPS:
+            problems.append(f"evaluation.zero_maps must be one of {list(ZERO_MAPS)}, got {self.zero_maps!r}")
         if problems:
             raise ValueError("; ".join(problems))
         # Hydra hands over a ListConfig; a tuple keeps the settings frozen and hashable.

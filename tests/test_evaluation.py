@@ -17,6 +17,7 @@ from evaluation.report import write_reports
 from evaluation.settings import default_settings
 from gcmodels.checkpoints import read_hparams
 from tests.conftest import assert_ok, read_summary, run_module, tiny_net, train
+from tests.test_metrics import SINE_EPS, SINE_SUCCESS, SINE_TOP1, SignOfSine, sine_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,8 +70,9 @@ class SquaresModule:
         return self.data
 
 
-def evaluator(explainer, metrics, batch_size=5):
-    return ExplanationEvaluator(explainer, metrics, 4, False, default_settings(seed=0, batch_size=batch_size))
+def evaluator(explainer, metrics, batch_size=5, **settings):
+    return ExplanationEvaluator(explainer, metrics, 4, False,
+                                default_settings(seed=0, batch_size=batch_size, **settings))
 
 
 def oracle(net, images, classes):
@@ -210,6 +212,53 @@ def test_one_evaluator_serves_every_epoch_from_a_clean_state():
     assert evaluator(None, ["acc", "fgsm"]).run(net, SquaresModule(), progress=False)["fgsm"]
 
 
+class SinePixels(SquaresModule):
+    """The hand-checked FGSM case of tests/test_metrics.py as a 2-class validation set."""
+
+    num_classes = 2
+    class_names = ["a", "b"]
+
+    def __init__(self):
+        _, images, targets = sine_case()
+        self.data = [{"image": image, "target": target} for image, target in zip(images, targets)]
+
+
+def test_fgsm_results_give_top1_and_the_success_rate_per_eps_and_the_clean_top1():
+    net = SignOfSine()
+    net.register_parameter("unused", torch.nn.Parameter(torch.zeros(1)))  # the engine reads the device off it
+    settings = default_settings(seed=0, batch_size=3, fgsm_eps=list(SINE_EPS))
+    results = ExplanationEvaluator(None, ["acc", "fgsm"], 2, False, settings).run(net, SinePixels(), progress=False)
+    assert results["fgsm"] == SINE_TOP1 and results["fgsm_success"] == SINE_SUCCESS
+    assert results["fgsm_clean"] == results["acc"] == 3 / 4
+
+
+def test_all_zero_maps_are_skipped_by_default_and_scored_as_uniform_on_request():
+    def zero_for_odd_classes(net, images, classes):
+        maps = images[:, 0].clone()
+        maps[classes % 2 == 1] = 0
+        return maps
+
+    net = tiny_net(num_classes=4)
+    metrics = ["pg", "spg", "ch"]
+    tolerance = {"tolerance": 8, "tolerance_at": None}  # two of class 1's squares within reach of the top left
+    skipping = evaluator(zero_for_odd_classes, metrics, **tolerance).run(net, SquaresModule(), progress=False)
+    assert "zero_maps_uniform" not in skipping and skipping["skipped"] == {"pg": 6, "spg": 6, "ch": 6}
+    assert skipping["pg"] == skipping["ch"] == 1  # the oracle's maps alone
+    scoring = evaluator(zero_for_odd_classes, metrics, zero_maps="uniform", **tolerance).run(net, SquaresModule(),
+                                                                                             progress=False)
+    assert scoring["zero_maps_uniform"] == {"pg": 6, "spg": 6, "ch": 6}
+    assert scoring["skipped"] == {"pg": 0, "spg": 0, "ch": 0}
+    data = SquaresData()
+    odd = [item for item in data.items if item["target"] % 2 == 1]
+    # A uniform map's CH is its mask's share of the image; its PG points at the top-left pixel.
+    assert scoring["ch"] == pytest.approx((6 + sum(item["mask"].double().mean().item() for item in odd)) / 12)
+    top_left_hits = [sum(naive_hit(item["mask"], 0, 0, 8) for item in odd if item["target"] == k) for k in (1, 3)]
+    assert top_left_hits == [2, 0]
+    assert scoring["pg"] == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)  # per-class mean, classes 0..3
+    # The reference maps are never all zero: nothing of theirs is counted.
+    assert scoring["pg_center"] == skipping["pg_center"] and "uniform_center" not in scoring
+
+
 def test_accuracy_and_capped_evaluation_spread_over_classes():
     net = tiny_net(num_classes=4)
     data = SquaresModule()
@@ -272,6 +321,50 @@ def test_report_files_follow_the_papers_tables(tmp_path):
     assert table[1]["spg_std"] == "0.002" and table[0]["fgsm_eps=2"] == "0.1" and table[0]["skipped_nqh"] == "2"
     assert table[0]["pg_center"] == "0.88" and table[0]["ch_noise"] == "0.2" and table[1]["pg_center"] == ""
     assert json.loads(paths["json"].read_text())["checkpoints"][1]["results"]["skipped"] == {"pg": 1, "nqh": 0}
+
+
+def test_report_gives_the_attack_success_rate_beside_table_6(tmp_path):
+    results = {"acc": 0.75, "fgsm": {"eps=1": 0.5, "eps=8": 0.25}, "fgsm_success": {"eps=1": 1 / 3, "eps=8": 2 / 3},
+               "fgsm_clean": 0.75, "skipped": {}}
+    rows = [{"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
+             "results": results},
+            {"checkpoint": "old.ckpt", "model": "resnet18", "pooling": "max", "loss": "ce", "lambda": 0.0,
+             "results": {"acc": 0.5, "fgsm": {"eps=1": 0.4, "eps=8": 0.2}, "skipped": {}}}]  # an older report's
+    paths = write_reports(rows, tmp_path, {"explainer": "gradcam", "data": "synthetic"})
+    markdown = paths["md"].read_text()
+    assert "| model | eps=1 | eps=8 |\n|---|---|---|\n| resnet18 baseline | 50.00 | 25.00 |" in markdown
+    assert ("among the images classified correctly before the attack (lower is better)" in markdown
+            and "| model | clean top-1 | eps=1 | eps=8 |\n|---|---|---|---|\n| resnet18 baseline | 75.00 | 33.33 | 66.67 |"
+            in markdown and "| resnet18+GMP baseline | - | - | - |" in markdown)
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert table[0]["fgsm_clean"] == "0.75" and float(table[0]["fgsm_success_eps=8"]) == 2 / 3
+    assert table[1]["fgsm_success_eps=1"] == "" and table[1]["fgsm_eps=1"] == "0.4"
+
+
+@pytest.mark.parametrize("zero_maps, heading, counts", [
+    ("skip", "| model | PG | PG skipped | SPG | SPG skipped | CH | CH skipped | NQH |", "| 3 | 60.00 ± 0.10 | 3 | 54.40 | 1 |"),
+    ("uniform", "| model | PG | PG as uniform | SPG | SPG as uniform | CH | CH as uniform | NQH |",
+     "| 2 | 60.00 ± 0.10 | 2 | 54.40 | 2 |"),
+])
+def test_report_under_the_authors_protocol_counts_all_zero_maps_beside_pg_and_ch(tmp_path, zero_maps, heading, counts):
+    results = {"pg": 0.8, "spg": 0.6, "spg_std": 0.001, "ch": 0.544, "nqh": 0.25, "pg_center": 0.9, "ch_center": 0.3,
+               "skipped": {"pg": 3, "spg": 3, "ch": 1, "nqh": 4}}
+    if zero_maps == "uniform":
+        results["zero_maps_uniform"] = {"pg": 2, "spg": 2, "ch": 2}
+    rows = [{"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
+             "results": results}]
+    settings = {"explainer": "gradcam", "data": "imagenet", "protocol": "authors", "zero_maps": zero_maps}
+    paths = write_reports(rows, tmp_path, settings)
+    markdown = paths["md"].read_text()
+    assert heading in markdown and f"| resnet18 baseline | 80.00 {counts} 25.00 |" in markdown
+    assert "| reference: centred peak | 90.00 | - | - ± - | - | 30.00 | - | - |" in markdown
+    assert ("as the authors' +1e-8 does" in markdown) == (zero_maps == "uniform")
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert ("zero_maps_uniform_ch" in table[0]) == (zero_maps == "uniform")
+    standard = write_reports(rows, tmp_path, {**settings, "protocol": "standard"})["md"].read_text()
+    assert "| model | PG | SPG | CH | NQH |" in standard
 
 
 def evaluate(out: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

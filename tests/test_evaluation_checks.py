@@ -19,6 +19,7 @@ from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradie
 from gcmodels.networks import ExplainableNet, build_network
 from tests.conftest import TINY
 from tests.test_config import compose_config
+from train import score_mode
 
 DATA = [item for item in TINY if item.startswith("data.")]
 
@@ -164,3 +165,19 @@ def test_a_device_this_machine_lacks_is_named_by_every_script(name, message):
     """The evaluation, consensus and reproduce scripts resolve ``device`` through one function."""
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_device(name)
+
+
+def test_zero_maps_is_checked_before_the_data(tmp_path):
+    cfg = evaluation_config(tmp_path, "evaluation.zero_maps=ones")
+    with pytest.raises(Exception, match=re.escape("evaluation.zero_maps must be one of ['skip', 'uniform'], "
+                                                  "got 'ones'")):
+        evaluate(cfg)
+    assert_no_data(tmp_path)
+
+
+def test_monitors_on_fgsm_scores_take_their_own_direction():
+    """Top-1 under attack is better higher, the attack's success rate lower; the counts of all-zero
+    maps scored as uniform rank no model."""
+    assert score_mode("explain/fgsm/eps=8") == "max" and score_mode("explain/fgsm_clean") == "max"
+    assert score_mode("explain/fgsm_success/eps=8") == "min"
+    assert score_mode("explain/zero_maps_uniform/pg") is None

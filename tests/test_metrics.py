@@ -386,11 +386,15 @@ def test_two_updates_equal_one_update_on_the_concatenation():
         merged.merge_state(other)  # merges states with their dist_reduce_fx, as a DDP sync does
         assert_results_equal(split.compute(), whole.compute())
         assert_results_equal(merged.compute(), whole.compute())
-    whole, split = FGSMRobustness(eps_list=(1, 8), space="pixel"), FGSMRobustness(eps_list=(1, 8), space="pixel")
+    whole, split, merged, other = (FGSMRobustness(eps_list=(1, 8), space="pixel") for _ in range(4))
     whole.update(net, images, targets)
     split.update(net, images[:3], targets[:3])
     split.update(net, images[3:], targets[3:])
+    merged.update(net, images[:3], targets[:3])
+    other.update(net, images[3:], targets[3:])
+    merged.merge_state(other)
     assert_results_equal(split.compute(), whole.compute())
+    assert_results_equal(merged.compute(), whole.compute())
 
 
 def test_fgsm_robustness_counts_top1_under_attack():
@@ -398,7 +402,8 @@ def test_fgsm_robustness_counts_top1_under_attack():
     metric = FGSMRobustness(eps_list=(0, 2, 64), space="pixel")
     metric.update(net, images, targets)
     result = metric.compute()
-    assert list(result) == ["eps=0", "eps=2", "eps=64"]
+    assert list(result) == ["eps=0", "eps=2", "eps=64", "success/eps=0", "success/eps=2", "success/eps=64", "clean"]
+    result = {key: result[key] for key in ("eps=0", "eps=2", "eps=64")}
     # The linear model's CE input gradient in closed form, independent of evaluation.attacks.
     weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
     gradient = ((images.flatten(1) @ weight.T + bias).softmax(1) - F.one_hot(targets, 6)) @ weight
@@ -412,6 +417,172 @@ def test_fgsm_robustness_counts_top1_under_attack():
     assert result["eps=64"] <= result["eps=0"]
     with pytest.raises(ValueError, match="single-label"):
         metric.update(*fgsm_case(True))
+
+
+class SignOfSine(torch.nn.Module):
+    """Two classes from one pixel x: class 0 iff sin(10 pi x) > 0, i.e. x in (0, 0.1), (0.2, 0.3), ...
+    Cross-entropy falls as the margin of the true class grows, so FGSM moves x by eps/255 against
+    it: class 0 targets by -sign(cos(10 pi x)), class 1 targets by +sign(cos(10 pi x))."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        margin = torch.sin(10 * math.pi * images[:, 0, 0, 0])
+        return torch.stack([margin, -margin], 1)
+
+
+# Pixel, target; clean prediction and the pixel after FGSM at eps 1, 2, 8 and 32 (steps of 0.0039,
+# 0.0078, 0.0314 and 0.1255), worked out by hand:
+#   0.06  -> 0: right; cos < 0 so up: 0.0639, 0.0678, 0.0914 right; 0.1855 wrong
+#   0.098 -> 0: right; up: 0.1019, 0.1058, 0.1294 wrong; 0.2235 right again
+#   0.16  -> 0: wrong; cos > 0 so down: 0.1561, 0.1522, 0.1286 wrong; 0.0345 right
+#   0.16  -> 1: right; up: 0.1639, 0.1678, 0.1914 right; 0.2855 wrong
+SINE_PIXELS, SINE_TARGETS = (0.06, 0.098, 0.16, 0.16), (0, 0, 0, 1)
+SINE_EPS = (1, 2, 8, 32)
+# 3 images right before the attack; at eps 1-8 the second is broken, at 32 the first and the last
+# (the second is right again, the third right by chance: neither counts as a success).
+SINE_TOP1 = {"eps=1": 2 / 4, "eps=2": 2 / 4, "eps=8": 2 / 4, "eps=32": 2 / 4}
+SINE_SUCCESS = {"eps=1": 1 / 3, "eps=2": 1 / 3, "eps=8": 1 / 3, "eps=32": 2 / 3}
+
+
+def sine_case():
+    images = torch.tensor(SINE_PIXELS, dtype=torch.float64).view(-1, 1, 1, 1)
+    return SignOfSine(), images, torch.tensor(SINE_TARGETS)
+
+
+def test_fgsm_success_rate_counts_only_images_right_before_the_attack():
+    net, images, targets = sine_case()
+    metric = FGSMRobustness(eps_list=SINE_EPS, space="pixel")
+    metric.update(net, images, targets)
+    result = {key: value.item() for key, value in metric.compute().items()}
+    assert result == {**SINE_TOP1, **{f"success/{key}": rate for key, rate in SINE_SUCCESS.items()}, "clean": 3 / 4}
+    # At eps 32 top-1 alone would suggest 1 - 0.5 / 0.75 = 1/3 broken; 2 of the 3 were.
+    for eps in SINE_EPS:  # the attacked pixels as the table above has them
+        with torch.no_grad():
+            assert net(fgsm(net, images, targets, eps)).argmax(1).eq(targets).double().mean() == SINE_TOP1[f"eps={eps}"]
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # the states added by hand
+def test_fgsm_states_of_two_processes_add_up_to_one():
+    """A DDP sync sums every state: two metrics' summed states (merged, or added by hand) give the
+    rates of one metric over all images."""
+    net, images, targets = sine_case()
+    whole, first, second = (FGSMRobustness(eps_list=SINE_EPS, space="pixel") for _ in range(3))
+    whole.update(net, images, targets)
+    first.update(net, images[::2], targets[::2])
+    second.update(net, images[1::2], targets[1::2])
+    summed = FGSMRobustness(eps_list=SINE_EPS, space="pixel")
+    for state in ("correct", "total", "clean_correct", "broken"):
+        setattr(summed, state, getattr(first, state) + getattr(second, state))
+    first.merge_state(second)
+    assert_results_equal(first.compute(), whole.compute())
+    assert_results_equal(summed.compute(), whole.compute())
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")
+def test_fgsm_success_rate_without_a_right_image_is_nan():
+    net, images, targets = sine_case()
+    metric = FGSMRobustness(eps_list=(1,), space="pixel")
+    metric.update(net, images[2:3], targets[2:3])  # wrong before the attack
+    result = metric.compute()
+    assert result["clean"] == 0 and result["success/eps=1"].isnan()
+
+
+# ---------------------------------------------------------------- all-zero maps as the authors score them
+
+def authors_all_zero_map(low: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The map an all-zero Grad-CAM becomes in the authors' scripts: ``cam / (cam.sum() + 1e-8) +
+    1e-8`` in float32, resized (cv2.resize keeps a constant map constant), divided by its sum."""
+    cam = np.zeros(low, dtype=np.float32)
+    cam = cam / (cam.sum() + np.float32(1e-8)) + np.float32(1e-8)
+    resized = np.full(size, cam[0, 0], dtype=np.float32)
+    return resized / resized.sum()
+
+
+def zero_map_cases():
+    """Four 7x7 maps for 40x50 masks: two all zero (one mask at the top-left corner, one far from
+    it), one all zero on an empty mask, one ordinary."""
+    heatmaps = torch.rand(4, 7, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    heatmaps[:3] = 0
+    masks = torch.zeros(4, 40, 50, dtype=torch.bool)
+    masks[0, 10:20, 5:15] = True  # (10, 5): 11.2 px from the top-left pixel
+    masks[1, 25:35, 30:45] = True
+    masks[3, 5:30, 10:40] = True
+    return heatmaps, masks
+
+
+def test_uniform_scores_an_all_zero_map_as_the_authors_do():
+    heatmaps, masks = zero_map_cases()
+    tolerance = 15
+    pg = PointingGame(tolerance=tolerance, tolerance_at=None, zero_maps="uniform")
+    ch = ContentHeatmap(zero_maps="uniform")
+    spg = StochasticPointingGame(tolerance=tolerance, tolerance_at=None, num_samples=4000, num_runs=2, seed=0,
+                                 zero_maps="uniform")
+    for index in range(2):  # one all-zero map with its mask at a time
+        theirs = authors_all_zero_map((7, 7), (40, 50))
+        mask = masks[index].numpy()
+        accept = naive_distance_grid(mask) < tolerance
+        peak = np.unravel_index(theirs.argmax(), theirs.shape)
+        assert peak == (0, 0)
+        for metric in (pg, ch, spg):
+            metric.reset()
+        pg.update(heatmaps[index:index + 1], masks[index:index + 1])
+        ch.update(heatmaps[index:index + 1], masks[index:index + 1])
+        spg.update(heatmaps[index:index + 1], masks[index:index + 1], torch.tensor([index]))
+        assert pg.compute()["pg"].item() == float(accept[peak]) == (1.0 if index == 0 else 0.0)
+        assert ch.compute()["ch"].item() == pytest.approx(float((theirs * mask).sum()), abs=1e-6)
+        assert ch.compute()["ch"].item() == mask.mean()  # the mask's share of the image, exactly
+        # Their np.random.choice(p=map) hits with probability the map's mass in reach of the mask.
+        expected = float(theirs[accept].sum())
+        assert spg.compute()["spg"].item() == pytest.approx(expected, abs=4 * math.sqrt(0.25 / 8000))
+        for metric in (pg, ch, spg):
+            assert metric.compute()["uniform"] == 1 and metric.compute()["skipped"] == 0
+
+
+def test_skip_leaves_all_zero_maps_out_and_counts_them_and_uniform_counts_what_it_scored():
+    heatmaps, masks = zero_map_cases()
+    seeds = torch.arange(4)
+    for zero_maps, scored, skipped in (("skip", 1, 3), ("uniform", 3, 1)):  # the empty mask: skipped by both
+        metrics = (PointingGame(tolerance=15, tolerance_at=None, zero_maps=zero_maps),
+                   ContentHeatmap(zero_maps=zero_maps),
+                   StochasticPointingGame(tolerance=15, tolerance_at=None, num_samples=10, num_runs=2, seed=0,
+                                          zero_maps=zero_maps))
+        metrics[0].update(heatmaps, masks)
+        metrics[1].update(heatmaps, masks)
+        metrics[2].update(heatmaps, masks, seeds)
+        for metric in metrics:
+            result = metric.compute()
+            assert metric.scored == scored and result["skipped"] == skipped
+            assert ("uniform" in result) == (zero_maps == "uniform")
+            if zero_maps == "uniform":
+                assert result["uniform"] == 2
+    # Under skip the scores are those of the ordinary map alone.
+    alone = ContentHeatmap()
+    alone.update(heatmaps[3:], masks[3:])
+    skipping = ContentHeatmap(zero_maps="skip")
+    skipping.update(heatmaps, masks)
+    assert skipping.compute()["ch"] == alone.compute()["ch"]
+    with pytest.raises(ValueError, match=r"zero_maps must be one of \['skip', 'uniform'\], got 'ones'"):
+        ContentHeatmap(zero_maps="ones")
+
+
+def test_uniform_where_zero_replaces_only_all_zero_maps():
+    heatmaps, _ = zero_map_cases()
+    maps, zero = functional.uniform_where_zero(heatmaps)
+    assert zero.tolist() == [True, True, True, False]
+    assert torch.equal(maps[:3], torch.ones(3, 7, 7, dtype=torch.float64)) and torch.equal(maps[3], heatmaps[3])
+    assert heatmaps[:3].eq(0).all()  # the input is left as it was
+
+
+def test_uniform_zero_maps_merge_like_every_state():
+    heatmaps, masks = zero_map_cases()
+    whole, merged, other = (PointingGame(tolerance=15, tolerance_at=None, num_classes=2, zero_maps="uniform")
+                            for _ in range(3))
+    classes = torch.tensor([0, 1, 0, 1])
+    whole.update(heatmaps, masks, classes)
+    merged.update(heatmaps[:2], masks[:2], classes[:2])
+    other.update(heatmaps[2:], masks[2:], classes[2:])
+    merged.merge_state(other)
+    assert_results_equal(merged.compute(), whole.compute())
+    assert list(whole.compute()) == ["pg", "pg_micro", "skipped", "uniform"]
 
 
 def test_pointing_game_per_class_mean():

@@ -40,9 +40,10 @@ def imagenet(root, **overrides) -> ImageNetDataModule:
                                        "box_dir": None, **overrides})
 
 
-def authors_reference(net, images: list[dict]) -> dict:
+def authors_reference(net, images: list[dict], all_zero: bool = False) -> dict:
     """PG (mean of per-class accuracies), the expected SPG (the map's mass within the tolerance of
-    the mask, which 100 draws estimate) and CH, one image at a time as the authors' scripts."""
+    the mask, which 100 draws estimate) and CH, one image at a time as the authors' scripts.
+    ``all_zero``: as if every Grad-CAM were all zero."""
     hits, misses = np.zeros(len(WNIDS)), np.zeros(len(WNIDS))
     content, stochastic = [], []
     resize = transforms.Compose([transforms.Resize(SHORT_SIDE), transforms.ToTensor()])
@@ -51,9 +52,12 @@ def authors_reference(net, images: list[dict]) -> dict:
         x = resize(Image.open(info["path"]).convert("RGB")).unsqueeze(0)
         features = net.forward_features(x).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(net.head(features)[0, label], features)
-        cam = torch.relu((grad * features).sum(1))
+        cam = torch.relu((grad * features).sum(1)) * (0 if all_zero else 1)
         cam = cam / (cam.sum() + 1e-8) + 1e-8
-        heat = F.interpolate(cam.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        if all_zero:  # cv2.resize keeps a constant map exactly constant; interpolate may move it by an ulp
+            heat = cam[0, :1, :1].expand(height, width)
+        else:
+            heat = F.interpolate(cam.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         heat = (heat / heat.sum()).detach().double().numpy()
         objects = [obj for obj in info["objects"] if obj[0] == WNIDS[label]]
         mask = np.zeros((height, width), dtype=bool)
@@ -77,9 +81,9 @@ def authors_reference(net, images: list[dict]) -> dict:
             "pointed": len(stochastic)}
 
 
-def evaluate(net, datamodule, protocol: str, metrics=("pg", "spg", "ch")) -> dict:
-    settings = default_settings(seed=0, batch_size=4, protocol=protocol, short_side=SHORT_SIDE)
-    evaluator = ExplanationEvaluator(build_explainer("gradcam"), metrics, datamodule.num_classes,
+def evaluate(net, datamodule, protocol: str, metrics=("pg", "spg", "ch"), explainer=None, **overrides) -> dict:
+    settings = default_settings(seed=0, batch_size=4, protocol=protocol, short_side=SHORT_SIDE, **overrides)
+    evaluator = ExplanationEvaluator(explainer or build_explainer("gradcam"), metrics, datamodule.num_classes,
                                      datamodule.multilabel, settings)
     return evaluator.run(net, datamodule, progress=False)
 
@@ -101,6 +105,32 @@ def test_authors_protocol_equals_their_scripts_on_imagenet_as_distributed(tmp_pa
     assert results["spg"] == pytest.approx(expected["spg"], abs=4 * math.sqrt(0.25 / 4000))
     assert results["skipped"]["skipped_difficult"] == 1 and expected["pointed"] == len(images) - 1
     assert results["skipped"]["pg"] == 0 and results["skipped"]["ch"] == 0
+
+
+def test_uniform_zero_maps_equal_their_scripts_on_all_zero_grad_cams(tmp_path):
+    """Their +1e-8 makes an all-zero Grad-CAM a constant map: PG points at the top-left pixel, SPG
+    draws uniformly, CH is the mask's share. evaluation.zero_maps=uniform scores it so; skip leaves
+    it out and counts it."""
+    images = write_imagenet(tmp_path)
+    datamodule = imagenet(tmp_path)
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=len(WNIDS)).eval()
+    expected = authors_reference(net, images, all_zero=True)
+    gradcam = build_explainer("gradcam")
+
+    def all_zero(net, images, classes):
+        return gradcam(net, images, classes) * 0
+
+    results = evaluate(net, datamodule, "authors", explainer=all_zero, zero_maps="uniform")
+    assert results["pg"] == pytest.approx(expected["pg"], abs=1e-12)
+    assert results["ch"] == pytest.approx(expected["ch"], abs=1e-6)
+    pointed = expected["pointed"]
+    assert results["spg"] == pytest.approx(expected["spg"], abs=4 * math.sqrt(0.25 / (pointed * 5 * 100)))
+    assert results["zero_maps_uniform"] == {"pg": pointed, "spg": pointed, "ch": len(images)}
+    assert results["skipped"]["pg"] == results["skipped"]["ch"] == 0
+    skipped = evaluate(net, datamodule, "authors", explainer=all_zero)
+    assert math.isnan(skipped["pg"]) and math.isnan(skipped["ch"]) and "zero_maps_uniform" not in skipped
+    assert skipped["skipped"]["pg"] == skipped["skipped"]["spg"] == pointed and skipped["skipped"]["ch"] == len(images)
 
 
 def test_authors_trials_keep_the_aspect_and_the_original_mask(tmp_path):

@@ -5,7 +5,9 @@ Every state is a sum (``dist_reduce_fx="sum"``), so under DDP each process score
 and ``compute()`` adds the counts over processes. Heatmaps ``[B, h, w]`` may be smaller than the
 masks: they are upsampled bilinearly to the mask size before scoring. Images that cannot be
 scored (all-zero heatmap, empty mask) are skipped; ``compute()`` reports how many as "skipped".
-Results are float64 tensors (counts included), ready for ``log_dict``.
+PG, SPG and CH take ``zero_maps="uniform"`` to score an all-zero heatmap as a constant map instead,
+as the authors' scripts do (:func:`functional.uniform_where_zero`), and then report how many they
+scored so as "uniform". Results are float64 tensors (counts included), ready for ``log_dict``.
 
 Pointing-game tolerance: ``tolerance`` pixels at an image side of ``tolerance_at`` pixels (the
 papers: 15 px at 224 px); each update scales it to its masks, ``tolerance * min(H, W) /
@@ -44,6 +46,38 @@ def _check_tolerance(tolerance: float, tolerance_at: float | None) -> None:
         raise ValueError(f"tolerance and tolerance_at must be positive, got {tolerance} and {tolerance_at}")
 
 
+# What the localisation metrics do with an all-zero heatmap: leave it out and count it, or score it
+# as a constant map, as the authors' ``+1e-8`` does (``evaluation.zero_maps``).
+ZERO_MAPS = ("skip", "uniform")
+
+
+class _ZeroMaps:
+    """The ``zero_maps`` option of the localisation metrics (a mixin of ``Metric``s)."""
+
+    def _init_zero_maps(self, zero_maps: str) -> None:
+        if zero_maps not in ZERO_MAPS:
+            raise ValueError(f"zero_maps must be one of {list(ZERO_MAPS)}, got {zero_maps!r}")
+        self.zero_maps = zero_maps
+        if zero_maps == "uniform":
+            self.add_state("uniform", _count(), dist_reduce_fx="sum")
+
+    def _maps_to_score(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The heatmaps at the masks' size, all-zero ones made constant under ``uniform``, and
+        which those were (None under ``skip``)."""
+        heatmaps = functional.upsample(heatmaps, masks.shape[-2:])
+        if self.zero_maps == "skip":
+            return heatmaps, None
+        return functional.uniform_where_zero(heatmaps)
+
+    def _count_uniform(self, zero: torch.Tensor | None, scored: torch.Tensor) -> None:
+        """Counts the constant maps that were scored: one with an empty mask is skipped all the same."""
+        if zero is not None:
+            self.uniform += (zero & scored).sum()
+
+    def _with_uniform(self, results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**results, "uniform": self.uniform.double()} if self.zero_maps == "uniform" else results
+
+
 class _MeanScore(Metric):
     """Mean of per-image scores in [0, 1]; NaN scores are skipped and counted."""
 
@@ -67,9 +101,9 @@ class _MeanScore(Metric):
         return {self.score_name: _fraction(self.score_sum, self.scored), "skipped": self.skipped.double()}
 
 
-class PointingGame(_MeanScore):
+class PointingGame(_ZeroMaps, _MeanScore):
     """Pointing game: hit iff the heatmap's maximum lies within the tolerance of the mask (see the
-    module docstring for ``tolerance`` and ``tolerance_at``).
+    module docstring for ``tolerance``, ``tolerance_at`` and ``zero_maps``).
 
     ``update(heatmaps, masks, classes=None)``. Without ``num_classes``, ``compute()`` gives
     ``{"pg": hits / trials, "skipped"}``. With ``num_classes`` every update needs ``classes``
@@ -81,9 +115,11 @@ class PointingGame(_MeanScore):
     higher_is_better = True
     score_name = "pg"
 
-    def __init__(self, *, tolerance: float, tolerance_at: float | None, num_classes: int | None = None, **kwargs):
+    def __init__(self, *, tolerance: float, tolerance_at: float | None, num_classes: int | None = None,
+                 zero_maps: str = "skip", **kwargs):
         super().__init__(**kwargs)
         _check_tolerance(tolerance, tolerance_at)
+        self._init_zero_maps(zero_maps)
         self.tolerance = tolerance
         self.tolerance_at = tolerance_at
         self.num_classes = num_classes
@@ -98,23 +134,25 @@ class PointingGame(_MeanScore):
             # Before any state changes: a refused update leaves the metric as it was.
             functional._check_per_image(heatmaps, "classes", classes, 0, self.num_classes - 1)
         tolerance = _scaled_tolerance(self.tolerance, self.tolerance_at, masks)
-        hits, valid = functional.pointing_hits(functional.upsample(heatmaps, masks.shape[-2:]), masks, tolerance)
+        heatmaps, zero = self._maps_to_score(heatmaps, masks)
+        hits, valid = functional.pointing_hits(heatmaps, masks, tolerance)
         self._add_scores(hits.double().masked_fill(~valid, math.nan))
+        self._count_uniform(zero, valid)
         if classes is None:
             return
         self.class_trials += torch.bincount(classes[valid], minlength=self.num_classes)
         self.class_hits += torch.bincount(classes[hits], minlength=self.num_classes)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        pooled = super().compute()
+        pooled = self._with_uniform(super().compute())
         if self.num_classes is None:
             return pooled
         tried = self.class_trials > 0
         per_class = _fraction(self.class_hits[tried], self.class_trials[tried])
-        return {"pg": per_class.mean(), "pg_micro": pooled["pg"], "skipped": pooled["skipped"]}
+        return {"pg": per_class.mean(), "pg_micro": pooled.pop("pg"), **pooled}
 
 
-class StochasticPointingGame(Metric):
+class StochasticPointingGame(_ZeroMaps, Metric):
     """Stochastic pointing game: ``num_samples`` points drawn from the normalised heatmap, each
     scored like PG; per-image score = hit fraction. ``update(heatmaps, masks, seeds)``.
 
@@ -131,11 +169,12 @@ class StochasticPointingGame(Metric):
     full_state_update = False
 
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_samples: int, num_runs: int, seed: int,
-                 **kwargs):
+                 zero_maps: str = "skip", **kwargs):
         super().__init__(**kwargs)
         if num_runs < 2:
             raise ValueError(f"num_runs must be >= 2 to give a standard deviation over runs, got {num_runs}")
         _check_tolerance(tolerance, tolerance_at)
+        self._init_zero_maps(zero_maps)
         self.tolerance = tolerance
         self.tolerance_at = tolerance_at
         self.num_samples = num_samples
@@ -147,7 +186,7 @@ class StochasticPointingGame(Metric):
 
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, seeds: torch.Tensor) -> None:
         functional._check_seeds(heatmaps, seeds)
-        heatmaps = functional.upsample(heatmaps, masks.shape[-2:])
+        heatmaps, zero = self._maps_to_score(heatmaps, masks)
         scores = functional._stochastic_scores(
             heatmaps, masks, self.num_samples, self.num_runs,
             _scaled_tolerance(self.tolerance, self.tolerance_at, masks), None, functional.trial_seeds(self.seed, seeds)
@@ -156,21 +195,33 @@ class StochasticPointingGame(Metric):
         self.run_sums += scores[valid].sum(0, dtype=torch.float64)
         self.scored += valid.sum()
         self.skipped += (~valid).sum()
+        self._count_uniform(zero, valid)
 
     def compute(self) -> dict[str, torch.Tensor]:
         run_means = _fraction(self.run_sums, self.scored)
-        return {"spg": run_means.mean(), "spg_std": run_means.std(), "skipped": self.skipped.double()}
+        return self._with_uniform({"spg": run_means.mean(), "spg_std": run_means.std(),
+                                   "skipped": self.skipped.double()})
 
 
-class ContentHeatmap(_MeanScore):
+class ContentHeatmap(_ZeroMaps, _MeanScore):
     """Content heatmap: share of heatmap mass on mask pixels. ``update(heatmaps, masks)``;
-    ``compute()`` -> ``{"ch", "skipped"}``."""
+    ``compute()`` -> ``{"ch", "skipped"}`` (and "uniform" under ``zero_maps="uniform"``)."""
 
     higher_is_better = True
     score_name = "ch"
 
+    def __init__(self, *, zero_maps: str = "skip", **kwargs):
+        super().__init__(**kwargs)
+        self._init_zero_maps(zero_maps)
+
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
-        self._add_scores(functional.content_heatmap(functional.upsample(heatmaps, masks.shape[-2:]), masks))
+        heatmaps, zero = self._maps_to_score(heatmaps, masks)
+        scores = functional.content_heatmap(heatmaps, masks)
+        self._add_scores(scores)
+        self._count_uniform(zero, ~scores.isnan())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return self._with_uniform(super().compute())
 
 
 class NegativeQuadrantsHeatmap(_MeanScore):
@@ -199,15 +250,22 @@ class NegativeQuadrantsHeatmap(_MeanScore):
 
 class FGSMRobustness(Metric):
     """Top-1 accuracy under FGSM for each ``eps`` in ``eps_list`` (units of 1/255) in ``space``
-    (:mod:`evaluation.attacks`).
+    (:mod:`evaluation.attacks`), and the attack's success rate: among the images classified
+    correctly on the clean input, the share misclassified under attack.
 
     ``update(net, images, targets)``: images in pixel space [0, 1], targets class indices ``[B]``;
     put ``net`` in eval mode. Defined for single-label top-1 only: multi-hot targets raise.
-    ``compute()`` -> ``{"eps=1": accuracy, "eps=2": ..., ...}``."""
+    ``compute()`` -> ``{"eps=1": top-1 under attack, "eps=2": ..., ..., "success/eps=1": success
+    rate, ..., "clean": clean top-1}``; the success rate is NaN where no image was correct.
+
+    Its values improve in opposite directions, which torchmetrics' one ``higher_is_better`` cannot
+    say: top-1 (under attack or clean) is better higher, the success rate lower (``train.SCORE_MODES``
+    gives each its own)."""
 
     is_differentiable = False
-    higher_is_better = True
+    higher_is_better = None
     full_state_update = False
+    success_prefix = "success/"
 
     def __init__(self, eps_list: Sequence[float], space: str, **kwargs):
         super().__init__(**kwargs)
@@ -219,6 +277,9 @@ class FGSMRobustness(Metric):
         self.space = space
         self.add_state("correct", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", _count(), dist_reduce_fx="sum")
+        self.add_state("clean_correct", _count(), dist_reduce_fx="sum")
+        # Per eps: correct on the clean input, wrong under attack.
+        self.add_state("broken", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
         if targets.dim() != 1 or targets.is_floating_point():
@@ -226,11 +287,20 @@ class FGSMRobustness(Metric):
                 "FGSM robustness is defined here for single-label top-1 accuracy: targets must be class "
                 f"indices [B], got {targets.dtype} {tuple(targets.shape)} (multi-label targets?)"
             )
+        with torch.no_grad():
+            clean = net(images).argmax(1) == targets
         attacks = fgsm_attacks(net, images, targets, self.eps_list, space=self.space)
         for index, adversarial in enumerate(attacks):
             with torch.no_grad():
-                self.correct[index] += (net(adversarial).argmax(1) == targets).sum()
+                attacked = net(adversarial).argmax(1) == targets
+            self.correct[index] += attacked.sum()
+            self.broken[index] += (clean & ~attacked).sum()
+        self.clean_correct += clean.sum()
         self.total += targets.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {f"eps={eps:g}": _fraction(correct, self.total) for eps, correct in zip(self.eps_list, self.correct)}
+        keys = [f"eps={eps:g}" for eps in self.eps_list]
+        return {**{key: _fraction(correct, self.total) for key, correct in zip(keys, self.correct)},
+                **{self.success_prefix + key: _fraction(broken, self.clean_correct)
+                   for key, broken in zip(keys, self.broken)},
+                "clean": _fraction(self.clean_correct, self.total)}

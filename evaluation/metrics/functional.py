@@ -40,6 +40,7 @@ __all__ = [
     "stochastic_pointing_game",
     "trial_seeds",
     "trial_uniforms",
+    "uniform_where_zero",
     "upsample",
     "valid_pairs",
 ]
@@ -115,6 +116,19 @@ def _valid_from_peaks(peak_values: torch.Tensor, masks: torch.Tensor | None) -> 
 
 def _nan_where_invalid(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~valid, math.nan)
+
+
+def uniform_where_zero(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps, zero)``: ``heatmaps`` with each all-zero map replaced by a map of ones, and bool
+    ``[B]``, which were. This is what the authors' Grad-CAM makes of an all-zero map: it adds 1e-8
+    after normalising, and ``cv2.resize`` keeps a constant map constant, so their PG points at
+    its first pixel (numpy's argmax: the top-left one), their SPG draws uniformly and their CH is
+    the mask's share of the image. The scores take the ones as they would any map."""
+    _check_heatmaps(heatmaps)
+    zero = heatmaps.flatten(1).amax(1) == 0  # non-negative maps
+    if zero.any():
+        heatmaps = heatmaps.masked_fill(zero[:, None, None], 1)
+    return heatmaps, zero
 
 
 def valid_pairs(heatmaps: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
