@@ -115,7 +115,9 @@ class ExplanationMetricsCallback(_EvaluationCallback):
 
 class FGSMRobustnessCallback(_EvaluationCallback):
     """Top-1 accuracy under FGSM for each eps of ``settings.fgsm_eps`` (1/255 units), logged as
-    ``explain/fgsm/eps=<eps>``. The attack explains nothing: no explainer."""
+    ``explain/fgsm/eps=<eps>``, the attack's success rate among the images correct before it as
+    ``explain/fgsm_success/eps=<eps>`` (lower is better), and their clean top-1 as
+    ``explain/fgsm_clean``. The attack explains nothing: no explainer."""
 
     def __init__(self, settings: EvaluationSettings, every_n_epochs: int, max_images: int | None):
         super().__init__(("fgsm",), None, settings, every_n_epochs, max_images)
