@@ -14,7 +14,7 @@ from tests.ddp_evaluation import DATA, MAX_IMAGES, WORLD_SIZE, datamodule, evalu
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every key of the results: the metrics, their references and the skipped counts.
-KEYS = {"acc", "pg", "pg_micro", "spg", "spg_std", "ch", "nqh", "fgsm", "skipped"} | {
+KEYS = {"acc", "pg", "pg_micro", "spg", "spg_std", "ch", "nqh", "fgsm", "fgsm_success", "fgsm_clean", "skipped"} | {
     f"{key}_{reference}" for key in ("pg", "pg_micro", "spg", "spg_std", "ch") for reference in ("center", "noise")}
 
 
@@ -29,7 +29,8 @@ def assert_same_results(actual: dict, expected: dict) -> None:
     """Equal up to float64 summation order: the processes add their sums in another order."""
     assert actual.keys() == expected.keys() == KEYS
     assert actual["skipped"] == expected["skipped"] and actual["fgsm"] == expected["fgsm"]
-    for key in KEYS - {"skipped", "fgsm"}:
+    assert actual["fgsm_success"] == expected["fgsm_success"]
+    for key in KEYS - {"skipped", "fgsm", "fgsm_success"}:
         assert actual[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15, nan_ok=False), key
 
 
