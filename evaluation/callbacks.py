@@ -144,8 +144,8 @@ class ConsensusCallback(pl.Callback):
     explainer and options. Runs on the main process only; its metrics do not sync."""
 
     def __init__(self, committee: str | Sequence[str], data: Mapping, explainer: str | Mapping,
-                 settings: EvaluationSettings, num_images: int | None, target: str, resolution: int, sigma: float,
-                 aggregation: str, store_dir: str):
+                 settings: EvaluationSettings, num_images: int | None, target: str, resolution: int | None,
+                 sigma: float, aggregation: str, store_dir: str):
         # Everything is checked here, before training: a typo must not cost the run.
         self.committee = committee_lib.find_checkpoints(committee, None) if committee else []
         if not self.committee:
@@ -194,17 +194,18 @@ class ConsensusCallback(pl.Callback):
         # during the training, and the store keys explanations by the weights' digest.
         members = committee_lib.load_members(self.committee, datamodule, minimum=1)
         images = committee_lib.committee_images(datamodule, self.num_images)
+        resolution = committee_lib.effective_resolution(self.resolution, datamodule)
         store = ExplanationStore(self.store_dir, committee_lib.run_settings(
-            self.data, self.explainer_options, self.target, self.resolution, self.settings.batch_size, len(images)))
+            self.data, self.explainer_options, self.target, resolution, self.settings.batch_size, len(images)))
         shared = committee_lib.stored_shared_arrays(store, images, datamodule, self.explainer, self.settings.batch_size)
         entries = [committee_lib.member_entry(member, store, self.explainer, images, datamodule, shared, self.target,
-                                              self.resolution, self.settings, pl_module.device)[0]
+                                              resolution, self.settings, pl_module.device)[0]
                    for member in members]
         was_training = pl_module.net.training
         pl_module.net.eval()
         try:
             own, _ = committee_lib.explain_member(pl_module.net, self.explainer, images, datamodule, shared,
-                                                  self.target, self.resolution, self.settings.batch_size)
+                                                  self.target, resolution, self.settings.batch_size)
         finally:
             pl_module.net.train(was_training)
         kind = committee_lib.explanation_kind(self.explainer)

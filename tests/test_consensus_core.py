@@ -1,5 +1,7 @@
-"""Cross-model consensus (evaluation.consensus.core): the formulas on hand-made explanations,
-noise members ranked last, order independence, leave-one-out, sub-committees and convergence."""
+"""Cross-model consensus (evaluation.consensus.core): the formulas on hand-made explanations and
+against the papers' formulas written naively, the two LIME rules reversing a ranking, missing
+explanations, noise members ranked last, order independence, leave-one-out, sub-committees and
+convergence."""
 from __future__ import annotations
 
 import math
@@ -40,6 +42,8 @@ WEIGHTS = torch.tensor([
 ], dtype=F64)
 VALID = torch.tensor([[True, True, True, True], [True, True, True, False]])
 R2 = 1 / math.sqrt(2)
+# The members' own weights on the real superpixels, which both rules compare with the consensus.
+RAW = {"A": [[3, 4, 0, 0], [1, -1, 0, 0]], "B": [[0, 0, 0, 2], [2, 0, 0, 0]], "C": [[6, 8, 0, 0], [0, 0, -3, 0]]}
 # Linear terms t_i = L_i / ||L_i|| (padding 0).
 LINEAR = {"A": [[0.6, 0.8, 0, 0], [R2, -R2, 0, 0]], "B": [[0, 0, 0, 1], [1, 0, 0, 0]],
           "C": [[0.6, 0.8, 0, 0], [0, 0, -1, 0]]}
@@ -63,7 +67,7 @@ def test_superpixel_consensus_and_cosine_by_hand(rule, terms):
     for i, k in enumerate("ABC"):
         for image in (0, 1):
             c = mean_of([terms[j][image] for j in "ABC"])
-            assert float(sims[i, image]) == pytest.approx(cos(terms[k][image][:3 + (image == 0)],
+            assert float(sims[i, image]) == pytest.approx(cos(RAW[k][image][:3 + (image == 0)],
                                                               c[:3 + (image == 0)]), abs=1e-12)
 
 
@@ -73,7 +77,7 @@ def test_linear_rule_numbers():
     sims = member_similarities(WEIGHTS, "superpixel", valid=VALID, rule="linear")
     assert float(sims[0, 0]) == pytest.approx(2 / math.sqrt(5), abs=1e-12)
     assert float(sims[1, 0]) == pytest.approx(1 / math.sqrt(5), abs=1e-12)
-    assert (RULE, SIGMA) == ("linear", 0.2)  # the documented defaults
+    assert (RULE, SIGMA) == ("squared", 0.2)  # the documented defaults
     with pytest.raises(ValueError, match="rule: superpixel explanations need a consensus rule"):
         member_similarities(WEIGHTS, "superpixel", valid=VALID)
     # The linear rule ignores each member's scale; the squared rule does not.
@@ -82,6 +86,53 @@ def test_linear_rule_numbers():
     assert torch.allclose(superpixel_consensus(scaled, VALID, "linear"), superpixel_consensus(WEIGHTS, VALID, "linear"))
     assert not torch.allclose(superpixel_consensus(scaled, VALID, "squared"),
                               superpixel_consensus(WEIGHTS, VALID, "squared"))
+
+
+def paper_similarities(weights: np.ndarray, valid: np.ndarray, rule: str, leave_one_out: bool) -> np.ndarray:
+    """The papers' formulas, loop by loop: ``c_k = (1/m) sum_i L_ik^2 / ||L_i||`` (squared, "Cross-Model
+    Consensus ...", Appendix A) or ``(1/m) sum_i L_ik / ||L_i||`` (linear, "Democratizing ...",
+    Appendix E) over the image's real superpixels, and ``s_j = cos(L_j, c)``."""
+    m, images, width = weights.shape
+    out = np.empty((m, images))
+    for n in range(images):
+        real = [k for k in range(width) if valid[n, k]]
+        norms = [math.sqrt(sum(weights[i, n, k] ** 2 for k in real)) for i in range(m)]
+        for j in range(m):
+            others = [i for i in range(m) if not (leave_one_out and i == j)]
+            c = [sum((weights[i, n, k] ** 2 if rule == "squared" else weights[i, n, k]) / norms[i] for i in others)
+                 / len(others) for k in real]
+            out[j, n] = cos([weights[j, n, k] for k in real], c)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["squared", "linear"])
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_superpixel_similarities_are_the_papers_formulas(rule, leave_one_out):
+    weights, valid = lime_committee(4, noisy=1, n_images=5, seed=2)
+    weights[0] *= -1  # signed weights of both signs: the squared rule's consensus has none
+    got = member_similarities(weights, "superpixel", valid=valid, rule=rule, leave_one_out=leave_one_out)
+    expected = paper_similarities(weights.numpy(), valid.numpy(), rule, leave_one_out)
+    assert np.allclose(got.numpy(), expected, atol=1e-12)
+
+
+def test_the_rules_can_reverse_a_ranking():
+    """One confident member (LIME weights of scale 10, on superpixel 0) and four diffident ones
+    (scale 0.1, on superpixels 1 and 2). The linear rule's consensus is the mean direction, that of
+    the four; the squared rule's terms keep each member's scale, so the confident member's term
+    dominates it."""
+    confident, diffident = [10.0, 0.0, 0.0], [0.0, 0.1, 0.1]
+    weights = torch.tensor([[confident]] + [[diffident]] * 4, dtype=F64)
+    # Linear: c = (e_0 + 4 (e_1 + e_2) / sqrt(2)) / 5.
+    c = [0.2, 0.8 / math.sqrt(2), 0.8 / math.sqrt(2)]
+    linear = consensus_scores(member_similarities(weights, "superpixel", rule="linear"))
+    assert linear.tolist() == pytest.approx([cos(confident, c)] + [cos(diffident, c)] * 4, abs=1e-12)
+    assert ranks(linear) == [5, 1, 1, 1, 1]
+    # Squared: c = ([100, 0, 0] / 10 + 4 [0, 0.01, 0.01] / (0.1 sqrt(2))) / 5.
+    c = [2.0, 0.04 / (0.5 * math.sqrt(2)), 0.04 / (0.5 * math.sqrt(2))]
+    squared = consensus_scores(member_similarities(weights, "superpixel", rule="squared"))
+    assert squared.tolist() == pytest.approx([cos(confident, c)] + [cos(diffident, c)] * 4, abs=1e-12)
+    assert ranks(squared) == [1, 2, 2, 2, 2]
+    assert float(squared[0]) > 0.99 and float(squared[1]) < 0.05
 
 
 def test_superpixel_leave_one_out_by_hand():
@@ -96,27 +147,28 @@ def test_superpixel_leave_one_out_by_hand():
     for i in range(3):
         others = [j for j in range(3) if j != i]
         c = superpixel_consensus(WEIGHTS[others], VALID, "squared")
-        t = WEIGHTS[i].nan_to_num().pow(2) / WEIGHTS[i].where(VALID, 0).pow(2).sum(-1, keepdim=True).sqrt()
-        expected = cosine_similarity(t, c, VALID)
+        expected = cosine_similarity(WEIGHTS[i].nan_to_num(), c, VALID)
         got = member_similarities(WEIGHTS, "superpixel", valid=VALID, rule="squared", leave_one_out=True)[i]
         assert torch.allclose(got, expected, atol=1e-12)
 
 
-def test_padding_and_missing_superpixel_members():
+@pytest.mark.parametrize("rule, terms", [("linear", LINEAR), ("squared", SQUARED)])
+def test_padding_and_missing_superpixel_members(rule, terms):
     weights = WEIGHTS.clone()
     weights[:, 1, 3] = torch.tensor([1e9, -5.0, math.inf])  # any padding value is ignored
-    assert torch.allclose(member_similarities(weights, "superpixel", valid=VALID, rule=RULE),
-                          member_similarities(WEIGHTS, "superpixel", valid=VALID, rule=RULE))
-    assert superpixel_consensus(weights, VALID, RULE)[1, 3] == 0
+    assert torch.allclose(member_similarities(weights, "superpixel", valid=VALID, rule=rule),
+                          member_similarities(WEIGHTS, "superpixel", valid=VALID, rule=rule))
+    assert superpixel_consensus(weights, VALID, rule)[1, 3] == 0
     # An all-zero member and a NaN member are missing: left out of the mean, similarity NaN.
     weights[1, 0] = 0.0
     weights[2, 1, 0] = math.nan
-    c = superpixel_consensus(weights, VALID, RULE)
-    assert c[0].tolist() == pytest.approx(mean_of([LINEAR["A"][0], LINEAR["C"][0]]))
-    assert c[1].tolist() == pytest.approx(mean_of([LINEAR["A"][1], LINEAR["B"][1]]))
-    sims = member_similarities(weights, "superpixel", valid=VALID, rule=RULE)
+    assert core.present(weights, "superpixel", VALID).tolist() == [[True, True], [False, True], [True, False]]
+    c = superpixel_consensus(weights, VALID, rule)
+    assert c[0].tolist() == pytest.approx(mean_of([terms["A"][0], terms["C"][0]]))
+    assert c[1].tolist() == pytest.approx(mean_of([terms["A"][1], terms["B"][1]]))
+    sims = member_similarities(weights, "superpixel", valid=VALID, rule=rule)
     assert math.isnan(sims[1, 0]) and math.isnan(sims[2, 1])
-    assert float(sims[0, 0]) == pytest.approx(1.0)
+    assert float(sims[0, 0]) == pytest.approx(cos(RAW["A"][0], c[0].tolist()))
     scores = consensus_scores(sims)
     assert float(scores[1]) == pytest.approx(float(sims[1, 1]))  # the NaN image is skipped
     assert float(scores[2]) == pytest.approx(float(sims[2, 0]))
@@ -139,8 +191,8 @@ E00[0, 0], E22[2, 2] = 1, 1
 
 
 def pixel_committee() -> torch.Tensor:
-    """3 members, 2 images, 3x3. Image 0: ramp, 2*ramp+5 (same normalised map), constant (zeros).
-    Image 1: a peak top-left (scaled), a map with a NaN (missing), a peak bottom-right."""
+    """3 members, 2 images, 3x3. Image 0: ramp, 2*ramp+5 (same normalised map), a constant map
+    (missing). Image 1: a peak top-left (scaled), a map with a NaN (missing), a peak bottom-right."""
     broken = 3 * E00.clone()
     broken[1, 1] = math.nan
     return torch.stack([torch.stack([RAMP, 4 * E00 - 1]),
@@ -159,26 +211,28 @@ def test_normalize_maps():
 
 def test_pixel_consensus_and_rbf_by_hand():
     maps = pixel_committee()
+    assert core.present(maps, "pixel").tolist() == [[True, True], [True, False], [False, True]]
     c = pixel_consensus(maps)
     n = RAMP / 8
-    assert torch.allclose(c[0], 2 * n / 3)  # (n + n + 0) / 3
-    assert torch.allclose(c[1], (E00 + E22) / 2)  # the missing member is left out
+    # The constant map, all zeros once normalised, is missing: it would drag the consensus
+    # towards a flat map (2n/3) and score a similarity of its own.
+    assert torch.allclose(c[0], n)
+    assert torch.allclose(c[1], (E00 + E22) / 2)  # the NaN map is missing too
     sims = member_similarities(maps, "pixel", sigma=SIGMA)
-    # Image 0: members 1 and 2 differ from c by n/3, member 3 by 2n/3; rms(n) = sqrt(sum k^2 / 64 / 9).
-    rms_n = math.sqrt(sum(k * k for k in range(9)) / 64 / 9)
-    assert float(sims[0, 0]) == pytest.approx(rbf(rms_n / 3), abs=1e-12)
-    assert float(sims[1, 0]) == pytest.approx(rbf(rms_n / 3), abs=1e-12)
-    assert float(sims[2, 0]) == pytest.approx(rbf(2 * rms_n / 3), abs=1e-12)
+    assert float(sims[0, 0]) == 1.0 and float(sims[1, 0]) == 1.0
+    assert math.isnan(sims[2, 0]) and math.isnan(sims[1, 1])
     # Image 1: members 1 and 3 differ from c by +-(E00 - E22)/2: rms = sqrt(2 * 0.25 / 9).
     assert float(sims[0, 1]) == pytest.approx(rbf(math.sqrt(0.5 / 9)), abs=1e-12)
     assert float(sims[2, 1]) == pytest.approx(rbf(math.sqrt(0.5 / 9)), abs=1e-12)
-    assert math.isnan(sims[1, 1])
     scores = consensus_scores(sims)
-    assert float(scores[1]) == pytest.approx(rbf(rms_n / 3))  # only image 0 counts
-    assert float(scores[0]) == pytest.approx((rbf(rms_n / 3) + rbf(math.sqrt(0.5 / 9))) / 2)
-    # Another sigma, straight from the definition.
+    assert float(scores[1]) == 1.0  # only image 0 counts
+    assert float(scores[2]) == pytest.approx(rbf(math.sqrt(0.5 / 9)))  # only image 1
+    assert float(scores[0]) == pytest.approx((1 + rbf(math.sqrt(0.5 / 9))) / 2)
+    # Another sigma, straight from the definition; with leave-one-out, member 1 of image 0 meets
+    # member 2's map alone.
     sims = member_similarities(maps, "pixel", sigma=0.5)
-    assert float(sims[2, 0]) == pytest.approx(math.exp(-0.5 * (2 * rms_n / 3 / 0.5) ** 2), abs=1e-12)
+    assert float(sims[0, 1]) == pytest.approx(math.exp(-0.5 * (math.sqrt(0.5 / 9) / 0.5) ** 2), abs=1e-12)
+    assert float(member_similarities(maps, "pixel", sigma=SIGMA, leave_one_out=True)[0, 0]) == 1.0
 
 
 def test_rbf_similarity_is_resolution_free():
@@ -230,15 +284,16 @@ def blob_committee(m: int, noisy: int, n_images: int = 12, size: int = 16, seed:
 
 
 def lime_committee(m: int, noisy: int, n_images: int = 12, s_max: int = 20, seed: int = 0):
-    """LIME-like weights: agreeing members = the image's common weights + small noise at their own
-    scale; member ``noisy`` has random weights. Images have 12 to 20 real superpixels."""
+    """LIME-like weights: agreeing members = the image's common weights (non-negative, as the
+    evidence for the explained class mostly is) + small noise, at their own scale; member
+    ``noisy`` has random signed weights. Images have 12 to 20 real superpixels."""
     g = torch.Generator().manual_seed(seed)
     weights = torch.full((m, n_images, s_max), math.nan, dtype=F64)
     valid = torch.zeros(n_images, s_max, dtype=torch.bool)
     for n in range(n_images):
         s = int(torch.randint(12, s_max + 1, (1,), generator=g))
         valid[n, :s] = True
-        common = torch.randn(s, generator=g, dtype=F64)
+        common = torch.randn(s, generator=g, dtype=F64).abs()
         for i in range(m):
             scale = float(torch.rand(1, generator=g)) * 5 + 0.1
             w = torch.randn(s, generator=g, dtype=F64) if i == noisy else common + 0.3 * torch.randn(s, generator=g, dtype=F64)

@@ -1,6 +1,7 @@
 """Consensus statistics and the table report (evaluation.consensus.stats, evaluation.consensus.report):
-correlations equal scipy's, missing cells are dropped and counted, average precision by hand, the
-report end-to-end on a CSV and a TSV, and every bad input."""
+correlations equal scipy's, missing cells are dropped and counted, correlations within groups,
+average precision by hand, the report end-to-end on a CSV and a TSV, scatter labels, and every bad
+input."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from evaluation.consensus.report import read_table, run, scatter, write_table_report
-from evaluation.consensus.stats import all_correlations, average_precision, correlation, mean_average_precision
+from evaluation.consensus.report import EXTREMES, read_table, run, scatter, scatter_figure, write_table_report
+from evaluation.consensus.stats import (all_correlations, average_precision, correlation, group_correlations,
+                                        mean_average_precision)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRELATION_KEYS = {"x", "y", "n", "pearson", "pearson_p", "spearman", "spearman_p", "note"}
@@ -61,6 +63,36 @@ def test_too_few_rows_or_constant_give_none():
     assert few["n"] == 2 and few["pearson"] is None and few["spearman_p"] is None and "2 rows" in few["note"]
     flat = correlation([{"x": 1, "y": v} for v in (1, 2, 3)], "x", "y")
     assert flat["n"] == 3 and flat["pearson"] is None and flat["spearman"] is None and "constant" in flat["note"]
+
+
+def test_group_correlations_within_each_varying_key():
+    """Two groups whose pooled correlation comes from the gap between them: within each, the
+    score and accuracy run the other way."""
+    rows = [{"pooling": "avg", "loss": "gc", "accuracy": 0.9 - 0.01 * i, "consensus_score": 0.8 + 0.01 * i}
+            for i in range(4)]
+    rows += [{"pooling": "max", "loss": "gc", "accuracy": 0.5 - 0.01 * i, "consensus_score": 0.3 + 0.01 * i}
+             for i in range(3)]
+    rows.append({"pooling": "lse", "loss": "gc", "accuracy": 0.7, "consensus_score": 0.5})  # a group of 1
+    assert correlation(rows, "consensus_score", "accuracy")["pearson"] > 0.9
+    groups = group_correlations(rows, ["pooling", "loss"], "consensus_score", "accuracy")
+    assert [g["group"] for g in groups] == ["pooling=avg", "pooling=max"]  # loss does not vary; lse alone
+    for group, members in zip(groups, (rows[:4], rows[4:7])):
+        assert set(group) == CORRELATION_KEYS | {"group"} and group["n"] == len(members)
+        assert group["pearson"] == pytest.approx(correlation(members, "consensus_score", "accuracy")["pearson"])
+        assert group["pearson"] == pytest.approx(-1.0)
+
+
+def test_a_large_scatter_labels_its_extremes_and_the_named_points():
+    small = [(f"m{i}", 0.1 * i, 0.5) for i in range(12)]
+    assert len(scatter_figure(small, "x", "y", "t").axes[0].texts) == 12
+    # 81 points: the 3 lowest and highest on x (m0-m2, m78-m80) and on y (m41-m43 lowest, m0-m2
+    # highest), and one named point.
+    points = [(f"m{i}", float(i), float(abs(i - 42) + 0.5 * (i > 42))) for i in range(81)]
+    figure = scatter_figure(points, "x", "y", "t", named={"m60"})
+    shown = {text.get_text() for text in figure.axes[0].texts}
+    assert shown == {"m0", "m1", "m2", "m78", "m79", "m80", "m41", "m42", "m43", "m60"}
+    assert len(figure.axes[0].collections[0].get_offsets()) == 81  # every point drawn
+    assert f"the {EXTREMES} highest and lowest" in figure.axes[0].get_xlabel()
 
 
 def test_all_correlations_pairs():

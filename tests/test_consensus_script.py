@@ -2,8 +2,10 @@
 training callback, and bad input; plus the store on its own."""
 import csv
 import json
+import math
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from evaluation.consensus import committee as committee_module
 from evaluation.consensus.committee import find_checkpoints, weights_digest
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore, settings_digest
+from evaluation.metrics import functional
 from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
 from tests.conftest import assert_ok, read_summary, run_module, train
@@ -65,6 +68,67 @@ def test_reference_noise_maps_are_seeded_per_image_whatever_the_slicing(monkeypa
     expected = [average_precision(trial_noise_maps(3, torch.tensor([[image, number]]), 16, 16, "cpu")[0],
                                   torch.from_numpy(masks[image])) for image in range(10) for number in (1, 2)]
     assert whole["noise"] == pytest.approx(np.mean(expected), rel=1e-12)
+
+
+def pixel_weights(resize, size: int) -> torch.Tensor:
+    """The total weight each pixel of a ``size`` px map gets in the resized map: the gradient of
+    the resized map's sum (the resize is linear), i.e. the resized mass of a map hot at that pixel."""
+    source = torch.zeros(1, size, size, requires_grad=True)
+    resize(source).sum().backward()
+    return source.grad[0]
+
+
+@pytest.mark.parametrize("size, resolution", [(80, 16), (224, 64)])
+def test_reduced_maps_weigh_every_pixel(size, resolution):
+    """Area averaging: each common pixel is the mean of the pixels it covers, so every pixel keeps
+    weight (the same weight where the size is a multiple of the resolution), and a checkerboard
+    averages out to its mean; a bilinear resize without antialiasing reads 4 pixels per output and
+    drops the others (67% of a 224 px map at 64 px, 96% of an 80 px map at 16 px)."""
+    weights = pixel_weights(lambda maps: committee_module.to_resolution(maps, resolution), size)
+    cell = (resolution / size) ** 2  # a pixel's share of its common pixel
+    assert bool((weights > 0).all())
+    if size % resolution == 0:
+        assert torch.allclose(weights, torch.full((), cell))  # every pixel weighs the same
+    else:
+        # 3.5 px per common pixel: windows of 4 px overlap, and a pixel in two of them on each axis
+        # weighs 4 times one in a single window.
+        assert torch.allclose(weights.unique(), torch.tensor([1 / 16, 1 / 8, 1 / 4]))
+    bilinear = pixel_weights(lambda maps: functional.upsample(maps, (resolution, resolution)), size)
+    assert float((bilinear == 0).float().mean()) == pytest.approx({80: 0.96, 224: 0.673}[size], abs=0.001)
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    board = ((rows + cols) % 2).float()[None]
+    if (size // resolution) % 2 == 0:
+        assert torch.allclose(committee_module.to_resolution(board, resolution), torch.full((), 0.5))
+    # Smaller maps (Grad-CAM's grid) are enlarged bilinearly.
+    small = torch.rand(2, 5, 5)
+    assert torch.equal(committee_module.to_resolution(small, resolution),
+                       functional.upsample(small, (resolution, resolution)))
+
+
+def test_the_store_key_holds_the_effective_resolution():
+    data = SimpleNamespace(image_size=80)
+    assert committee_module.effective_resolution(None, data) == 80
+    assert committee_module.effective_resolution(32, data) == 32
+    digests = {settings_digest(committee_module.run_settings({"name": "synthetic"}, {"name": "smoothgrad"}, "label",
+                                                             resolution, 4, 6)) for resolution in (80, 32)}
+    assert len(digests) == 2
+
+
+def test_missing_explanations_are_counted_per_member():
+    maps = np.random.default_rng(0).random((3, 70, 4, 4)).astype(np.float16)  # two slices of images
+    maps[0, 5] = 0  # an all-zero map (Grad-CAM of nothing)
+    maps[0, 66] = 0.25  # constant
+    maps[2, 1, 0, 0] = np.nan
+    entries = [{"explanations": member} for member in maps]
+    assert committee_module.missing_counts(entries, {}, "pixel") == [2, 0, 1]
+    weights = np.ones((2, 3, 4), dtype=np.float32)
+    weights[1, 2] = 0  # no direction
+    segments = np.zeros((3, 2, 2), dtype=np.int32)
+    segments[:, 0] = [0, 1]
+    segments[0, 1] = [2, 3]  # image 0 has 4 superpixels, the others 2 (padding beyond)
+    weights[0, 1, 2:] = np.nan  # on padding: ignored
+    entries = [{"explanations": member} for member in weights]
+    assert committee_module.missing_counts(entries, {"segments": segments}, "superpixel") == [0, 1]
 
 
 def test_committee_lists_and_their_errors(tmp_path):
@@ -150,9 +214,33 @@ def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, com
     assert [m["checkpoint"] for m in members] == paths
     assert [m["computed_now"] for m in members] == [False, False, True]
     assert min(m["rank"] for m in members) == 1
-    for member in members:
-        assert 0 <= member["consensus_score"] <= 1 and 0 <= member["accuracy"] <= 1
+    for member, similarities in zip(members, report["similarities"]):
+        assert 0 <= member["accuracy"] <= 1
         assert {"pg", "ch", "map", "consensus_score_loo", "forward_passes"} <= set(member)
+        # A missing explanation (the tiny models' Grad-CAM is often all zero) has no similarity.
+        assert member["missing_explanations"] == sum(math.isnan(value) for value in similarities)
+    assert report["summary"]["missing_explanations"] == sum(m["missing_explanations"] for m in members)
+    assert f"Missing explanations: {report['summary']['missing_explanations']} of 18." in \
+        (tmp_path / "full" / "consensus.md").read_text()
+    if explainer == CHEAP_LIME:
+        # Both papers' rules, the configured (squared) one first; its similarity is a signed cosine.
+        assert report["settings"]["aggregation"] == "squared"
+        for member in members:
+            assert -1 <= member["consensus_score"] <= 1
+            assert member["consensus_score"] == member["consensus_score_squared"]
+            assert member["rank"] == member["rank_squared"] and "rank_linear" in member
+        other = report["other_rule"]
+        assert other["rule"] == "linear" and 0 <= other["consensus_map"] <= 1
+        assert [c["x"] for c in other["correlations"]] == ["consensus_score_linear"] * 4
+        assert "score (linear)" in (tmp_path / "full" / "consensus.md").read_text()
+    else:
+        assert all(0 <= member["consensus_score"] <= 1 for member in members) and "other_rule" not in report
+        # Pixel maps are compared at the image size (80 px) unless resolution says otherwise.
+        assert report["summary"]["resolution"] == 16
+    # One ce and two gc members: no group of 3 within which to correlate.
+    assert report["group_correlations"] == []
+    title = (tmp_path / "full" / "consensus.md").read_text().splitlines()[0]
+    assert title.startswith("# Grad-CAM committee" if explainer == ["explainer=gradcam"] else "# Committee")
     correlations = report["correlations"]
     assert {(c["x"], c["y"]) for c in correlations} >= {("consensus_score", "accuracy"), ("consensus_score", "map")}
     for item in correlations:

@@ -3,7 +3,7 @@ computing each member's explanations (one member at a time, through the store), 
 against the consensus in slices of images, so memory does not grow with the committee.
 
 Two kinds of explanation: ``pixel`` maps (Grad-CAM, SmoothGrad, ...; stored at one common
-resolution, each map divided by its maximum) and ``superpixel`` weights (LIME: the signed weight of
+resolution, each map divided by its largest magnitude) and ``superpixel`` weights (LIME: the signed weight of
 each superpixel of one segmentation per image, shared by every member).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules import ClassificationDataModule
@@ -33,6 +34,9 @@ from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier, accuracy_metric
 
 TARGETS = ("label", "prediction")
+# Explainers of this name prefix are Grad-CAMs: the explainer the GC loss trains, which the
+# consensus papers do not use.
+GRADCAM = "gradcam"
 # Images per slice when members are compared: m members x this many maps in memory at once.
 SLICE_IMAGES = 64
 
@@ -103,12 +107,13 @@ def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, mi
     return list(members.values())
 
 
-def check_image_options(target: str, num_images: int | None, resolution: int, prefix: str = "") -> None:
+def check_image_options(target: str, num_images: int | None, resolution: int | None, prefix: str = "") -> None:
     """The options that say which images are explained and how, checked before any checkpoint or
     image is read; errors name the key under ``prefix`` (``callbacks.consensus.`` for the callback)."""
     if target not in TARGETS:
         raise ValueError(f"{prefix}target={target!r} is unknown; allowed: {list(TARGETS)}")
-    check_integer(f"{prefix}resolution", resolution, 2)
+    if resolution is not None:
+        check_integer(f"{prefix}resolution", resolution, 2)
     if num_images is not None:
         check_integer(f"{prefix}num_images", num_images, 1)
 
@@ -120,6 +125,29 @@ def consensus_options(kind: str, sigma: float, aggregation: str) -> dict:
     if aggregation not in core.RULES:
         raise ValueError(f"aggregation={aggregation!r} is unknown; allowed: {list(core.RULES)}")
     return {"sigma": float(sigma)} if kind == "pixel" else {"rule": aggregation}
+
+
+def effective_resolution(resolution: int | None, datamodule: ClassificationDataModule) -> int:
+    """The side of the common maps: ``resolution``, or (null) the data's image size, at which every
+    member sees the images."""
+    return datamodule.image_size if resolution is None else resolution
+
+
+def to_resolution(maps: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Square maps ``[B, h, w]`` at ``resolution`` x ``resolution``. Larger maps are reduced by area
+    averaging: each common pixel is the mean of the pixels it covers, so every pixel of a
+    pixel-level map (SmoothGrad, gradients) counts, where a bilinear resize without antialiasing
+    reads 4 pixels per output pixel and drops the rest (two thirds of a 224 px map at 64 px). Every
+    pixel weighs the same when the map's side is a multiple of ``resolution``; otherwise the
+    windows overlap by a pixel (224 px at 64: from 1 to 4 times the least weight). Smaller maps
+    (Grad-CAM's feature grid) are enlarged bilinearly."""
+    if min(maps.shape[-2:]) >= resolution:
+        return F.interpolate(maps.unsqueeze(1), size=(resolution, resolution), mode="area").squeeze(1)
+    return functional.upsample(maps, (resolution, resolution))
+
+
+def is_gradcam(explainer_name: str) -> bool:
+    return explainer_name.startswith(GRADCAM)
 
 
 def explanation_kind(explainer) -> str:
@@ -210,10 +238,10 @@ def explain_member(net: torch.nn.Module, explainer, images: Dataset, datamodule:
                     padded[row, :len(values)] = values.float().cpu()
                 explanations.append(padded)
             else:
-                maps = functional.upsample(explainer(net, images_batch, classes).float(), (resolution, resolution))
-                peak = maps.flatten(1).amax(1).clamp_min(torch.finfo(maps.dtype).tiny).view(-1, 1, 1)
-                # Divided by their maximum, maps fit float16 whatever the explainer's scale; scale-free
-                # uses (min-max normalisation, PG, CH, AP) are unchanged.
+                maps = to_resolution(explainer(net, images_batch, classes).float(), resolution)
+                peak = maps.abs().flatten(1).amax(1).clamp_min(torch.finfo(maps.dtype).tiny).view(-1, 1, 1)
+                # Divided by their largest magnitude, maps fit float16 whatever the explainer's scale
+                # and sign; scale-free uses (min-max normalisation, PG, CH, AP) are unchanged.
                 explanations.append((maps / peak).to(torch.float16).cpu())
             predictions.append(predicted.cpu())
             start += len(images_batch)
@@ -242,12 +270,14 @@ def run_settings(data: dict, explainer_options: dict, target: str, resolution: i
                  num_images: int) -> dict:
     """Everything a member's stored explanations depend on besides its checkpoint: which images
     (the ``data`` config without its loading options), the explainer and its options, the
-    explained class, the common resolution, and the batch size (SmoothGrad's noise depends on an
-    image's position in its batch)."""
+    explained class, the common resolution (the effective one, never null) and how maps are
+    brought to it, and the batch size (SmoothGrad's noise depends on an image's position in its
+    batch)."""
     which_images = {key: value for key, value in data.items() if key not in ("num_workers", "batch_size",
                                                                               "skip_corrupt")}
+    # "reduction" keeps entries of the earlier bilinear reduction, at the same resolution, apart.
     return {"data": which_images, "num_images": num_images, "explainer": explainer_options, "target": target,
-            "resolution": resolution, "batch_size": batch_size}
+            "resolution": resolution, "reduction": "area", "batch_size": batch_size}
 
 
 def member_entry(member: Member, store: ExplanationStore, explainer, images: Dataset,
@@ -276,6 +306,11 @@ def superpixel_valid(segments: np.ndarray, width: int) -> torch.Tensor:
     return torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
 
 
+def valid_slots(shared: dict, rows: slice, kind: str, width: int) -> torch.Tensor | None:
+    """``superpixel_valid`` of images ``rows`` for superpixel explanations; None for pixel maps."""
+    return superpixel_valid(np.asarray(shared["segments"][rows]), width) if kind == "superpixel" else None
+
+
 def stacked(entries: Sequence[dict], rows: slice) -> torch.Tensor:
     """The members' explanations of images ``rows``, as float64 [m, n, ...]."""
     return torch.stack([torch.from_numpy(np.array(entry["explanations"][rows], dtype=np.float64))
@@ -289,12 +324,20 @@ def similarities(entries: Sequence[dict], shared: dict, kind: str, options: dict
     parts = []
     for rows in _slices(len(chosen[0]["explanations"])):
         explanations = stacked(chosen, rows)
-        valid = None
-        if kind == "superpixel":
-            valid = superpixel_valid(np.asarray(shared["segments"][rows]), explanations.shape[-1])
-        parts.append(core.member_similarities(explanations, kind, valid=valid, leave_one_out=leave_one_out,
-                                              **options))
+        parts.append(core.member_similarities(explanations, kind, valid=valid_slots(shared, rows, kind,
+                                                                                    explanations.shape[-1]),
+                                              leave_one_out=leave_one_out, **options))
     return torch.cat(parts, dim=1)
+
+
+def missing_counts(entries: Sequence[dict], shared: dict, kind: str) -> list[int]:
+    """Per member, how many of its explanations are missing (``core.present``: non-finite,
+    constant, or of an image without real superpixels), slice by slice."""
+    counts = torch.zeros(len(entries), dtype=torch.long)
+    for rows in _slices(len(entries[0]["explanations"])):
+        explanations = stacked(entries, rows)
+        counts += (~core.present(explanations, kind, valid_slots(shared, rows, kind, explanations.shape[-1]))).sum(1)
+    return counts.tolist()
 
 
 def paint(weights: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -323,8 +366,8 @@ def display_maps(explanations: torch.Tensor, shared: dict, rows: slice, kind: st
 def consensus_of(explanations: torch.Tensor, shared: dict, rows: slice, kind: str, options: dict) -> torch.Tensor:
     """The consensus [n, ...] of the members' explanations [m, n, ...] of images ``rows``."""
     if kind == "superpixel":
-        valid = superpixel_valid(np.asarray(shared["segments"][rows]), explanations.shape[-1])
-        return core.superpixel_consensus(explanations, valid, options["rule"])
+        return core.superpixel_consensus(explanations, valid_slots(shared, rows, kind, explanations.shape[-1]),
+                                         options["rule"])
     return core.pixel_consensus(explanations)
 
 

@@ -10,23 +10,25 @@ and their reasons: ``docs/consensus.md``.
 Two kinds of explanation:
 
 - ``"pixel"`` (SmoothGrad, Grad-CAM, ...): maps ``[m, N, H, W]`` at one common resolution. Each map
-  is min-max normalised, ``n_i = (L_i - min L_i) / (max L_i - min L_i)`` (a constant map becomes all
-  zeros), and ``c = (1/m) sum_i n_i``. Similarity: the RBF kernel
-  ``exp(-0.5 (rms(n_i - c) / sigma)^2)`` with ``rms(d) = ||d||_2 / sqrt(H W)``.
+  is min-max normalised, ``n_i = (L_i - min L_i) / (max L_i - min L_i)``, and
+  ``c = (1/m) sum_i n_i``. Similarity: the RBF kernel ``exp(-0.5 (rms(n_i - c) / sigma)^2)`` with
+  ``rms(d) = ||d||_2 / sqrt(H W)``.
 - ``"superpixel"`` (LIME): weights ``[m, N, S]`` over one segmentation per image shared by every
   member, padded to ``S`` superpixels; ``valid [N, S]`` marks the real ones. Each member contributes
-  ``t_i = L_i / ||L_i||`` (rule ``"linear"``, the default) or ``t_i = L_i^2 / ||L_i||`` (rule
-  ``"squared"``), ``||.||`` the L2 norm over the image's real superpixels, and
-  ``c = (1/m) sum_i t_i``. Similarity: the cosine between ``t_i`` and ``c`` (for the linear rule,
-  the cosine between ``L_i`` and ``c``).
+  ``t_i = L_i^2 / ||L_i||`` (rule ``"squared"``, "Cross-Model Consensus of Explanations and
+  Beyond", main text and Appendix A) or ``t_i = L_i / ||L_i||`` (rule ``"linear"``, "Democratizing
+  Evaluation ...", Appendix E), ``||.||`` the L2 norm over the image's real superpixels, and
+  ``c = (1/m) sum_i t_i``. Similarity, under both rules as the papers write it: the cosine between
+  the member's own weights ``L_i`` and ``c``.
 
 Every member helps build the consensus it is scored against; with ``leave_one_out=True`` member
 ``i`` is scored against the consensus of the others, ``c_(-i) = (m c - t_i) / (m - 1)``.
 
-Missing explanations: a member's explanation of an image with a non-finite value (NaN, inf), and
-for superpixels one whose weights are all zero (no direction) or an image without real
-superpixels, is *missing*. It takes no part in that image's consensus (the mean is over the members
-present) and its similarity there is NaN, so the image is skipped in that member's score.
+Missing explanations: a member's explanation of an image with a non-finite value (NaN, inf), or
+that is constant (a pixel map with one value everywhere, all-zero superpixel weights: no
+direction), or of an image without real superpixels, is *missing*. It takes no part in that
+image's consensus (the mean is over the members present) and its similarity there is NaN, so the
+image is skipped in that member's score; ``present`` tells which explanations count.
 
 Everything is float64 torch; numpy arrays (e.g. memory-mapped float16 from the store) are accepted
 and converted. Images are independent: a caller short of memory can score slices of images and
@@ -103,8 +105,8 @@ def _check_members(m: int, name: str) -> None:
 def normalize_maps(maps) -> torch.Tensor:
     """Min-max normalise every map over its last two dims: ``(x - min) / (max - min)``.
 
-    ``maps [..., H, W]`` -> float64 ``[..., H, W]`` in [0, 1]. A constant map becomes all zeros; a
-    map holding a NaN or inf becomes all NaN (missing).
+    ``maps [..., H, W]`` -> float64 ``[..., H, W]`` in [0, 1]. A constant map becomes all zeros (the
+    consensus treats it as missing); a map holding a NaN or inf becomes all NaN.
     """
     x = _as_float64(maps, "maps")
     if x.dim() < 2:
@@ -121,9 +123,11 @@ def normalize_maps(maps) -> torch.Tensor:
 
 
 def _pixel_terms(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised maps ``[m, N, H, W]`` and presence ``[m, N]`` (maps without NaN)."""
+    """Normalised maps ``[m, N, H, W]`` and presence ``[m, N]``."""
     terms = normalize_maps(maps)
-    present = torch.isfinite(terms).flatten(-2).all(-1)
+    # A normalised map peaks at 1 unless it was constant (all zeros: it points nowhere, and would
+    # pull the consensus towards a flat map) or held a non-finite value (all NaN).
+    present = terms.flatten(-2).amax(-1) > 0
     return terms, present
 
 
@@ -135,8 +139,8 @@ def _check_pixel_maps(maps: torch.Tensor) -> None:
 
 def pixel_consensus(maps) -> torch.Tensor:
     """Consensus of pixel maps ``[m, N, H, W]`` -> ``[N, H, W]``: ``c = (1/m) sum_i n_i`` with
-    ``n_i = normalize_maps(L_i)``. Members whose map of an image is missing (non-finite) are left
-    out of that image's mean; an image with no member present gets NaN."""
+    ``n_i = normalize_maps(L_i)``. Members whose map of an image is missing (non-finite or
+    constant) are left out of that image's mean; an image with no member present gets NaN."""
     x = _as_float64(maps, "maps")
     _check_pixel_maps(x)
     terms, present = _pixel_terms(x)
@@ -175,8 +179,10 @@ def _check_valid(valid, shape: tuple[int, int]) -> torch.Tensor:
     return v
 
 
-def _superpixel_terms(weights: torch.Tensor, valid: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each member's term ``t_i`` ``[m, N, S]`` (0 on padding) and presence ``[m, N]``."""
+def _superpixel_terms(weights: torch.Tensor, valid: torch.Tensor,
+                      rule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each member's weights and term ``t_i`` ``[m, N, S]`` (0 on padding and where missing) and
+    presence ``[m, N]``."""
     zero = torch.zeros((), dtype=weights.dtype)
     w = torch.where(valid, weights, zero)  # padding ignored, whatever it holds
     finite = torch.where(valid, torch.isfinite(weights), torch.ones((), dtype=torch.bool)).all(-1)
@@ -185,8 +191,7 @@ def _superpixel_terms(weights: torch.Tensor, valid: torch.Tensor, rule: str) -> 
     present = finite & (norm > 0) & valid.any(-1)
     safe_norm = torch.where(norm > 0, norm, torch.ones((), dtype=norm.dtype))[..., None]
     terms = (w if rule == "linear" else w.pow(2)) / safe_norm
-    terms = torch.where(present[..., None], terms, torch.full((), math.nan, dtype=w.dtype))
-    return torch.where(valid, terms, zero), present
+    return w, terms, present
 
 
 def _check_superpixel_weights(weights: torch.Tensor) -> None:
@@ -198,8 +203,8 @@ def _check_superpixel_weights(weights: torch.Tensor) -> None:
 def superpixel_consensus(weights, valid, rule) -> torch.Tensor:
     """Consensus of LIME superpixel weights ``[m, N, S]`` -> ``[N, S]``.
 
-    ``c_k = (1/m) sum_i L_ik / ||L_i||`` (``rule="linear"``) or ``c_k = (1/m) sum_i L_ik^2 / ||L_i||``
-    (``rule="squared"``), ``||L_i||`` the L2 norm of member i's weights over the image's real
+    ``c_k = (1/m) sum_i L_ik^2 / ||L_i||`` (``rule="squared"``) or ``c_k = (1/m) sum_i L_ik / ||L_i||``
+    (``rule="linear"``), ``||L_i||`` the L2 norm of member i's weights over the image's real
     superpixels (``valid [N, S]``, True = real; None = all real). Padding is ignored and set to 0
     in the result. Missing members (non-finite or all-zero weights) are left out of the mean.
     """
@@ -207,7 +212,7 @@ def superpixel_consensus(weights, valid, rule) -> torch.Tensor:
     w = _as_float64(weights, "weights")
     _check_superpixel_weights(w)
     v = _check_valid(valid, tuple(w.shape[1:]))
-    terms, present = _superpixel_terms(w, v, rule)
+    _, terms, present = _superpixel_terms(w, v, rule)
     total, count = _sum_present(terms, present)
     return torch.where(v, _mean(total, count), torch.zeros((), dtype=w.dtype))
 
@@ -252,7 +257,7 @@ def member_similarities(explanations, kind: str, *, sigma=None, rule=None, valid
 
     ``kind="pixel"``: ``explanations [m, N, H, W]``; RBF with width ``sigma`` (required) between
     ``n_i`` and ``c``. ``kind="superpixel"``: ``explanations [m, N, S]`` with ``valid [N, S]``;
-    cosine between ``t_i`` and ``c`` under ``rule`` (required).
+    cosine between the member's weights ``L_i`` and ``c`` built under ``rule`` (required).
     ``leave_one_out=True`` scores member i against the consensus of the other members,
     ``c_(-i) = (sum_j t_j - t_i) / (count - 1)``. NaN where the member's explanation is missing or
     the consensus is undefined.
@@ -268,13 +273,16 @@ def member_similarities(explanations, kind: str, *, sigma=None, rule=None, valid
         if valid is not None:
             raise ValueError("valid: only superpixel explanations take a valid mask")
         terms, present = _pixel_terms(x)
+        compared = terms
     else:
         if sigma is not None:
             _check_sigma(sigma)
         rule = _check_rule(rule)
         _check_superpixel_weights(x)
         v = _check_valid(valid, tuple(x.shape[1:]))
-        terms, present = _superpixel_terms(x, v, rule)
+        # The papers compare the member's own signed weights with the consensus, under both rules
+        # (under the linear rule the same cosine as with t_i = L_i / ||L_i||).
+        compared, terms, present = _superpixel_terms(x, v, rule)
 
     total, count = _sum_present(terms, present)
     if leave_one_out:
@@ -284,10 +292,24 @@ def member_similarities(explanations, kind: str, *, sigma=None, rule=None, valid
     else:
         consensus = _mean(total, count)[None]
     if kind == "pixel":
-        sims = rbf_similarity(terms, consensus, sigma)
+        sims = rbf_similarity(compared, consensus, sigma)
     else:
-        sims = cosine_similarity(terms, consensus, v)
+        sims = cosine_similarity(compared, consensus, v)
     return torch.where(present, sims, torch.full((), math.nan, dtype=sims.dtype))
+
+
+def present(explanations, kind: str, valid=None) -> torch.Tensor:
+    """bool ``[m, N]``: which explanations take part in the consensus (the others are missing:
+    non-finite, constant, or of an image without real superpixels)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: unknown explanation kind; choose one of {KINDS}")
+    x = _as_float64(explanations, "explanations")
+    if kind == "pixel":
+        _check_pixel_maps(x)
+        return _pixel_terms(x)[1]
+    _check_superpixel_weights(x)
+    # The rule changes the terms, not which members are present.
+    return _superpixel_terms(x, _check_valid(valid, tuple(x.shape[1:])), "linear")[2]
 
 
 def consensus_scores(similarities) -> torch.Tensor:

@@ -10,8 +10,8 @@ Writes to the output dir (default ``consensus_outputs/<date>/<time>/``, see
 ``conf/consensus_report.yaml``): ``correlations.json`` (``{"settings": ..., "correlations": [...]}``,
 every pair among accuracy, scores and mAPs in the format of
 ``evaluation.consensus.stats.correlation``), ``correlations.md`` (the same as a table) and
-``scatter_<column>.png`` for each score column (score on x, accuracy on y, one labelled point
-per model).
+``scatter_<column>.png`` for each score column (score on x, accuracy on y, one point per model,
+labelled; of more than 12, only the extremes are).
 """
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import hydra
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from evaluation.consensus.stats import all_correlations, correlation, is_missing
@@ -33,6 +34,11 @@ from evaluation.consensus.stats import all_correlations, correlation, is_missing
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 MODEL, ACCURACY = "model", "accuracy"
 SCORE_SUFFIX, MAP_SUFFIX = "_score", "_map"
+# A scatter plot of more points than this labels only the extremes (and the named points): the
+# labels of a large committee overprint one another.
+MAX_LABELS = 12
+# The points labelled at each end of each axis when the plot is large.
+EXTREMES = 3
 
 
 def score_columns(columns: Sequence[str]) -> list[str]:
@@ -123,24 +129,48 @@ def correlation_title(result: dict) -> str:
             f"Spearman rho={result['spearman']:.3f} (p={_number(result['spearman_p'], 3)}), n={result['n']}")
 
 
-def scatter(points: Sequence[tuple[str, float | None, float | None]], x_label: str, y_label: str,
-            title: str, path: str | Path) -> Path:
-    """Save a scatter plot of ``points`` ``(label, x, y)`` with each point labelled; points with a
-    missing coordinate (None/NaN) are left out. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def labelled(points: Sequence[tuple[str, float, float]], named: Collection[str] = ()) -> set[int]:
+    """Indices of the points to label: all of up to ``MAX_LABELS`` points; of more, the
+    ``EXTREMES`` highest and lowest on each axis and those whose label is in ``named``."""
+    if len(points) <= MAX_LABELS:
+        return set(range(len(points)))
+    chosen = {i for i, (label, _, _) in enumerate(points) if label in named}
+    for axis in (1, 2):
+        order = sorted(range(len(points)), key=lambda i: points[i][axis])
+        chosen.update(order[:EXTREMES] + order[-EXTREMES:])
+    return chosen
+
+
+def scatter_figure(points: Sequence[tuple[str, float | None, float | None]], x_label: str, y_label: str,
+                   title: str, named: Collection[str] = ()) -> Figure:
+    """A scatter plot of ``points`` ``(label, x, y)``, labelled as ``labelled`` says (every point is
+    drawn); points with a missing coordinate (None/NaN) are left out."""
     kept = [(label, float(x), float(y)) for label, x, y in points
             if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     if kept:
         ax.scatter([x for _, x, _ in kept], [y for _, _, y in kept], s=18, color="tab:blue")
-        for label, x, y in kept:
+        shown = labelled(kept, named)
+        for index in sorted(shown):
+            label, x, y = kept[index]
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if len(shown) < len(kept):
+            x_label += f"\n(labelled: the {EXTREMES} highest and lowest on each axis"
+            x_label += ", and the named points)" if named else ")"
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def scatter(points: Sequence[tuple[str, float | None, float | None]], x_label: str, y_label: str,
+            title: str, path: str | Path, named: Collection[str] = ()) -> Path:
+    """Save ``scatter_figure`` to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = scatter_figure(points, x_label, y_label, title, named)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

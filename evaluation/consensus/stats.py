@@ -89,6 +89,24 @@ def all_correlations(rows: Sequence[dict], columns: Sequence[str]) -> list[dict]
     return [correlation(rows, x, y) for x, y in itertools.combinations(columns, 2)]
 
 
+def group_correlations(rows: Sequence[dict], keys: Sequence[str], x: str, y: str) -> list[dict]:
+    """``correlation`` of ``x`` and ``y`` within each group of rows that share a value of one of
+    ``keys``, for the keys whose value varies over the rows (a pooled correlation over groups
+    whose values differ in kind, e.g. average- and max-pooled networks, can come from the gap
+    between the groups alone). Groups of fewer than 3 rows are left out. Returns
+    ``[{"group": "<key>=<value>", **correlation(...)}, ...]``, keys in order, values sorted."""
+    out = []
+    for key in keys:
+        values = sorted({str(row.get(key)) for row in rows})
+        if len(values) < 2:
+            continue
+        for value in values:
+            group = [row for row in rows if str(row.get(key)) == value]
+            if len(group) >= MIN_ROWS:
+                out.append({"group": f"{key}={value}", **correlation(group, x, y)})
+    return out
+
+
 def average_precision(scores, mask) -> float:
     """Average precision of a map as a scorer of mask pixels: pixels ranked by score, mask pixels
     the positives (``binary_average_precision``, exact, no thresholds:
