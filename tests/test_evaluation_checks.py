@@ -125,7 +125,7 @@ def test_consensus_options_are_checked_before_the_members(tmp_path, key, value, 
 @pytest.mark.parametrize("overrides, message", [
     (["subcommittees.size=3"], "subcommittees.size=3: the committee has 2 distinct members"),
     (["convergence.sizes=[2,3]"], "convergence.sizes=[2, 3]: the committee has 2 distinct members"),
-    (["explainer.layer=layer4"], "explainer.layer='layer4': layer 'layer4' is not a submodule"),
+    (["explainer=gradcam", "explainer.layer=layer4"], "explainer.layer='layer4': layer 'layer4' is not a submodule"),
 ])
 def test_consensus_checks_the_members_before_explaining_them(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
