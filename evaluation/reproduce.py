@@ -37,6 +37,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 
 from datamodules import build_datamodule  # noqa: E402
 from datamodules.base import check_bool, check_integer, is_number  # noqa: E402
+from evaluation.consensus import committee  # noqa: E402
 from evaluation.engine import resolve_device, validation_sample  # noqa: E402
 from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from evaluation.figures import save_overlay_grid  # noqa: E402
@@ -216,7 +217,8 @@ def paired_claim(claim: str, differences: list[float], direction: int, margin: f
     excesses = [None if d is None or math.isnan(d) else d * direction - bound for d in differences]
 
     def claimed(excess: float) -> bool:
-        return excess >= -ROUNDING if margin is not None else excess > 0
+        # Within ROUNDING of the boundary: on it, as the sign test counts it.
+        return excess >= -ROUNDING if margin is not None else excess > ROUNDING
 
     if interval is None:
         verdict = "inconclusive"
@@ -421,11 +423,7 @@ def claims_reading(seeds: int) -> str:
 
 
 def committee_title(explainer: str) -> str:
-    if explainer == "gradcam":
-        return ("a Grad-CAM committee: Grad-CAM is the explainer the GC loss trains its networks to make "
-                "consistent, so this committee is not independent of the training; the papers use LIME and "
-                "SmoothGrad")
-    return explainer
+    return f"{explainer}; a {committee.GRADCAM_NOTE}" if committee.is_gradcam(explainer) else explainer
 
 
 def correlation_table(correlations: list[dict], group: bool = False) -> list[str]:
@@ -457,6 +455,8 @@ def consensus_lines(consensus: dict, runs: list[Run]) -> list[str]:
     if consensus["group_correlations"] is None:
         lines.append("not in consensus.json (made by a consensus step that predates them); delete "
                      "`output_dir/consensus/` to redo it.")
+    elif not consensus["group_correlations"]:
+        lines.append("none: no pooling, loss or network shared by 3 members or more")
     else:
         lines += correlation_table(consensus["group_correlations"], group=True)
     return lines
@@ -542,7 +542,10 @@ def check_step_options(cfg: DictConfig) -> None:
         if not isinstance(cfg.consensus_explainer, str):
             raise ValueError(f"consensus_explainer must be the name of an explainer of conf/explainer/, "
                              f"got {cfg.consensus_explainer!r}")
-        build_explainer(**explainer_options(cfg.consensus_explainer))
+        try:
+            build_explainer(**explainer_options(cfg.consensus_explainer))
+        except ValueError as error:
+            raise ValueError(f"consensus_explainer={cfg.consensus_explainer!r}: {error}") from None
         if settings.protocol != "standard":
             raise ValueError(f"evaluation.protocol={settings.protocol!r}: the committee consensus (consensus=true) "
                              f"works on the standard geometry only; give evaluation.protocol=standard or "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from scipy import stats as scipy_stats
@@ -84,7 +85,9 @@ def test_group_correlations_within_each_varying_key():
 
 def test_a_large_scatter_labels_its_extremes_and_the_named_points():
     small = [(f"m{i}", 0.1 * i, 0.5) for i in range(12)]
-    assert len(scatter_figure(small, "x", "y", "t").axes[0].texts) == 12
+    figure = scatter_figure(small, "x", "y", "t")
+    assert len(figure.axes[0].texts) == 12
+    plt.close(figure)
     # 81 points: the 3 lowest and highest on x (m0-m2, m78-m80) and on y (m41-m43 lowest, m0-m2
     # highest), and one named point.
     points = [(f"m{i}", float(i), float(abs(i - 42) + 0.5 * (i > 42))) for i in range(81)]
@@ -93,6 +96,25 @@ def test_a_large_scatter_labels_its_extremes_and_the_named_points():
     assert shown == {"m0", "m1", "m2", "m78", "m79", "m80", "m41", "m42", "m43", "m60"}
     assert len(figure.axes[0].collections[0].get_offsets()) == 81  # every point drawn
     assert f"the {EXTREMES} highest and lowest" in figure.axes[0].get_xlabel()
+    plt.close(figure)
+
+
+def test_the_table_report_labels_the_models_it_is_told_to(tmp_path):
+    table = tmp_path / "committee.csv"
+    table.write_text("model,accuracy,x_score\n" + "".join(f"m{i},{i / 100},{i}\n" for i in range(20)))
+    seen = []
+    original = plt.Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        seen.append({text.get_text() for text in figure.axes[0].texts})
+        return original(figure, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", record)
+        run(table, tmp_path / "out", label=["m10"])
+    assert seen == [{"m0", "m1", "m2", "m17", "m18", "m19", "m10"}]
+    with pytest.raises(ValueError, match=r"label: \['m99'\] are not in the table's model column"):
+        run(table, tmp_path / "out", label=["m99"])
 
 
 def test_all_correlations_pairs():
@@ -145,7 +167,7 @@ alexnet,0.57,0.40,0.22,0.30,z
 def check_report(out: Path, n_correlations: int, score_columns: list[str]) -> dict:
     report = json.loads((out / "correlations.json").read_text())
     assert set(report) == {"settings", "correlations"}
-    assert set(report["settings"]) == {"table", "rows", "columns", "score_columns", "map_columns"}
+    assert set(report["settings"]) == {"table", "label", "rows", "columns", "score_columns", "map_columns"}
     assert len(report["correlations"]) == n_correlations
     assert all(set(c) == CORRELATION_KEYS for c in report["correlations"])
     md = (out / "correlations.md").read_text()
@@ -164,7 +186,7 @@ def test_report_csv(tmp_path):
     paths = run(table, tmp_path / "out")
     assert set(paths) == {"json", "md", "scatter_lime_score", "scatter_smoothgrad_score"}
     report = check_report(tmp_path / "out", 6, ["lime_score", "smoothgrad_score"])
-    assert report["settings"] == {"table": str(table), "rows": 5,
+    assert report["settings"] == {"table": str(table), "label": [], "rows": 5,
                                   "columns": ["accuracy", "lime_score", "smoothgrad_score", "lime_map"],
                                   "score_columns": ["lime_score", "smoothgrad_score"], "map_columns": ["lime_map"]}
     by_pair = {(c["x"], c["y"]): c for c in report["correlations"]}

@@ -63,7 +63,7 @@ def test_reference_noise_maps_are_seeded_per_image_whatever_the_slicing(monkeypa
     shared = {"labels": np.zeros(10, dtype=np.int64), "masks": masks}
     settings = default_settings(seed=3, batch_size=4, noise_seeds=2)
     whole = committee_module.reference_map(shared, settings)
-    monkeypatch.setattr(committee_module, "SLICE_IMAGES", 3)
+    monkeypatch.setattr(committee_module, "SLICE_VALUES", 3 * 16 * 16)  # slices of 3 images
     assert committee_module.reference_map(shared, settings) == whole
     expected = [average_precision(trial_noise_maps(3, torch.tensor([[image, number]]), 16, 16, "cpu")[0],
                                   torch.from_numpy(masks[image])) for image in range(10) for number in (1, 2)]

@@ -26,7 +26,7 @@ from tests.test_config_values import train_base
     ("evaluation.spg_runs=1", "evaluation.spg_runs must be an integer >= 2, got 1"),
     ("evaluation.batch_size=0", "evaluation.batch_size must be an integer >= 1, got 0"),
     ("+explainer.colour=red", "colour"),
-    ("consensus_explainer=limee", "explainer 'limee' is unknown"),
+    ("consensus_explainer=limee", "consensus_explainer='limee': explainer 'limee' is unknown"),
     ("consensus_explainer={name:lime}", "consensus_explainer must be the name of an explainer"),
     ("evaluation.protocol=authors", "evaluation.protocol='authors': the committee consensus .* consensus=false"),
     ("consensus=no", "consensus must be true or false, got 'no'"),

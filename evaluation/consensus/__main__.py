@@ -68,7 +68,6 @@ def check_members(cfg: DictConfig, members: list[committee.Member], explainer) -
 
 # Members are grouped by these hyper-parameters, where they vary, for the within-group correlations.
 GROUP_KEYS = ("pooling", "loss", "model")
-GRADCAM_NOTE = "Grad-CAM committee: the explainer the GC loss trains; the papers use LIME and SmoothGrad"
 
 
 def member_rows(members, entries, computed, scores, ranks, missing) -> list[dict]:
@@ -221,7 +220,7 @@ def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, analyses: di
     title = (f"{explainer_name}: Pearson {_fmt(accuracy_correlation['pearson'])}, Spearman "
              f"{_fmt(accuracy_correlation['spearman'])} (n={accuracy_correlation['n']})")
     if committee.is_gradcam(explainer_name):
-        title = f"{GRADCAM_NOTE}\n{title}"
+        title = f"{committee.GRADCAM_NOTE}\n{title}"
     paths = {name: out / name for name in ("consensus.md", "consensus.csv", "consensus.json")}
     paths["scatter.png"] = scatter([(row["label"], row["consensus_score"], row["accuracy"]) for row in rows],
                                    "consensus score", "accuracy", title, out / "scatter.png")
@@ -249,7 +248,7 @@ def markdown(rows: list[dict], summary: dict, analyses: dict, explainer: str, cf
     lines = [f"# {'Grad-CAM committee' if gradcam else 'Committee'} consensus ({explainer} on {cfg.data.name}, "
              f"{summary['images']} images, {summary['kind']} explanations {compared})", ""]
     if gradcam:
-        lines += [f"{GRADCAM_NOTE}.", ""]
+        lines += [f"{committee.GRADCAM_NOTE}.", ""]
     lines += ["Consensus score: mean similarity of the member's explanation to the consensus (1 = identical); "
               "rank 1 = highest. Accuracy" + (", PG, CH and mAP" if localisation else "") + " in percent. Missing: "
               "the member's explanations that are constant or non-finite, left out of the consensus and of its "

@@ -37,8 +37,9 @@ TARGETS = ("label", "prediction")
 # Explainers of this name prefix are Grad-CAMs: the explainer the GC loss trains, which the
 # consensus papers do not use.
 GRADCAM = "gradcam"
-# Images per slice when members are compared: m members x this many maps in memory at once.
-SLICE_IMAGES = 64
+# Values per member in one slice of images when members are compared (64 maps of 64 x 64): memory
+# holds m members x this many at once, whatever the image size.
+SLICE_VALUES = 64 * 64 * 64
 
 
 def find_checkpoints(ckpts: str | Sequence[str] | None, ckpts_dir: str | None, pattern: str = "*.ckpt") -> list[Path]:
@@ -144,6 +145,10 @@ def to_resolution(maps: torch.Tensor, resolution: int) -> torch.Tensor:
     if min(maps.shape[-2:]) >= resolution:
         return F.interpolate(maps.unsqueeze(1), size=(resolution, resolution), mode="area").squeeze(1)
     return functional.upsample(maps, (resolution, resolution))
+
+
+# How reports label a committee that explains with Grad-CAM (any of its variants).
+GRADCAM_NOTE = "Grad-CAM committee: the explainer the GC loss trains; the papers use LIME and SmoothGrad"
 
 
 def is_gradcam(explainer_name: str) -> bool:
@@ -322,7 +327,7 @@ def similarities(entries: Sequence[dict], shared: dict, kind: str, options: dict
     """[m, N]: each member's similarity to the consensus, image slice by image slice."""
     chosen = [entries[i] for i in members] if members is not None else list(entries)
     parts = []
-    for rows in _slices(len(chosen[0]["explanations"])):
+    for rows in _slices(len(chosen[0]["explanations"]), chosen[0]["explanations"]):
         explanations = stacked(chosen, rows)
         parts.append(core.member_similarities(explanations, kind, valid=valid_slots(shared, rows, kind,
                                                                                     explanations.shape[-1]),
@@ -334,7 +339,7 @@ def missing_counts(entries: Sequence[dict], shared: dict, kind: str) -> list[int
     """Per member, how many of its explanations are missing (``core.present``: non-finite,
     constant, or of an image without real superpixels), slice by slice."""
     counts = torch.zeros(len(entries), dtype=torch.long)
-    for rows in _slices(len(entries[0]["explanations"])):
+    for rows in _slices(len(entries[0]["explanations"]), entries[0]["explanations"]):
         explanations = stacked(entries, rows)
         counts += (~core.present(explanations, kind, valid_slots(shared, rows, kind, explanations.shape[-1]))).sum(1)
     return counts.tolist()
@@ -371,8 +376,12 @@ def consensus_of(explanations: torch.Tensor, shared: dict, rows: slice, kind: st
     return core.pixel_consensus(explanations)
 
 
-def _slices(total: int) -> Iterator[slice]:
-    return (slice(start, start + SLICE_IMAGES) for start in range(0, total, SLICE_IMAGES))
+def _slices(total: int, *arrays) -> Iterator[slice]:
+    """Slices of ``total`` images, each about ``SLICE_VALUES`` values of the largest per-image
+    array a loop holds (``arrays``: ``[N, ...]``; a 224 px map is 12 times a 64 px one)."""
+    per_image = max(int(np.prod(np.shape(array)[1:])) for array in arrays)
+    step = max(1, SLICE_VALUES // per_image)
+    return (slice(start, start + step) for start in range(0, total, step))
 
 
 def _average_precisions(maps: torch.Tensor, masks: torch.Tensor) -> list[float]:
@@ -388,7 +397,7 @@ def localisation_scores(entries: Sequence[dict], shared: dict, kind: str,
         pg = PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at)
         ch = ContentHeatmap()
         precisions: list[float] = []
-        for rows in _slices(len(entry["explanations"])):
+        for rows in _slices(len(entry["explanations"]), entry["explanations"], shared["masks"]):
             masks = torch.from_numpy(np.array(shared["masks"][rows]))
             maps = pixel_maps(stacked([entry], rows), shared, rows, kind, tuple(masks.shape[-2:]))[0]
             positive = maps.clamp_min(0).float()  # PG and CH need non-negative maps
@@ -406,7 +415,7 @@ def consensus_map(entries: Sequence[dict], shared: dict, kind: str, options: dic
     """mAP against the masks of the consensus of ``members`` (default: all)."""
     chosen = [entries[i] for i in members] if members is not None else list(entries)
     values: list[float] = []
-    for rows in _slices(len(chosen[0]["explanations"])):
+    for rows in _slices(len(chosen[0]["explanations"]), chosen[0]["explanations"], shared["masks"]):
         masks = torch.from_numpy(np.array(shared["masks"][rows]))
         consensus = consensus_of(stacked(chosen, rows), shared, rows, kind, options)
         values += _average_precisions(pixel_maps(consensus, shared, rows, kind, tuple(masks.shape[-2:])), masks)
@@ -418,7 +427,7 @@ def reference_map(shared: dict, settings: EvaluationSettings) -> dict[str, float
     noise (``settings.noise_seeds`` maps per image, each seeded by ``settings.seed``, the image's
     position in the store and the map's number alone, as ``python -m evaluation`` seeds its trials)."""
     values: dict[str, list[float]] = {reference: [] for reference in REFERENCES}
-    for rows in _slices(len(shared["labels"])):
+    for rows in _slices(len(shared["labels"]), shared["masks"]):
         masks = torch.from_numpy(np.array(shared["masks"][rows]))
         count, (height, width) = len(masks), masks.shape[-2:]
         values["center"] += _average_precisions(centre_maps(count, height, width, masks.device), masks)

@@ -150,7 +150,8 @@ def pixel_consensus(maps) -> torch.Tensor:
 
 def rbf_similarity(a, b, sigma) -> torch.Tensor:
     """RBF similarity of maps over the last two dims: ``exp(-0.5 (rms(a - b) / sigma)^2)`` with
-    ``rms(d) = ||d||_2 / sqrt(H W)``, so sigma does not depend on the resolution.
+    ``rms(d) = ||d||_2 / sqrt(H W)``, so that the pixel count alone does not change it (the maps'
+    min-max normalisation still does: compare at one resolution).
 
     ``a [..., H, W]`` and ``b [..., H, W]`` (broadcast over the leading dims) -> ``[...]`` in (0, 1];
     NaN where either map holds a NaN.

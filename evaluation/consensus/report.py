@@ -193,10 +193,14 @@ def _safe_name(column: str) -> str:
 
 
 def write_table_report(rows: Sequence[dict], columns: Sequence[str], out_dir: str | Path,
-                       settings: dict | None = None) -> dict[str, Path]:
+                       settings: dict | None = None, named: Collection[str] = ()) -> dict[str, Path]:
     """Write ``correlations.json``, ``correlations.md`` and ``scatter_<score column>.png`` for a
     table read by ``read_table``; ``settings`` (e.g. the table's path) go into the json and the
-    title. Returns ``{"json": ..., "md": ..., "scatter_<column>": ...}``."""
+    title; ``named``: models the scatter plots label whatever the committee's size. Returns
+    ``{"json": ..., "md": ..., "scatter_<column>": ...}``."""
+    unknown = sorted(set(named) - {str(row.get(MODEL)) for row in rows})
+    if unknown:
+        raise ValueError(f"label: {unknown} are not in the table's {MODEL} column")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     correlated = numeric_columns(columns)
@@ -211,19 +215,20 @@ def write_table_report(rows: Sequence[dict], columns: Sequence[str], out_dir: st
         points = [(str(row.get(MODEL, "?")), row.get(column), row.get(ACCURACY)) for row in rows]
         paths[f"scatter_{column}"] = scatter(points, column, ACCURACY, f"{column} vs {ACCURACY}\n"
                                              f"{correlation_title(result)}",
-                                             out_dir / f"scatter_{_safe_name(column)}.png")
+                                             out_dir / f"scatter_{_safe_name(column)}.png", named)
     return paths
 
 
-def run(table: str | Path, output_dir: str | Path) -> dict[str, Path]:
-    """Read ``table`` and write its report into ``output_dir``; returns the written paths."""
+def run(table: str | Path, output_dir: str | Path, label: Collection[str] = ()) -> dict[str, Path]:
+    """Read ``table`` and write its report into ``output_dir`` (``label``: models to label in the
+    scatter plots besides the extremes); returns the written paths."""
     rows, columns = read_table(table)
-    return write_table_report(rows, columns, output_dir, {"table": str(table)})
+    return write_table_report(rows, columns, output_dir, {"table": str(table), "label": list(label)}, label)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="consensus_report")
 def main(cfg: DictConfig) -> None:
-    paths = run(cfg.table, cfg.output_dir)
+    paths = run(cfg.table, cfg.output_dir, [str(model) for model in cfg.label])
     for name, path in paths.items():
         print(f"{name}: {path}")
 
