@@ -8,7 +8,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,13 +19,13 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules import DATAMODULES, ClassificationDataModule, build_datamodule
 from datamodules.base import check_integer
-from evaluation.callbacks import ExplanationMetricsCallback, FGSMRobustnessCallback, flatten
-from evaluation.engine import ExplanationEvaluator, validation_sample
+from evaluation.callbacks import EvaluationCallback
+from evaluation.engine import validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
 from gcmodels.checkpoints import RESUMED_GROUPS, check_resume_compatible, init_from_checkpoint
-from gcmodels.module import PER_CLASS_F1_NAME, GCClassifier, accuracy_name, cosine_epochs
+from gcmodels.module import GCClassifier, cosine_epochs
 from gcmodels.networks import UNSTRIDED_STAGES, native_output_stride
 from gcmodels.safety import InterruptCheckpoint, NonFiniteGuard
 
@@ -106,41 +105,21 @@ def check_composites(loss: dict, model: dict, datamodule: ClassificationDataModu
                 f" or loss.{'composites=per_sample' if shared else 'composite_source=dataset'}")
 
 
-EVALUATION_CALLBACKS = (ExplanationMetricsCallback, FGSMRobustnessCallback)
-# ModelCheckpoint's mode for each score a best checkpoint can be chosen by, by its name after "val/"
-# (the module's) or "explain/" (the evaluation callbacks'; FGSM's top-1 and attack success rate per
-# eps). The other values these log (skipped and zero_maps_uniform counts, spg_std, the reference
-# maps' *_center and *_noise) rank no model.
-SCORE_MODES = {"acc": "max", "f1": "max", PER_CLASS_F1_NAME: "max", "loss": "min", "pg": "max", "pg_micro": "max",
-               "spg": "max", "ch": "max", "nqh": "min", "fgsm": "max", "fgsm_success": "min", "fgsm_clean": "max"}
-
-
 # ModelCheckpoint's own candidates besides the logged values, in either mode (step with max: keep
 # the latest save_top_k checkpoints).
 COUNTER_MONITORS = ("epoch", "step")
 
 
-def score_mode(name: str) -> str | None:
-    return SCORE_MODES.get(name.split("/")[1])
-
-
-def validation_logged(datamodule: ClassificationDataModule, callbacks: dict[str, pl.Callback]) -> dict[str, str | None]:
-    """Every name logged by the end of a validation epoch, where ModelCheckpoint chooses the best
-    checkpoint, with the name of the callback that logs it (None: the module's ``val/*``)."""
+def validation_scores(datamodule: ClassificationDataModule, callbacks: dict[str, pl.Callback]) -> dict[str, tuple]:
+    """Every score logged by the end of a validation epoch, where ModelCheckpoint chooses the best
+    checkpoint: whether higher is better, and the name of the callback that logs it (None: the
+    module's ``val/*``)."""
     multilabel = datamodule.multilabel
-    logged = {f"val/{name}": None
-              for name in (accuracy_name(multilabel), "loss", *([PER_CLASS_F1_NAME] if multilabel else []))}
+    scores = {name: (higher, None) for name, higher in GCClassifier.validation_scores(multilabel).items()}
     for name, callback in callbacks.items():
-        if isinstance(callback, EVALUATION_CALLBACKS):
-            # The evaluator that the callback builds at setup, computed before any update: the
-            # names it logs, known without reading data (as a superset: setup drops the metrics
-            # the data cannot serve).
-            evaluator = ExplanationEvaluator(callback.explainer, callback.metrics, datamodule.num_classes,
-                                             multilabel, callback.settings)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
-                logged.update({f"explain/{key}": name for key in flatten(evaluator.compute())})
-    return logged
+        if isinstance(callback, EvaluationCallback):
+            scores.update({score: (higher, name) for score, higher in callback.logged_scores(multilabel).items()})
+    return scores
 
 
 def check_checkpoint_monitors(callbacks: dict[str, pl.Callback], datamodule: ClassificationDataModule,
@@ -148,26 +127,23 @@ def check_checkpoint_monitors(callbacks: dict[str, pl.Callback], datamodule: Cla
     """Each ModelCheckpoint's ``monitor`` must be a score logged at every validation, and its
     ``mode`` the direction in which that score improves. Lightning finds out at the end of the
     first epoch, without saving a checkpoint, or never (the best checkpoint is then the worst)."""
-    logged = validation_logged(datamodule, callbacks)
-    scores = sorted(score for score in logged if score_mode(score))
+    scores = validation_scores(datamodule, callbacks)
     # None: validation every val_check_interval steps, in any epoch.
     validation_epochs = trainer.check_val_every_n_epoch or 1
     for name, callback in callbacks.items():
         if not isinstance(callback, ModelCheckpoint) or callback.monitor in (None, *COUNTER_MONITORS):
             continue
         key, monitor = f"callbacks.{name}", callback.monitor
-        if monitor not in logged:
-            raise ValueError(f"{key}.monitor={monitor!r} is not logged at validation, where the best checkpoint is "
-                             f"chosen; scores logged there: {scores}")
-        mode = score_mode(monitor)
-        if mode is None:
-            raise ValueError(f"{key}.monitor={monitor!r} is a count or a reference map's score, which ranks no "
-                             f"model; scores logged at validation: {scores}")
+        if monitor not in scores:
+            raise ValueError(f"{key}.monitor={monitor!r} is not a score logged at validation, where the best checkpoint "
+                             f"is chosen (counts, spreads and the reference maps' scores rank no model); scores logged "
+                             f"there: {sorted(scores)}")
+        higher, source = scores[monitor]
+        mode = "max" if higher else "min"
         if callback.mode != mode:
             raise ValueError(f"{key}.mode={callback.mode} keeps the checkpoint of the "
                              f"{'highest' if callback.mode == 'max' else 'lowest'} {monitor}, which is better "
                              f"{'higher' if mode == 'max' else 'lower'} ({key}.monitor={monitor}): set {key}.mode={mode}")
-        source = logged[monitor]
         every = 1 if source is None else callbacks[source].every_n_epochs
         if validation_epochs % every:
             raise ValueError(f"{key}.monitor={monitor} is logged every {every} epochs (callbacks.{source}.every_n_epochs), "
@@ -183,7 +159,7 @@ def warn_unaligned_evaluations(callbacks: dict[str, pl.Callback], trainer: pl.Tr
     if validation_epochs is None or epochs < 1:  # validation by steps; unlimited (-1), or no epoch at all
         return
     for name, callback in callbacks.items():
-        if isinstance(callback, EVALUATION_CALLBACKS):
+        if isinstance(callback, EvaluationCallback):
             first = math.lcm(callback.every_n_epochs, validation_epochs)
             if first > epochs:
                 rank_zero_warn(f"callbacks.{name}.every_n_epochs={callback.every_n_epochs} with "

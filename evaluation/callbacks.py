@@ -20,12 +20,13 @@ from evaluation.engine import (Explainer, ExplanationEvaluator, check_checkpoint
                                check_trained_classes, unsupported_metrics, validation_sample)
 from evaluation.explainers import build_explainer, check_explainer, explainer_options
 from evaluation.figures import save_overlay_grid
+from evaluation.metrics.registry import METRICS
 from evaluation.panels import explanation_panels
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
 
 
-class _EvaluationCallback(pl.Callback):
+class EvaluationCallback(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, evaluate the model being trained with ``metrics``
     on up to ``max_images`` validation images and log the results as ``explain/<name>``
     (fractions in [0, 1], already reduced over DDP processes by the metrics' own sync).
@@ -61,6 +62,13 @@ class _EvaluationCallback(pl.Callback):
             self.evaluator = ExplanationEvaluator(self.explainer, metrics, datamodule.num_classes,
                                                   datamodule.multilabel, self.settings)
 
+    def logged_scores(self, multilabel: bool) -> dict[str, bool]:
+        """The scores this callback logs (``explain/<name>``), each with whether higher is better;
+        a superset where the data cannot serve a metric (``setup`` leaves it out). What it logs
+        besides (counts, spreads, the reference maps' scores) ranks no model."""
+        return {f"explain/{name}": METRICS[metric].score(name).higher_is_better for metric in self.metrics
+                for name in METRICS[metric].logged_scores(self.settings, multilabel)}
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.evaluator is None or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
@@ -77,7 +85,7 @@ class _EvaluationCallback(pl.Callback):
         """Hook for work after the logged evaluation (pictures)."""
 
 
-class ExplanationMetricsCallback(_EvaluationCallback):
+class ExplanationMetricsCallback(EvaluationCallback):
     """Explanation quality of the model being trained (PG, SPG, CH on the localisation trials;
     NQH on composites) with ``explainer``, plus ``overlay_images`` heatmap overlays saved as a
     picture under the logger's folder (and sent to TensorBoard or W&B when those are active)."""
@@ -113,7 +121,7 @@ class ExplanationMetricsCallback(_EvaluationCallback):
                 logger.log_image("explain/overlays", [str(path)], step=trainer.global_step)
 
 
-class FGSMRobustnessCallback(_EvaluationCallback):
+class FGSMRobustnessCallback(EvaluationCallback):
     """Top-1 accuracy under FGSM for each eps of ``settings.fgsm_eps`` (1/255 units), logged as
     ``explain/fgsm/eps=<eps>``, the attack's success rate among the images correct before it as
     ``explain/fgsm_success/eps=<eps>`` (lower is better), and their clean top-1 as

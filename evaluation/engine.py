@@ -20,18 +20,11 @@ from datamodules import ClassificationDataModule
 from datamodules.images import TrialGeometry, size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
 from evaluation.explainers.base import check_explainer
-from evaluation.metrics import classes as metric_classes
+from evaluation.metrics.registry import METRICS, results_of
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
 from evaluation.settings import EvaluationSettings
-from gcmodels.module import (PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name,
-                             per_class_f1_metric)
+from gcmodels.module import accuracy_inputs
 from gcmodels.networks import build_network
-
-METRICS = ("acc", "pg", "spg", "ch", "nqh", "fgsm")
-# Metrics scored on the localisation trials (images with masks); the others on the validation set.
-LOCALIZATION_METRICS = ("pg", "spg", "ch")
-# Metrics of explanations: they need an explainer (accuracy and FGSM do not).
-EXPLANATION_METRICS = LOCALIZATION_METRICS + ("nqh",)
 
 Explainer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,21 +39,28 @@ def check_metrics(metrics: Iterable[str]) -> list[str]:
     return metrics
 
 
+def family_members(metrics: Iterable[str], family: str) -> list[str]:
+    """The metrics of ``metrics`` in ``family`` (``evaluation.metrics.registry.FAMILIES``)."""
+    return [name for name in metrics if METRICS[name].family == family]
+
+
 def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[str],
                         geometry: TrialGeometry = TrialGeometry()) -> dict[str, str]:
     """The metrics of ``metrics`` that ``datamodule`` cannot serve, each with the reason; callers
     decide whether that is an error (``python -m evaluation``) or a warning (training callbacks).
     ``geometry``: the protocol's, so that the trials built to answer are those used next."""
     reasons = {}
-    localization = [name for name in metrics if name in LOCALIZATION_METRICS]
+    localization = family_members(metrics, "localization")
     # Only asked when needed: building the trials reads every annotation file.
     if localization and datamodule.localization_dataset(geometry) is None:
         for name in localization:
             reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
                              "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
-    if "fgsm" in metrics and datamodule.multilabel:
-        reasons["fgsm"] = (f"is top-1 accuracy under attack, defined for single-label data; data "
-                           f"{datamodule.name!r} is multi-label")
+    if datamodule.multilabel:
+        for name in metrics:
+            if METRICS[name].single_label_only:
+                reasons[name] = (f"is defined for single-label data (top-1); data {datamodule.name!r} is "
+                                 f"multi-label")
     return reasons
 
 
@@ -168,35 +168,25 @@ class ExplanationEvaluator:
     def __init__(self, explainer: Explainer | None, metrics: Sequence[str], num_classes: int, multilabel: bool,
                  settings: EvaluationSettings):
         self.metrics = check_metrics(metrics)
-        explained = [name for name in self.metrics if name in EXPLANATION_METRICS]
+        explained = [name for name in self.metrics if METRICS[name].explained]
         if explained and explainer is None:
             raise ValueError(f"metric(s) {explained} score explanations: give an explainer")
         self.explainer = explainer
         self.num_classes = num_classes
         self.multilabel = multilabel
         self.settings = settings
-        builders: dict[str, Callable[[], Metric]] = {
-            "acc": lambda: accuracy_metric(num_classes, multilabel),
-            "pg": lambda: metric_classes.PointingGame(
-                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes,
-                zero_maps=settings.zero_maps),
-            "spg": lambda: metric_classes.StochasticPointingGame(
-                tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at,
-                num_samples=settings.spg_samples,
-                num_runs=settings.spg_runs, seed=settings.seed, zero_maps=settings.zero_maps),
-            "ch": lambda: metric_classes.ContentHeatmap(zero_maps=settings.zero_maps),
-            "nqh": metric_classes.NegativeQuadrantsHeatmap,
-            "fgsm": lambda: metric_classes.FGSMRobustness(settings.fgsm_eps, settings.fgsm_space),
-        }
-        self.state: dict[str, Metric] = {name: builders[name]() for name in self.metrics}
-        if multilabel and "acc" in self.state:
-            # The COCO papers report F1 two ways: overall (micro, "acc" here) and per class.
-            self.state[PER_CLASS_F1_NAME] = per_class_f1_metric(num_classes)
+        self.state: dict[str, Metric] = {name: self._build(name) for name in self.metrics}
         # The same localisation metrics of the reference maps, on the same trials.
-        localization = [name for name in self.metrics if name in LOCALIZATION_METRICS]
+        localization = family_members(self.metrics, "localization")
         self.references: dict[str, dict[str, Metric]] = {
-            reference: {name: builders[name]() for name in localization} for reference in REFERENCES
+            reference: {name: self._build(name) for name in localization} for reference in REFERENCES
         } if localization else {}
+
+    def _build(self, name: str) -> Metric:
+        return METRICS[name].build(self.settings, self.num_classes, self.multilabel)
+
+    def _family(self, family: str) -> dict[str, Metric]:
+        return {name: metric for name, metric in self.state.items() if METRICS[name].family == family}
 
     def reset(self) -> None:
         """Forget every update."""
@@ -215,18 +205,20 @@ class ExplanationEvaluator:
     def update_accuracy(self, net, batch: dict) -> None:
         with torch.no_grad():
             logits = net(batch["image"])
-        targets = batch["target"]
-        for name in ("acc", PER_CLASS_F1_NAME):
-            if name in self.state:
-                self.state[name].update(*accuracy_inputs(logits, targets))
+        inputs = accuracy_inputs(logits, batch["target"])
+        for metric in self._family("accuracy").values():
+            metric.update(*inputs)
 
-    def update_fgsm(self, net, batch: dict) -> None:
-        self.state["fgsm"].update(net, batch["image"], batch["target"])
+    def update_robustness(self, net, batch: dict) -> None:
+        for metric in self._family("robustness").values():
+            metric.update(net, batch["image"], batch["target"])
 
-    def update_nqh(self, net, batch: dict) -> None:
+    def update_composites(self, net, batch: dict) -> None:
         """A batch of composites (``evaluation.composites.CompositeDataset``): explained for the
         class of the image in ``cell``."""
-        self.state["nqh"].update(self.explainer(net, batch["image"], batch["target"]), batch["cell"])
+        heatmaps = self.explainer(net, batch["image"], batch["target"])
+        for metric in self._family("composites").values():
+            metric.update(heatmaps, batch["cell"])
 
     def update_localization(self, net, batch: dict) -> None:
         """The explainer's maps, and the reference maps, scored on the batch's trials (masks may be
@@ -234,8 +226,8 @@ class ExplanationEvaluator:
         the trials' indices in the data set, which seed their random draws."""
         masks, classes = batch["mask"], batch["target"]
         pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
-        self._update_localization_metrics(self.state, self.explainer(net, batch["image"], classes), masks, classes,
-                                          pointing, map_seeds(batch["index"], 0))
+        self._update_localization_metrics(self._family("localization"), self.explainer(net, batch["image"], classes),
+                                          masks, classes, pointing, map_seeds(batch["index"], 0))
         count, (height, width) = len(masks), masks.shape[-2:]
         if self.references:
             self._update_localization_metrics(self.references["center"], centre_maps(count, height, width, masks.device),
@@ -248,18 +240,16 @@ class ExplanationEvaluator:
     @staticmethod
     def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
                                      classes: torch.Tensor, pointing: torch.Tensor, seeds: torch.Tensor) -> None:
-        """``pointing`` False: a trial scored by CH only (the authors' difficult-only images)."""
-        if "ch" in metrics:
-            metrics["ch"].update(heatmaps, masks)
-        if not pointing.all():
-            heatmaps, masks, classes, seeds = heatmaps[pointing], masks[pointing], classes[pointing], seeds[pointing]
-            if not len(classes):
-                return
-        if "pg" in metrics:
-            # PG also counts per class (on COCO every (image, class) pair is a trial).
-            metrics["pg"].update(heatmaps, masks, classes=classes)
-        if "spg" in metrics:
-            metrics["spg"].update(heatmaps, masks, seeds=seeds)
+        """``pointing`` False: a trial scored only by the metrics that score every trial (CH; the
+        authors' difficult-only images). Each metric takes the trial inputs it names
+        (``trial_inputs``: PG counts per class, SPG seeds its draws per trial)."""
+        inputs = {"classes": classes, "seeds": seeds}
+        pointed = {"classes": classes[pointing], "seeds": seeds[pointing]}
+        for metric in metrics.values():
+            if not metric.pointing_only:
+                metric.update(heatmaps, masks, **{key: inputs[key] for key in metric.trial_inputs})
+            elif pointing.any():
+                metric.update(heatmaps[pointing], masks[pointing], **{key: pointed[key] for key in metric.trial_inputs})
 
     def compute(self) -> dict:
         """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
@@ -270,32 +260,15 @@ class ExplanationEvaluator:
         top-1 of the same images."""
         results: dict = {"skipped": {}}
         for name, metric in self.state.items():
-            value = metric.compute()
-            if name == "acc":
-                results[accuracy_name(self.multilabel)] = float(value)
-            elif name == PER_CLASS_F1_NAME:
-                results[name] = float(value)
-            elif name == "fgsm":
-                prefix = metric_classes.FGSMRobustness.success_prefix
-                results["fgsm"] = {key: float(v) for key, v in value.items()
-                                   if key != "clean" and not key.startswith(prefix)}
-                results["fgsm_success"] = {key.removeprefix(prefix): float(v) for key, v in value.items()
-                                           if key.startswith(prefix)}
-                results["fgsm_clean"] = float(value["clean"])
-            else:
-                for key, number in value.items():
-                    if key == "skipped":
-                        results["skipped"][name] = int(number)
-                    elif key == "uniform":
-                        results.setdefault("zero_maps_uniform", {})[name] = int(number)
-                    elif key == "without_composite":
-                        results["skipped"]["nqh_without_composite"] = int(number)
-                    else:
-                        results[key] = float(number)
+            for key, value in results_of(name, metric.compute()).items():
+                if isinstance(value, dict):
+                    results.setdefault(key, {}).update(value)
+                else:
+                    results[key] = value
         for reference, metrics in self.references.items():
-            for metric in metrics.values():
-                results.update({f"{key}_{reference}": float(number) for key, number in metric.compute().items()
-                                if key not in ("skipped", "uniform")})
+            for name, metric in metrics.items():
+                results.update({f"{key}_{reference}": value for key, value in results_of(name, metric.compute()).items()
+                                if not isinstance(value, dict)})
         return results
 
     def run(self, net, datamodule: ClassificationDataModule, max_images: int | None = None, rank: int = 0,
@@ -305,9 +278,9 @@ class ExplanationEvaluator:
         device = next(net.parameters()).device
         self.reset()
         self.to(device)
-        updates = {"acc": self.update_accuracy, "fgsm": self.update_fgsm}
-        per_image = [updates[name] for name in self.metrics if name in updates]
-        localization = any(name in LOCALIZATION_METRICS for name in self.metrics)
+        updates = {"accuracy": self.update_accuracy, "robustness": self.update_robustness}
+        per_image = [update for family, update in updates.items() if self._family(family)]
+        localization = bool(self._family("localization"))
 
         def loader(dataset: Dataset, batch_size: int = self.settings.batch_size) -> DataLoader:
             return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -322,15 +295,17 @@ class ExplanationEvaluator:
                                       "classification, FGSM", progress):
                     for update in per_image:
                         update(net, batch)
-            if "nqh" in self.state:
+            composite_metrics = self._family("composites")
+            if composite_metrics:
                 indices = shard_indices(len(val_set), rank, world_size, max_images)
                 layout = dataset_layout(val_set.label_sets(), val_set.keys(), indices, self.settings.seed)
-                self.state["nqh"].count_without_composite(int((~layout.valid).sum()))
+                for metric in composite_metrics.values():
+                    metric.count_without_composite(int((~layout.valid).sum()))
                 # A composite has 4 images' pixels: a quarter batch of them holds no more than the
                 # batch the user sized.
                 composites = loader(CompositeDataset(val_set, layout), max(1, self.settings.batch_size // 4))
-                for batch in _batches(composites, device, "NQH", progress):
-                    self.update_nqh(net, batch)
+                for batch in _batches(composites, device, "composites", progress):
+                    self.update_composites(net, batch)
             if localization:
                 trials = datamodule.localization_dataset(self.settings.trial_geometry)
                 if trials is None:

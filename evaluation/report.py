@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from evaluation.metrics import registry
 from evaluation.references import REFERENCES
 
 
@@ -26,22 +27,20 @@ def _percent(value) -> str:
 REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
 
 
-LOCALIZATION_KEYS = ("pg", "spg", "ch")
-
-
-def _table1_cell(results: dict, key: str) -> str:
-    """A score in percent (SPG: mean ± std), or a count of ``group/name`` (``skipped/pg``)."""
-    if key == "spg":
-        return f"{_percent(results.get('spg'))} ± {_percent(results.get('spg_std'))}"
+def _table1_cell(results: dict, key: str, spread: bool) -> str:
+    """A score in percent (``spread``: with ± ``<key>_std``, SPG's over runs), or a count of
+    ``group/name`` (``skipped/pg``)."""
     if "/" in key:
         group, name = key.split("/")
         count = results.get(group, {}).get(name)
         return "-" if count is None else str(count)
+    if spread:
+        return f"{_percent(results.get(key))} ± {_percent(results.get(f'{key}_std'))}"
     return _percent(results.get(key))
 
 
-def _table1_cells(results: dict, columns: list[tuple[str, str]]) -> list[str]:
-    return [_table1_cell(results, key) for key, _ in columns]
+def _table1_cells(results: dict, columns: list[tuple[str, str]], spreads: set[str]) -> list[str]:
+    return [_table1_cell(results, key, key in spreads) for key, _ in columns]
 
 
 def row_label(row: dict) -> str:
@@ -52,14 +51,15 @@ def row_label(row: dict) -> str:
 
 
 def table1_columns(rows: list[dict]) -> list[tuple[str, str]]:
-    """(key, heading) of the Table 1 columns present in any row."""
-    candidates = [("acc", "Top-1"), ("f1", "F1 overall"), ("f1_per_class", "F1 per class"), ("pg", "PG"), ("spg", "SPG"), ("ch", "CH"), ("nqh", "NQH")]
-    return [(key, heading) for key, heading in candidates if any(key in row["results"] for row in rows)]
+    """(key, heading) of the registered metrics' Table 1 columns present in any row."""
+    return [(key, heading) for key, heading in registry.table1_columns()
+            if any(key in row["results"] for row in rows)]
 
 
 def zero_map_columns(columns: list[tuple[str, str]], zero_maps: str) -> tuple[list[tuple[str, str]], str]:
-    """``columns`` with, after PG, SPG and CH, the count of their trials whose map was all zero:
-    left out (``skip``; with those of an empty mask) or scored as uniform; and the table's note."""
+    """``columns`` with, after each localisation metric's (PG, SPG, CH), the count of its trials
+    whose map was all zero: left out (``skip``; with those of an empty mask) or scored as uniform;
+    and the table's note."""
     if zero_maps == "uniform":
         group, label = "zero_maps_uniform", "as uniform"
         note = ("Beside PG, SPG and CH: the trials whose all-zero heatmap was scored as a uniform map, as the "
@@ -71,9 +71,15 @@ def zero_map_columns(columns: list[tuple[str, str]], zero_maps: str) -> tuple[li
     widened = []
     for key, heading in columns:
         widened.append((key, heading))
-        if key in LOCALIZATION_KEYS:
-            widened.append((f"{group}/{key}", f"{heading} {label}"))
+        spec = registry.column_metric(key)
+        if spec.family == "localization":
+            widened.append((f"{group}/{spec.name}", f"{heading} {label}"))
     return widened, note
+
+
+def _spreads(rows: list[dict]) -> set[str]:
+    """The scores whose spread the rows hold as ``<key>_std`` (SPG's over runs)."""
+    return {key.removesuffix("_std") for row in rows for key in row["results"] if key.endswith("_std")}
 
 
 def fgsm_keys(rows: list[dict], group: str = "fgsm") -> list[str]:
@@ -109,21 +115,20 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     skipped_keys = sorted({key for row in rows for key in row["results"]["skipped"]})
     uniform_keys = sorted({key for row in rows for key in row["results"].get("zero_maps_uniform", {})})
     clean = ["fgsm_clean"] if any("fgsm_clean" in row["results"] for row in rows) else []
-    reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in ("pg", "spg", "spg_std", "ch")
+    spreads = _spreads(rows)
+    table1_keys = [name for key, _ in columns for name in (key, f"{key}_std") if name == key or key in spreads]
+    reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in table1_keys
                       if any(f"{key}_{reference}" in row["results"] for row in rows)]
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + [key for key, _ in columns]
-                        + (["spg_std"] if any(key == "spg" for key, _ in columns) else []) + reference_keys
+        writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + table1_keys + reference_keys
                         + [f"fgsm_{key}" for key in eps_keys] + clean + [f"fgsm_success_{key}" for key in success_keys]
                         + [f"skipped_{key}" for key in skipped_keys]
                         + [f"zero_maps_uniform_{key}" for key in uniform_keys])
         for row in rows:
             results = row["results"]
             writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"), row.get("lambda")]
-                            + [results.get(key) for key, _ in columns]
-                            + ([results.get("spg_std")] if any(key == "spg" for key, _ in columns) else [])
-                            + [results.get(key) for key in reference_keys]
+                            + [results.get(key) for key in table1_keys + reference_keys]
                             + [results.get("fgsm", {}).get(key) for key in eps_keys]
                             + [results.get(key) for key in clean]
                             + [results.get("fgsm_success", {}).get(key) for key in success_keys]
@@ -134,19 +139,21 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     if columns:
         lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", ""]
         shown = columns
-        if settings.get("protocol") == "authors" and any(key in LOCALIZATION_KEYS for key, _ in columns):
+        if settings.get("protocol") == "authors" and any(registry.column_metric(key).family == "localization"
+                                                         for key, _ in columns):
             shown, note = zero_map_columns(columns, settings.get("zero_maps", "skip"))
             lines += [note, ""]
         lines += ["| model | " + " | ".join(heading for _, heading in shown) + " |",
                   "|---" * (len(shown) + 1) + "|"]
         for row in rows:
-            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], shown)) + " |")
+            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], shown, spreads)) + " |")
         # The reference maps do not depend on the model: the first checkpoint's trials stand for all
         # (every checkpoint is scored on the same trials).
         for reference, label in REFERENCE_LABELS.items():
-            if f"pg_{reference}" in rows[0]["results"] or f"ch_{reference}" in rows[0]["results"]:
-                results = {key: rows[0]["results"].get(f"{key}_{reference}") for key in ("pg", "spg", "spg_std", "ch")}
-                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, shown)) + " |")
+            first = rows[0]["results"]
+            if any(f"{key}_{reference}" in first for key, _ in columns):
+                results = {key: first.get(f"{key}_{reference}") for key in table1_keys}
+                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, shown, spreads)) + " |")
         lines.append("")
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", ""]

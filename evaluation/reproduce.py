@@ -41,6 +41,7 @@ from evaluation.consensus import committee  # noqa: E402
 from evaluation.engine import resolve_device, validation_sample  # noqa: E402
 from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
 from evaluation.figures import save_overlay_grid  # noqa: E402
+from evaluation.metrics import registry  # noqa: E402
 from evaluation.panels import explanation_panels  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 
@@ -48,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each finished step leaves behind: its arguments (compared on reuse) and its wall time.
 STEP_FILE = "reproduce_step.json"
 LABELS = {"baseline": "baseline", "gc": "GC", "gmp": "GMP", "gmp_gc": "GMP+GC"}
-TABLE1 = (("acc", "Top-1"), ("pg", "PG"), ("spg", "SPG"), ("ch", "CH"), ("nqh", "NQH (lower is better)"))
 
 
 @dataclass(frozen=True)
@@ -331,14 +331,22 @@ def _pm(values: list[float]) -> str:
     return f"{_pct(mean)} ± {_pct(std)}"
 
 
+def table1_columns(first: dict) -> list[tuple[str, str]]:
+    """The registered metrics' Table 1 columns that the evaluations hold (``first``: one's results),
+    a heading saying where lower is better."""
+    return [(key, heading if registry.score_of(key).higher_is_better else f"{heading} (lower is better)")
+            for key, heading in registry.table1_columns() if key in first]
+
+
 def table1(results: dict[str, list[dict]]) -> list[str]:
-    lines = ["| variant | " + " | ".join(heading for _, heading in TABLE1) + " |", "|---" * (len(TABLE1) + 1) + "|"]
+    first = next(iter(results.values()))[0]  # every checkpoint is scored on the same trials
+    columns = table1_columns(first)
+    lines = ["| variant | " + " | ".join(heading for _, heading in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for variant, rows in results.items():
         lines.append(f"| {LABELS.get(variant, variant)} | "
-                     + " | ".join(_pm([row[key] for row in rows]) for key, _ in TABLE1) + " |")
-    first = next(iter(results.values()))[0]  # every checkpoint is scored on the same trials
+                     + " | ".join(_pm([row[key] for row in rows]) for key, _ in columns) + " |")
     for reference, label in (("center", "reference: centred peak"), ("noise", "reference: uniform noise")):
-        cells = ["-" if key in ("acc", "nqh") else _pct(first[f"{key}_{reference}"]) for key, _ in TABLE1]
+        cells = [_pct(first[f"{key}_{reference}"]) if f"{key}_{reference}" in first else "-" for key, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -207,6 +207,12 @@ class GCClassifier(pl.LightningModule):
         multi-label data."""
         return f"val/{accuracy_name(multilabel)}"
 
+    @staticmethod
+    def validation_scores(multilabel: bool) -> dict[str, bool]:
+        """The scores :meth:`validation_step` logs, each with whether higher is better."""
+        return {GCClassifier.validation_metric(multilabel): True, "val/loss": False,
+                **({f"val/{PER_CLASS_F1_NAME}": True} if multilabel else {})}
+
     @property
     def accuracy_name(self) -> str:
         return accuracy_name(self.hparams.multilabel)

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 import train
+from evaluation.metrics.registry import score_of
 from gcmodels.checkpoints import check_resume_compatible
 from gcmodels.networks import build_network
 from losses import random_layout, shared_layout
@@ -47,7 +48,7 @@ def test_a_multilabel_runs_checkpoint_watches_its_f1(tmp_path):
     cfg = compose_config("train", *train_base(tmp_path, "data=coco"))
     write_coco_split(tmp_path / "data", cfg.data.val_split)
     build(tmp_path, "data=coco", "callbacks.model_checkpoint.monitor=val/f1_per_class")
-    with pytest.raises(ValueError, match=r"callbacks.model_checkpoint.monitor='val/acc' is not logged at validation.*"
+    with pytest.raises(ValueError, match=r"callbacks.model_checkpoint.monitor='val/acc' is not a score logged at validation.*"
                                          r"'val/f1', 'val/f1_per_class', 'val/loss'"):
         build(tmp_path, "data=coco", "callbacks.model_checkpoint.monitor=val/acc")
 
@@ -59,15 +60,16 @@ def test_a_multilabel_runs_checkpoint_watches_its_f1(tmp_path):
 ])
 def test_a_monitor_that_is_not_logged_at_validation_is_refused(tmp_path, overrides, unlogged):
     message = refused(tmp_path, *overrides)
-    assert f"callbacks.model_checkpoint.monitor={unlogged!r} is not logged at validation" in message
+    assert f"callbacks.model_checkpoint.monitor={unlogged!r} is not a score logged at validation" in message
     scores = message.split("scores logged there: ")[1]
     assert "'val/acc'" in scores and "'val/loss'" in scores
     assert ("'explain/pg'" in scores) == ("~callbacks.explanation_metrics" not in overrides)
 
 
-def test_a_count_is_not_a_score_to_monitor(tmp_path):
-    message = refused(tmp_path, "callbacks.model_checkpoint.monitor=explain/skipped/pg")
-    assert "callbacks.model_checkpoint.monitor='explain/skipped/pg' is a count" in message
+@pytest.mark.parametrize("logged", ["explain/skipped/pg", "explain/spg_std", "explain/pg_center"])
+def test_a_count_a_spread_or_a_reference_is_not_a_score_to_monitor(tmp_path, logged):
+    message = refused(tmp_path, f"callbacks.model_checkpoint.monitor={logged}")
+    assert f"callbacks.model_checkpoint.monitor={logged!r} is not a score logged at validation" in message
 
 
 @pytest.mark.parametrize("monitor", ["step", "epoch"])
@@ -88,8 +90,9 @@ def test_a_monitored_explanation_metric_must_be_logged_at_every_validation(tmp_p
 
 @pytest.mark.slow
 def test_the_scores_a_run_is_checked_against_are_those_it_logs(tmp_path, data_dir):
-    """The names build_run derives are the columns a run writes; a run checkpointed by the lowest
-    explain/nqh saves its best checkpoint."""
+    """The scores build_run derives are the columns a run writes that rank models (the others:
+    counts, spreads, reference maps); a run checkpointed by the lowest explain/nqh saves its best
+    checkpoint."""
     monitor = ["callbacks.model_checkpoint.monitor=explain/nqh", "callbacks.model_checkpoint.mode=min"]
     assert_ok(run_train(tmp_path / "run", data_dir, *monitor))
     read_summary(tmp_path / "run")
@@ -97,8 +100,13 @@ def test_the_scores_a_run_is_checked_against_are_those_it_logs(tmp_path, data_di
     cfg = compose_config("train", f"output_dir={tmp_path / 'out'}", f"data.data_dir={data_dir}", *TINY, *monitor)
     datamodule, _, _ = train.build_run(cfg)
     callbacks = {name: instantiate(conf) for name, conf in cfg.callbacks.items()}
-    assert set(train.validation_logged(datamodule, callbacks)) == {
-        column for column in columns if column.startswith(("val/", "explain/"))}
+    scores = train.validation_scores(datamodule, callbacks)
+    assert set(scores) == {column for column in columns
+                           if column.startswith("val/") or column.startswith("explain/")
+                           and score_of(column.removeprefix("explain/"))}
+    assert {name for name, (higher, _) in scores.items() if not higher} == {"val/loss", "explain/nqh",
+                                                                             *(f"explain/fgsm_success/eps={eps}"
+                                                                               for eps in cfg.evaluation.fgsm_eps)}
 
 
 def test_gc_needs_images_to_compose_in_each_processs_batch(tmp_path):

@@ -19,7 +19,7 @@ from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradie
 from gcmodels.networks import ExplainableNet, build_network
 from tests.conftest import TINY
 from tests.test_config import compose_config
-from train import score_mode
+from evaluation.metrics.registry import score_of
 
 DATA = [item for item in TINY if item.startswith("data.")]
 
@@ -178,6 +178,6 @@ def test_zero_maps_is_checked_before_the_data(tmp_path):
 def test_monitors_on_fgsm_scores_take_their_own_direction():
     """Top-1 under attack is better higher, the attack's success rate lower; the counts of all-zero
     maps scored as uniform rank no model."""
-    assert score_mode("explain/fgsm/eps=8") == "max" and score_mode("explain/fgsm_clean") == "max"
-    assert score_mode("explain/fgsm_success/eps=8") == "min"
-    assert score_mode("explain/zero_maps_uniform/pg") is None
+    assert score_of("fgsm/eps=8").higher_is_better and score_of("fgsm_clean").higher_is_better
+    assert not score_of("fgsm_success/eps=8").higher_is_better
+    assert score_of("zero_maps_uniform/pg") is None and score_of("pg_center") is None

@@ -402,8 +402,9 @@ def test_fgsm_robustness_counts_top1_under_attack():
     metric = FGSMRobustness(eps_list=(0, 2, 64), space="pixel")
     metric.update(net, images, targets)
     result = metric.compute()
-    assert list(result) == ["eps=0", "eps=2", "eps=64", "success/eps=0", "success/eps=2", "success/eps=64", "clean"]
-    result = {key: result[key] for key in ("eps=0", "eps=2", "eps=64")}
+    assert list(result) == ["fgsm/eps=0", "fgsm/eps=2", "fgsm/eps=64", "fgsm_success/eps=0", "fgsm_success/eps=2",
+                            "fgsm_success/eps=64", "fgsm_clean"]
+    result = {key: result[key] for key in ("fgsm/eps=0", "fgsm/eps=2", "fgsm/eps=64")}
     # The linear model's CE input gradient in closed form, independent of evaluation.attacks.
     weight, bias = net.head[1].weight.detach(), net.head[1].bias.detach()
     gradient = ((images.flatten(1) @ weight.T + bias).softmax(1) - F.one_hot(targets, 6)) @ weight
@@ -414,7 +415,7 @@ def test_fgsm_robustness_counts_top1_under_attack():
         logits = closed_form.flatten(1) @ weight.T + bias
         assert accuracy.item() == pytest.approx((logits.argmax(1) == targets).double().mean().item())
     assert len({value.item() for value in result.values()}) > 1  # the attack changes some predictions
-    assert result["eps=64"] <= result["eps=0"]
+    assert result["fgsm/eps=64"] <= result["fgsm/eps=0"]
     with pytest.raises(ValueError, match="single-label"):
         metric.update(*fgsm_case(True))
 
@@ -453,7 +454,8 @@ def test_fgsm_success_rate_counts_only_images_right_before_the_attack():
     metric = FGSMRobustness(eps_list=SINE_EPS, space="pixel")
     metric.update(net, images, targets)
     result = {key: value.item() for key, value in metric.compute().items()}
-    assert result == {**SINE_TOP1, **{f"success/{key}": rate for key, rate in SINE_SUCCESS.items()}, "clean": 3 / 4}
+    assert result == {**{f"fgsm/{key}": rate for key, rate in SINE_TOP1.items()},
+                      **{f"fgsm_success/{key}": rate for key, rate in SINE_SUCCESS.items()}, "fgsm_clean": 3 / 4}
     # At eps 32 top-1 alone would suggest 1 - 0.5 / 0.75 = 1/3 broken; 2 of the 3 were.
     for eps in SINE_EPS:  # the attacked pixels as the table above has them
         with torch.no_grad():
@@ -483,7 +485,7 @@ def test_fgsm_success_rate_without_a_right_image_is_nan():
     metric = FGSMRobustness(eps_list=(1,), space="pixel")
     metric.update(net, images[2:3], targets[2:3])  # wrong before the attack
     result = metric.compute()
-    assert result["clean"] == 0 and result["success/eps=1"].isnan()
+    assert result["fgsm_clean"] == 0 and result["fgsm_success/eps=1"].isnan()
 
 
 # ---------------------------------------------------------------- all-zero maps as the authors score them

@@ -20,10 +20,12 @@ import math
 from typing import Sequence
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from evaluation.attacks import SPACES, fgsm_attacks
 from evaluation.metrics import functional
+from evaluation.metrics.registry import Score, register_metric
+from gcmodels.module import PER_CLASS_F1_NAME, accuracy_metric, accuracy_name, per_class_f1_metric
 
 
 def _count() -> torch.Tensor:
@@ -78,6 +80,33 @@ class _ZeroMaps:
         return {**results, "uniform": self.uniform.double()} if self.zero_maps == "uniform" else results
 
 
+def _eps_key(eps: float) -> str:
+    return f"eps={eps:g}"
+
+
+@register_metric("acc")
+class Accuracy:
+    """The headline score: top-1 accuracy (``acc``), or on multi-label data micro F1 (``f1``) and
+    macro F1 (``f1_per_class``), the COCO papers' F1-Overall and F1-PerClass; the module's own
+    validation metrics (``gcmodels.module``), as one ``MetricCollection``."""
+
+    family = "accuracy"
+    scores = {"acc": Score(True, "Top-1"), "f1": Score(True, "F1 overall"),
+              PER_CLASS_F1_NAME: Score(True, "F1 per class")}
+
+    @staticmethod
+    def from_settings(settings, num_classes: int, multilabel: bool) -> MetricCollection:
+        metrics = {accuracy_name(multilabel): accuracy_metric(num_classes, multilabel)}
+        if multilabel:
+            metrics[PER_CLASS_F1_NAME] = per_class_f1_metric(num_classes)
+        # compute_groups=False: micro and macro F1 keep states of their own.
+        return MetricCollection(metrics, compute_groups=False)
+
+    @staticmethod
+    def logged_scores(settings, multilabel: bool) -> list[str]:
+        return [accuracy_name(multilabel)] + ([PER_CLASS_F1_NAME] if multilabel else [])
+
+
 class _MeanScore(Metric):
     """Mean of per-image scores in [0, 1]; NaN scores are skipped and counted."""
 
@@ -101,6 +130,7 @@ class _MeanScore(Metric):
         return {self.score_name: _fraction(self.score_sum, self.scored), "skipped": self.skipped.double()}
 
 
+@register_metric("pg")
 class PointingGame(_ZeroMaps, _MeanScore):
     """Pointing game: hit iff the heatmap's maximum lies within the tolerance of the mask (see the
     module docstring for ``tolerance``, ``tolerance_at`` and ``zero_maps``).
@@ -114,6 +144,17 @@ class PointingGame(_ZeroMaps, _MeanScore):
 
     higher_is_better = True
     score_name = "pg"
+    family = "localization"
+    scores = {"pg": Score(True, "PG"), "pg_micro": Score(True)}
+    # What an update takes besides maps and masks; and whether it scores only the trials that
+    # point (the authors' difficult-only ImageNet images count in CH alone).
+    trial_inputs = ("classes",)
+    pointing_only = True
+
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "PointingGame":
+        return cls(tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes,
+                   zero_maps=settings.zero_maps)
 
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_classes: int | None = None,
                  zero_maps: str = "skip", **kwargs):
@@ -149,9 +190,10 @@ class PointingGame(_ZeroMaps, _MeanScore):
             return pooled
         tried = self.class_trials > 0
         per_class = _fraction(self.class_hits[tried], self.class_trials[tried])
-        return {"pg": per_class.mean(), "pg_micro": pooled.pop("pg"), **pooled}
+        return {self.score_name: per_class.mean(), f"{self.score_name}_micro": pooled.pop(self.score_name), **pooled}
 
 
+@register_metric("spg")
 class StochasticPointingGame(_ZeroMaps, Metric):
     """Stochastic pointing game: ``num_samples`` points drawn from the normalised heatmap, each
     scored like PG; per-image score = hit fraction. ``update(heatmaps, masks, seeds)``.
@@ -167,6 +209,16 @@ class StochasticPointingGame(_ZeroMaps, Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    family = "localization"
+    scores = {"spg": Score(True, "SPG")}
+    trial_inputs = ("seeds",)
+    pointing_only = True
+
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "StochasticPointingGame":
+        return cls(tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at,
+                   num_samples=settings.spg_samples, num_runs=settings.spg_runs, seed=settings.seed,
+                   zero_maps=settings.zero_maps)
 
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_samples: int, num_runs: int, seed: int,
                  zero_maps: str = "skip", **kwargs):
@@ -203,12 +255,21 @@ class StochasticPointingGame(_ZeroMaps, Metric):
                                    "skipped": self.skipped.double()})
 
 
+@register_metric("ch")
 class ContentHeatmap(_ZeroMaps, _MeanScore):
     """Content heatmap: share of heatmap mass on mask pixels. ``update(heatmaps, masks)``;
     ``compute()`` -> ``{"ch", "skipped"}`` (and "uniform" under ``zero_maps="uniform"``)."""
 
     higher_is_better = True
     score_name = "ch"
+    family = "localization"
+    scores = {"ch": Score(True, "CH")}
+    trial_inputs = ()
+    pointing_only = False
+
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "ContentHeatmap":
+        return cls(zero_maps=settings.zero_maps)
 
     def __init__(self, *, zero_maps: str = "skip", **kwargs):
         super().__init__(**kwargs)
@@ -224,15 +285,22 @@ class ContentHeatmap(_ZeroMaps, _MeanScore):
         return self._with_uniform(super().compute())
 
 
+@register_metric("nqh")
 class NegativeQuadrantsHeatmap(_MeanScore):
     """Negative quadrants heatmap: share of a 2x2 composite's heatmap mass in the three cells
     other than the positive image's. ``update(heatmaps, positive_cell)`` with heatmaps of any size
     (the share does not depend on it); ``count_without_composite(n)`` records images that could not
     get a composite (no image lacks their class). ``compute()`` -> ``{"nqh", "skipped",
-    "without_composite"}``. Lower is better."""
+    "skipped/nqh_without_composite"}``. Lower is better."""
 
     higher_is_better = False
     score_name = "nqh"
+    family = "composites"
+    scores = {"nqh": Score(False, "NQH")}
+
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "NegativeQuadrantsHeatmap":
+        return cls()
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -245,9 +313,10 @@ class NegativeQuadrantsHeatmap(_MeanScore):
         self.without_composite += count
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {**super().compute(), "without_composite": self.without_composite.double()}
+        return {**super().compute(), "skipped/nqh_without_composite": self.without_composite.double()}
 
 
+@register_metric("fgsm")
 class FGSMRobustness(Metric):
     """Top-1 accuracy under FGSM for each ``eps`` in ``eps_list`` (units of 1/255) in ``space``
     (:mod:`evaluation.attacks`), and the attack's success rate: among the images classified
@@ -255,17 +324,29 @@ class FGSMRobustness(Metric):
 
     ``update(net, images, targets)``: images in pixel space [0, 1], targets class indices ``[B]``;
     put ``net`` in eval mode. Defined for single-label top-1 only: multi-hot targets raise.
-    ``compute()`` -> ``{"eps=1": top-1 under attack, "eps=2": ..., ..., "success/eps=1": success
-    rate, ..., "clean": clean top-1}``; the success rate is NaN where no image was correct.
+    ``compute()`` -> ``{"fgsm/eps=1": top-1 under attack, "fgsm/eps=2": ..., ...,
+    "fgsm_success/eps=1": success rate, ..., "fgsm_clean": clean top-1}``; the success rate is NaN
+    where no image was correct.
 
     Its values improve in opposite directions, which torchmetrics' one ``higher_is_better`` cannot
-    say: top-1 (under attack or clean) is better higher, the success rate lower (``train.SCORE_MODES``
-    gives each its own)."""
+    say: top-1 (under attack or clean) is better higher, the success rate lower (``scores``)."""
 
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
-    success_prefix = "success/"
+    family = "robustness"
+    scores = {"fgsm": Score(True), "fgsm_success": Score(False), "fgsm_clean": Score(True)}
+    # Top-1 under attack: multi-label data has no top-1.
+    single_label_only = True
+
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "FGSMRobustness":
+        return cls(settings.fgsm_eps, settings.fgsm_space)
+
+    @staticmethod
+    def logged_scores(settings, multilabel: bool) -> list[str]:
+        keys = [_eps_key(eps) for eps in settings.fgsm_eps]
+        return [f"fgsm/{key}" for key in keys] + [f"fgsm_success/{key}" for key in keys] + ["fgsm_clean"]
 
     def __init__(self, eps_list: Sequence[float], space: str, **kwargs):
         super().__init__(**kwargs)
@@ -299,8 +380,8 @@ class FGSMRobustness(Metric):
         self.total += targets.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        keys = [f"eps={eps:g}" for eps in self.eps_list]
-        return {**{key: _fraction(correct, self.total) for key, correct in zip(keys, self.correct)},
-                **{self.success_prefix + key: _fraction(broken, self.clean_correct)
+        keys = [_eps_key(eps) for eps in self.eps_list]
+        return {**{f"fgsm/{key}": _fraction(correct, self.total) for key, correct in zip(keys, self.correct)},
+                **{f"fgsm_success/{key}": _fraction(broken, self.clean_correct)
                    for key, broken in zip(keys, self.broken)},
-                "clean": _fraction(self.clean_correct, self.total)}
+                "fgsm_clean": _fraction(self.clean_correct, self.total)}
