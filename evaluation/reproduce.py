@@ -475,7 +475,7 @@ def save_fgsm_plot(results: dict[str, list[dict]], robust: dict | None, space: s
     eps_keys = list(next(iter(results.values()))[0]["fgsm"])
     panels = [("top-1 (%)", eps_keys, {variant: [row["fgsm"] for row in rows] for variant, rows in results.items()})]
     if robust is not None:
-        panels.append(("retention: top-1 / clean top-1 (%)", attacked_keys(next(iter(results.values()))[0]),
+        panels.append(("retention (%): top-1 / clean top-1", attacked_keys(next(iter(results.values()))[0]),
                        {variant: robust[variant]["retention"] for variant in results}))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     for ax, (label, keys, per_variant) in zip(axes[0], panels):
@@ -485,7 +485,8 @@ def save_fgsm_plot(results: dict[str, list[dict]], robust: dict | None, space: s
                         yerr=[100 * s for _, s in stats], marker="o", capsize=3, label=LABELS.get(variant, variant))
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel(f"FGSM eps (1/255, {space} space)")
-        ax.set_ylabel(f"{label}, mean ± std over seeds")
+        ax.set_ylabel(label)
+        ax.set_title("mean ± std over seeds", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
