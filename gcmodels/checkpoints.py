@@ -22,7 +22,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file when used, so a check that needs only the
+        # hyper-parameters (read_hparams) does not read a 680 MB AlexNet checkpoint whole.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a refused type: a file that is no checkpoint
             raise ValueError(f"not a readable PyTorch checkpoint: {path} ({_offending_type(err)})") from err
