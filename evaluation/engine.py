@@ -243,13 +243,14 @@ class ExplanationEvaluator:
         """``pointing`` False: a trial scored only by the metrics that score every trial (CH; the
         authors' difficult-only images). Each metric takes the trial inputs it names
         (``trial_inputs``: PG counts per class, SPG seeds its draws per trial)."""
-        inputs = {"classes": classes, "seeds": seeds}
-        pointed = {"classes": classes[pointing], "seeds": seeds[pointing]}
+        every = (heatmaps, masks, {"classes": classes, "seeds": seeds})
+        # The pointing trials, selected once for every metric that needs them (masks may be large).
+        pointed = every if pointing.all() else (heatmaps[pointing], masks[pointing],
+                                                {"classes": classes[pointing], "seeds": seeds[pointing]})
         for metric in metrics.values():
-            if not metric.pointing_only:
-                metric.update(heatmaps, masks, **{key: inputs[key] for key in metric.trial_inputs})
-            elif pointing.any():
-                metric.update(heatmaps[pointing], masks[pointing], **{key: pointed[key] for key in metric.trial_inputs})
+            maps, trial_masks, inputs = pointed if metric.pointing_only else every
+            if len(maps):
+                metric.update(maps, trial_masks, **{key: inputs[key] for key in metric.trial_inputs})
 
     def compute(self) -> dict:
         """Fractions in [0, 1]; ``skipped`` counts images left out (all-zero heatmap, empty mask);
