@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from evaluation.engine import ExplanationEvaluator  # noqa: E402
-from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
+from evaluation.explainers import build_explainer  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
+from gcmodels.config import compose_group  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 
 GROUPS = {
@@ -58,7 +59,7 @@ def main() -> None:
     datamodule.prepare_data()
     datamodule.setup("validate")
     net = build_network(args.model, num_classes, output_stride=args.output_stride).to(device).eval()
-    explainer = build_explainer(**explainer_options(args.explainer))  # options from conf/explainer
+    explainer = build_explainer(**compose_group("explainer", args.explainer))
 
     print(f"{args.model} at {args.size} px, {args.explainer}, {args.images} images in batches of {args.batch}, "
           f"{device} ({torch.get_num_threads()} threads)")

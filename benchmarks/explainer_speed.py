@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
+from evaluation.explainers import build_explainer  # noqa: E402
+from gcmodels.config import compose_group  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
 
 
@@ -70,14 +71,14 @@ def main() -> None:
     net.head.register_forward_hook(lambda _module, _inputs, _output: passes.append(1))
 
     # The explainers as configured (conf/explainer/*.yaml), sample counts from the command line.
-    lime_options = explainer_options({"name": "lime", "num_segments": args.lime_segments, "seed": args.seed})
+    lime_options = compose_group("explainer", "lime", num_segments=args.lime_segments, seed=args.seed)
     if args.lime_samples is not None:
         lime_options["num_samples"] = args.lime_samples
     batched = build_explainer(**lime_options)
-    per_sample = build_explainer(**lime_options, samples_per_pass=1)
-    smoothgrad = explainer_options("smoothgrad")
+    per_sample = build_explainer(**{**lime_options, "samples_per_pass": 1})
+    smoothgrad = compose_group("explainer", "smoothgrad")
     runs = [
-        ("gradcam", "", build_explainer(**explainer_options("gradcam"))),
+        ("gradcam", "", build_explainer(**compose_group("explainer", "gradcam"))),
         ("smoothgrad", f"{smoothgrad['num_samples']} samples, stdev {smoothgrad['stdev']}",
          build_explainer(**smoothgrad)),
     ]

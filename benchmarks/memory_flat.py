@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from evaluation.engine import METRICS, ExplanationEvaluator  # noqa: E402
-from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
+from evaluation.explainers import build_explainer  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
+from gcmodels.config import compose_group  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 from gcmodels.objective import gc_objective  # noqa: E402
 from losses import random_layout  # noqa: E402
@@ -143,7 +144,7 @@ def evaluation(data: SyntheticDataModule, images: int, device: torch.device) -> 
     """One process's evaluation of ``images`` validation images: peak RSS and the metrics' state sizes."""
     torch.manual_seed(0)
     net = classifier().net.to(device)
-    evaluator = ExplanationEvaluator(build_explainer(**explainer_options("gradcam")), METRICS, NUM_CLASSES, False,
+    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES, False,
                                      default_settings(seed=0, batch_size=data.batch_size))
     before = rss_mb()
     reset_peak_rss()

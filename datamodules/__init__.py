@@ -9,34 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import ClassificationDataModule
+from .base import DATASETS, ClassificationDataModule
 from .coco import COCODataModule
 from .imagenet import ImageNetDataModule
 from .synthetic import SyntheticDataModule
 
-DATAMODULES: dict[str, type[ClassificationDataModule]] = {
-    cls.name: cls for cls in (SyntheticDataModule, ImageNetDataModule, COCODataModule)
-}
-
 
 def build_datamodule(config: Mapping) -> ClassificationDataModule:
-    """The datamodule a ``data`` config group describes: ``name`` picks the class, every other
-    key is a constructor argument. The constructor validates the values before any I/O."""
-    kwargs = dict(config)
-    name = kwargs.pop("name", None)
-    if name not in DATAMODULES:
-        raise ValueError(f"data.name={name!r} is unknown; allowed: {sorted(DATAMODULES)}")
-    try:
-        return DATAMODULES[name](**kwargs)
-    except TypeError as err:
-        # A missing or misspelt key: say which config it is in, not only which __init__.
-        raise ValueError(f"data config of {name!r}: {err}") from err
+    """The datamodule a ``data`` config group (validated by the entry point) describes: ``name``
+    picks the data set, every other key is a constructor argument."""
+    options = {key: value for key, value in config.items() if key != "name"}
+    return DATASETS[config["name"]].build(**options)
 
 
 __all__ = [
     "COCODataModule",
     "ClassificationDataModule",
-    "DATAMODULES",
+    "DATASETS",
     "ImageNetDataModule",
     "SyntheticDataModule",
     "build_datamodule",

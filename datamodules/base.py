@@ -1,58 +1,39 @@
-"""What every datamodule provides (:class:`ClassificationDataModule`), and config argument checks."""
+"""What every datamodule provides (:class:`ClassificationDataModule`), the options every data set
+takes, and the registry of data sets."""
 
 from __future__ import annotations
 
 import abc
-import numbers
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from gcmodels.options import ConfigError, Options, Registry
 
 from .distractors import DistractorDataset
 from .images import TrialGeometry, collate_samples
 
 
-def is_number(value: object) -> bool:
-    # bool is a number to Python, but true for a count or a rate is a mistake, not 1.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+class DataOptions(Options):
+    """The options every data set takes (the ``data`` group less its own): ``data_dir``;
+    ``image_size``, the side of the images the network sees; ``batch_size``, the global batch
+    (:meth:`ClassificationDataModule.set_world_size` divides it among the processes);
+    ``num_workers`` loader processes; ``skip_corrupt``: a corrupt image file is dropped from its
+    batch and counted instead of stopping the run."""
+
+    data_dir: str
+    image_size: Annotated[int, Field(ge=8)]
+    batch_size: Annotated[int, Field(ge=1)]
+    num_workers: Annotated[int, Field(ge=0)]
+    skip_corrupt: bool
 
 
-def is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_integer(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """Validate an integer config value; the error names ``key`` (the full config key)."""
-    if not is_integer(value):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{key} must be {allowed}, got {value}")
-    return int(value)
-
-
-def check_number(key: str, value: object, minimum: float, exclusive: bool = False) -> float:
-    """Validate a real config value ``>= minimum`` (``> minimum`` when ``exclusive``); the error
-    names ``key`` (the full config key)."""
-    if not is_number(value) or value < minimum or (exclusive and value == minimum):
-        raise ValueError(f"{key} must be a number {'>' if exclusive else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
-def check_bool(key: str, value: object) -> bool:
-    """Validate a boolean config value; the error names ``key`` (the full config key)."""
-    # bool(value) would take `no`, `off` or `'false'` (strings to Hydra) for true.
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def check_int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """:func:`check_integer` of the ``data`` group's ``key``."""
-    return check_integer(f"data.{key}", value, minimum, maximum)
+# The data sets by config name (``data.name``), each registered with its options where it is defined.
+DATASETS = Registry("data")
 
 
 def existing_dir(key: str, path: str | Path) -> Path:
@@ -85,8 +66,8 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
     Samples are ``{"image": [3, H, W] float in [0, 1], "target": ...}``, or None for a corrupt
     file when ``skip_corrupt``. The test loader is the validation set: ImageNet's and COCO's test
     labels are not public, and the synthetic data has no third split. ``batch_size`` is
-    what each process loads: ``train.py`` sets it to the process's share of the global
-    ``data.batch_size``.
+    what each process loads: :meth:`set_world_size` sets it to the process's share of the global
+    ``data.batch_size`` (``global_batch_size``).
 
     Subclasses build their sets in ``_build_train_dataset``, ``_build_val_dataset`` and
     ``_build_localization_dataset``; the results are kept in ``train_set`` (by ``setup("fit")``),
@@ -107,14 +88,24 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         stopping the run."""
         super().__init__()
         self.data_dir = Path(data_dir)
-        self.image_size = check_int("image_size", image_size, minimum=8)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        self.skip_corrupt = check_bool("data.skip_corrupt", skip_corrupt)
+        self.image_size = image_size
+        self.global_batch_size = batch_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.skip_corrupt = skip_corrupt
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._localization_sets: dict[TrialGeometry, Dataset | None] = {}
         self.train_distractors: str | None = None
+
+    def set_world_size(self, world_size: int) -> None:
+        """Load each process's share of the global batch ``data.batch_size`` (the paper's 256 is the
+        batch over all GPUs) among ``world_size`` processes (trainer.devices x trainer.num_nodes)."""
+        if self.global_batch_size % world_size:
+            raise ConfigError([("data.batch_size", f"{self.global_batch_size} is the global batch, split evenly "
+                                f"over the {world_size} processes (trainer.devices x trainer.num_nodes): "
+                                f"choose a multiple of {world_size}")])
+        self.batch_size = self.global_batch_size // world_size
 
     @property
     @abc.abstractmethod
@@ -129,7 +120,7 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         ``geometry``'s ``image_size`` is the datamodule's own (set here)."""
         # Built once per geometry and kept: reading the annotations (50,000 ILSVRC XML files, a
         # COCO json) is slow, and the training callbacks ask for the trials after every epoch.
-        geometry = geometry.check()._replace(image_size=None)
+        geometry = geometry._replace(image_size=None)
         if geometry not in self._localization_sets:
             self._localization_sets[geometry] = self._build_localization_dataset(geometry)
         return self._localization_sets[geometry]

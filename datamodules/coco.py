@@ -10,22 +10,25 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
+from pydantic import ValidationInfo, field_validator
 from torch.utils.data import Dataset
-from torchvision import transforms
+from torchvision.transforms import v2
 
-from .base import ClassificationDataModule, existing_dir
+from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
 from .images import (
     Sample,
     Transform,
+    TrialGeometry,
     imagenet_eval_transform,
     imagenet_train_transform,
     load_rgb_or_skip,
-    TrialGeometry,
     make_trial,
+    to_float_image,
 )
 
 log = logging.getLogger(__name__)
@@ -206,7 +209,7 @@ class CocoMaskDataset(Dataset):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir}")
-        self.geometry = geometry.check()
+        self.geometry = geometry
         self.skip_corrupt = skip_corrupt
         self.coco = load_coco(ann_file) if coco is None else coco
         self.category_ids = list(category_ids)
@@ -245,6 +248,22 @@ class CocoMaskDataset(Dataset):
 VAL_TRANSFORMS = ("square", "center_crop")
 
 
+class COCOOptions(DataOptions):
+    # Folder names: train2014, val2017, ...
+    train_split: str
+    val_split: str
+    val_transform: Literal[VAL_TRANSFORMS]
+
+    @field_validator("val_split")
+    @classmethod
+    def not_the_training_split(cls, val_split: str, info: ValidationInfo) -> str:
+        if val_split == info.data.get("train_split"):
+            raise ValueError(f"data.train_split is {val_split!r} too: the validation scores would be measured on "
+                             f"the training images")
+        return val_split
+
+
+@DATASETS.register("coco", COCOOptions)
 class COCODataModule(ClassificationDataModule):
     """Images in ``data_dir/<split>/``, annotations in ``data_dir/annotations/instances_<split>.json``
     (COCO 2014 or 2017: ``train_split``/``val_split`` name the folders, e.g. ``train2014``).
@@ -266,11 +285,6 @@ class COCODataModule(ClassificationDataModule):
         ``val_transform``: ``square`` or ``center_crop``; ``loading``: the options of
         :class:`ClassificationDataModule`."""
         super().__init__(data_dir, **loading)
-        if val_transform not in VAL_TRANSFORMS:
-            raise ValueError(f"data.val_transform must be one of {list(VAL_TRANSFORMS)}, got {val_transform!r}")
-        if train_split == val_split:
-            raise ValueError(f"data.train_split and data.val_split are both {train_split!r}: the validation scores "
-                             f"would be measured on the training images; give two splits (e.g. train2014 and val2014)")
         self.train_split = train_split
         self.val_split = val_split
         self.val_transform = val_transform
@@ -307,8 +321,7 @@ class COCODataModule(ClassificationDataModule):
 
     def _build_val_dataset(self) -> CocoMultiLabelDataset:
         if self.val_transform == "square":
-            transform = transforms.Compose([transforms.Resize((self.image_size, self.image_size)),
-                                            transforms.ToTensor()])
+            transform = to_float_image(v2.Resize((self.image_size, self.image_size)))
         else:
             transform = imagenet_eval_transform(self.image_size)
         return self._dataset(self.val_split, transform)

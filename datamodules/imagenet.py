@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
-from .base import ClassificationDataModule, existing_dir
+from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
 from .imagefolder import ClassFolderDataset, LabelledImageDataset, list_class_folders
 from .images import (
     IMAGE_EXTENSIONS,
@@ -102,7 +102,7 @@ class BoxMaskDataset(Dataset):
 
     def __init__(self, images: LabelledImageDataset, annotations: Mapping[Path, IlsvrcBoxes],
                  geometry: TrialGeometry):
-        self.geometry = geometry.check()
+        self.geometry = geometry
         self.skip_corrupt = images.skip_corrupt
         authors = geometry.protocol == "authors"
         # (path, class, boxes, XML width, XML height, counts for PG and SPG)
@@ -150,6 +150,12 @@ VAL_LAYOUT = """data.data_dir must hold ImageNet as distributed:
   <data_dir>/val/<wnid>/*.JPEG                   (sorted into class folders)"""
 
 
+class ImageNetOptions(DataOptions):
+    # The validation box XML files; None: next to the images.
+    box_dir: str | None
+
+
+@DATASETS.register("imagenet", ImageNetOptions)
 class ImageNetDataModule(ClassificationDataModule):
     """ILSVRC-2012 classification: ``data_dir/train/<wnid>/*.JPEG``, and the validation images
     either flat (``data_dir/val/*.JPEG``, as the archive unpacks) or in class folders

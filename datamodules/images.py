@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms, tv_tensors
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
@@ -81,22 +81,25 @@ def collate_samples(samples: Sequence[Sample | None]) -> dict[str, Any]:
     return {**{key: torch.stack([sample[key] for sample in kept]) for key in kept[0]}, "skipped": skipped}
 
 
-def imagenet_train_transform(image_size: int) -> transforms.Compose:
+def _unit_range(image: Tensor) -> Tensor:
+    # Divided, as torchvision's old ToTensor did: v2.ToDtype(scale=True) multiplies by 1/255, which
+    # differs in the last bit for some intensities.
+    return image.to(torch.float32).div(255)
+
+
+def to_float_image(*steps: v2.Transform) -> v2.Compose:
+    """``steps`` on the PIL image, then a float tensor ``[3, H, W]`` in [0, 1]."""
+    return v2.Compose([*steps, v2.PILToTensor(), v2.Lambda(_unit_range)])
+
+
+def imagenet_train_transform(image_size: int) -> v2.Compose:
     """The paper's training augmentation: RandomResizedCrop + horizontal flip, no normalisation."""
-    return transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-    )
+    return to_float_image(v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip())
 
 
-def imagenet_eval_transform(image_size: int) -> transforms.Compose:
+def imagenet_eval_transform(image_size: int) -> v2.Compose:
     """Resize(256) + CenterCrop(224) at 224 px, scaled the same way for other sizes."""
-    return transforms.Compose(
-        [
-            transforms.Resize(int(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-        ]
-    )
+    return to_float_image(v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size))
 
 
 # --------------------------------------------------------------------------- localisation trials
@@ -123,16 +126,11 @@ class TrialGeometry(NamedTuple):
     image_size: int | None = None
     short_side: int | None = None
 
-    def check(self) -> "TrialGeometry":
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"evaluation.protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        return self
-
     def apply(self, image: Image.Image, mask: Tensor) -> tuple[Tensor, Tensor]:
         """The network's input (uint8 ``[3, H', W']``) and the scored mask (bool) of one trial."""
         if self.protocol == "authors":
             if self.short_side is not None:
-                image = transforms.functional.resize(image, self.short_side)
+                image = v2.functional.resize(image, self.short_side)
             return v2.functional.pil_to_tensor(image), mask
         tv_image, tv_mask = tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(mask)
         if self.image_size is not None:

@@ -38,21 +38,19 @@ alone, so regeneration gives byte-identical files and any image can be rebuilt o
 from __future__ import annotations
 
 import colorsys
-import dataclasses
-import hashlib
 import json
 import math
-import numbers
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
+from pydantic import Field, ValidationInfo, field_validator
 
-from .base import check_int
+from gcmodels.files import json_digest, staged
+from gcmodels.options import Options, Sequence
 
 # Bump when the generator's output changes, so that data cached by an older version is not reused.
 GENERATOR_VERSION = 3
@@ -108,84 +106,58 @@ BLOB_SCALE = (0.03, 0.12)  # background blobs' sides: solid ellipses, so smaller
 DECOY_PLACEMENT_TRIES = 20  # a decoy that finds no free place in this many draws is left out
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticParams:
-    """Every parameter the generated files depend on; validated on construction.
+class SyntheticParams(Options):
+    """Every parameter the generated files depend on (the synthetic ``data`` group's own options).
 
     No defaults: the values live in ``conf/data/synthetic.yaml``.
     """
 
-    num_classes: int
-    image_size: int
-    train_per_class: int
-    val_per_class: int
-    # [smallest, largest] object side as a fraction of the image side.
-    object_scale: tuple[float, float]
+    num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
+    image_size: Annotated[int, Field(ge=MIN_IMAGE_SIZE)]
+    train_per_class: Annotated[int, Field(ge=1)]
+    val_per_class: Annotated[int, Field(ge=1)]
+    # [smallest, largest] object side as a fraction of the image side. With two cue patches per
+    # axis beside it, an object never touches both the left and right (or top and bottom) patches,
+    # so the context cue always finds a free corner; the smallest must exceed the largest solid
+    # background blob, which could pass for a circle.
+    object_scale: Annotated[Sequence[Annotated[float, Field(gt=BLOB_SCALE[1], lt=1 - 2 * CUE_SCALE)]],
+                            Field(min_length=2, max_length=2)]
     # [fewest, most] textured decoys per image.
-    decoys: tuple[int, int]
-    context_bias: float
-    seed: int
+    decoys: Annotated[Sequence[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+    context_bias: Annotated[float, Field(ge=0, le=1)]
+    # numpy seeds must be non-negative.
+    seed: Annotated[int, Field(ge=0)]
 
-    def __post_init__(self) -> None:
-        check_int("num_classes", self.num_classes, minimum=2, maximum=MAX_CLASSES)
-        check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
-        check_int("train_per_class", self.train_per_class, minimum=1)
-        check_int("val_per_class", self.val_per_class, minimum=1)
-        check_int("seed", self.seed, minimum=0)  # numpy seeds must be non-negative
-        object.__setattr__(self, "object_scale", self._check_object_scale(self.object_scale))
-        object.__setattr__(self, "decoys", self._check_decoys(self.decoys))
-        bias = self.context_bias
-        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not 0.0 <= bias <= 1.0:
-            raise ValueError(f"data.context_bias must be a number in [0, 1], got {bias!r}")
-        # 1 and 1.0 must name the same data set (the directory hash is taken over the JSON text).
-        object.__setattr__(self, "context_bias", float(bias))
+    @field_validator("object_scale")
+    @classmethod
+    def ordered_and_drawable(cls, scale: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError("must be [smallest, largest]")
+        size = info.data.get("image_size")
+        if size is not None and scale[0] * size < MIN_OBJECT_PIXELS:
+            raise ValueError(f"at data.image_size={size} makes objects of {scale[0] * size:.1f} px; at least "
+                             f"{MIN_OBJECT_PIXELS} px keep shapes apart: raise the smallest scale or the image size")
+        return scale
 
-    def _check_object_scale(self, scale: Any) -> tuple[float, float]:
-        if not _is_pair(scale, numbers.Real) or not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"data.object_scale must be [smallest, largest] fractions, 0 < smallest <= "
-                             f"largest, got {scale!r}")
-        # With two cue patches per axis beside it, an object never touches both the left and
-        # right (or top and bottom) patches, so the context cue always finds a free corner.
-        largest = 1 - 2 * CUE_SCALE
-        if scale[1] >= largest:
-            raise ValueError(f"data.object_scale: the largest object side must stay below {largest:.2f} of "
-                             f"the image (room for the context cue), got {scale[1]!r}")
-        if scale[0] <= BLOB_SCALE[1]:
-            raise ValueError(f"data.object_scale: the smallest object side must exceed {BLOB_SCALE[1]} of the image "
-                             f"(the largest solid background blob, which could pass for a circle), got {scale[0]!r}")
-        if scale[0] * self.image_size < MIN_OBJECT_PIXELS:
-            raise ValueError(
-                f"data.object_scale={list(scale)!r} at data.image_size={self.image_size} makes objects of "
-                f"{scale[0] * self.image_size:.1f} px; at least {MIN_OBJECT_PIXELS} px keep shapes apart: "
-                f"raise the smallest scale or the image size"
-            )
-        return float(scale[0]), float(scale[1])
-
-    @staticmethod
-    def _check_decoys(decoys: Any) -> tuple[int, int]:
-        if not _is_pair(decoys, numbers.Integral) or not 0 <= decoys[0] <= decoys[1]:
-            raise ValueError(f"data.decoys must be [fewest, most] counts, 0 <= fewest <= most, got {decoys!r}")
-        return int(decoys[0]), int(decoys[1])
+    @field_validator("decoys")
+    @classmethod
+    def ordered(cls, decoys: tuple[int, int]) -> tuple[int, int]:
+        if decoys[0] > decoys[1]:
+            raise ValueError("must be [fewest, most]")
+        return decoys
 
     def to_dict(self) -> dict[str, Any]:
         # Lists, as JSON reads them back (meta.json is compared with this).
-        fields = {key: list(value) if isinstance(value, tuple) else value
-                  for key, value in dataclasses.asdict(self).items()}
+        fields = {key: list(value) if isinstance(value, tuple) else value for key, value in self.model_dump().items()}
         return {"generator_version": GENERATOR_VERSION, **fields}
 
     @property
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+        return json_digest(self.to_dict(), 10)
 
     @property
     def class_names(self) -> list[str]:
         return [f"class_{index:02d}_{shape}" for index, shape in enumerate(list(SHAPES)[: self.num_classes])]
-
-
-def _is_pair(value: Any, kind: type) -> bool:
-    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-            and all(isinstance(v, kind) and not isinstance(v, bool) for v in value))
 
 
 def synthetic_dir(root: str | Path, params: SyntheticParams) -> Path:
@@ -215,17 +187,12 @@ def generate_synthetic(root: str | Path, params: SyntheticParams) -> Path:
         return target
     if target.exists():
         shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_dataset(staging, params)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not is_complete(target, params):  # anything but "another process finished first"
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged(target, directory=True) as staging:
+            _write_dataset(staging, params)
+    except OSError:
+        if not is_complete(target, params):  # anything but "another process finished first"
+            raise
     return target
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from torchvision import transforms
+from torchvision.transforms import v2
 
-from .base import ClassificationDataModule
+from .base import DATASETS, ClassificationDataModule, DataOptions
 from .coco import CocoMaskDataset
-from .images import TrialGeometry
 from .imagefolder import ClassFolderDataset
+from .images import TrialGeometry, to_float_image
 from .shapes import SyntheticParams, generate_synthetic, is_complete, synthetic_dir
-
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic.yaml"
 
@@ -30,6 +29,11 @@ def generator_options() -> dict:
     return {key: config[key] for key in ("object_scale", "decoys")}
 
 
+class SyntheticOptions(SyntheticParams, DataOptions):
+    """The synthetic ``data`` group: the generator's parameters and the loading options."""
+
+
+@DATASETS.register("synthetic", SyntheticOptions)
 class SyntheticDataModule(ClassificationDataModule):
     """Single-label, ``num_classes`` shapes; the generation parameters are :class:`SyntheticParams`.
 
@@ -81,11 +85,11 @@ class SyntheticDataModule(ClassificationDataModule):
         return self.dataset_dir / split
 
     def _build_val_dataset(self) -> ClassFolderDataset:
-        return ClassFolderDataset(self._split_dir("val"), transforms.ToTensor(), self.skip_corrupt,
+        return ClassFolderDataset(self._split_dir("val"), to_float_image(), self.skip_corrupt,
                                   class_names=self.class_names)
 
     def _build_train_dataset(self) -> ClassFolderDataset:
         # Horizontal flips keep every shape in its class (an L mirrored is still the L class).
-        train_transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        train_transform = to_float_image(v2.RandomHorizontalFlip())
         return ClassFolderDataset(self._split_dir("train"), train_transform, self.skip_corrupt,
                                   class_names=self.class_names)

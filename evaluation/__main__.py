@@ -1,42 +1,70 @@
 """Evaluate checkpoints: ``python -m evaluation ckpt_path=PATH [data=...] [explainer=...] [metrics=[...]]``.
 
-Writes report.md, report.csv, report.json and heatmaps.png to the output dir. Every input is
-checked (image counts, paths, checkpoints and their class sets, metric and explainer names, the
-explainer's layer on each network, settings) before any data is read.
+Writes report.md, report.csv, report.json and heatmaps.png to the output dir. The config is
+validated first, against :func:`evaluate_schema` (every refused key at once); then the rules across
+objects (each checkpoint's class set against the data's, the explainer's layer on each network, the
+metrics the data can serve, the device) before any data is read.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BeforeValidator, Field, create_model
 
-from datamodules import ClassificationDataModule, build_datamodule
-from datamodules.base import check_integer
-from evaluation.engine import (ExplanationEvaluator, check_checkpoint_explainer, check_metrics, check_trained_classes,
-                               resolve_device, unsupported_metrics, validation_sample)
-from evaluation.explainers import Explainer, build_explainer
+from datamodules import DATASETS, ClassificationDataModule, build_datamodule
+from evaluation.engine import (
+    ExplanationEvaluator,
+    check_checkpoint_explainer,
+    check_trained_classes,
+    resolve_device,
+    unsupported_metrics,
+    validation_sample,
+)
+from evaluation.explainers import EXPLAINERS, Explainer, build_explainer
 from evaluation.figures import save_overlay_grid
+from evaluation.metrics.registry import MetricNames
 from evaluation.panels import explanation_panels
 from evaluation.report import row_label, write_reports
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
+from gcmodels.config import check_config
 from gcmodels.module import GCClassifier
+from gcmodels.options import Options, Sequence
 
-def checkpoint_paths(value) -> list[Path]:
-    paths = [Path(p) for p in (value if isinstance(value, (list, ListConfig)) else [value])]
-    if not paths:
-        raise ValueError("ckpt_path: give at least one checkpoint")
-    return paths
+Count = Annotated[int, Field(ge=0)]
 
 
-def check_options(cfg: DictConfig) -> None:
-    """The counts of images evaluated and drawn, checked before anything is read."""
-    if cfg.max_images is not None:
-        check_integer("max_images", cfg.max_images, 1)
-    check_integer("heatmap_images", cfg.heatmap_images, 0)
-    check_integer("heatmap_composites", cfg.heatmap_composites, 0)
+def one_or_more(value):
+    """``ckpt_path``: one path, or a list of them."""
+    return (value,) if isinstance(value, str) else value
+
+
+# The checkpoints, as a tuple of at least one path.
+CheckpointPaths = Annotated[Sequence[Annotated[str, Field(min_length=1)]], Field(min_length=1),
+                            BeforeValidator(one_or_more)]
+
+
+def evaluate_schema() -> type[Options]:
+    """The schema of ``conf/evaluate.yaml``, of the kinds registered now (a test may register more)."""
+    return create_model(
+        "EvaluateConfig", __base__=Options,
+        data=(DATASETS.union(), ...),
+        evaluation=(EvaluationSettings, ...),
+        explainer=(EXPLAINERS.union(), ...),
+        ckpt_path=(CheckpointPaths, ...),
+        metrics=(MetricNames, ...),
+        # None: every validation image.
+        max_images=(Optional[Annotated[int, Field(ge=1)]], ...),
+        device=(str, ...),
+        seed=(Count, ...),
+        heatmap_images=(Count, ...),
+        heatmap_composites=(Count, ...),
+        output_dir=(str, ...),
+    )
 
 
 def check_checkpoint(path: Path, datamodule: ClassificationDataModule, explainer: Explainer) -> dict:
@@ -56,16 +84,16 @@ def describe(path: Path, hparams: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    check_options(cfg)
-    metrics = check_metrics(cfg.metrics)
+    options = check_config(cfg, evaluate_schema())
+    metrics = list(options.metrics)
     explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
     explainer = build_explainer(**explainer_options)
     explainer_name = explainer_options["name"]
-    paths = checkpoint_paths(cfg.ckpt_path)
-    settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
+    paths = [Path(path) for path in options.ckpt_path]
+    settings: EvaluationSettings = options.evaluation
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     hparams = [check_checkpoint(path, datamodule, explainer) for path in paths]
-    device = resolve_device(cfg.device)
+    device = resolve_device(options.device)
 
     datamodule.prepare_data()
     unsupported = unsupported_metrics(datamodule, metrics, settings.trial_geometry)
@@ -78,19 +106,19 @@ def run(cfg: DictConfig) -> dict:
         net = GCClassifier.from_checkpoint(path).net.to(device).eval()
         print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name}")
         evaluator = ExplanationEvaluator(explainer, metrics, datamodule.num_classes, datamodule.multilabel, settings)
-        row["results"] = evaluator.run(net, datamodule, max_images=cfg.max_images)
+        row["results"] = evaluator.run(net, datamodule, max_images=options.max_images)
         rows.append(row)
-        if cfg.heatmap_images > 0:
-            panels = explanation_panels(net, explainer, validation_sample(datamodule, cfg.heatmap_images),
-                                        datamodule.class_names, cfg.heatmap_composites,
+        if options.heatmap_images > 0:
+            panels = explanation_panels(net, explainer, validation_sample(datamodule, options.heatmap_images),
+                                        datamodule.class_names, options.heatmap_composites,
                                         torch.Generator().manual_seed(settings.seed))
             grid.append((f"{row_label(row)}\n{path.name}", panels))
     run_settings = {"explainer": explainer_name, "explainer_options": explainer_options, "data": datamodule.name,
                     "metrics": metrics,
-                    "max_images": cfg.max_images, **settings.to_dict()}
-    reports = write_reports(rows, cfg.output_dir, run_settings)
+                    "max_images": options.max_images, **settings.to_dict()}
+    reports = write_reports(rows, options.output_dir, run_settings)
     if grid:
-        reports["heatmaps"] = save_overlay_grid(grid, Path(cfg.output_dir, "heatmaps.png"),
+        reports["heatmaps"] = save_overlay_grid(grid, Path(options.output_dir, "heatmaps.png"),
                                                 f"{explainer_name} explanations of the labelled class")
     print(Path(reports["md"]).read_text())
     for name, path in reports.items():

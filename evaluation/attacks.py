@@ -9,7 +9,7 @@ images are clipped to [0, 1] in both.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 

@@ -11,7 +11,7 @@ not depend on the batch size, the process count or the order of the files.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset

@@ -9,7 +9,7 @@ number of processes and any batch size give the numbers of one process. Results 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -25,18 +25,9 @@ from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_nois
 from evaluation.settings import EvaluationSettings
 from gcmodels.module import accuracy_inputs
 from gcmodels.networks import build_network
+from gcmodels.options import ConfigError
 
 Explainer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def check_metrics(metrics: Iterable[str]) -> list[str]:
-    metrics = list(metrics)
-    unknown = [name for name in metrics if name not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {list(METRICS)}")
-    if not metrics:
-        raise ValueError(f"no metric asked for; valid metrics: {list(METRICS)}")
-    return metrics
 
 
 def family_members(metrics: Iterable[str], family: str) -> list[str]:
@@ -66,15 +57,15 @@ def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU; otherwise the named device, which must exist on
-    this machine (the error names the ``device`` key)."""
+    this machine (a :class:`ConfigError` of the ``device`` key)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})") from err
+        raise ConfigError([("device", f"{name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})")]) from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError([("device", f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")])
     return device
 
 
@@ -167,7 +158,8 @@ class ExplanationEvaluator:
 
     def __init__(self, explainer: Explainer | None, metrics: Sequence[str], num_classes: int, multilabel: bool,
                  settings: EvaluationSettings):
-        self.metrics = check_metrics(metrics)
+        # Registered names (the entry points' schemas check them).
+        self.metrics = list(metrics)
         explained = [name for name in self.metrics if METRICS[name].explained]
         if explained and explainer is None:
             raise ValueError(f"metric(s) {explained} score explanations: give an explainer")
@@ -196,7 +188,7 @@ class ExplanationEvaluator:
     def _all_metrics(self) -> list[Metric]:
         return list(self.state.values()) + [m for metrics in self.references.values() for m in metrics.values()]
 
-    def to(self, device: torch.device) -> "ExplanationEvaluator":
+    def to(self, device: torch.device) -> ExplanationEvaluator:
         self.state = {name: metric.to(device) for name, metric in self.state.items()}
         self.references = {reference: {name: metric.to(device) for name, metric in metrics.items()}
                            for reference, metrics in self.references.items()}

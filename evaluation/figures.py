@@ -1,19 +1,34 @@
-"""Pictures of explanations: heatmap overlays on images, in a grid. Drawing only: the panels
-come from ``evaluation.panels``."""
+"""Every picture the project writes goes through here: the one switch to matplotlib's file-only
+backend (no display on clusters), :func:`subplots` and :func:`save_figure`, and the pictures of
+explanations (heatmap overlays on images, in a grid; the panels come from ``evaluation.panels``)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-import torch
 
 from evaluation.metrics.functional import upsample
+
+
+def subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots`` on the file-only backend."""
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` and free it."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 class Panel(NamedTuple):
@@ -66,7 +81,4 @@ def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | P
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), COLORMAP), ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
     bar.set_label("min-max per image", fontsize=6)
     bar.ax.tick_params(labelsize=6)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

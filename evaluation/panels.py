@@ -3,7 +3,7 @@ what ``evaluation.figures`` draws, for train.py's final picture, the callback's 
 evaluation script's heatmaps."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

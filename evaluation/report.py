@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 from evaluation.metrics import registry
 from evaluation.references import REFERENCES
-
-
-def _percent(value) -> str:
-    """A fraction printed as percent with two decimals; '-' when missing."""
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-
+from evaluation.tables import markdown_table, percent
 
 REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
 
@@ -35,8 +29,8 @@ def _table1_cell(results: dict, key: str, spread: bool) -> str:
         count = results.get(group, {}).get(name)
         return "-" if count is None else str(count)
     if spread:
-        return f"{_percent(results.get(key))} ± {_percent(results.get(f'{key}_std'))}"
-    return _percent(results.get(key))
+        return f"{percent(results.get(key))} ± {percent(results.get(f'{key}_std'))}"
+    return percent(results.get(key))
 
 
 def _table1_cells(results: dict, columns: list[tuple[str, str]], spreads: set[str]) -> list[str]:
@@ -93,13 +87,9 @@ def _eps_table(rows: list[dict], group: str, keys: list[str], first: tuple[str, 
     """One row per checkpoint of ``results[group][eps key]`` in percent, after the column ``first``
     (its key in the results, its heading) where given."""
     headings = ([first[1]] if first else []) + keys
-    lines = ["| model | " + " | ".join(headings) + " |", "|---" * (len(headings) + 1) + "|"]
-    for row in rows:
-        results = row["results"]
-        cells = ([_percent(results.get(first[0]))] if first else []) + [_percent(results.get(group, {}).get(key))
-                                                                         for key in keys]
-        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
-    return lines
+    return markdown_table(["model", *headings], (
+        [row_label(row), *([percent(row["results"].get(first[0]))] if first else []),
+         *(percent(row["results"].get(group, {}).get(key)) for key in keys)] for row in rows))
 
 
 def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict[str, Path]:
@@ -143,18 +133,15 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                                                          for key, _ in columns):
             shown, note = zero_map_columns(columns, settings.get("zero_maps", "skip"))
             lines += [note, ""]
-        lines += ["| model | " + " | ".join(heading for _, heading in shown) + " |",
-                  "|---" * (len(shown) + 1) + "|"]
-        for row in rows:
-            lines.append(f"| {row_label(row)} | " + " | ".join(_table1_cells(row["results"], shown, spreads)) + " |")
+        table = [[row_label(row), *_table1_cells(row["results"], shown, spreads)] for row in rows]
         # The reference maps do not depend on the model: the first checkpoint's trials stand for all
         # (every checkpoint is scored on the same trials).
+        first = rows[0]["results"]
         for reference, label in REFERENCE_LABELS.items():
-            first = rows[0]["results"]
             if any(f"{key}_{reference}" in first for key, _ in columns):
                 results = {key: first.get(f"{key}_{reference}") for key in table1_keys}
-                lines.append(f"| reference: {label} | " + " | ".join(_table1_cells(results, shown, spreads)) + " |")
-        lines.append("")
+                table.append([f"reference: {label}", *_table1_cells(results, shown, spreads)])
+        lines += markdown_table(["model", *(heading for _, heading in shown)], table) + [""]
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", ""]
         lines += _eps_table(rows, "fgsm", eps_keys) + [""]

@@ -15,7 +15,6 @@ redoes only what did not finish. docs/reproduce.md says what is run and how clai
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,24 +25,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import hydra
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from pydantic import AfterValidator, Field, create_model  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
 from datamodules import build_datamodule  # noqa: E402
-from datamodules.base import check_bool, check_integer, is_number  # noqa: E402
+from datamodules.shapes import MIN_IMAGE_SIZE  # noqa: E402
 from evaluation.consensus import committee  # noqa: E402
 from evaluation.engine import resolve_device, validation_sample  # noqa: E402
-from evaluation.explainers import build_explainer, explainer_options  # noqa: E402
-from evaluation.figures import save_overlay_grid  # noqa: E402
+from evaluation.explainers import EXPLAINERS, build_explainer  # noqa: E402
+from evaluation.figures import save_figure, save_overlay_grid, subplots  # noqa: E402
 from evaluation.metrics import registry  # noqa: E402
 from evaluation.panels import explanation_panels  # noqa: E402
+from evaluation.settings import EvaluationSettings  # noqa: E402
+from evaluation.tables import markdown_table, number, percent  # noqa: E402
+from gcmodels.config import check_config, compose_group  # noqa: E402
+from gcmodels.files import file_digest  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
+from gcmodels.options import ConfigError, Options, Sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each finished step leaves behind: its arguments (compared on reuse) and its wall time.
@@ -156,14 +158,6 @@ def run_step(arguments: list[str], directory: Path, description: str, inputs: di
                            f"{directory / 'reproduce_step.log'}")
     step_file.write_text(json.dumps({**record, "seconds": seconds}, indent=2))
     return seconds
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -317,18 +311,9 @@ def robustness(results: dict[str, list[dict]]) -> dict:
 
 # ------------------------------------------------------------------------------------ report
 
-def _pct(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _number(value, spec: str = ".2f") -> str:
-    """A correlation or p-value; '-' where it is undefined (None: a constant column, too few rows)."""
-    return "-" if value is None or math.isnan(value) else format(value, spec)
-
-
 def _pm(values: list[float]) -> str:
     mean, std = mean_std(values)
-    return f"{_pct(mean)} ± {_pct(std)}"
+    return f"{percent(mean, 1)} ± {percent(std, 1)}"
 
 
 def table1_columns(first: dict) -> list[tuple[str, str]]:
@@ -341,23 +326,18 @@ def table1_columns(first: dict) -> list[tuple[str, str]]:
 def table1(results: dict[str, list[dict]]) -> list[str]:
     first = next(iter(results.values()))[0]  # every checkpoint is scored on the same trials
     columns = table1_columns(first)
-    lines = ["| variant | " + " | ".join(heading for _, heading in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for variant, rows in results.items():
-        lines.append(f"| {LABELS.get(variant, variant)} | "
-                     + " | ".join(_pm([row[key] for row in rows]) for key, _ in columns) + " |")
+    table = [[LABELS.get(variant, variant), *(_pm([row[key] for row in rows]) for key, _ in columns)]
+             for variant, rows in results.items()]
     for reference, label in (("center", "reference: centred peak"), ("noise", "reference: uniform noise")):
-        cells = [_pct(first[f"{key}_{reference}"]) if f"{key}_{reference}" in first else "-" for key, _ in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+        table.append([label, *(percent(first.get(f"{key}_{reference}"), 1) for key, _ in columns)])
+    return markdown_table(["variant", *(heading for _, heading in columns)], table)
 
 
 def table6(results: dict[str, list[dict]]) -> list[str]:
     eps_keys = list(next(iter(results.values()))[0]["fgsm"])
-    lines = ["| variant | clean | " + " | ".join(eps_keys) + " |", "|---" * (len(eps_keys) + 2) + "|"]
-    for variant, rows in results.items():
-        lines.append(f"| {LABELS.get(variant, variant)} | {_pm([row['acc'] for row in rows])} | "
-                     + " | ".join(_pm([row["fgsm"][key] for row in rows]) for key in eps_keys) + " |")
-    return lines
+    return markdown_table(["variant", "clean", *eps_keys], (
+        [LABELS.get(variant, variant), _pm([row["acc"] for row in rows]),
+         *(_pm([row["fgsm"][key] for row in rows]) for key in eps_keys)] for variant, rows in results.items()))
 
 
 def _eps_mean(values: dict, keys: list[str]) -> float:
@@ -368,15 +348,15 @@ def _eps_mean(values: dict, keys: list[str]) -> float:
 def eps_table(per_variant: dict[str, list[dict | None]], keys: list[str]) -> list[str]:
     """A per-eps measure (mean ± std over seeds) and its mean over ``keys``; ``missing`` for a
     variant with a seed that lacks it."""
-    lines = ["| variant | " + " | ".join(keys) + " | mean over eps > 0 |", "|---" * (len(keys) + 2) + "|"]
+    table = []
     for variant, seeds in per_variant.items():
         if any(values is None for values in seeds):
             cells = ["missing"] * (len(keys) + 1)
         else:
             cells = [_pm([values.get(key, math.nan) for values in seeds]) for key in keys]
             cells.append(_pm([_eps_mean(values, keys) for values in seeds]))
-        lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
-    return lines
+        table.append([LABELS.get(variant, variant), *cells])
+    return markdown_table(["variant", *keys, "mean over eps > 0"], table)
 
 
 def robustness_lines(results: dict[str, list[dict]], robust: dict, seeds: list[int]) -> list[str]:
@@ -405,15 +385,12 @@ def _interval(claim: dict) -> str:
 
 
 def claim_lines(found: list[dict]) -> list[str]:
-    lines = ["| claim | verdict | mean difference (points) | 95% interval (points) | sign test p | "
-             "seeds on the claimed side | per seed |", "|---|---|---|---|---|---|---|"]
-    for claim in found:
-        per_seed = ", ".join("-" if math.isnan(d) else f"{100 * d:+.1f}" for d in claim["differences"])
-        mean = "-" if math.isnan(claim["mean"]) else f"{100 * claim['mean']:+.1f}"
-        lines.append(f"| {claim['claim']} | **{claim['verdict']}** | {mean} | {_interval(claim)} | "
-                     f"{_number(claim['sign_test_p'], '.2g')} | {claim['seeds_agreeing']}/{claim['seeds']} | "
-                     f"{per_seed} |")
-    return lines
+    header = ["claim", "verdict", "mean difference (points)", "95% interval (points)", "sign test p",
+              "seeds on the claimed side", "per seed"]
+    return markdown_table(header, (
+        [claim["claim"], f"**{claim['verdict']}**", number(100 * claim["mean"], "+.1f"), _interval(claim),
+         number(claim["sign_test_p"], ".2g"), f"{claim['seeds_agreeing']}/{claim['seeds']}",
+         ", ".join(number(100 * difference, "+.1f") for difference in claim["differences"])] for claim in found))
 
 
 def claims_reading(seeds: int) -> str:
@@ -435,25 +412,26 @@ def committee_title(explainer: str) -> str:
 
 
 def correlation_table(correlations: list[dict], group: bool = False) -> list[str]:
-    lines = [("| group " if group else "") + "| x | y | n | Pearson (p) | Spearman (p) | note |",
-             "|---" * (7 if group else 6) + "|"]
-    lines += [(f"| {c['group']} " if group else "") + f"| {c['x']} | {c['y']} | {c['n']} | {_number(c['pearson'])} "
-              f"({_number(c['pearson_p'], '.2g')}) | {_number(c['spearman'])} ({_number(c['spearman_p'], '.2g')}) | "
-              f"{c.get('note') or ''} |" for c in correlations]
-    return lines
+    header = [*(["group"] if group else []), "x", "y", "n", "Pearson (p)", "Spearman (p)", "note"]
+    return markdown_table(header, (
+        [*([c["group"]] if group else []), c["x"], c["y"], c["n"],
+         f"{number(c['pearson'], '.2f')} ({number(c['pearson_p'], '.2g')})",
+         f"{number(c['spearman'], '.2f')} ({number(c['spearman_p'], '.2g')})", c.get("note") or ""]
+        for c in correlations))
 
 
 def consensus_lines(consensus: dict, runs: list[Run]) -> list[str]:
     names = {str(run.checkpoint): f"{LABELS.get(run.variant, run.variant)} seed {run.seed}" for run in runs}
     rows = sorted(consensus["members"], key=lambda row: row["rank"])
-    lines = ["| rank | member | consensus score | top-1 |", "|---|---|---|---|"]
-    lines += [f"| {row['rank']} | {names.get(row['checkpoint'], row['checkpoint'])} | {row['consensus_score']:.4f} | "
-              f"{_pct(row['accuracy'])} |" for row in rows]
+    lines = markdown_table(["rank", "member", "consensus score", "top-1"], (
+        [row["rank"], names.get(row["checkpoint"], row["checkpoint"]), number(row["consensus_score"]),
+         percent(row["accuracy"], 1)] for row in rows))
     if "consensus_map" in consensus:
         best = max(row["map"] for row in rows)
-        lines += ["", f"mAP of the explanations against the object masks: consensus {_pct(consensus['consensus_map'])}, "
-                      f"best member {_pct(best)}; centred peak {_pct(consensus['reference_map']['center'])}, "
-                      f"uniform noise {_pct(consensus['reference_map']['noise'])}."]
+        reference = consensus["reference_map"]
+        lines += ["", f"mAP of the explanations against the object masks: consensus "
+                      f"{percent(consensus['consensus_map'], 1)}, best member {percent(best, 1)}; centred peak "
+                      f"{percent(reference['center'], 1)}, uniform noise {percent(reference['noise'], 1)}."]
     lines += ["", "Correlations over every checkpoint, pooled:", ""]
     lines += correlation_table(consensus["correlations"])
     # Pooled over both poolings, a correlation can come from the gap between the groups alone (GMP's
@@ -477,7 +455,7 @@ def save_fgsm_plot(results: dict[str, list[dict]], robust: dict | None, space: s
     if robust is not None:
         panels.append(("retention (%): top-1 / clean top-1", attacked_keys(next(iter(results.values()))[0]),
                        {variant: robust[variant]["retention"] for variant in results}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     for ax, (label, keys, per_variant) in zip(axes[0], panels):
         for variant, seeds in per_variant.items():
             stats = [mean_std([values[key] for values in seeds]) for key in keys]
@@ -490,8 +468,7 @@ def save_fgsm_plot(results: dict[str, list[dict]], robust: dict | None, space: s
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -531,52 +508,97 @@ def run_description(runs: list[Run]) -> dict:
 
 # ------------------------------------------------------------------------------------ main
 
-# evaluation.batch_size null leaves each step the data's batch, which train.py checks (data.batch_size)
-# in the first step, before any data is generated: any valid batch stands in for it here.
-PLACEHOLDER_BATCH = 1
+# The variants the claims compare.
+CLAIMED_VARIANTS = ("baseline", "gc", "gmp", "gmp_gc")
 
 
-def check_step_options(cfg: DictConfig) -> None:
-    """The options of the evaluation, consensus and report steps, checked as those steps will check
-    them: a typo must not surface after hours of training."""
-    if not (is_number(cfg.little_top1) and 0 <= cfg.little_top1 < 1):
-        raise ValueError(f"little_top1 must be a number in [0, 1) (a fraction of top-1: 0.03 is 3 points), "
-                         f"got {cfg.little_top1!r}")
-    check_integer("heatmap_images", cfg.heatmap_images, 0)
-    placeholder = {"batch_size": PLACEHOLDER_BATCH} if cfg.evaluation.batch_size is None else {}
-    settings = hydra.utils.instantiate(cfg.evaluation, **placeholder)
-    build_explainer(**OmegaConf.to_container(cfg.explainer, resolve=True))
-    if check_bool("consensus", cfg.consensus):
-        # The consensus step selects it as a config group: a name, not a mapping of options.
-        if not isinstance(cfg.consensus_explainer, str):
-            raise ValueError(f"consensus_explainer must be the name of an explainer of conf/explainer/, "
-                             f"got {cfg.consensus_explainer!r}")
-        try:
-            build_explainer(**explainer_options(cfg.consensus_explainer))
-        except ValueError as error:
-            raise ValueError(f"consensus_explainer={cfg.consensus_explainer!r}: {error}") from None
-        if settings.protocol != "standard":
-            raise ValueError(f"evaluation.protocol={settings.protocol!r}: the committee consensus (consensus=true) "
-                             f"works on the standard geometry only; give evaluation.protocol=standard or "
-                             f"consensus=false")
-    # As the evaluation steps will resolve it.
-    resolve_device(cfg.device)
+def distinct(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the seeds must be distinct (each is a run of every variant), got {list(seeds)}")
+    return seeds
+
+
+def claimed_variants(variants: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    missing = [name for name in CLAIMED_VARIANTS if name not in variants]
+    if missing:
+        raise ValueError(f"must include {', '.join(CLAIMED_VARIANTS)} (the claims compare them); missing: {missing}")
+    return variants
+
+
+def explainer_name(name: str) -> str:
+    """A registered explainer, whose options the consensus step will take from its config group
+    (``explainer=<name>``)."""
+    if name not in EXPLAINERS:
+        raise ValueError(f"allowed: {EXPLAINERS.names()}")
+    EXPLAINERS.validate(compose_group("explainer", name), prefix=f"conf/explainer/{name}.yaml")
+    return name
+
+
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+
+
+class StepEvaluation(EvaluationSettings):
+    """The ``evaluation`` group of the reproduction: that of the evaluation and consensus steps,
+    but ``batch_size`` may be None, which leaves each step the data's batch (``data.batch_size``)."""
+
+    batch_size: Positive | None
+
+
+class ReproduceOptions(Options):
+    """The reproduction's own options (conf/reproduce.yaml), checked before the first step: a typo
+    must not surface after hours of training. None in a scale knob keeps the data's or trainer's
+    value."""
+
+    seeds: Annotated[Sequence[Count], Field(min_length=1), AfterValidator(distinct)]
+    data_dir: str | None
+    image_size: Annotated[int, Field(ge=MIN_IMAGE_SIZE)] | None
+    train_per_class: Positive | None
+    epochs: Positive | None
+    batch_size: Positive | None
+    data_overrides: Sequence[str]
+    train_overrides: Sequence[str]
+    gc_overrides: Sequence[str]
+    variants: Annotated[dict[str, Sequence[str]], AfterValidator(claimed_variants)]
+    consensus: bool
+    consensus_explainer: Annotated[str, AfterValidator(explainer_name)]
+    # A fraction of top-1 (0.03: 3 points).
+    little_top1: Annotated[float, Field(ge=0, lt=1)]
+    heatmap_images: Count
+    output_dir: str
+    device: str
+    seed: Count
+
+
+def reproduce_schema() -> type[Options]:
+    """The schema of ``conf/reproduce.yaml``, of the explainers registered now."""
+    return create_model("ReproduceConfig", __base__=ReproduceOptions, evaluation=(StepEvaluation, ...),
+                        explainer=(EXPLAINERS.union(), ...))
+
+
+def check_steps(options: ReproduceOptions) -> None:
+    """The rules across the steps' options, as the later steps will apply them (the device as the
+    evaluation steps resolve it)."""
+    problems = []
+    if options.consensus and options.evaluation.protocol != "standard":
+        problems.append(("evaluation.protocol", f"{options.evaluation.protocol!r}: the committee consensus "
+                         "(consensus=true) works on the standard geometry only; give evaluation.protocol=standard "
+                         "or consensus=false"))
+    if options.gc_overrides and not any(trains_with_gc(overrides) for overrides in options.variants.values()):
+        problems.append(("gc_overrides", f"{list(options.gc_overrides)} given, but no variant trains with loss=gc"))
+    if problems:
+        raise ConfigError(problems)
+    resolve_device(options.device)
 
 
 def plan(cfg: DictConfig) -> list[Run]:
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {list(cfg.seeds)}")
-    missing = {"baseline", "gc", "gmp", "gmp_gc"} - set(cfg.variants)
-    if missing:
-        raise ValueError(f"variants must include baseline, gc, gmp and gmp_gc (the claims compare them); "
-                         f"missing: {sorted(missing)}")
-    if cfg.gc_overrides and not any(trains_with_gc(overrides) for overrides in cfg.variants.values()):
-        raise ValueError(f"gc_overrides {list(cfg.gc_overrides)} given, but no variant trains with loss=gc")
-    check_step_options(cfg)
-    out = Path(cfg.output_dir)
-    # Seed by seed: a partial run already compares every variant.
-    return [Run(variant, int(seed), out / "runs" / variant / f"seed{seed}") for seed in cfg.seeds
-            for variant in cfg.variants]
+    """The runs, seed by seed (a partial run already compares every variant), once every option of
+    every step is checked."""
+    options = check_config(cfg, reproduce_schema())
+    check_steps(options)
+    out = Path(options.output_dir)
+    return [Run(variant, seed, out / "runs" / variant / f"seed{seed}") for seed in options.seeds
+            for variant in options.variants]
 
 
 def run(cfg: DictConfig) -> dict:

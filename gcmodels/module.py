@@ -1,7 +1,7 @@
 """The LightningModule: one classifier, trained with cross-entropy (``ce``) or with the GC loss (``gc``)."""
 from __future__ import annotations
 
-import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,113 +11,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
-from datamodules.base import check_bool, check_integer, check_number
+from datamodules.base import ClassificationDataModule
 from gcmodels.checkpoints import load_checkpoint
-from gcmodels.gradcam import MODES as CAM_MODES
-from gcmodels.networks import ExplainableNet, build_network
+from gcmodels.networks import ExplainableNet, build_network, native_output_stride
 from gcmodels.objective import gc_objective
-from gcmodels.safety import gather_per_rank, global_random_state, set_global_random_state
+from gcmodels.optim import build_optimizers
+from gcmodels.options import ConfigError
+from gcmodels.random_state import gather_per_rank, global_random_state, set_global_random_state
 from losses import classification_loss, random_layout, shared_layout
 from losses.composite import own_distractors_layout, positive_weights
-
-LOSSES = ("ce", "gc")
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-SCHEDULERS = {"step": torch.optim.lr_scheduler.StepLR, "multistep": torch.optim.lr_scheduler.MultiStepLR,
-              "cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "none": None}
-# Arguments of those classes that the config cannot set, and why. A torch class takes every other
-# argument of its signature as an option of its config group.
-NOT_OPTIONS = {
-    "params": "the module passes its parameters",
-    "optimizer": "the module passes its optimizer",
-    "T_max": "the cosine schedule spans trainer.max_epochs",
-    # A scheduler built with last_epoch >= 0 refuses an optimizer that was not resumed (it lacks
-    # initial_lr), and only in configure_optimizers, after the data is read.
-    "last_epoch": "a resumed run (ckpt_path) restores the schedule's position",
-}
-
-
-# The options each loss takes (the keys of its config group besides ``name``).
-LOSS_OPTIONS = {"ce": (), "gc": ("lambda", "cam_mode", "detach_target", "positive", "composite_source",
-                                 "composites")}
-# How a multi-label image's explained class is drawn: by instance count (the authors' draw over
-# annotations) or uniformly over its labels.
-POSITIVES = ("instances", "labels")
-# Where a composite's distractors come from: the other images of the training batch, or three
-# more training images loaded with each sample (the authors' code).
-COMPOSITE_SOURCES = ("batch", "dataset")
-# Whether each sample builds its own composite (the paper's) or a composite of four images that can
-# be each other's distractors serves all four (one forward and double backward instead of four).
-COMPOSITES = ("per_sample", "shared")
-
-
-def check_loss_options(loss: dict) -> None:
-    name = loss.get("name")
-    if name not in LOSSES:
-        raise ValueError(f"loss.name={name!r} is unknown; allowed: {list(LOSSES)}")
-    options = set(loss) - {"name"}
-    if options != set(LOSS_OPTIONS[name]):
-        raise ValueError(f"loss={name} takes the options {list(LOSS_OPTIONS[name])}, got {sorted(options)}")
-    if name == "ce":
-        return
-    lam = loss["lambda"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-        raise ValueError(f"loss.lambda must be a number >= 0, got {lam!r}")
-    if loss["cam_mode"] not in CAM_MODES:
-        raise ValueError(f"loss.cam_mode={loss['cam_mode']!r} is unknown; allowed: {list(CAM_MODES)}")
-    check_bool("loss.detach_target", loss["detach_target"])
-    if loss["positive"] not in POSITIVES:
-        raise ValueError(f"loss.positive={loss['positive']!r} is unknown; allowed: {list(POSITIVES)}")
-    if loss["composite_source"] not in COMPOSITE_SOURCES:
-        raise ValueError(f"loss.composite_source={loss['composite_source']!r} is unknown; "
-                         f"allowed: {list(COMPOSITE_SOURCES)}")
-    if loss["composites"] not in COMPOSITES:
-        raise ValueError(f"loss.composites={loss['composites']!r} is unknown; allowed: {list(COMPOSITES)}")
-    if loss["composites"] == "shared" and loss["composite_source"] == "dataset":
-        # Each sample loads its own distractors there: no batch image is another's distractor to share with.
-        raise ValueError("loss.composites=shared groups the batch's own images into composites and cannot use "
-                         "distractors loaded with each sample: use loss.composite_source=batch or "
-                         "loss.composites=per_sample")
-
-
-def check_class_options(group: str, config: dict, cls: type | None) -> None:
-    """Refuse a key of the ``group`` config (besides ``name``) that ``cls`` (None: no class, no
-    options) does not take, or that is not the config's to set (:data:`NOT_OPTIONS`), and a flag
-    of ``cls`` (an argument whose default is a bool) that is not true or false."""
-    parameters = dict(inspect.signature(cls).parameters) if cls is not None else {}
-    accepted = sorted(set(parameters) - set(NOT_OPTIONS))
-    for key in sorted(set(config) - {"name"}):
-        if key in parameters and key in NOT_OPTIONS:
-            raise ValueError(f"{group}.{key} cannot be set: {NOT_OPTIONS[key]}")
-        if key not in accepted:
-            takes = f"its options are {accepted}" if accepted else "it takes no options"
-            raise ValueError(f"{group}.{key} is not an option of {group}.name={config['name']}: {takes}")
-        if isinstance(parameters[key].default, bool):
-            check_bool(f"{group}.{key}", config[key])
-
-
-def check_optim_options(optimizer: dict, scheduler: dict) -> None:
-    if optimizer.get("name") not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name={optimizer.get('name')!r} is unknown; allowed: {list(OPTIMIZERS)}")
-    check_class_options("optimizer", optimizer, OPTIMIZERS[optimizer["name"]])
-    check_number("optimizer.lr", optimizer.get("lr"), 0, exclusive=True)
-    for key in ("momentum", "weight_decay"):
-        if key in optimizer:
-            check_number(f"optimizer.{key}", optimizer[key], 0)
-    if scheduler.get("name") not in SCHEDULERS:
-        raise ValueError(f"scheduler.name={scheduler.get('name')!r} is unknown; allowed: {list(SCHEDULERS)}")
-    check_class_options("scheduler", scheduler, SCHEDULERS[scheduler["name"]])
-    if scheduler["name"] == "step":
-        check_integer("scheduler.step_size", scheduler.get("step_size"), 1)
-    if scheduler["name"] in ("step", "multistep"):
-        check_number("scheduler.gamma", scheduler.get("gamma"), 0, exclusive=True)
-    if scheduler["name"] == "cosine":
-        check_number("scheduler.eta_min", scheduler.get("eta_min"), 0)
-    if scheduler["name"] == "multistep":
-        milestones = scheduler.get("milestones")
-        if (not isinstance(milestones, (list, tuple)) or not milestones
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
-                or list(milestones) != sorted(set(milestones))):
-            raise ValueError(f"scheduler.milestones must be a non-empty increasing list of epochs >= 1, got {milestones!r}")
 
 
 def accuracy_name(multilabel: bool) -> str:
@@ -153,15 +55,6 @@ def accuracy_metric(num_classes: int, multilabel: bool, **kwargs) -> Metric:
     return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro", **kwargs)
 
 
-def cosine_epochs(max_epochs: int | None) -> int:
-    """The cosine schedule's length: trainer.max_epochs, which must be a number of epochs (the
-    schedule used to fall back to 1 epoch, an lr that rose and fell every other epoch)."""
-    if max_epochs is None or max_epochs < 1:
-        raise ValueError(f"scheduler=cosine decays over trainer.max_epochs, which is {max_epochs}: give "
-                         f"trainer.max_epochs >= 1 or another scheduler (step, multistep, none)")
-    return max_epochs
-
-
 class GCClassifier(pl.LightningModule):
     """Image classifier trained with ``loss.name=ce`` or ``gc`` (CE + lambda * Grad-CAM consistency).
 
@@ -186,8 +79,6 @@ class GCClassifier(pl.LightningModule):
         net: ExplainableNet | None = None,
     ):
         super().__init__()
-        check_loss_options(loss)
-        check_optim_options(optimizer, scheduler)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters(ignore=["net"])
@@ -195,7 +86,7 @@ class GCClassifier(pl.LightningModule):
                                                              model["pretrained"], model["output_stride"])
         self._layout_generator: torch.Generator | None = None
         # The current training step's loss terms, for checks before the optimiser step
-        # (gcmodels.safety.NonFiniteGuard).
+        # (gcmodels.callbacks.NonFiniteGuard).
         self.loss_terms: dict[str, torch.Tensor] = {}
         self.train_acc = accuracy_metric(num_classes, multilabel)
         self.val_acc = accuracy_metric(num_classes, multilabel)
@@ -218,12 +109,39 @@ class GCClassifier(pl.LightningModule):
         return accuracy_name(self.hparams.multilabel)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> "GCClassifier":
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> GCClassifier:
         """Load a checkpoint written by this class, rebuilding the network it describes."""
         checkpoint = load_checkpoint(path)
         module = cls(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location)
+
+    def check_data(self, datamodule: ClassificationDataModule, world_size: int) -> None:
+        """What loss=gc's 2x2 composites of training images need: an image side that is a whole
+        number of the explained layer's cells, and, when the distractors come from the batch, enough
+        images in each process's batch (``datamodule.batch_size``) to draw them from."""
+        loss, model = self.hparams.loss, self.hparams.model
+        if loss["name"] != "gc":
+            return
+        size, name = datamodule.image_size, model["name"]
+        stride = native_output_stride(name) if model["output_stride"] is None else model["output_stride"]
+        if size % stride:
+            # composite_target puts each image's map at the composite map's edges, where the image's
+            # own cells are only when its side is a multiple of the stride.
+            raise ConfigError([("data.image_size", (
+                f"{size} is not a multiple of model.output_stride={stride} ({name}'s explained layer has a cell "
+                f"per {stride} pixels): loss=gc places each image's Grad-CAM map in its cell of the 2x2 "
+                f"composite's map, which matches the image's own cells only at a multiple; use "
+                f"data.image_size={math.ceil(size / stride) * stride} or another model.output_stride"))])
+        if loss["composite_source"] == "batch":
+            shared = loss["composites"] == "shared"
+            needed = 4 if shared else 2
+            if datamodule.batch_size < needed:
+                raise ConfigError([("data.batch_size", (
+                    f"{datamodule.global_batch_size} gives {datamodule.batch_size} image(s) to each of {world_size} "
+                    f"process(es), and loss=gc (loss.composite_source=batch{', loss.composites=shared' if shared else ''}) "
+                    f"builds its composites from {needed} images of a process's batch: give data.batch_size >= "
+                    f"{needed * world_size} or loss.{'composites=per_sample' if shared else 'composite_source=dataset'}"))])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -337,13 +255,7 @@ class GCClassifier(pl.LightningModule):
             self.log(f"val/{PER_CLASS_F1_NAME}", self.val_f1_per_class, batch_size=size)
 
     def configure_optimizers(self):
-        opt_cfg = dict(self.hparams.optimizer)
-        optimizer = OPTIMIZERS[opt_cfg.pop("name")](self.parameters(), **opt_cfg)
-        sched_cfg = dict(self.hparams.scheduler)
-        scheduler_class = SCHEDULERS[sched_cfg.pop("name")]
-        if scheduler_class is None:
-            return optimizer
-        if scheduler_class is torch.optim.lr_scheduler.CosineAnnealingLR:
-            sched_cfg["T_max"] = cosine_epochs(self.trainer.max_epochs)
-        scheduler = scheduler_class(optimizer, **sched_cfg)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        scheduler = self.hparams.scheduler
+        # Only the cosine schedule spans the run: a module without a trainer builds the others.
+        epochs = self.trainer.max_epochs if scheduler["name"] == "cosine" else None
+        return build_optimizers(self.parameters(), self.hparams.optimizer, scheduler, epochs)

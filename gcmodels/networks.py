@@ -7,13 +7,14 @@ and adversarial perturbations (FGSM) are built in pixel space.
 """
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
 from torchvision import models
 
-from datamodules.base import check_bool
+from gcmodels.options import Options, Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +50,7 @@ class ExplainableNet(nn.Module):
 
 # ResNet output stride -> how many of the last stages (layer4, then layer3) lose their stride 2.
 UNSTRIDED_STAGES = {32: 0, 16: 1, 8: 2}
+ALEXNET_STRIDE = 16
 
 
 def _remove_stride(stages: list[nn.Sequential]) -> None:
@@ -92,17 +94,6 @@ def _resnet(arch: str, num_classes: int, pooling: str, pretrained: bool, output_
 
 
 def _alexnet(num_classes: int, pooling: str, pretrained: bool, output_stride: int) -> ExplainableNet:
-    if output_stride != ALEXNET_STRIDE:
-        raise ValueError(
-            f"model.output_stride={output_stride!r} is not available for alexnet (its conv5 is at "
-            f"stride {ALEXNET_STRIDE}, fixed); the option dilates a ResNet's last stages"
-        )
-    if pooling != "avg":
-        # AlexNet has no global pooling to swap: its head is maxpool + 6x6 adaptive pool + MLP.
-        raise ValueError(
-            f"model.pooling={pooling!r} is not available for alexnet: global max pooling (GMP) "
-            "replaces a ResNet's global average pooling; use model.pooling=avg with alexnet"
-        )
     net = models.alexnet(weights="DEFAULT" if pretrained else None)
     if net.classifier[-1].out_features != num_classes:
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
@@ -112,13 +103,31 @@ def _alexnet(num_classes: int, pooling: str, pretrained: bool, output_stride: in
     return ExplainableNet(features, head, Normalize())
 
 
-ARCHITECTURES: dict[str, Callable[[int, str, bool, int], ExplainableNet]] = {
-    "resnet18": lambda n, p, w, s: _resnet("resnet18", n, p, w, s),
-    "resnet50": lambda n, p, w, s: _resnet("resnet50", n, p, w, s),
-    "alexnet": _alexnet,
-}
-POOLINGS = ("avg", "max")
-ALEXNET_STRIDE = 16
+class ModelOptions(Options):
+    """The ``model`` group. ``output_stride``: input pixels per cell of the explained layer (None:
+    the architecture's own, :func:`native_output_stride`); ``init_from``: a checkpoint whose
+    network weights the run starts from (train.py)."""
+
+    # avg: global average pooling (torchvision); max: global max pooling (GMP).
+    pooling: Literal["avg", "max"]
+    pretrained: bool
+    output_stride: Literal[tuple(UNSTRIDED_STAGES)] | None = None
+    init_from: str | None = None
+
+
+class AlexNetOptions(ModelOptions):
+    # AlexNet has no global pooling to swap for GMP: its head is maxpool + 6x6 adaptive pool + MLP.
+    pooling: Literal["avg"]
+    # conv5 is at stride 16, fixed: the option dilates a ResNet's last stages.
+    output_stride: Literal[ALEXNET_STRIDE] | None = None
+
+
+# The architectures by config name (``model.name``): each builds (num_classes, pooling,
+# pretrained, output_stride) -> ExplainableNet.
+ARCHITECTURES = Registry("model")
+ARCHITECTURES.register("resnet18", ModelOptions)(partial(_resnet, "resnet18"))
+ARCHITECTURES.register("resnet50", ModelOptions)(partial(_resnet, "resnet50"))
+ARCHITECTURES.register("alexnet", AlexNetOptions)(_alexnet)
 
 
 def native_output_stride(name: str) -> int:
@@ -132,16 +141,8 @@ def build_network(
     """Build ``name`` with ``num_classes`` outputs; ``pretrained`` loads torchvision's ImageNet
     weights (from the local torch cache or a download) and replaces the last layer when the
     class count differs. ``output_stride``: input pixels per cell of the explained layer (None:
-    the architecture's own, 32 for ResNet, 16 for AlexNet; ResNet also takes 16 and 8)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"model.name={name!r} is unknown; allowed: {sorted(ARCHITECTURES)}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {list(POOLINGS)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"number of classes must be an integer >= 2, got {num_classes!r}")
-    check_bool("model.pretrained", pretrained)
+    the architecture's own, 32 for ResNet, 16 for AlexNet; ResNet also takes 16 and 8). The
+    options are the ``model`` group's, validated by the entry point (:class:`ModelOptions`)."""
     if output_stride is None:
         output_stride = native_output_stride(name)
-    if output_stride not in UNSTRIDED_STAGES:
-        raise ValueError(f"model.output_stride={output_stride!r} is unknown; allowed: {sorted(UNSTRIDED_STAGES)}")
-    return ARCHITECTURES[name](num_classes, pooling, pretrained, output_stride)
+    return ARCHITECTURES[name].build(num_classes, pooling, pretrained, output_stride)

@@ -2,12 +2,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 
+from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.gradcam import gradcam
 from gcmodels.networks import ExplainableNet
+from gcmodels.options import Options, Registry
 from losses import CompositeLayout, classification_loss, composite_target, consistency_l1, make_composite
+
+# The training objectives by config name (``loss=``), with their options.
+OBJECTIVES = Registry("loss")
+
+
+class CEOptions(Options):
+    """Plain classification loss: cross-entropy, or on multi-label data BCE with logits summed
+    over the classes (the baseline)."""
+
+
+class GCOptions(Options):
+    """Classification loss + ``lambda`` x the Grad-CAM consistency loss (conf/loss/gc.yaml says
+    what each option does)."""
+
+    lam: Annotated[float, Field(alias="lambda", ge=0)]
+    cam_mode: Literal[CAM_MODES]
+    detach_target: bool
+    # How a multi-label image's explained class is drawn: by instance count (the authors' draw
+    # over annotations) or uniformly over its labels.
+    positive: Literal["instances", "labels"]
+    # The other images of the training batch, or three more training images loaded with each
+    # sample (the authors' code).
+    composite_source: Literal["batch", "dataset"]
+    # One composite per sample (the paper's), or one per group of four batch images that are each
+    # other's distractors.
+    composites: Literal["per_sample", "shared"]
+
+    @field_validator("composites")
+    @classmethod
+    def shared_needs_batch(cls, composites: str, info: ValidationInfo) -> str:
+        if composites == "shared" and info.data.get("composite_source") == "dataset":
+            # Each sample loads its own distractors there: no batch image is another's to share with.
+            raise ValueError("shared groups the batch's own images and needs loss.composite_source=batch")
+        return composites
+
+
+OBJECTIVES.register("ce", CEOptions)(classification_loss)
 
 
 @dataclass
@@ -74,3 +115,6 @@ def gc_objective(
         logits=logits,
         num_composites=len(kept),
     )
+
+
+OBJECTIVES.register("gc", GCOptions)(gc_objective)

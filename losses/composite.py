@@ -38,12 +38,12 @@ class CompositeLayout:
     def __len__(self) -> int:
         return self.samples.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "CompositeLayout":
+    def select(self, rows: torch.Tensor) -> CompositeLayout:
         """The rows ``rows`` (a bool mask or indices) of this layout."""
         return CompositeLayout(self.samples[rows], self.classes[rows], self.cells[rows], self.distractors[rows],
                                self.valid[rows], None if self.groups is None else self.groups[rows])
 
-    def valid_subset(self) -> "CompositeLayout":
+    def valid_subset(self) -> CompositeLayout:
         """The rows that have a composite."""
         return self.select(self.valid)
 

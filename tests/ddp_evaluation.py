@@ -18,8 +18,9 @@ from torch import nn
 
 from datamodules.synthetic import SyntheticDataModule
 from evaluation.engine import METRICS, ExplanationEvaluator
-from evaluation.explainers import build_explainer, explainer_options
+from evaluation.explainers import build_explainer
 from evaluation.settings import default_settings
+from gcmodels.config import compose_group
 from tests.conftest import tiny_net
 
 NUM_CLASSES = 3
@@ -54,7 +55,7 @@ def network() -> nn.Module:
 
 
 def evaluate(data_dir: Path, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
-    evaluator = ExplanationEvaluator(build_explainer(**explainer_options("gradcam")), METRICS, NUM_CLASSES, False,
+    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES, False,
                                      default_settings(seed=0, batch_size=batch_size))
     return evaluator.run(network(), datamodule(data_dir), max_images=MAX_IMAGES, rank=rank, world_size=world_size,
                          progress=False)

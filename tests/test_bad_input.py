@@ -13,15 +13,14 @@ pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
         (["model=vgg16"], ["Could not find 'model/vgg16'", "alexnet", "resnet18", "resnet50"]),
         (["loss=focal"], ["Could not find 'loss/focal'", "ce", "gc"]),
         (["data=mnist"], ["Could not find 'data/mnist'", "coco", "imagenet", "synthetic"]),
-        (["model.name=vgg16"], ["model.name='vgg16' is unknown; allowed: ['alexnet', 'resnet18', 'resnet50']"]),
-        (["loss.name=focal"], ["loss.name='focal' is unknown; allowed: ['ce', 'gc']"]),
-        (["data.name=mnist"], ["data.name='mnist' is unknown; allowed: ['coco', 'imagenet', 'synthetic']"]),
-        (["loss.lambda=-1"], ["loss.lambda must be a number >= 0, got -1"]),
-        (["data.context_bias=1.5"], ["data.context_bias", "1.5"]),
-        (["data.context_bias=-0.1"], ["data.context_bias", "-0.1"]),
-        (["model=alexnet", "model.pooling=max"], ["model.pooling='max' is not available for alexnet"]),
-        (["data.num_classes=50"], ["data.num_classes must be in [2, 12], got 50"]),
-        (["optimizer.lr=0"], ["optimizer.lr must be a number > 0, got 0"]),
+        # The schema's refusals: the key, then the value.
+        (["model.name=vgg16"], ["ConfigError: model.name: 'vgg16'"]),
+        (["loss.name=focal"], ["ConfigError: loss.name: 'focal'"]),
+        (["data.name=mnist"], ["data.name: 'mnist'"]),
+        (["loss.lambda=-1", "data.context_bias=1.5", "optimizer.lr=0"],
+         ["loss.lambda:", "(got -1)", "data.context_bias:", "(got 1.5)", "optimizer.lr:", "(got 0)"]),
+        (["model=alexnet", "model.pooling=max"], ["model.pooling:", "(got 'max')"]),
+        (["data.num_classes=50"], ["data.num_classes:", "(got 50)"]),
     ],
 )
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, messages):

@@ -13,10 +13,19 @@ from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 from evaluation.consensus import core
+from evaluation.consensus.core import (
+    committee_size_convergence,
+    consensus_scores,
+    cosine_similarity,
+    member_similarities,
+    normalize_maps,
+    pixel_consensus,
+    random_subcommittees,
+    ranks,
+    rbf_similarity,
+    superpixel_consensus,
+)
 from tests.conftest import ROOT
-from evaluation.consensus.core import (committee_size_convergence, consensus_scores,
-                                       cosine_similarity, member_similarities, normalize_maps, pixel_consensus,
-                                       random_subcommittees, ranks, rbf_similarity, superpixel_consensus)
 
 F64 = torch.float64
 # The documented defaults (conf/committee/default.yaml), which the scripts pass.

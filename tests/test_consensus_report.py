@@ -16,8 +16,14 @@ import torch
 from scipy import stats as scipy_stats
 
 from evaluation.consensus.report import EXTREMES, read_table, run, scatter, scatter_figure, write_table_report
-from evaluation.consensus.stats import (all_correlations, average_precision, correlation, group_correlations,
-                                        mean_average_precision)
+from evaluation.consensus.stats import (
+    all_correlations,
+    average_precision,
+    correlation,
+    group_correlations,
+    mean_average_precision,
+)
+from gcmodels.options import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRELATION_KEYS = {"x", "y", "n", "pearson", "pearson_p", "spearman", "spearman_p", "note"}
@@ -113,8 +119,9 @@ def test_the_table_report_labels_the_models_it_is_told_to(tmp_path):
         patch.setattr(plt.Figure, "savefig", record)
         run(table, tmp_path / "out", label=["m10"])
     assert seen == [{"m0", "m1", "m2", "m17", "m18", "m19", "m10"}]
-    with pytest.raises(ValueError, match=r"label: \['m99'\] are not in the table's model column"):
-        run(table, tmp_path / "out", label=["m99"])
+    with pytest.raises(ConfigError) as err:
+        run(table, tmp_path / "out", label=["m99", "m10"])
+    assert err.value.keys == ["label"] and "['m99']" in str(err.value)
 
 
 def test_all_correlations_pairs():
@@ -206,10 +213,11 @@ def test_report_tsv_command_line(tmp_path):
                      "m1\t0.61\t0.40\t0.30\nm2\t0.65\tN/A\t0.33\nm3\t0.70\t0.52\t0.35\nm4\t0.74\t0.55\t0.41\n")
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "evaluation.consensus.report", f"table={table}",
-                             f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                             f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", "label=[m2]"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = check_report(out, 3, ["gradcam_score"])
+    assert report["settings"]["label"] == ["m2"]
     by_pair = {(c["x"], c["y"]): c for c in report["correlations"]}
     assert by_pair[("accuracy", "gradcam_score")]["n"] == 3
     assert by_pair[("accuracy", "gradcam_map")]["n"] == 4

@@ -10,16 +10,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from evaluation.callbacks import ConsensusCallback
 from evaluation.consensus import committee as committee_module
+from evaluation.consensus.__main__ import ConsensusConfig, check_members
+from evaluation.consensus.__main__ import run as consensus_run
+from evaluation.consensus.callback import ConsensusCallback
 from evaluation.consensus.committee import find_checkpoints, weights_digest
+from evaluation.consensus.report import ReportConfig
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore, settings_digest
 from evaluation.metrics import functional
 from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
-from tests.conftest import assert_ok, read_summary, run_module, train
+from gcmodels.config import ConfigError, check_config, check_targets, compose_group
+from tests.conftest import ROOT, TINY, assert_ok, read_summary, run_module, train
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
 CHEAP_SMOOTHGRAD = ["explainer=smoothgrad", "explainer.num_samples=3"]
@@ -140,33 +146,154 @@ def test_committee_lists_and_their_errors(tmp_path):
             (tmp_path / run / name).write_bytes(b"")
     assert len(find_checkpoints(None, str(tmp_path))) == 4
     assert find_checkpoints(None, str(tmp_path), "last.ckpt") == [tmp_path / "one/last.ckpt", tmp_path / "two/last.ckpt"]
-    with pytest.raises(ValueError, match="not both or neither"):
-        find_checkpoints(None, None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no file matching 'last.ckpt' under"):
         find_checkpoints(None, str(tmp_path / "empty"), "last.ckpt")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"committee": []}, "give at least one checkpoint"),
-    ({"committee": ["/no/such.ckpt"]}, "checkpoint(s) not found"),
-    ({"target": "random"}, "target='random' is unknown"),
-    ({"aggregation": "median"}, "aggregation='median' is unknown"),
-    ({"sigma": 0}, "sigma must be a number > 0"),
-    ({"resolution": 1}, "callbacks.consensus.resolution must be >= 2, got 1"),
-    ({"num_images": 0}, "callbacks.consensus.num_images must be >= 1, got 0"),
-    ({"num_images": True}, "callbacks.consensus.num_images must be an integer, got True"),
-    ({"explainer": "shap"}, "explainer 'shap' is unknown"),
+def compose_config(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def consensus_config(tmp_path: Path, *overrides: str):
+    """The consensus script's config on the tiny synthetic data, of two checkpoints that do not exist:
+    a refused option stops the script before it looks for them."""
+    return compose_config("consensus", "ckpts=[a.ckpt,b.ckpt]", f"output_dir={tmp_path / 'out'}",
+                          f"store_dir={tmp_path / 'store'}", f"data.data_dir={tmp_path / 'data'}",
+                          *[item for item in TINY if item.startswith("data.")], *overrides)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["sigma=0"], ["sigma"]),
+    (["sigma=-0.2"], ["sigma"]),
+    (["sigma=true"], ["sigma"]),
+    (["aggregation=median"], ["aggregation"]),
+    (["target=random"], ["target"]),
+    (["resolution=1"], ["resolution"]),
+    (["num_images=0"], ["num_images"]),
+    (["num_images=true"], ["num_images"]),
+    (["leave_one_out=no"], ["leave_one_out"]),
+    (["subcommittees.size=2"], ["subcommittees.size"]),
+    (["subcommittees.size=abc"], ["subcommittees.size"]),
+    (["subcommittees.draws=0"], ["subcommittees.draws"]),
+    (["convergence.enabled=off"], ["convergence.enabled"]),
+    (["convergence.sizes=[2,abc]"], ["convergence.sizes.1"]),
+    (["convergence.sizes=[1,2]"], ["convergence.sizes.0"]),
+    (["convergence.sizes=[]"], ["convergence.sizes"]),
+    (["convergence.sizes=3"], ["convergence.sizes"]),
+    (["convergence.trials=0"], ["convergence.trials"]),
+    (["convergence.trials=true"], ["convergence.trials"]),
+    (["picture_images=0"], ["picture_images"]),
+    (["seed=-1"], ["seed", "evaluation.seed"]),
+    (["store_dir=null"], ["store_dir"]),
+    (["explainer.name=nope"], ["explainer.name"]),
+    (["explainer.num_samples=0"], ["explainer.num_samples"]),
+    (["evaluation.protocol=authors"], ["evaluation.protocol"]),
+    (["+typo=1"], ["typo"]),
+    (["ckpts_dir=runs"], ["ckpts_dir"]),
+    (["ckpts=null"], ["ckpts_dir"]),
+    (["ckpts=[]"], ["ckpts"]),
+    (["ckpts=[a.ckpt,3]"], ["ckpts.1"]),
+    # Every refused value at once.
+    (["sigma=0", "convergence.trials=0", "picture_images=0"], ["sigma", "convergence.trials", "picture_images"]),
 ])
-def test_consensus_callback_checks_its_options_before_training(tmp_path, options, message):
+def test_consensus_options_are_refused_by_key_before_anything_is_read(tmp_path, overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        consensus_run(consensus_config(tmp_path, *overrides))
+    assert sorted(err.value.keys) == sorted(keys)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_consensus_config_as_shipped_passes_its_schema(tmp_path):
+    config = check_config(consensus_config(tmp_path), ConsensusConfig)
+    assert (config.sigma, config.aggregation, config.target, config.convergence.sizes) == (0.2, "squared", "label",
+                                                                                         None)
+    assert check_config(consensus_config(tmp_path, "ckpts=null", "ckpts_dir=runs"), ConsensusConfig).ckpts_dir == "runs"
+    assert check_config(consensus_config(tmp_path, "ckpts=one.ckpt", "convergence.sizes=[2,3]"),
+                        ConsensusConfig).convergence.sizes == (2, 3)
+
+
+def test_the_committee_size_rules_name_their_keys():
+    members = [committee_module.Member(Path(f"m{index}.ckpt"), str(index), {}) for index in range(2)]
+    cfg = OmegaConf.create({"subcommittees": {"size": 3}, "convergence": {"enabled": True, "sizes": [2, 3]}})
+    with pytest.raises(ConfigError) as err:
+        check_members(cfg, members, explainer=None)
+    assert err.value.keys == ["subcommittees.size", "convergence.sizes"]
+
+
+def consensus_callback(tmp_path: Path, **options) -> dict:
+    """``callbacks.consensus`` as train.py resolves it (conf/callbacks/with_consensus.yaml), with
+    ``options`` replaced."""
     checkpoint = tmp_path / "member.ckpt"
     checkpoint.write_bytes(b"")
-    arguments = {"committee": [str(checkpoint)], "data": {"name": "synthetic"}, "explainer": "gradcam",
+    cfg = compose_config("train", "callbacks=with_consensus", f"callbacks.consensus.committee=[{checkpoint}]",
+                         f"callbacks.consensus.store_dir={tmp_path / 'store'}", f"output_dir={tmp_path / 'out'}",
+                         f"data.data_dir={tmp_path / 'data'}")
+    entry = OmegaConf.to_container(cfg.callbacks.consensus, resolve=True)
+    return {**entry, **options}
+
+
+def test_the_consensus_callback_as_shipped_passes_its_options(tmp_path):
+    entry = consensus_callback(tmp_path)
+    assert entry["_target_"] == "evaluation.consensus.callback.ConsensusCallback"
+    check_targets({"consensus": entry}, "callbacks")
+    check_targets({"consensus": consensus_callback(tmp_path, committee="one.ckpt",
+                                                   explainer=compose_group("explainer", "lime", num_samples=24))},
+                  "callbacks")
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"committee": []}, "committee"),
+    ({"committee": ""}, "committee"),
+    ({"committee": [3]}, "committee.0"),
+    ({"committee": {"a": "b.ckpt"}}, "committee"),
+    ({"target": "random"}, "target"),
+    ({"aggregation": "median"}, "aggregation"),
+    ({"sigma": 0}, "sigma"),
+    ({"sigma": "0.2"}, "sigma"),
+    ({"resolution": 1}, "resolution"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": True}, "num_images"),
+    ({"store_dir": None}, "store_dir"),
+    ({"explainer": "shap"}, "explainer"),
+    ({"explainer": 3}, "explainer"),
+    ({"explainer": {**compose_group("explainer", "smoothgrad"), "num_samples": 0}}, "explainer.num_samples"),
+    ({"explainer": {"name": "smoothgrad", "stdev": 0.1, "seed": 0}}, "explainer.num_samples"),
+    ({"sigmaa": 0.2}, "sigmaa"),
+])
+def test_consensus_callback_options_are_refused_by_key(tmp_path, options, key):
+    """train.py validates ``callbacks.consensus`` against ``ConsensusCallback.options`` before it
+    builds anything: a typo must not cost the run."""
+    with pytest.raises(ConfigError) as err:
+        check_targets({"consensus": consensus_callback(tmp_path, **options)}, "callbacks")
+    assert err.value.keys == [f"callbacks.consensus.{key}"]
+
+
+def test_consensus_callback_refuses_missing_checkpoints(tmp_path):
+    arguments = {"committee": [str(tmp_path / "no_such.ckpt")], "data": {"name": "synthetic"},
+                 "explainer": {"name": "gradcam", "layer": None},
                  "settings": default_settings(seed=0, batch_size=4), "num_images": 4, "target": "label",
-                 "resolution": 16, "sigma": 0.2, "aggregation": "linear", "store_dir": str(tmp_path / "store"),
-                 **options}
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")):
+                 "resolution": 16, "sigma": 0.2, "aggregation": "linear", "store_dir": str(tmp_path / "store")}
+    with pytest.raises(FileNotFoundError, match=r"callbacks.consensus.committee: checkpoint\(s\) not found"):
         ConsensusCallback(**arguments)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ([], ["table"]),
+    (["table=t.csv", "label=m1"], ["label"]),
+    (["table=t.csv", "label=[m1,[m2]]"], ["label.1"]),
+    (["table=t.csv", "label=[m1,true]"], ["label.1"]),
+    (["table=t.csv", "+typo=1"], ["typo"]),
+])
+def test_report_options_are_refused_by_key(tmp_path, overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config("consensus_report", f"output_dir={tmp_path}", *overrides), ReportConfig)
+    assert err.value.keys == keys
+    # A model column of numbers: label=[18] is the model "18".
+    config = check_config(compose_config("consensus_report", f"output_dir={tmp_path}", "table=t.csv", "label=[m1,18]"),
+                          ReportConfig)
+    assert config.label == ("m1", "18")
 
 
 def consensus(out: Path, data_dir: Path, store: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -283,12 +410,9 @@ def test_scores_do_not_depend_on_the_order_of_members_and_a_folder_is_a_committe
         (["ckpts=ONE"], "a committee needs at least 2 distinct checkpoints, got 1"),
         (["ckpts=[ONE,ONE]"], "a committee needs at least 2 distinct checkpoints, got 1"),
         (["ckpts_dir=EMPTY"], "ckpts_dir: no file matching '*.ckpt' under"),
-        (["ckpts=[ONE,TWO]", "ckpts_dir=EMPTY"], "not both or neither"),
         (["ckpts=[ONE,TWO]", "explainer=nope"], "Could not find 'explainer/nope'"),
-        (["ckpts=[ONE,TWO]", "explainer.name=nope"], "explainer 'nope' is unknown"),
-        (["ckpts=[ONE,TWO]", "aggregation=median"], "aggregation='median' is unknown; allowed: ['linear', 'squared']"),
-        (["ckpts=[ONE,TWO]", "target=random"], "target='random' is unknown"),
-        (["ckpts=[ONE,TWO]", "resolution=1"], "resolution must be >= 2, got 1"),
+        # Refused values name their keys (the rest of them: test_consensus_options_are_refused_by_key_...).
+        (["ckpts=[ONE,TWO]", "aggregation=median"], "aggregation: "),
         (["ckpts=[ONE,TWO]", "data.num_classes=4"], "has 3 classes, but data 'synthetic' has 4"),
     ],
 )

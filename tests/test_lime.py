@@ -14,6 +14,7 @@ from torch import nn
 
 from evaluation.explainers import EXPLAINERS, Lime, build_explainer
 from gcmodels.networks import ExplainableNet
+from gcmodels.options import ConfigError
 from tests.conftest import tiny_net
 
 SIZE = 32
@@ -128,21 +129,14 @@ def test_works_under_no_grad_and_leaves_no_parameter_gradients():
     torch.testing.assert_close(maps, explainer(net, images, targets))
 
 
-@pytest.mark.parametrize("option, value", [
-    ("num_samples", 1), ("kernel_width", 0.0), ("kernel_width", -0.25), ("num_segments", 0),
-    ("compactness", 0.0), ("ridge", -1.0), ("samples_per_pass", 0), ("samples_per_pass", 1.5),
-    ("score", "margin"), ("segmentation", "felzenszwalb"), ("kernel_size", 0.0), ("max_dist", -1.0),
-    ("ratio", 0.0), ("ratio", 1.5), ("ratio", "0.2"), ("fill", "median"), ("fill", True),
-])
-def test_bad_options_are_refused_by_name(option, value):
-    with pytest.raises(ValueError, match=rf"explainer\.{option} must be .*got {value!r}"):
-        lime(**{option: value})
-
-
 def test_the_old_fill_mean_is_refused_not_reread():
-    # "mean" was the whole image's mean colour before the default became each superpixel's own.
-    with pytest.raises(ValueError, match="explainer.fill='mean' is ambiguous.*'segment'.*'image'"):
-        lime(fill="mean")
+    # "mean" was the whole image's mean colour before the default became each superpixel's own
+    # (now fill=image); fill=segment is lime_image's.
+    with pytest.raises(ConfigError) as error:
+        EXPLAINERS.validate({"name": "lime", **OPTIONS, "fill": "mean"})
+    assert error.value.keys == ["explainer.fill"]
+    for fill in ("segment", "image", 0.5):
+        assert EXPLAINERS.validate({"name": "lime", **OPTIONS, "fill": fill}).fill == fill
 
 
 # -------------------------------------------------------------------------- the lime package
@@ -268,7 +262,7 @@ def test_refuses_training_mode_batch_norm():
 
 @pytest.mark.parametrize("per_pass", [1, 4, 7, None])
 def test_build_explainer_and_forward_passes(per_pass):
-    assert EXPLAINERS["lime"] is Lime
+    assert EXPLAINERS["lime"].target is Lime
     explainer = build_explainer("lime", **{**OPTIONS, "num_samples": 10}, samples_per_pass=per_pass)
     assert isinstance(explainer, Lime) and explainer.num_samples == 10
     net, images, targets = smooth_net(), smooth_images(), torch.tensor([0, 1, 2])

@@ -8,8 +8,8 @@ import train
 from evaluation.callbacks import flatten
 from evaluation.metrics import PointingGame
 from evaluation.metrics.registry import METRICS, Score, register_metric, score_of, table1_columns
-from evaluation.reproduce import table1
 from evaluation.report import write_reports
+from evaluation.reproduce import table1
 from evaluation.settings import default_settings
 from tests.conftest import tiny_net
 from tests.test_build_checks import build, refused
@@ -73,9 +73,9 @@ def test_a_registered_metric_is_computed_reported_and_monitored(tmp_path, near_p
 
     metrics = "callbacks.explanation_metrics.metrics=[pg,pg_near]"
     build(tmp_path, metrics, "callbacks.model_checkpoint.monitor=explain/pg_near")
-    message = refused(tmp_path, metrics, "callbacks.model_checkpoint.monitor=explain/pg_near",
-                      "callbacks.model_checkpoint.mode=min")
-    assert "set callbacks.model_checkpoint.mode=max" in message
+    error = refused(tmp_path, metrics, "callbacks.model_checkpoint.monitor=explain/pg_near",
+                    "callbacks.model_checkpoint.mode=min")
+    assert error.keys == ["callbacks.model_checkpoint.mode"] and "set max" in str(error)
 
 
 def test_a_callbacks_scores_follow_its_metrics_and_settings(tmp_path):

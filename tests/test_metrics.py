@@ -235,8 +235,6 @@ def test_bad_inputs_are_refused():
         functional.content_heatmap(heatmaps, masks.float())
     with pytest.raises(ValueError, match="upsample"):
         functional.pointing_game(heatmaps[:, :10], masks)
-    with pytest.raises(ValueError, match="tolerance"):
-        functional.dilate_masks(masks, 0)
     with pytest.raises(ValueError, match="0..3"):
         functional.negative_quadrants_heatmap(heatmaps, torch.tensor([0, 1, 2, 4]))
 
@@ -562,8 +560,6 @@ def test_skip_leaves_all_zero_maps_out_and_counts_them_and_uniform_counts_what_i
     skipping = ContentHeatmap(zero_maps="skip")
     skipping.update(heatmaps, masks)
     assert skipping.compute()["ch"] == alone.compute()["ch"]
-    with pytest.raises(ValueError, match=r"zero_maps must be one of \['skip', 'uniform'\], got 'ones'"):
-        ContentHeatmap(zero_maps="ones")
 
 
 def test_uniform_where_zero_replaces_only_all_zero_maps():

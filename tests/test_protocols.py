@@ -262,8 +262,6 @@ def test_coco_bad_input_names_the_entry(tmp_path):
         coco(tmp_path).val_dataset()
     with pytest.raises(FileNotFoundError, match=r"COCO split 'val2017' needs .*\n.*MS-COCO as distributed"):
         coco(tmp_path, val_split="val2017").val_dataset()
-    with pytest.raises(ValueError, match=r"data\.val_transform must be one of \['square', 'center_crop'\]"):
-        coco(tmp_path, val_transform="crop")
 
 
 def test_coco_annotations_without_segmentation_use_their_boxes_with_a_warning(tmp_path, caplog):

@@ -8,8 +8,19 @@ import sys
 
 import pytest
 
-from evaluation.reproduce import (claims, mean_retention, mean_std, paired_claim, plan, retention, robustness,
-                                  seeds_needed, sign_test_p, train_arguments)
+from evaluation.reproduce import (
+    claims,
+    mean_retention,
+    mean_std,
+    paired_claim,
+    plan,
+    retention,
+    robustness,
+    seeds_needed,
+    sign_test_p,
+    train_arguments,
+)
+from gcmodels.options import ConfigError
 from tests.conftest import ROOT, assert_ok
 from tests.test_config import compose_config
 
@@ -135,8 +146,9 @@ def test_gc_overrides_reach_only_the_gc_variants(tmp_path):
     # The same overrides given to every variant fail in train.py for the CE ones: loss.composites
     # does not exist there. Given with no GC variant at all, they are refused before anything runs.
     no_gc = ['variants.gc=["loss=ce"]', 'variants.gmp_gc=["loss=ce","model.pooling=max"]']
-    with pytest.raises(ValueError, match="no variant trains with loss=gc"):
+    with pytest.raises(ConfigError) as err:
         plan(compose_config("reproduce", f"output_dir={tmp_path}", shared, *no_gc))
+    assert err.value.keys == ["gc_overrides"]
 
 
 @pytest.mark.slow

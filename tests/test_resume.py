@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gcmodels.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier
 from gcmodels.networks import ExplainableNet
-from gcmodels.safety import AtomicCheckpointIO, NonFiniteGuard
 from tests.conftest import ROOT, TINY, assert_ok, train
 from tests.test_config import compose_config
 

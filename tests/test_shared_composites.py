@@ -1,13 +1,13 @@
 """``loss.composites=shared``: one composite serves the four images it shows."""
-import re
 
 import pytest
 import torch
 from torch import nn
 
-from gcmodels.module import GCClassifier, check_loss_options
+from gcmodels.module import GCClassifier
 from gcmodels.networks import build_network
-from gcmodels.objective import gc_objective
+from gcmodels.objective import OBJECTIVES, gc_objective
+from gcmodels.options import ConfigError
 from losses import label_sets, make_composite, shared_layout
 from tests.conftest import tiny_net
 
@@ -119,13 +119,13 @@ def test_shared_loss_and_gradients_equal_per_sample_on_the_same_composites(name,
         torch.testing.assert_close(one, other, rtol=1e-9, atol=1e-14)
 
 
-def test_loss_composites_is_checked():
-    check_loss_options(GC_OPTIONS)
-    with pytest.raises(ValueError, match=re.escape("loss.composites='all' is unknown; allowed: "
-                                                   "['per_sample', 'shared']")):
-        check_loss_options({**GC_OPTIONS, "composites": "all"})
-    with pytest.raises(ValueError, match="loss.composites=shared .* loss.composite_source=batch"):
-        check_loss_options({**GC_OPTIONS, "composite_source": "dataset"})
+def test_shared_composites_need_batch_distractors():
+    OBJECTIVES.validate(GC_OPTIONS)
+    OBJECTIVES.validate({**GC_OPTIONS, "composites": "per_sample", "composite_source": "dataset"})
+    # Each sample loads its own distractors there: no batch image is another's to share with.
+    with pytest.raises(ConfigError) as error:
+        OBJECTIVES.validate({**GC_OPTIONS, "composite_source": "dataset"})
+    assert error.value.keys == ["loss.composites"]
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing

@@ -62,7 +62,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
     assert {"explain/pg", "explain/nqh", "explain/fgsm/eps=8"} <= set().union(*logged_metrics(tmp_path / "ddp"))
     odd = train(tmp_path / "odd", data_dir, "trainer=ddp_cpu", "data.batch_size=7")
     assert odd.returncode != 0
-    assert "data.batch_size=7 is the global batch, split evenly over the 2 processes" in odd.stderr
+    assert "ConfigError: data.batch_size: 7 is the global batch, split evenly over the 2 processes" in odd.stderr
 
 
 def test_multirun_one_output_dir_per_run(tmp_path, data_dir):

@@ -11,12 +11,29 @@ close its explanations are to it. Definitions and defaults: ``docs/consensus.md`
   correlations and scatter plots of a committee table (imported on first use of its names, so
   importing this package does not load matplotlib or Hydra).
 """
-from evaluation.consensus.core import (KINDS, RULES, committee_size_convergence, present,
-                                       consensus_scores, cosine_similarity, member_similarities, normalize_maps,
-                                       pixel_consensus, random_subcommittees, ranks, rbf_similarity,
-                                       superpixel_consensus)
-from evaluation.consensus.stats import (all_correlations, average_precision, correlation, group_correlations,
-                                        is_missing, mean_average_precision)
+from evaluation.consensus.core import (
+    KINDS,
+    RULES,
+    committee_size_convergence,
+    consensus_scores,
+    cosine_similarity,
+    member_similarities,
+    normalize_maps,
+    pixel_consensus,
+    present,
+    random_subcommittees,
+    ranks,
+    rbf_similarity,
+    superpixel_consensus,
+)
+from evaluation.consensus.stats import (
+    all_correlations,
+    average_precision,
+    correlation,
+    group_correlations,
+    is_missing,
+    mean_average_precision,
+)
 
 _REPORT = ("read_table", "write_table_report", "scatter", "correlation_title")
 

@@ -10,58 +10,99 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
+from typing import Annotated, Literal
 
 import hydra
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from pydantic import Field, ValidationInfo, field_validator
 
-from datamodules import build_datamodule
-from datamodules.base import check_bool, check_integer
+from datamodules import DATASETS, build_datamodule
 from evaluation.consensus import committee, core, stats
+from evaluation.consensus.committee import Checkpoints, CommitteeOptions
 from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
 from evaluation.engine import check_checkpoint_explainer, resolve_device
-from evaluation.explainers import build_explainer
-from evaluation.figures import Panel, save_overlay_grid
+from evaluation.explainers import EXPLAINERS, build_explainer
+from evaluation.figures import Panel, save_figure, save_overlay_grid, subplots
 from evaluation.settings import EvaluationSettings
+from evaluation.tables import markdown_table, number, percent
+from gcmodels.config import check_config
+from gcmodels.options import ConfigError, Options, Sequence
+
+# ------------------------------------------------------------------------------------ the config
 
 
-def check_options(cfg: DictConfig) -> None:
-    """The options that need no checkpoint, checked before any is read."""
-    committee.check_image_options(cfg.target, cfg.num_images, cfg.resolution)
-    check_bool("leave_one_out", cfg.leave_one_out)
-    check_bool("convergence.enabled", cfg.convergence.enabled)
-    if cfg.subcommittees.size is not None:
-        # A correlation over 2 members is always +-1.
-        check_integer("subcommittees.size", cfg.subcommittees.size, 3)
-    check_integer("subcommittees.draws", cfg.subcommittees.draws, 1)
-    sizes = cfg.convergence.sizes
-    if sizes is not None:
-        if not isinstance(sizes, ListConfig) or not sizes:
-            raise ValueError(f"convergence.sizes must be a list of committee sizes (null: 2 to the committee's "
-                             f"size), got {sizes!r}")
-        for size in sizes:
-            check_integer("convergence.sizes", size, 2)
-    check_integer("convergence.trials", cfg.convergence.trials, 1)
-    check_integer("picture_images", cfg.picture_images, 1)
+class ConsensusEvaluation(EvaluationSettings):
+    """The ``evaluation`` group as the consensus takes it: members' maps are stacked and compared
+    pixel by pixel, which needs one image size for all, so the standard geometry only."""
+
+    protocol: Literal["standard"]
+
+
+class Subcommittees(Options):
+    """``draws`` random sub-committees of ``size`` members (None: off); a correlation over 2
+    members is always +-1, hence 3 at least. At most the committee's size (``check_members``)."""
+
+    size: Annotated[int, Field(ge=3)] | None
+    draws: Annotated[int, Field(ge=1)]
+
+
+class Convergence(Options):
+    """Consensus mAP of ``trials`` random committees of each of ``sizes`` (None: 2 to the
+    committee's size; at most the committee's size, ``check_members``)."""
+
+    enabled: bool
+    sizes: Annotated[Sequence[Annotated[int, Field(ge=2)]], Field(min_length=1)] | None
+    trials: Annotated[int, Field(ge=1)]
+
+
+DataOptions = DATASETS.union()
+ExplainerOptions = EXPLAINERS.union()
+
+
+class ConsensusConfig(CommitteeOptions):
+    """The schema of ``conf/consensus.yaml``: the committee group's options at the top level,
+    the committee (``ckpts`` or ``ckpts_dir``), and what the report computes and shows."""
+
+    data: DataOptions
+    evaluation: ConsensusEvaluation
+    explainer: ExplainerOptions
+    ckpts: Checkpoints | None
+    ckpts_dir: Annotated[str, Field(min_length=1)] | None
+    ckpts_glob: Annotated[str, Field(min_length=1)]
+    leave_one_out: bool
+    subcommittees: Subcommittees
+    convergence: Convergence
+    picture_images: Annotated[int, Field(ge=1)]
+    device: str
+    seed: Annotated[int, Field(ge=0)]
+    output_dir: str
+
+    @field_validator("ckpts_dir")
+    @classmethod
+    def one_committee(cls, ckpts_dir: str | None, info: ValidationInfo) -> str | None:
+        if "ckpts" in info.data and (info.data["ckpts"] is None) == (ckpts_dir is None):
+            raise ValueError("give the committee as ckpts=[a.ckpt,b.ckpt,...] or as ckpts_dir=DIR, not both or "
+                             "neither")
+        return ckpts_dir
 
 
 def check_members(cfg: DictConfig, members: list[committee.Member], explainer) -> None:
     """The options that depend on the committee, checked before any member is explained: the sizes
     against its number of distinct members, the explainer against each member's network."""
     count = len(members)
+    problems = []
     if cfg.subcommittees.size is not None and cfg.subcommittees.size > count:
-        raise ValueError(f"subcommittees.size={cfg.subcommittees.size}: the committee has {count} distinct members")
+        problems.append(("subcommittees.size", f"{cfg.subcommittees.size} is more than the committee's {count} "
+                                               "distinct members"))
     if cfg.convergence.enabled and cfg.convergence.sizes is not None and max(cfg.convergence.sizes) > count:
-        raise ValueError(f"convergence.sizes={list(cfg.convergence.sizes)}: the committee has {count} distinct "
-                         "members")
+        problems.append(("convergence.sizes", f"{list(cfg.convergence.sizes)} holds a size above the committee's "
+                                              f"{count} distinct members"))
+    if problems:
+        raise ConfigError(problems)
     for member in members:
         check_checkpoint_explainer(explainer, member.path, member.hparams)
 
@@ -89,17 +130,14 @@ def add_rule_scores(rows: list[dict], entries, shared, options: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    check_options(cfg)
+    # Every option is checked before any checkpoint is read or image explained.
+    config: ConsensusConfig = check_config(cfg, ConsensusConfig)
     explainer_options = OmegaConf.to_container(cfg.explainer, resolve=True)
     explainer = build_explainer(**explainer_options)
     kind = committee.explanation_kind(explainer)
     options = committee.consensus_options(kind, cfg.sigma, cfg.aggregation)
     paths = committee.find_checkpoints(cfg.ckpts, cfg.ckpts_dir, cfg.ckpts_glob)
-    settings: EvaluationSettings = hydra.utils.instantiate(cfg.evaluation)
-    if settings.protocol != "standard":
-        # Members' maps are stacked and compared pixel by pixel: one image size for all.
-        raise ValueError(f"evaluation.protocol={settings.protocol!r}: the consensus scores work on the standard "
-                         "geometry only (evaluation.protocol=standard)")
+    settings: EvaluationSettings = config.evaluation
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     members = committee.load_members(paths, datamodule)
     check_members(cfg, members, explainer)
@@ -180,16 +218,6 @@ CSV_COLUMNS = ("checkpoint", "model", "pooling", "loss", "lambda", "accuracy", "
                "pg", "ch", "map", "missing_explanations", "forward_passes")
 
 
-def _fmt(value, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
-
-
-def _p_value(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2g}"
-
-
 def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, analyses: dict, explainer_options: dict,
                   pictures: tuple) -> dict:
     """``analyses``: ``correlations`` (pooled), ``group_correlations`` and, for LIME, ``other_rule``
@@ -217,8 +245,8 @@ def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, analyses: di
     explainer_name = explainer_options["name"]
     (out / "consensus.md").write_text(markdown(rows, summary, analyses, explainer_name, cfg))
     accuracy_correlation = analyses["correlations"][0]
-    title = (f"{explainer_name}: Pearson {_fmt(accuracy_correlation['pearson'])}, Spearman "
-             f"{_fmt(accuracy_correlation['spearman'])} (n={accuracy_correlation['n']})")
+    title = (f"{explainer_name}: Pearson {number(accuracy_correlation['pearson'])}, Spearman "
+             f"{number(accuracy_correlation['spearman'])} (n={accuracy_correlation['n']})")
     if committee.is_gradcam(explainer_name):
         title = f"{committee.GRADCAM_NOTE}\n{title}"
     paths = {name: out / name for name in ("consensus.md", "consensus.csv", "consensus.json")}
@@ -234,9 +262,9 @@ def write_outputs(cfg: DictConfig, rows: list[dict], summary: dict, analyses: di
 
 
 def _correlation_table(correlations: list[dict], first: str, first_key: str) -> list[str]:
-    lines = [f"| {first} | n | Pearson (p) | Spearman (p) |", "|---|---|---|---|"]
-    return lines + [f"| {c[first_key]} | {c['n']} | {_fmt(c['pearson'])} ({_p_value(c['pearson_p'])}) | "
-                    f"{_fmt(c['spearman'])} ({_p_value(c['spearman_p'])}) |" for c in correlations]
+    return markdown_table([first, "n", "Pearson (p)", "Spearman (p)"], (
+        [c[first_key], c["n"], f"{number(c['pearson'])} ({number(c['pearson_p'], '.2g')})",
+         f"{number(c['spearman'])} ({number(c['spearman_p'], '.2g')})"] for c in correlations))
 
 
 def markdown(rows: list[dict], summary: dict, analyses: dict, explainer: str, cfg: DictConfig) -> str:
@@ -258,24 +286,24 @@ def markdown(rows: list[dict], summary: dict, analyses: dict, explainer: str, cf
         headers += [f"score ({other['rule']})", f"rank ({other['rule']})"]
     headers += ["PG", "CH", "mAP"] if localisation else []
     headers += ["missing", "forward passes"]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    table = []
     for row in sorted(rows, key=lambda r: r["rank"]):
-        cells = [str(row["rank"]), row["label"], _fmt(row["accuracy"], True), _fmt(row["consensus_score"])]
+        cells = [row["rank"], row["label"], percent(row["accuracy"]), number(row["consensus_score"])]
         if other:
-            cells += [_fmt(row[f"consensus_score_{other['rule']}"]), str(row[f"rank_{other['rule']}"])]
+            cells += [number(row[f"consensus_score_{other['rule']}"]), row[f"rank_{other['rule']}"]]
         if localisation:
-            cells += [_fmt(row[key], True) for key in ("pg", "ch", "map")]
-        cells += [str(row["missing_explanations"]), str(row["forward_passes"])]
-        lines.append("| " + " | ".join(cells) + " |")
+            cells += [percent(row[key]) for key in ("pg", "ch", "map")]
+        table.append(cells + [row["missing_explanations"], row["forward_passes"]])
+    lines += markdown_table(headers, table)
     lines += ["", f"Missing explanations: {summary['missing_explanations']} of {len(rows) * summary['images']}.", ""]
     if "consensus_map" in summary:
         best = float(np.nanmax([row["map"] for row in rows]))
         reference = summary["reference_map"]
-        by_rule = (f" ({cfg.aggregation} rule; {other['rule']} rule: {_fmt(other['consensus_map'], True)})"
+        by_rule = (f" ({cfg.aggregation} rule; {other['rule']} rule: {percent(other['consensus_map'])})"
                    if other else "")
-        lines += [f"mAP of the consensus against the masks: {_fmt(summary['consensus_map'], True)}{by_rule} "
-                  f"(best single member: {_fmt(best, True)}; reference maps on the same images: centred peak "
-                  f"{_fmt(reference['center'], True)}, uniform noise {_fmt(reference['noise'], True)}).", ""]
+        lines += [f"mAP of the consensus against the masks: {percent(summary['consensus_map'])}{by_rule} "
+                  f"(best single member: {percent(best)}; reference maps on the same images: centred peak "
+                  f"{percent(reference['center'])}, uniform noise {percent(reference['noise'])}).", ""]
     lines += ["Correlations over the whole committee (n = members used):", ""]
     lines += _correlation_table([{**c, "pair": f"{c['x']} / {c['y']}"} for c in analyses["correlations"]],
                                 "x / y", "pair")
@@ -291,8 +319,8 @@ def markdown(rows: list[dict], summary: dict, analyses: dict, explainer: str, cf
     if "subcommittees" in summary:
         sub = summary["subcommittees"]
         lines += ["", f"Random sub-committees ({sub['valid_draws']} draws of {sub['size']} members): score-accuracy "
-                  f"Pearson {_fmt(sub['pearson_mean'])} ± {_fmt(sub['pearson_std'])}, Spearman "
-                  f"{_fmt(sub['spearman_mean'])} ± {_fmt(sub['spearman_std'])}."]
+                  f"Pearson {number(sub['pearson_mean'])} ± {number(sub['pearson_std'])}, Spearman "
+                  f"{number(sub['spearman_mean'])} ± {number(sub['spearman_std'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +342,7 @@ def save_explanations(entries, shared, kind, options, members, images, count: in
 
 
 def save_convergence(convergence: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = subplots(figsize=(4.5, 3.2))
     sizes = [point["size"] for point in convergence]
     ax.plot(sizes, [point["mean"] for point in convergence], "o-", label="mean")
     ax.plot(sizes, [point["median"] for point in convergence], "s--", label="median")
@@ -323,8 +351,7 @@ def save_convergence(convergence: list[dict], path: Path) -> Path:
     ax.set_title("consensus mAP against the masks")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator, Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules import ClassificationDataModule
-from datamodules.base import check_integer
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore
@@ -32,6 +33,8 @@ from evaluation.report import row_label
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier, accuracy_metric
+from gcmodels.options import Options
+from gcmodels.options import Sequence as OptionSequence
 
 TARGETS = ("label", "prediction")
 # Explainers of this name prefix are Grad-CAMs: the explainer the GC loss trains, which the
@@ -42,11 +45,35 @@ GRADCAM = "gradcam"
 SLICE_VALUES = 64 * 64 * 64
 
 
+class CommitteeOptions(Options):
+    """How a committee's explanations are made and compared (``conf/committee/default.yaml``),
+    shared by ``python -m evaluation.consensus`` (at the top level of its config) and the training
+    callback (``callbacks.consensus``): ``num_images`` explained by every member (None: all),
+    the explained class (``target``), the common ``resolution`` of pixel maps (None: the data's
+    image size), the RBF width ``sigma`` of pixel maps, the LIME ``aggregation`` rule, and the
+    explanation store's folder (``store_dir``)."""
+
+    num_images: Annotated[int, Field(ge=1)] | None
+    target: Literal[TARGETS]
+    resolution: Annotated[int, Field(ge=2)] | None
+    sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    aggregation: Literal[core.RULES]
+    store_dir: str
+
+
+def _one_or_more(value):
+    return ((value,) if value else ()) if isinstance(value, str) else value
+
+
+# The committee's checkpoints as a config option: one path, or a list of paths; at least one.
+Checkpoints = Annotated[OptionSequence[Annotated[str, Field(min_length=1)]], Field(min_length=1),
+                        BeforeValidator(_one_or_more)]
+
+
 def find_checkpoints(ckpts: str | Sequence[str] | None, ckpts_dir: str | None, pattern: str = "*.ckpt") -> list[Path]:
-    """The committee's checkpoint files: ``ckpts`` (one path or a list), or every file matching
-    ``pattern`` below ``ckpts_dir`` (sorted)."""
-    if bool(ckpts) == bool(ckpts_dir):
-        raise ValueError("give the committee as ckpts=[a.ckpt,b.ckpt,...] or as ckpts_dir=DIR, not both or neither")
+    """The committee's checkpoint files: ``ckpts`` (one path or a list), or, where ``ckpts_dir`` is
+    given (the config's schema lets only one of them be), every file matching ``pattern`` below
+    ``ckpts_dir`` (sorted)."""
     if ckpts_dir:
         folder = Path(ckpts_dir)
         if not folder.is_dir():
@@ -108,23 +135,9 @@ def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, mi
     return list(members.values())
 
 
-def check_image_options(target: str, num_images: int | None, resolution: int | None, prefix: str = "") -> None:
-    """The options that say which images are explained and how, checked before any checkpoint or
-    image is read; errors name the key under ``prefix`` (``callbacks.consensus.`` for the callback)."""
-    if target not in TARGETS:
-        raise ValueError(f"{prefix}target={target!r} is unknown; allowed: {list(TARGETS)}")
-    if resolution is not None:
-        check_integer(f"{prefix}resolution", resolution, 2)
-    if num_images is not None:
-        check_integer(f"{prefix}num_images", num_images, 1)
-
-
 def consensus_options(kind: str, sigma: float, aggregation: str) -> dict:
-    """The aggregation option of an explanation kind: ``sigma`` for pixel maps, the rule for LIME."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
-    if aggregation not in core.RULES:
-        raise ValueError(f"aggregation={aggregation!r} is unknown; allowed: {list(core.RULES)}")
+    """The aggregation option of an explanation kind: ``sigma`` for pixel maps, the rule for LIME
+    (both as :class:`CommitteeOptions` validated them)."""
     return {"sigma": float(sigma)} if kind == "pixel" else {"rule": aggregation}
 
 
@@ -218,9 +231,8 @@ def _count_forward_passes(net: torch.nn.Module) -> tuple[list[int], Callable[[],
 
 def explain_member(net: torch.nn.Module, explainer, images: Dataset, datamodule: ClassificationDataModule,
                    shared: dict, target: str, resolution: int, batch_size: int) -> tuple[dict, dict]:
-    """One member's arrays (``explanations``, ``predictions``) and meta (forward passes)."""
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r} is unknown; allowed: {list(TARGETS)}")
+    """One member's arrays (``explanations``, ``predictions``) and meta (forward passes);
+    ``target``: one of ``TARGETS`` (checked by the caller's schema)."""
     device = next(net.parameters()).device
     kind = explanation_kind(explainer)
     segments = torch.from_numpy(np.array(shared["segments"])) if kind == "superpixel" else None

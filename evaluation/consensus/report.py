@@ -18,18 +18,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Annotated
 
 import hydra
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on clusters
-import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from pydantic import BeforeValidator
 
 from evaluation.consensus.stats import all_correlations, correlation, is_missing
+from evaluation.figures import save_figure, subplots
+from evaluation.tables import markdown_table, rounded
+from gcmodels.config import check_config
+from gcmodels.options import ConfigError, Options
+from gcmodels.options import Sequence as OptionSequence
 
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 MODEL, ACCURACY = "model", "accuracy"
@@ -113,20 +116,12 @@ def read_table(path: str | Path) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
-def _number(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if abs(value) < 10 ** -digits and value != 0:
-        return f"{value:.1e}"
-    return f"{value:.{digits}f}"
-
-
 def correlation_title(result: dict) -> str:
     """'Pearson r=0.810, Spearman rho=0.780, n=81' (or the note when undefined)."""
     if result["pearson"] is None:
         return f"n={result['n']}: {result['note']}"
-    return (f"Pearson r={result['pearson']:.3f} (p={_number(result['pearson_p'], 3)}), "
-            f"Spearman rho={result['spearman']:.3f} (p={_number(result['spearman_p'], 3)}), n={result['n']}")
+    return (f"Pearson r={result['pearson']:.3f} (p={rounded(result['pearson_p'])}), "
+            f"Spearman rho={result['spearman']:.3f} (p={rounded(result['spearman_p'])}), n={result['n']}")
 
 
 def labelled(points: Sequence[tuple[str, float, float]], named: Collection[str] = ()) -> set[int]:
@@ -147,7 +142,7 @@ def scatter_figure(points: Sequence[tuple[str, float | None, float | None]], x_l
     drawn); points with a missing coordinate (None/NaN) are left out."""
     kept = [(label, float(x), float(y)) for label, x, y in points
             if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = subplots(figsize=(6.4, 4.8))
     if kept:
         ax.scatter([x for _, x, _ in kept], [y for _, _, y in kept], s=18, color="tab:blue")
         shown = labelled(kept, named)
@@ -171,20 +166,19 @@ def scatter(points: Sequence[tuple[str, float | None, float | None]], x_label: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = scatter_figure(points, x_label, y_label, title, named)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 
 def _markdown(correlations: list[dict], settings: dict) -> str:
     lines = [f"# Correlations of {settings.get('table', 'the committee table')}", "",
              f"{settings.get('rows', '?')} models. Rows with an empty or N/A cell are left out of the "
-             "correlations that need it; n is the number of rows used. p: two-sided p-values.", "",
-             "| x | y | n | Pearson r | p | Spearman rho | p | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
-    for c in correlations:
-        lines.append(f"| {c['x']} | {c['y']} | {c['n']} | {_number(c['pearson'])} | {_number(c['pearson_p'])} "
-                     f"| {_number(c['spearman'])} | {_number(c['spearman_p'])} | {c['note'] or ''} |")
+             "correlations that need it; n is the number of rows used. p: two-sided p-values.", ""]
+    lines += markdown_table(
+        ["x", "y", "n", "Pearson r", "p", "Spearman rho", "p", "note"],
+        ([c["x"], c["y"], c["n"], *(rounded(c[key]) for key in ("pearson", "pearson_p", "spearman", "spearman_p")),
+          c["note"] or ""] for c in correlations),
+        align=["---", "---", "---:", "---:", "---:", "---:", "---:", "---"])
     return "\n".join(lines) + "\n"
 
 
@@ -198,9 +192,6 @@ def write_table_report(rows: Sequence[dict], columns: Sequence[str], out_dir: st
     table read by ``read_table``; ``settings`` (e.g. the table's path) go into the json and the
     title; ``named``: models the scatter plots label whatever the committee's size. Returns
     ``{"json": ..., "md": ..., "scatter_<column>": ...}``."""
-    unknown = sorted(set(named) - {str(row.get(MODEL)) for row in rows})
-    if unknown:
-        raise ValueError(f"label: {unknown} are not in the table's {MODEL} column")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     correlated = numeric_columns(columns)
@@ -221,14 +212,32 @@ def write_table_report(rows: Sequence[dict], columns: Sequence[str], out_dir: st
 
 def run(table: str | Path, output_dir: str | Path, label: Collection[str] = ()) -> dict[str, Path]:
     """Read ``table`` and write its report into ``output_dir`` (``label``: models to label in the
-    scatter plots besides the extremes); returns the written paths."""
+    scatter plots besides the extremes; each must be in the table); returns the written paths."""
     rows, columns = read_table(table)
+    unknown = sorted(set(label) - {str(row.get(MODEL)) for row in rows})
+    if unknown:
+        raise ConfigError([("label", f"{unknown} are not in the table's {MODEL} column")])
     return write_table_report(rows, columns, output_dir, {"table": str(table), "label": list(label)}, label)
+
+
+def _model_name(value):
+    # A model column of numbers: label=[18] names the model "18".
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ReportConfig(Options):
+    """The schema of ``conf/consensus_report.yaml``: the table's path, the models to label (a
+    model column of numbers gives numbers on the command line) and the output dir."""
+
+    table: str
+    label: OptionSequence[Annotated[str, BeforeValidator(_model_name)]]
+    output_dir: str
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="consensus_report")
 def main(cfg: DictConfig) -> None:
-    paths = run(cfg.table, cfg.output_dir, [str(model) for model in cfg.label])
+    config: ReportConfig = check_config(cfg, ReportConfig)
+    paths = run(config.table, config.output_dir, config.label)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -10,22 +10,21 @@ memory-mapped, so scoring a committee never holds more than the slices it is wor
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gcmodels.files import json_digest, staged
 
 META = "meta.json"
 
 
 def settings_digest(settings: dict) -> str:
     """Digest of JSON-serialisable settings, independent of key order."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(settings, 16)
 
 
 class ExplanationStore:
@@ -46,18 +45,13 @@ class ExplanationStore:
         return {"meta": meta["meta"], **arrays}
 
     def _write(self, folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with staged(folder, directory=True) as staging:
             for name, array in arrays.items():
                 np.save(staging / f"{name}.npy", array)
             record = {"arrays": sorted(arrays), "meta": meta, "run": self.run_settings}
             (staging / META).write_text(json.dumps(record, indent=1))  # last: marks completion
             if folder.exists():
                 shutil.rmtree(folder)  # an older, incomplete or replaced entry
-            os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def load_member(self, member: str) -> dict[str, Any] | None:
         """The member's arrays (memory-mapped) and ``meta``, or None when it is not stored."""

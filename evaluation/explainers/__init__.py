@@ -13,13 +13,7 @@ training mode.
 """
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
-from typing import Callable, Mapping
-
-from omegaconf import OmegaConf
-
-from evaluation.explainers.base import Explainer, check_explainer
+from evaluation.explainers.base import EXPLAINERS, Explainer, check_explainer
 from evaluation.explainers.excitation import SIGNALS, ContrastiveExcitationBackprop
 from evaluation.explainers.fullgrad import FullGrad
 from evaluation.explainers.gradcam import GradCAM
@@ -28,39 +22,12 @@ from evaluation.explainers.lime import Lime
 
 __all__ = [
     "EXPLAINERS", "SIGNALS", "ContrastiveExcitationBackprop", "Explainer", "FullGrad", "GradCAM",
-    "Gradient", "IntegratedGradients", "explainer_options", "Lime", "SmoothGrad", "build_explainer",
+    "Gradient", "IntegratedGradients", "Lime", "SmoothGrad", "build_explainer",
     "check_explainer",
 ]
 
-EXPLAINERS: dict[str, Callable[..., Explainer]] = {
-    "gradcam": GradCAM,
-    "gradcam_standard": partial(GradCAM, mode="standard"),
-    "gradient": Gradient,
-    "smoothgrad": SmoothGrad,
-    "integrated_gradients": IntegratedGradients,
-    "fullgrad": FullGrad,
-    "cmwp": ContrastiveExcitationBackprop,
-    "lime": Lime,
-}
 
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "explainer"
-
-
-def explainer_options(spec: str | Mapping) -> dict:
-    """An explainer's name and options: ``spec`` is a name (its options from
-    ``conf/explainer/<name>.yaml``, where they are written once) or a mapping with ``name`` and
-    options that replace those of the file."""
-    overrides = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = overrides.get("name")
-    path = CONFIG_DIR / f"{name}.yaml"
-    if name not in EXPLAINERS or not path.is_file():
-        raise ValueError(f"explainer {name!r} is unknown; valid explainers: {sorted(EXPLAINERS)}")
-    return {**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides}
-
-
-def build_explainer(name: str, **kwargs) -> Explainer:
-    """The explainer called ``name`` (a key of ``EXPLAINERS``) with its options as keywords."""
-    if name not in EXPLAINERS:
-        raise ValueError(f"explainer {name!r} is unknown; valid explainers: {sorted(EXPLAINERS)}")
-    return EXPLAINERS[name](**kwargs)
+def build_explainer(name: str, **options) -> Explainer:
+    """The explainer called ``name`` (``explainer.name``) with its options (validated by the
+    entry point's schema) as keywords."""
+    return EXPLAINERS[name].build(**options)

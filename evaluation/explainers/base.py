@@ -7,6 +7,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gcmodels.options import Registry
+
+# Every explainer by config name (``explainer.name``), registered where it is defined; its options
+# are its dataclass fields, with their ranges in their annotations.
+EXPLAINERS = Registry("explainer")
+
 _MAX_NAMES_SHOWN = 30
 
 

@@ -9,9 +9,10 @@ benchmark's implementation), "folded" folds batch norm into the conv and treats 
 one excitation layer."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,13 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from evaluation.explainers.base import (
-    Explainer, batchnorm_scale, layer_output_shapes, name_list, require_eval, submodule,
+    EXPLAINERS,
+    Explainer,
+    batchnorm_scale,
+    layer_output_shapes,
+    name_list,
+    require_eval,
+    submodule,
 )
 
 
@@ -58,7 +65,7 @@ def _pass_through(_x: Tensor, p_out: Tensor) -> Tensor:
 
 # The positive weights are made when a layer is excited, not when the stages are listed: most
 # stages lie below the explained layer and are never excited.
-def _positive_conv(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None) -> Callable[[Tensor], Tensor]:
+def _positive_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> Callable[[Tensor], Tensor]:
     """``x -> conv(x)`` with the positive part of the weights and no bias; a following eval-mode
     batch norm is folded in first (conv + BN is one affine layer at inference), so a negative BN
     scale flips its channel's weights and the originally negative weights become excitatory."""
@@ -142,7 +149,7 @@ def _is_conv_bn(module: nn.Module) -> bool:
             and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d))
 
 
-def _folded_rule(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+def _folded_rule(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor] | None:
     if isinstance(module, nn.ReLU):
         return _pass_through
     if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
@@ -157,7 +164,7 @@ def _folded_rule(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], Tenso
     return None
 
 
-def _torchray_rule(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+def _torchray_rule(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor] | None:
     if isinstance(module, nn.ReLU):
         return _relu_mask
     if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
@@ -175,7 +182,7 @@ def _torchray_rule(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], Ten
 RULES = {"torchray": _torchray_rule, "folded": _folded_rule}
 
 
-def _leaf_rule(module: nn.Module, rules: str) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+def _leaf_rule(module: nn.Module, rules: str) -> Callable[[Tensor, Tensor], Tensor] | None:
     """``(input, P at output) -> P at input`` for one module (or, folded, a conv + batch-norm
     pair); None where c-MWP has no rule."""
     if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
@@ -205,7 +212,7 @@ class _Stage:
     names: list[str]
     module: nn.Module
     forward: Callable[[Tensor], Tensor]
-    backward: Optional[Callable[[Tensor, Tensor], Tensor]]
+    backward: Callable[[Tensor, Tensor], Tensor] | None
 
 
 def _stages(module: nn.Module, path: str, rules: str) -> list[_Stage]:
@@ -234,6 +241,7 @@ def _stages(module: nn.Module, path: str, rules: str) -> list[_Stage]:
 SIGNALS = ("target", "dual", "contrast")
 
 
+@EXPLAINERS.register("cmwp")
 @dataclass
 class ContrastiveExcitationBackprop(Explainer):
     """Contrastive Marginal Winning Probability (c-MWP; Zhang et al., "Top-down Neural Attention
@@ -267,12 +275,8 @@ class ContrastiveExcitationBackprop(Explainer):
     branches, split by their excitations.
     """
 
-    layer: Optional[str] = None
-    rules: str = "torchray"
-
-    def __post_init__(self):
-        if self.rules not in RULES:
-            raise ValueError(f"c-MWP rules {self.rules!r} are unknown; allowed: {list(RULES)}")
+    layer: str | None = None
+    rules: Literal[tuple(RULES)] = "torchray"
 
     def stages(self, net) -> tuple[list[_Stage], int]:
         """The network as stages, and the index of the stage whose output is ``layer``."""

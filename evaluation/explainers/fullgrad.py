@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluation.explainers.base import Explainer, batchnorm_scale, input_leaf, require_eval
+from evaluation.explainers.base import EXPLAINERS, Explainer, batchnorm_scale, input_leaf, require_eval
 from gcmodels.networks import Normalize
 
 
-def _bias_of(module: nn.Module, output: Tensor) -> Optional[Tensor]:
+def _bias_of(module: nn.Module, output: Tensor) -> Tensor | None:
     """The bias ``module`` adds to ``output``, shaped to broadcast against it; None if it adds
     none. Raises for modules with a bias that FullGrad does not know how to account for."""
     if isinstance(module, Normalize):
@@ -44,6 +43,7 @@ class _FullGradients:
     output_grads: list[Tensor]
 
 
+@EXPLAINERS.register("fullgrad")
 @dataclass
 class FullGrad(Explainer):
     """FullGrad (Srinivas & Fleuret, NeurIPS 2019).

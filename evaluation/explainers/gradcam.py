@@ -3,14 +3,16 @@ evaluation scores exactly what training made consistent."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal
 
 from torch import Tensor
 
-from evaluation.explainers.base import Explainer, input_leaf, layer_output_shapes, submodule
+from evaluation.explainers.base import EXPLAINERS, Explainer, input_leaf, layer_output_shapes, submodule
 from gcmodels.gradcam import MODES, gradcam, gradcam_from_activations
 
 
+@EXPLAINERS.register("gradcam", fixed={"mode": "elementwise"})
+@EXPLAINERS.register("gradcam_standard", fixed={"mode": "standard"})
 @dataclass
 class GradCAM(Explainer):
     """Grad-CAM (``mode="elementwise"``: the paper's Eq. 3; ``"standard"``: Eq. 1-2).
@@ -21,12 +23,8 @@ class GradCAM(Explainer):
     normalise, and raw maps keep the scale visible for figures.
     """
 
-    mode: str = "elementwise"
-    layer: Optional[str] = None
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"Grad-CAM mode {self.mode!r} is unknown; allowed: {list(MODES)}")
+    mode: Literal[MODES] = "elementwise"
+    layer: str | None = None
 
     def explain(self, net, images, targets):
         if self.layer is None:

@@ -1,18 +1,19 @@
 """Input-gradient methods, provided by Captum: Gradient, SmoothGrad and Integrated Gradients."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import NoiseTunnel, Saliency
+from pydantic import Field
 from torch import Tensor
 
-from datamodules.base import check_integer, check_number
-from evaluation.explainers.base import Explainer, images_per_pass, input_leaf
+from evaluation.explainers.base import EXPLAINERS, Explainer, images_per_pass, input_leaf
 
 
+@EXPLAINERS.register("gradient")
 @dataclass
 class Gradient(Explainer):
     """Gradient saliency (Simonyan et al.): ``max_c |dy_t / dx_c|`` (Captum ``Saliency``)."""
@@ -22,6 +23,7 @@ class Gradient(Explainer):
         return grads.amax(dim=1)
 
 
+@EXPLAINERS.register("smoothgrad")
 @dataclass
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al.): mean of ``|dy_t/dx|`` over ``num_samples`` noisy copies
@@ -36,16 +38,11 @@ class SmoothGrad(Explainer):
     values have no default here: they live in ``conf/explainer/smoothgrad.yaml``.
     """
 
-    num_samples: int
-    stdev: float
-    seed: Optional[int]
-    samples_per_pass: Optional[int] = None
-
-    def __post_init__(self):
-        check_integer("explainer.num_samples", self.num_samples, 1)
-        check_number("explainer.stdev", self.stdev, 0)
-        if self.seed is not None:
-            check_integer("explainer.seed", self.seed, 0)  # torch.manual_seed refuses negatives
+    num_samples: Annotated[int, Field(ge=1)]
+    stdev: Annotated[float, Field(ge=0)]
+    # torch.manual_seed refuses negatives.
+    seed: Annotated[int, Field(ge=0)] | None
+    samples_per_pass: Annotated[int, Field(ge=1)] | None = None
 
     def explain(self, net, images, targets):
         if self.seed is None:
@@ -65,6 +62,7 @@ class SmoothGrad(Explainer):
         return grads.amax(dim=1)
 
 
+@EXPLAINERS.register("integrated_gradients")
 @dataclass
 class IntegratedGradients(Explainer):
     """Integrated Gradients (Sundararajan et al.), Captum, Gauss-Legendre rule with ``steps``
@@ -81,12 +79,9 @@ class IntegratedGradients(Explainer):
     ``conf/explainer/integrated_gradients.yaml``.
     """
 
-    steps: int
-    baseline: float | Tensor = 0.0
-    internal_batch_size: Optional[int] = None
-
-    def __post_init__(self):
-        check_integer("explainer.steps", self.steps, 1)
+    steps: Annotated[int, Field(ge=1)]
+    baseline: float | Tensor = field(default=0.0, metadata={"option": False})
+    internal_batch_size: Annotated[int, Field(ge=1)] | None = None
 
     def attributions(self, net, images, targets) -> tuple[Tensor, Tensor]:
         """Per-channel attributions ``[B, C, H, W]`` and Captum's convergence delta ``[B]``

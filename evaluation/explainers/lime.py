@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from datamodules.base import check_integer, check_number, is_integer, is_number
-from evaluation.explainers.base import Explainer, images_per_pass, require_eval
+from evaluation.explainers.base import EXPLAINERS, Explainer, images_per_pass, require_eval
 
 SCORES = ("probability", "logit")
 SEGMENTATIONS = ("slic", "quickshift")
 FILLS = ("segment", "image")
 
 
+@EXPLAINERS.register("lime")
 @dataclass
 class Lime(Explainer):
     """LIME on superpixels, as the ``lime`` package's ``lime_image`` computes it.
@@ -50,50 +51,22 @@ class Lime(Explainer):
     images independently (batch norm in eval mode: refused otherwise).
     """
 
-    num_samples: int
-    kernel_width: float
-    segmentation: str
-    num_segments: int
-    compactness: float
-    kernel_size: float
-    max_dist: float
-    ratio: float
-    seed: int
-    fill: Union[str, float]
-    score: str
-    ridge: float
-    samples_per_pass: Optional[int] = None
-
-    def __post_init__(self):
-        # At least the image itself and one perturbation.
-        check_integer("explainer.num_samples", self.num_samples, 2)
-        check_number("explainer.kernel_width", self.kernel_width, 0, exclusive=True)
-        check_integer("explainer.num_segments", self.num_segments, 1)
-        check_number("explainer.compactness", self.compactness, 0, exclusive=True)
-        check_number("explainer.kernel_size", self.kernel_size, 0, exclusive=True)
-        check_number("explainer.max_dist", self.max_dist, 0, exclusive=True)
-        check_number("explainer.ridge", self.ridge, 0)
-        # Hashed as 8 signed bytes (_image_seed): any such integer, negatives included.
-        check_integer("explainer.seed", self.seed, -2**63, 2**63 - 1)
-        if self.fill == "mean":
-            # Its meaning changed (the image's mean, now fill=image): refused rather than reread.
-            raise ValueError(f"explainer.fill='mean' is ambiguous (it was the whole image's mean "
-                             f"colour); use {FILLS[0]!r} (each superpixel's own mean colour, lime_image's) "
-                             f"or {FILLS[1]!r} (the whole image's mean colour)")
-        checks = {
-            "samples_per_pass": (self.samples_per_pass is None or is_integer(self.samples_per_pass)
-                                 and self.samples_per_pass >= 1, "null or an integer >= 1"),
-            "segmentation": (self.segmentation in SEGMENTATIONS, f"one of {list(SEGMENTATIONS)}"),
-            # 0 would leave colour out of quickshift's distance: the superpixels would ignore the image.
-            "ratio": (is_number(self.ratio) and 0 < self.ratio <= 1, "a number in (0, 1]"),
-            "score": (self.score in SCORES, f"one of {list(SCORES)}"),
-            # is_number refuses bool: fill=True is more likely a mistake than a grey level of 1.
-            "fill": (self.fill in FILLS if isinstance(self.fill, str) else is_number(self.fill),
-                     f"one of {list(FILLS)} or a number"),
-        }
-        for option, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"explainer.{option} must be {allowed}, got {getattr(self, option)!r}")
+    # At least the image itself and one perturbation.
+    num_samples: Annotated[int, Field(ge=2)]
+    kernel_width: Annotated[float, Field(gt=0)]
+    segmentation: Literal[SEGMENTATIONS]
+    num_segments: Annotated[int, Field(ge=1)]
+    compactness: Annotated[float, Field(gt=0)]
+    kernel_size: Annotated[float, Field(gt=0)]
+    max_dist: Annotated[float, Field(gt=0)]
+    # 0 would leave colour out of quickshift's distance: the superpixels would ignore the image.
+    ratio: Annotated[float, Field(gt=0, le=1)]
+    # Hashed as 8 signed bytes (_image_seed): any such integer, negatives included.
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
+    fill: Literal[FILLS] | float
+    score: Literal[SCORES]
+    ridge: Annotated[float, Field(ge=0)]
+    samples_per_pass: Annotated[int, Field(ge=1)] | None = None
 
     # ------------------------------------------------------------------------------ the steps
 
@@ -148,7 +121,7 @@ class Lime(Explainer):
         return masks
 
     def superpixel_weights(self, net: nn.Module, images: Tensor, targets: Tensor,
-                           segments: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+                           segments: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """The superpixels (``segments``, or those of ``segmentation``) and, per image, the signed
         ridge weights ``beta``: float64 ``[S_b]``, ``S_b`` = the image's largest segment id + 1."""
         require_eval(net, (nn.modules.batchnorm._BatchNorm,), "LIME")

@@ -13,16 +13,20 @@ Pointing-game tolerance: ``tolerance`` pixels at an image side of ``tolerance_at
 papers: 15 px at 224 px); each update scales it to its masks, ``tolerance * min(H, W) /
 tolerance_at``, so small images are not scored leniently. ``tolerance_at=None`` takes
 ``tolerance`` in the masks' own pixels.
+
+Options (tolerance, SPG points and runs, ``zero_maps``, FGSM eps and space) are taken as given:
+``from_settings`` builds each metric from :class:`evaluation.settings.EvaluationSettings`, whose
+schema checks them. The updates check their tensors.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric, MetricCollection
 
-from evaluation.attacks import SPACES, fgsm_attacks
+from evaluation.attacks import fgsm_attacks
 from evaluation.metrics import functional
 from evaluation.metrics.registry import Score, register_metric
 from gcmodels.module import PER_CLASS_F1_NAME, accuracy_metric, accuracy_name, per_class_f1_metric
@@ -43,13 +47,9 @@ def _scaled_tolerance(tolerance: float, tolerance_at: float | None, masks: torch
     return tolerance * min(masks.shape[-2:]) / tolerance_at
 
 
-def _check_tolerance(tolerance: float, tolerance_at: float | None) -> None:
-    if not tolerance > 0 or (tolerance_at is not None and not tolerance_at > 0):
-        raise ValueError(f"tolerance and tolerance_at must be positive, got {tolerance} and {tolerance_at}")
-
-
 # What the localisation metrics do with an all-zero heatmap: leave it out and count it, or score it
-# as a constant map, as the authors' ``+1e-8`` does (``evaluation.zero_maps``).
+# as a constant map, as the authors' ``+1e-8`` does (``evaluation.zero_maps``, whose schema
+# checks it: the metrics take the settings' values as they are).
 ZERO_MAPS = ("skip", "uniform")
 
 
@@ -57,8 +57,6 @@ class _ZeroMaps:
     """The ``zero_maps`` option of the localisation metrics (a mixin of ``Metric``s)."""
 
     def _init_zero_maps(self, zero_maps: str) -> None:
-        if zero_maps not in ZERO_MAPS:
-            raise ValueError(f"zero_maps must be one of {list(ZERO_MAPS)}, got {zero_maps!r}")
         self.zero_maps = zero_maps
         if zero_maps == "uniform":
             self.add_state("uniform", _count(), dist_reduce_fx="sum")
@@ -152,14 +150,13 @@ class PointingGame(_ZeroMaps, _MeanScore):
     pointing_only = True
 
     @classmethod
-    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "PointingGame":
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> PointingGame:
         return cls(tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at, num_classes=num_classes,
                    zero_maps=settings.zero_maps)
 
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_classes: int | None = None,
                  zero_maps: str = "skip", **kwargs):
         super().__init__(**kwargs)
-        _check_tolerance(tolerance, tolerance_at)
         self._init_zero_maps(zero_maps)
         self.tolerance = tolerance
         self.tolerance_at = tolerance_at
@@ -215,7 +212,7 @@ class StochasticPointingGame(_ZeroMaps, Metric):
     pointing_only = True
 
     @classmethod
-    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "StochasticPointingGame":
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> StochasticPointingGame:
         return cls(tolerance=settings.tolerance, tolerance_at=settings.scoring_tolerance_at,
                    num_samples=settings.spg_samples, num_runs=settings.spg_runs, seed=settings.seed,
                    zero_maps=settings.zero_maps)
@@ -223,9 +220,6 @@ class StochasticPointingGame(_ZeroMaps, Metric):
     def __init__(self, *, tolerance: float, tolerance_at: float | None, num_samples: int, num_runs: int, seed: int,
                  zero_maps: str = "skip", **kwargs):
         super().__init__(**kwargs)
-        if num_runs < 2:
-            raise ValueError(f"num_runs must be >= 2 to give a standard deviation over runs, got {num_runs}")
-        _check_tolerance(tolerance, tolerance_at)
         self._init_zero_maps(zero_maps)
         self.tolerance = tolerance
         self.tolerance_at = tolerance_at
@@ -268,7 +262,7 @@ class ContentHeatmap(_ZeroMaps, _MeanScore):
     pointing_only = False
 
     @classmethod
-    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "ContentHeatmap":
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> ContentHeatmap:
         return cls(zero_maps=settings.zero_maps)
 
     def __init__(self, *, zero_maps: str = "skip", **kwargs):
@@ -299,7 +293,7 @@ class NegativeQuadrantsHeatmap(_MeanScore):
     scores = {"nqh": Score(False, "NQH")}
 
     @classmethod
-    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "NegativeQuadrantsHeatmap":
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> NegativeQuadrantsHeatmap:
         return cls()
 
     def __init__(self, **kwargs):
@@ -340,7 +334,7 @@ class FGSMRobustness(Metric):
     single_label_only = True
 
     @classmethod
-    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> "FGSMRobustness":
+    def from_settings(cls, settings, num_classes: int, multilabel: bool) -> FGSMRobustness:
         return cls(settings.fgsm_eps, settings.fgsm_space)
 
     @staticmethod
@@ -350,10 +344,6 @@ class FGSMRobustness(Metric):
 
     def __init__(self, eps_list: Sequence[float], space: str, **kwargs):
         super().__init__(**kwargs)
-        if not eps_list or any(not eps >= 0 for eps in eps_list):
-            raise ValueError(f"FGSM eps must be a non-empty list of numbers >= 0 (1/255 units), got {list(eps_list)}")
-        if space not in SPACES:
-            raise ValueError(f"FGSM space {space!r} is unknown; allowed: {list(SPACES)}")
         self.eps_list = tuple(eps_list)
         self.space = space
         self.add_state("correct", torch.zeros(len(self.eps_list), dtype=torch.long), dist_reduce_fx="sum")

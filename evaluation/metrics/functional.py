@@ -19,17 +19,18 @@ Randomness (SPG's points, the uniform-noise reference maps) is drawn per trial: 
 not depend on the batch it is in, on the process that scores it or on the order of the trials.
 
 Bad input raises ``ValueError`` naming the shapes, dtypes or devices involved.
+Scalar options (``tolerance`` > 0, ``num_samples`` >= 1) are taken as given: they come from
+the evaluation settings, whose schema (:class:`evaluation.settings.EvaluationSettings`) checks them.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 
 __all__ = [
     "content_heatmap",
@@ -96,11 +97,6 @@ def _check_seeds(heatmaps: torch.Tensor, seeds: torch.Tensor) -> None:
                          f"{tuple(heatmaps.shape)}), got {seeds.dtype} {tuple(seeds.shape)}")
 
 
-def _check_tolerance(tolerance: float) -> None:
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be positive, got {tolerance}")
-
-
 def _valid(heatmaps: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
     return _valid_from_peaks(heatmaps.flatten(1).amax(1), masks)
 
@@ -140,7 +136,7 @@ def valid_pairs(heatmaps: torch.Tensor, masks: torch.Tensor | None = None) -> to
     return _valid(heatmaps, masks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _disc_half_widths(tolerance: float) -> tuple[int, ...]:
     """``widths[|dy|]``: the disc's row at vertical offset ``dy`` spans ``dx`` in
     ``[-widths[|dy|], widths[|dy|]]``, for ``|dy| <= radius`` (the largest integer < tolerance)."""
@@ -163,7 +159,6 @@ def dilate_masks(masks: torch.Tensor, tolerance: float = 15) -> torch.Tensor:
     over ``dy`` of the mask widened horizontally by the run's half-width and shifted by ``dy``."""
     if masks.dim() != 3 or masks.dtype != torch.bool:
         raise ValueError(f"masks must be bool [B, H, W], got {masks.dtype} {tuple(masks.shape)}")
-    _check_tolerance(tolerance)
     half_widths = _disc_half_widths(float(tolerance))
     height = masks.shape[1]
     dilated = torch.zeros_like(masks)
@@ -234,7 +229,6 @@ def pointing_hits(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float 
     documented rule of ``torch.max`` over a dim)."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
-    _check_tolerance(tolerance)
     peak_values, peaks = _first_maxima(heatmaps.flatten(1))
     valid = _valid_from_peaks(peak_values, masks)
     return _hits_at(masks, peaks.unsqueeze(1), tolerance).squeeze(1) & valid, valid
@@ -349,9 +343,6 @@ def _stochastic_scores(
     of ``_sample_points(heatmaps, num_runs * num_samples, generator, seeds)``."""
     _check_heatmaps(heatmaps)
     _check_masks(heatmaps, masks)
-    _check_tolerance(tolerance)
-    if num_samples < 1 or num_runs < 1:
-        raise ValueError(f"num_samples and num_runs must be >= 1, got {num_samples} and {num_runs}")
     points = _sample_points(heatmaps, num_runs * num_samples, generator, seeds)
     hits = torch.cat([_hits_at(masks[part], points[part], tolerance) for part in _batch_slices(heatmaps)])
     scores = hits.view(-1, num_runs, num_samples).to(heatmaps.dtype).mean(-1)

@@ -19,9 +19,13 @@ monitors need to know, so that none of them lists metrics by hand:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, Field
+
+from gcmodels.options import Sequence
 
 # accuracy: updated with the network's logits on validation images; robustness: with the network
 # and the validation images (it attacks them); composites: with maps of 2x2 composites and the
@@ -78,6 +82,17 @@ def register_metric(name: str):
         return cls
 
     return register
+
+
+def known_metrics(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {list(METRICS)}")
+    return names
+
+
+# A config's list of metric names (``metrics=[pg, spg]``): registered ones, at least one.
+MetricNames = Annotated[Sequence[str], Field(min_length=1), AfterValidator(known_metrics)]
 
 
 def score_of(name: str) -> Score | None:

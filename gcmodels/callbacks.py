@@ -1,73 +1,23 @@
-"""Training safety: random states that a checkpoint can carry, checkpoint files that are never left
-half-written, a stop (or a skipped step) on a non-finite loss or gradient, and a checkpoint on
-Ctrl-C. What each guards against, and the test that shows it: docs/reliability.md."""
+"""The training run's checkpoint and safety callbacks: checkpoint files that are never left
+half-written, step checkpoints, a stop (or a skipped step) on a non-finite loss or gradient, and
+a checkpoint on Ctrl-C. What each guards against, and the test that shows it:
+docs/reliability.md."""
 from __future__ import annotations
 
-import contextlib
-import os
-import random
 import signal
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from datamodules.base import check_integer
-
-
-def global_random_state() -> dict:
-    """The process's global random streams (torch, CUDA, numpy, python) as tensors and plain
-    types, which a checkpoint read with ``weights_only=True`` can hold."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
-
-
-def set_global_random_state(state: dict) -> None:
-    """Inverse of :func:`global_random_state`. CUDA streams are restored only onto as many
-    devices as were saved: on other hardware they restart from the seed."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
-
-
-def gather_per_rank(value: Any) -> list:
-    """``value`` of every process, in rank order (one element without distributed training). A
-    collective: every process must call it, as every process dumps each checkpoint."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
-def _fsync_directory(path: Path) -> None:
-    # Makes the rename itself survive a power cut; some filesystems cannot sync a directory, and
-    # the rename is atomic for running processes either way.
-    with contextlib.suppress(OSError):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+from gcmodels.files import staged
+from gcmodels.options import Options
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -84,24 +34,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options for a local path")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not *.ckpt: scripts that collect every checkpoint of a folder never pick up a partial one.
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
-                                             delete=False)
-        try:
-            with handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(handle.name, 0o666 & ~umask)  # a temporary file is private; a checkpoint is not
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
+        with staged(path) as partial, partial.open("wb") as handle:
+            torch.save(checkpoint, handle)
+
+
+class StepCheckpointOptions(Options):
+    """The options of :class:`EpochAndStepCheckpoint` that Lightning compares without a type check
+    (a string would fail with a bare TypeError); Lightning checks the others."""
+
+    model_config = ConfigDict(extra="allow")
+
+    save_top_k: Annotated[int, Field(ge=-1)] = 1
+    save_last: bool | None = None
+    every_n_train_steps: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("every_n_train_steps")
+    @classmethod
+    def steps_write_last(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        if steps is not None and not info.data.get("save_last"):
+            raise ValueError("the step checkpoints are last.ckpt: it needs save_last=true")
+        return steps
 
 
 class EpochAndStepCheckpoint(ModelCheckpoint):
@@ -115,15 +67,10 @@ class EpochAndStepCheckpoint(ModelCheckpoint):
     replaces the epoch-end saves (the triggers are exclusive) and, while the monitored score has
     not been logged (the whole first epoch), defers every save to the end of validation."""
 
+    options = StepCheckpointOptions
+
     def __init__(self, *args, save_top_k: int = 1, every_n_train_steps: int | None = None, **kwargs):
-        # Lightning compares these without a type check: a string would fail with a bare TypeError.
-        check_integer("callbacks.model_checkpoint.save_top_k", save_top_k, -1)
-        if every_n_train_steps is not None:
-            check_integer("callbacks.model_checkpoint.every_n_train_steps", every_n_train_steps, 1)
         super().__init__(*args, save_top_k=save_top_k, **kwargs)
-        if every_n_train_steps is not None and not self.save_last:
-            raise ValueError(f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps} needs save_last=true "
-                             f"(the step checkpoints are last.ckpt), or null")
         self.step_interval = every_n_train_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -151,7 +98,9 @@ class EpochAndStepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-NONFINITE_MODES = ("stop", "skip")
+class NonFiniteOptions(Options):
+    mode: Literal["stop", "skip"]
+    dirpath: str
 
 
 def _learning_rates(optimizer) -> str:
@@ -179,9 +128,9 @@ class NonFiniteGuard(pl.Callback):
     skips those steps and lowers the scale): only the loss terms are checked there. Processes
     agree on every decision, so DDP stops or skips on all of them together."""
 
+    options = NonFiniteOptions
+
     def __init__(self, mode: str, dirpath: str):
-        if mode not in NONFINITE_MODES:
-            raise ValueError(f"callbacks.nonfinite.mode={mode!r} is unknown; allowed: {list(NONFINITE_MODES)}")
         self.mode = mode
         self.dirpath = Path(dirpath)
         self.skipped = 0
