@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules import ClassificationDataModule, build_datamodule
-from evaluation.engine import validation_sample
 from evaluation.explainers import build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.panels import explanation_panels
+from evaluation.sampling import validation_sample
 from gcmodels.callbacks import InterruptCheckpoint, NonFiniteGuard
 from gcmodels.checkpoints import RESUMED_GROUPS, check_resume_compatible, init_from_checkpoint
 from gcmodels.config import check_config, train_schema
@@ -87,15 +87,16 @@ def summarise(trainer: pl.Trainer, cfg: DictConfig, heatmaps: Path | None) -> di
         "processes": trainer.world_size,
         "metrics": metrics,
         "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
-        "best_score": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+        "best_score": (float(checkpoint.best_model_score)
+                       if checkpoint and checkpoint.best_model_score is not None else None),
         "last_checkpoint": str(last) if last else None,
         "nonfinite_skipped": guard.skipped if guard else None,
         "heatmaps": str(heatmaps) if heatmaps else None,
         "output_dir": cfg.output_dir,
     }
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [(key, summary[key]) for key in ("status", "model", "pooling", "init_from", "loss", "lambda", "data", "epochs",
-                                            "global_step", "nonfinite_skipped")]
+    rows = [(key, summary[key]) for key in ("status", "model", "pooling", "init_from", "loss", "lambda", "data",
+                                            "epochs", "global_step", "nonfinite_skipped")]
     rows.append(("batch", f"{cfg.data.batch_size} ({cfg.data.batch_size // trainer.world_size} per process x "
                           f"{trainer.world_size})"))
     rows += [(name, f"{value:.4f}") for name, value in sorted(metrics.items()) if name.startswith(("val/", "explain/"))]
@@ -142,9 +143,7 @@ def run(cfg: DictConfig) -> dict | None:
     """Train as configured; returns the summary on the main process (None on other ranks). Ctrl-C
     writes the summary (status interrupted) and exits as Lightning does, with status 1."""
     datamodule, module, trainer = build_run(cfg)
-    loss = module.hparams.loss
-    if loss["name"] == "gc" and loss["composite_source"] == "dataset":
-        datamodule.set_train_distractors(loss["positive"])
+    module.objective.setup(datamodule)
     if cfg.ckpt_path:
         # Also refuses an init_from other than the resumed run's own: the weights come from ckpt_path.
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,

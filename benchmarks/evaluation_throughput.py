@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
-from evaluation.engine import ExplanationEvaluator  # noqa: E402
+from evaluation.evaluator import ExplanationEvaluator  # noqa: E402
 from evaluation.explainers import build_explainer  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
 from gcmodels.config import compose_group  # noqa: E402

@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
-from evaluation.engine import METRICS, ExplanationEvaluator  # noqa: E402
+from evaluation.evaluator import ExplanationEvaluator  # noqa: E402
 from evaluation.explainers import build_explainer  # noqa: E402
+from evaluation.metrics.registry import METRICS  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
 from gcmodels.config import compose_group  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
@@ -137,15 +138,16 @@ def training(data: SyntheticDataModule, steps: int, warmup: int, device: torch.d
           f"{slope_per_100(last_half, [samples[s] for s in last_half]):+.2f} over the last half")
     if device.type == "cuda":
         print(f"  CUDA allocated after warm-up {warm_cuda:.1f} MB, at the end "
-              f"{torch.cuda.memory_allocated(device) / MB:.1f} MB, max {torch.cuda.max_memory_allocated(device) / MB:.1f} MB")
+              f"{torch.cuda.memory_allocated(device) / MB:.1f} MB, "
+              f"max {torch.cuda.max_memory_allocated(device) / MB:.1f} MB")
 
 
 def evaluation(data: SyntheticDataModule, images: int, device: torch.device) -> dict:
     """One process's evaluation of ``images`` validation images: peak RSS and the metrics' state sizes."""
     torch.manual_seed(0)
     net = classifier().net.to(device)
-    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES, False,
-                                     default_settings(seed=0, batch_size=data.batch_size))
+    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES,
+                                     False, default_settings(seed=0, batch_size=data.batch_size))
     before = rss_mb()
     reset_peak_rss()
     start = time.perf_counter()
@@ -185,8 +187,8 @@ def main() -> None:
         runs = []
         for images in (args.images, 4 * args.images):
             command = [sys.executable, __file__, "--evaluate", str(images), "--data-dir", str(root), "--size",
-                       str(args.size), "--batch", str(args.batch), "--images", str(args.images), "--threads", str(args.threads),
-                       "--device", args.device]
+                       str(args.size), "--batch", str(args.batch), "--images", str(args.images), "--threads",
+                       str(args.threads), "--device", args.device]
             runs.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
         print(f"evaluation: every metric ({', '.join(METRICS)} and the reference maps), Grad-CAM, batch {args.batch}, "
               f"one process per run")

@@ -83,9 +83,9 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
                  skip_corrupt: bool) -> None:
         """The loading options every data set takes (the keys of its ``data`` config group that
         subclasses do not name themselves): ``data_dir``; ``image_size``, the side of the images the
-        network sees; ``batch_size`` per process (train.py divides the config's global batch); ``num_workers`` loader processes; with
-        ``skip_corrupt`` a corrupt image file is dropped from its batch and counted instead of
-        stopping the run."""
+        network sees; ``batch_size`` per process (train.py divides the config's global batch);
+        ``num_workers`` loader processes; with ``skip_corrupt`` a corrupt image file is dropped from
+        its batch and counted instead of stopping the run."""
         super().__init__()
         self.data_dir = Path(data_dir)
         self.image_size = image_size

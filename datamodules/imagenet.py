@@ -80,7 +80,8 @@ def ilsvrc_box_mask(boxes: Sequence[tuple[int, int, int, int]], width: int, heig
     mask = torch.zeros(image_height, image_width, dtype=torch.bool)
     for xmin, ymin, xmax, ymax in boxes:
         # Pixel x covers [x - 1, x) in 0-based edges: the box spans edges [xmin - 1, xmax).
-        mask[round((ymin - 1) * scale_y):round(ymax * scale_y), round((xmin - 1) * scale_x):round(xmax * scale_x)] = True
+        mask[round((ymin - 1) * scale_y):round(ymax * scale_y),
+             round((xmin - 1) * scale_x):round(xmax * scale_x)] = True
     return mask
 
 

@@ -8,7 +8,7 @@ metrics the data can serve, the device) before any data is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import hydra
 import torch
@@ -16,19 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BeforeValidator, Field, create_model
 
 from datamodules import DATASETS, ClassificationDataModule, build_datamodule
-from evaluation.engine import (
-    ExplanationEvaluator,
-    check_checkpoint_explainer,
-    check_trained_classes,
-    resolve_device,
-    unsupported_metrics,
-    validation_sample,
-)
+from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import EXPLAINERS, Explainer, build_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.metrics.registry import MetricNames
 from evaluation.panels import explanation_panels
+from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, resolve_device, unsupported_metrics
 from evaluation.report import row_label, write_reports
+from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
 from gcmodels.config import check_config
@@ -58,7 +53,7 @@ def evaluate_schema() -> type[Options]:
         ckpt_path=(CheckpointPaths, ...),
         metrics=(MetricNames, ...),
         # None: every validation image.
-        max_images=(Optional[Annotated[int, Field(ge=1)]], ...),
+        max_images=(Annotated[int, Field(ge=1)] | None, ...),
         device=(str, ...),
         seed=(Count, ...),
         heatmap_images=(Count, ...),

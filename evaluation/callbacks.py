@@ -12,11 +12,13 @@ from pydantic import Field
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from evaluation.engine import Explainer, ExplanationEvaluator, unsupported_metrics, validation_sample
+from evaluation.evaluator import Explainer, ExplanationEvaluator
 from evaluation.explainers import EXPLAINERS, build_explainer, check_explainer
 from evaluation.figures import save_overlay_grid
 from evaluation.metrics.registry import METRICS, MetricNames
 from evaluation.panels import explanation_panels
+from evaluation.preflight import unsupported_metrics
+from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
 from gcmodels.options import Options, plain
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from evaluation.engine import Explainer
+from evaluation.evaluator import Explainer
 from evaluation.figures import Panel
 from losses import make_composite, random_layout
 
@@ -20,8 +20,9 @@ def labelled_classes(targets: torch.Tensor) -> torch.Tensor:
 def explanation_panels(net: torch.nn.Module, explainer: Explainer, batch: dict, class_names: Sequence[str],
                        composites: int = 0, generator: torch.Generator | None = None) -> list[Panel]:
     """One panel per image of ``batch``: its explanation for its labelled class, captioned with that
-    class and the prediction, with the batch's ``mask`` outlined if it has one; then up to ``composites`` 2x2 composites (as NQH builds them, from
-    ``generator``) with their explanation for the class of the image in the captioned cell."""
+    class and the prediction, with the batch's ``mask`` outlined if it has one; then up to
+    ``composites`` 2x2 composites (as NQH builds them, from ``generator``) with their explanation
+    for the class of the image in the captioned cell."""
     device = next(net.parameters()).device
     images, targets = batch["image"].to(device), batch["target"].to(device)
     classes = labelled_classes(targets)

@@ -117,7 +117,8 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                         + [f"zero_maps_uniform_{key}" for key in uniform_keys])
         for row in rows:
             results = row["results"]
-            writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"), row.get("lambda")]
+            writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"),
+                             row.get("lambda")]
                             + [results.get(key) for key in table1_keys + reference_keys]
                             + [results.get("fgsm", {}).get(key) for key in eps_keys]
                             + [results.get(key) for key in clean]

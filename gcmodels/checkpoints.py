@@ -188,14 +188,16 @@ def init_from_checkpoint(path: str | Path, net: nn.Module, model: dict, num_clas
     wrong_shape = [key for key in sorted(set(own) - set(fresh)) if weights[key].shape != own[key].shape]
     if wrong_shape:
         key = wrong_shape[0]
-        raise ValueError(f"model.init_from={path}: tensor {key} has shape {tuple(weights[key].shape)} in the checkpoint "
-                         f"and {tuple(own[key].shape)} in this {model['name']} network ({len(wrong_shape)} tensors "
-                         f"differ; only the final layer {layer} is replaced, when the classes differ)")
+        raise ValueError(f"model.init_from={path}: tensor {key} has shape {tuple(weights[key].shape)} in the "
+                         f"checkpoint and {tuple(own[key].shape)} in this {model['name']} network "
+                         f"({len(wrong_shape)} tensors differ; only the final layer {layer} is replaced, when the "
+                         f"classes differ)")
     notes = [f"model.{key}: the checkpoint's network used {saved_model.get(key)!r}, this run {model[key]!r} "
              f"(the same tensors; what they compute changes)"
              for key in ("pooling", "output_stride") if saved_model.get(key) != model.get(key)]
     if fresh:
-        notes.append(f"not loaded: {', '.join(fresh)} (the final layer keeps its fresh initialisation: {other_classes})")
+        notes.append(f"not loaded: {', '.join(fresh)} "
+                     f"(the final layer keeps its fresh initialisation: {other_classes})")
         weights.update({key: own[key] for key in fresh})
     net.load_state_dict(weights)
     return notes

@@ -9,7 +9,7 @@ declares (``options``, an :class:`Options` model), or left to the class where it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -130,7 +130,7 @@ def train_schema() -> type[Options]:
     return create_model(
         "TrainConfig", __base__=Options,
         seed=(Annotated[int, Field(ge=0)], ...),
-        ckpt_path=(Optional[str], ...),
+        ckpt_path=(str | None, ...),
         output_dir=(str, ...),
         heatmap_images=(Annotated[int, Field(ge=0)], ...),
         # The recipes' tables (conf/train.yaml): read through interpolations by the groups.

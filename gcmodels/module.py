@@ -1,58 +1,20 @@
 """The LightningModule: one classifier, trained with cross-entropy (``ce``) or with the GC loss (``gc``)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
-from datamodules.base import ClassificationDataModule
+from gcmodels.accuracy import PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name, per_class_f1_metric
 from gcmodels.checkpoints import load_checkpoint
-from gcmodels.networks import ExplainableNet, build_network, native_output_stride
-from gcmodels.objective import gc_objective
+from gcmodels.networks import ExplainableNet, build_network
+from gcmodels.objective import OBJECTIVES
 from gcmodels.optim import build_optimizers
-from gcmodels.options import ConfigError
 from gcmodels.random_state import gather_per_rank, global_random_state, set_global_random_state
-from losses import classification_loss, random_layout, shared_layout
-from losses.composite import own_distractors_layout, positive_weights
-
-
-def accuracy_name(multilabel: bool) -> str:
-    """The headline score's name: ``acc`` (top-1), or ``f1`` (micro F1, the COCO papers'
-    "F1-Overall") on multi-label data."""
-    return "f1" if multilabel else "acc"
-
-
-# Multi-label data's second score: F1 averaged over the classes (the COCO papers' "F1-PerClass").
-PER_CLASS_F1_NAME = "f1_per_class"
-
-
-def per_class_f1_metric(num_classes: int, **kwargs) -> Metric:
-    """Macro F1 at threshold 0.5: each class's F1, averaged, so rare classes count as much as
-    frequent ones (micro F1 is dominated by the frequent ones, e.g. COCO's person)."""
-    return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="macro", **kwargs)
-
-
-def accuracy_inputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the accuracy metrics take: logits and class indices, or, on multi-label data,
-    probabilities and int targets. torchmetrics' multi-label metrics apply the sigmoid only when
-    some score lies outside [0, 1]: logits that all happen to lie inside would be thresholded raw."""
-    if targets.dim() > 1:
-        return logits.sigmoid(), targets.long()
-    return logits, targets
-
-
-def accuracy_metric(num_classes: int, multilabel: bool, **kwargs) -> Metric:
-    """The headline score: top-1 accuracy, or micro F1 at threshold 0.5 on multi-label data
-    (``kwargs``: torchmetrics' options, e.g. ``sync_on_compute``)."""
-    if multilabel:
-        return MultilabelF1Score(num_labels=num_classes, threshold=0.5, average="micro", **kwargs)
-    return MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro", **kwargs)
+from losses import classification_loss
 
 
 class GCClassifier(pl.LightningModule):
@@ -84,6 +46,7 @@ class GCClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
                                                              model["pretrained"], model["output_stride"])
+        self.objective = OBJECTIVES[loss["name"]].build(**{key: value for key, value in loss.items() if key != "name"})
         self._layout_generator: torch.Generator | None = None
         # The current training step's loss terms, for checks before the optimiser step
         # (gcmodels.callbacks.NonFiniteGuard).
@@ -116,33 +79,6 @@ class GCClassifier(pl.LightningModule):
         module.load_state_dict(checkpoint["state_dict"])
         return module.to(map_location)
 
-    def check_data(self, datamodule: ClassificationDataModule, world_size: int) -> None:
-        """What loss=gc's 2x2 composites of training images need: an image side that is a whole
-        number of the explained layer's cells, and, when the distractors come from the batch, enough
-        images in each process's batch (``datamodule.batch_size``) to draw them from."""
-        loss, model = self.hparams.loss, self.hparams.model
-        if loss["name"] != "gc":
-            return
-        size, name = datamodule.image_size, model["name"]
-        stride = native_output_stride(name) if model["output_stride"] is None else model["output_stride"]
-        if size % stride:
-            # composite_target puts each image's map at the composite map's edges, where the image's
-            # own cells are only when its side is a multiple of the stride.
-            raise ConfigError([("data.image_size", (
-                f"{size} is not a multiple of model.output_stride={stride} ({name}'s explained layer has a cell "
-                f"per {stride} pixels): loss=gc places each image's Grad-CAM map in its cell of the 2x2 "
-                f"composite's map, which matches the image's own cells only at a multiple; use "
-                f"data.image_size={math.ceil(size / stride) * stride} or another model.output_stride"))])
-        if loss["composite_source"] == "batch":
-            shared = loss["composites"] == "shared"
-            needed = 4 if shared else 2
-            if datamodule.batch_size < needed:
-                raise ConfigError([("data.batch_size", (
-                    f"{datamodule.global_batch_size} gives {datamodule.batch_size} image(s) to each of {world_size} "
-                    f"process(es), and loss=gc (loss.composite_source=batch{', loss.composites=shared' if shared else ''}) "
-                    f"builds its composites from {needed} images of a process's batch: give data.batch_size >= "
-                    f"{needed * world_size} or loss.{'composites=per_sample' if shared else 'composite_source=dataset'}"))])
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
@@ -171,8 +107,9 @@ class GCClassifier(pl.LightningModule):
         if states is None or len(states) != world_size:
             reason = ("the checkpoint holds no random states (it predates them)" if states is None else
                       f"the checkpoint holds the random states of {len(states)} processes, this run has {world_size}")
-            rank_zero_warn(f"{reason}: layouts, shuffling and augmentation restart from seed={self.hparams.layout_seed}, so "
-                           f"the resumed run will not match an uninterrupted one exactly")
+            rank_zero_warn(f"{reason}: layouts, shuffling and augmentation restart from "
+                           f"seed={self.hparams.layout_seed}, so the resumed run will not match an "
+                           f"uninterrupted one exactly")
             return
         state = states[self.global_rank]
         self.layout_generator().set_state(state["layout"])
@@ -199,43 +136,15 @@ class GCClassifier(pl.LightningModule):
                  reduce_fx="sum", sync_dist=True, batch_size=max(size, 1))
         if size == 0:
             return None
-        loss_config = self.hparams.loss
-        if loss_config["name"] == "gc":
-            distractor_images = None
-            if loss_config["composite_source"] == "dataset":
-                if "distractors" not in batch:
-                    raise ValueError(
-                        "loss.composite_source=dataset builds each composite from distractors loaded with its "
-                        "sample, but this batch has none: call the datamodule's set_train_distractors "
-                        "(train.py does)"
-                    )
-                layout = own_distractors_layout(batch["positive"], batch["cell"])
-                distractor_images = batch["distractors"]
-            else:
-                weights = positive_weights(batch, self.hparams.multilabel, loss_config["positive"])
-                draw = shared_layout if loss_config["composites"] == "shared" else random_layout
-                layout = draw(targets, self.hparams.num_classes, self.layout_generator(), weights)
-            out = gc_objective(
-                self.net, images, targets, layout, float(loss_config["lambda"]),
-                loss_config["cam_mode"], loss_config["detach_target"], distractor_images,
-            )
-            loss, logits = out.loss, out.logits
-            self.loss_terms = {"train/ce": out.classification_loss.detach(), "train/gc": out.consistency_loss.detach()}
-            self.log("train/gc", out.consistency_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
-            self.log("train/gc_left_out", float(size - out.num_composites), on_step=False, on_epoch=True,
-                     reduce_fx="sum", sync_dist=True, batch_size=size)
-            if layout.groups is not None:
-                # Shared composites: the share of samples no group of four took, trained on a
-                # per-sample composite instead (multi-label batches fall back far more often).
-                fallback = layout.valid & (layout.groups >= size)
-                self.log("train/gc_fallback", fallback.sum() / size, on_step=False, on_epoch=True,
-                         sync_dist=True, batch_size=size)
-            self.log("train/ce", out.classification_loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
-        else:
-            logits = self.net(images)
-            loss = classification_loss(logits, targets)
-            self.loss_terms = {"train/ce": loss.detach()}
-            self.log("train/ce", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        step = self.objective.step(self, batch)
+        loss, logits = step.loss, step.logits
+        self.loss_terms = {name: term.detach() for name, term in step.terms.items()}
+        for name, term in step.terms.items():
+            self.log(name, term, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
+        for name, total in step.sums.items():
+            self.log(name, total, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True, batch_size=size)
+        for name, mean in step.means.items():
+            self.log(name, mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.train_acc(*accuracy_inputs(logits.detach(), targets))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         self.log(f"train/{self.accuracy_name}", self.train_acc, on_step=False, on_epoch=True, batch_size=size)

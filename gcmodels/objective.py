@@ -1,17 +1,29 @@
-"""The training objective: classification loss plus lambda times the Grad-CAM consistency loss."""
+"""The training objectives (``loss=<name>``): each registers itself with its options and gives the
+module one training step (:class:`Objective`); ``ce`` is the classification loss, ``gc`` adds
+lambda times the Grad-CAM consistency loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Literal
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.gradcam import gradcam
-from gcmodels.networks import ExplainableNet
-from gcmodels.options import Options, Registry
-from losses import CompositeLayout, classification_loss, composite_target, consistency_l1, make_composite
+from gcmodels.networks import UNSTRIDED_STAGES, ExplainableNet, native_output_stride
+from gcmodels.options import ConfigError, Options, Registry
+from losses import (
+    CompositeLayout,
+    classification_loss,
+    composite_target,
+    consistency_l1,
+    make_composite,
+    random_layout,
+    shared_layout,
+)
+from losses.composite import own_distractors_layout, positive_weights
 
 # The training objectives by config name (``loss=``), with their options.
 OBJECTIVES = Registry("loss")
@@ -48,7 +60,45 @@ class GCOptions(Options):
         return composites
 
 
-OBJECTIVES.register("ce", CEOptions)(classification_loss)
+@dataclass
+class TrainingStep:
+    """One training step of an objective: the ``loss`` to minimise, the ``logits`` (the training
+    accuracy), and what the module logs: ``terms``, the loss terms (per step and epoch; checked for
+    non-finite values before the optimiser step), ``sums`` (per-epoch totals) and ``means``
+    (per-epoch averages)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    sums: dict[str, float] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """A training objective, built from its options (the ``loss`` group less ``name``)."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def setup(self, datamodule) -> None:
+        """What the objective needs from the data before training (nothing by default)."""
+
+    def check_data(self, datamodule, model: dict, world_size: int) -> None:
+        """Refuse data and a network it cannot train on (a :class:`ConfigError`), before any data
+        is read; ``datamodule.batch_size`` is each process's batch."""
+
+    def step(self, module, batch: dict) -> TrainingStep:
+        """One training step of ``module`` (the :class:`gcmodels.module.GCClassifier`) on a
+        non-empty ``batch``."""
+        raise NotImplementedError
+
+
+@OBJECTIVES.register("ce", CEOptions)
+class ClassificationObjective(Objective):
+    def step(self, module, batch: dict) -> TrainingStep:
+        logits = module.net(batch["image"])
+        loss = classification_loss(logits, batch["target"])
+        return TrainingStep(loss, logits, {"train/ce": loss})
 
 
 @dataclass
@@ -117,4 +167,65 @@ def gc_objective(
     )
 
 
-OBJECTIVES.register("gc", GCOptions)(gc_objective)
+
+@OBJECTIVES.register("gc", GCOptions)
+class GCObjective(Objective):
+    """The paper's: :func:`gc_objective` on composites laid out from the batch (or from
+    distractors loaded with each sample)."""
+
+    def setup(self, datamodule) -> None:
+        if self.options["composite_source"] == "dataset":
+            datamodule.set_train_distractors(self.options["positive"])
+
+    def check_data(self, datamodule, model: dict, world_size: int) -> None:
+        """An image side that is a whole number of the explained layer's cells, and, when the
+        distractors come from the batch, enough images in each process's batch to draw them from."""
+        size, name = datamodule.image_size, model["name"]
+        stride = native_output_stride(name) if model["output_stride"] is None else model["output_stride"]
+        if size % stride:
+            # composite_target puts each image's map at the composite map's edges, where the image's
+            # own cells are only when its side is a multiple of the stride.
+            strides = [option for option in sorted(UNSTRIDED_STAGES) if not size % option]
+            other = ("" if name == "alexnet" or not strides
+                     else f" or model.output_stride={' or '.join(map(str, strides))}")
+            raise ConfigError([("data.image_size", (
+                f"{size} is not a multiple of model.output_stride={stride} ({name}'s explained layer has a cell "
+                f"per {stride} pixels): loss=gc places each image's Grad-CAM map in its cell of the 2x2 "
+                f"composite's map, which matches the image's own cells only at a multiple; use "
+                f"data.image_size={math.ceil(size / stride) * stride}{other}"))])
+        if self.options["composite_source"] == "batch":
+            shared = self.options["composites"] == "shared"
+            needed = 4 if shared else 2
+            if datamodule.batch_size < needed:
+                raise ConfigError([("data.batch_size", (
+                    f"{datamodule.global_batch_size} gives {datamodule.batch_size} image(s) to each of {world_size} "
+                    f"process(es), and loss=gc (loss.composite_source=batch"
+                    f"{', loss.composites=shared' if shared else ''}) builds its composites from {needed} images of "
+                    f"a process's batch: give data.batch_size >= {needed * world_size} or "
+                    f"loss.{'composites=per_sample' if shared else 'composite_source=dataset'}"))])
+
+    def step(self, module, batch: dict) -> TrainingStep:
+        options, images, targets = self.options, batch["image"], batch["target"]
+        distractor_images = None
+        if options["composite_source"] == "dataset":
+            if "distractors" not in batch:
+                raise ValueError("loss.composite_source=dataset builds each composite from distractors loaded with "
+                                 "its sample, but this batch has none: the objective's setup(datamodule) calls the "
+                                 "datamodule's set_train_distractors (train.py does)")
+            layout = own_distractors_layout(batch["positive"], batch["cell"])
+            distractor_images = batch["distractors"]
+        else:
+            weights = positive_weights(batch, module.hparams.multilabel, options["positive"])
+            draw = shared_layout if options["composites"] == "shared" else random_layout
+            layout = draw(targets, module.hparams.num_classes, module.layout_generator(), weights)
+        out = gc_objective(module.net, images, targets, layout, float(options["lambda"]), options["cam_mode"],
+                           options["detach_target"], distractor_images)
+        size = len(images)
+        means = {}
+        if layout.groups is not None:
+            # Shared composites: the share of samples no group of four took, trained on a
+            # per-sample composite instead (multi-label batches fall back far more often).
+            means["train/gc_fallback"] = (layout.valid & (layout.groups >= size)).sum() / size
+        return TrainingStep(out.loss, out.logits,
+                            {"train/ce": out.classification_loss, "train/gc": out.consistency_loss},
+                            sums={"train/gc_left_out": float(size - out.num_composites)}, means=means)

@@ -1,8 +1,9 @@
 """The rules of a training run that span several objects (the data and the loss, the checkpoint
 monitors and the callbacks, the trainer and the schedule), checked together by :func:`preflight`
 after everything is built and before any data is generated or read. Each rule's facts live with
-their owner: the per-process batch in the datamodule (:meth:`set_world_size`), the image size the
-GC composites need on the module (:meth:`GCClassifier.check_data`), the logged scores with the
+their owner: the per-process batch in the datamodule (:meth:`set_world_size`), what the objective
+needs of the data with the objective (:meth:`Objective.check_data`: GC's image size and batch), the
+logged scores with the
 module and the callbacks (``validation_scores``/``logged_scores``) and their directions with the
 metrics."""
 from __future__ import annotations
@@ -104,7 +105,7 @@ def preflight(cfg: DictConfig, datamodule: ClassificationDataModule, module: GCC
               callbacks: dict[str, pl.Callback], trainer: pl.Trainer) -> None:
     """Every cross-object rule of a training run; sets each process's share of the batch."""
     datamodule.set_world_size(trainer.world_size)
-    module.check_data(datamodule, trainer.world_size)
+    module.objective.check_data(datamodule, module.hparams.model, trainer.world_size)
     if cfg.scheduler.name == "cosine" and (trainer.max_epochs is None or trainer.max_epochs < 1):
         raise ConfigError([("trainer.max_epochs", f"{trainer.max_epochs}: scheduler=cosine decays over "
                             f"trainer.max_epochs, which must be >= 1 (or use another scheduler)")])

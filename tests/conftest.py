@@ -16,8 +16,8 @@ from gcmodels.networks import ExplainableNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "data.image_size=64", "data.object_scale=[0.3,0.5]", "data.num_classes=3", "data.train_per_class=4", "data.val_per_class=2",
-    "data.batch_size=6", "data.num_workers=0", "trainer.max_epochs=1", "heatmap_images=2",
+    "data.image_size=64", "data.object_scale=[0.3,0.5]", "data.num_classes=3", "data.train_per_class=4",
+    "data.val_per_class=2", "data.batch_size=6", "data.num_workers=0", "trainer.max_epochs=1", "heatmap_images=2",
 ]
 
 

@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from datamodules.synthetic import SyntheticDataModule
-from evaluation.engine import METRICS, ExplanationEvaluator
+from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import build_explainer
+from evaluation.metrics.registry import METRICS
 from evaluation.settings import default_settings
 from gcmodels.config import compose_group
 from tests.conftest import tiny_net
@@ -55,8 +56,8 @@ def network() -> nn.Module:
 
 
 def evaluate(data_dir: Path, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
-    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES, False,
-                                     default_settings(seed=0, batch_size=batch_size))
+    evaluator = ExplanationEvaluator(build_explainer(**compose_group("explainer", "gradcam")), METRICS, NUM_CLASSES,
+                                     False, default_settings(seed=0, batch_size=batch_size))
     return evaluator.run(network(), datamodule(data_dir), max_images=MAX_IMAGES, rank=rank, world_size=world_size,
                          progress=False)
 

@@ -1,8 +1,9 @@
 """One GC optimisation step under Lightning DDP on 2 CPU processes (gloo); run by test_ddp.py.
 
-Usage: ``python -m tests.ddp_one_step OUT_DIR COMPOSITES`` (``loss.composites``). Each rank saves its batch, the composite layout
-it drew and its parameters after the step to ``OUT_DIR/rank{r}.pt``; rank 0 also saves the
-initial parameters. Lightning's subprocess launcher re-runs this module for rank 1.
+Usage: ``python -m tests.ddp_one_step OUT_DIR COMPOSITES`` (``loss.composites``). Each rank saves
+its batch, the composite layout it drew and its parameters after the step to
+``OUT_DIR/rank{r}.pt``; rank 0 also saves the initial parameters. Lightning's subprocess launcher
+re-runs this module for rank 1.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import gcmodels.module
+import gcmodels.objective
 from gcmodels.module import GCClassifier
 from tests.conftest import tiny_net
 
@@ -44,8 +45,8 @@ def build_module(composites: str) -> GCClassifier:
     torch.manual_seed(0)
     return GCClassifier(
         model={"name": "tiny", "pooling": "avg", "pretrained": False, "output_stride": None},
-        loss={"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False, "positive": "instances",
-              "composite_source": "batch", "composites": composites},
+        loss={"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False,
+              "positive": "instances", "composite_source": "batch", "composites": composites},
         optimizer=OPTIMIZER, scheduler={"name": "none"}, num_classes=NUM_CLASSES, multilabel=False, layout_seed=0,
         net=tiny_net(NUM_CLASSES).double(),
     )
@@ -54,13 +55,13 @@ def build_module(composites: str) -> GCClassifier:
 def main(out_dir: Path, composites: str) -> None:
     recorded = {}
     layout_function = "shared_layout" if composites == "shared" else "random_layout"
-    draw_layout = getattr(gcmodels.module, layout_function)
+    draw_layout = getattr(gcmodels.objective, layout_function)
 
     def recording_layout(*args, **kwargs):
         recorded["layout"] = draw_layout(*args, **kwargs)
         return recorded["layout"]
 
-    setattr(gcmodels.module, layout_function, recording_layout)
+    setattr(gcmodels.objective, layout_function, recording_layout)
     module = build_module(composites)
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
 

@@ -59,7 +59,8 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     assert f"corrupt image file {victim}" in failed.stderr
     skipped = train(tmp_path / "skipped", data_dir, "loss=ce", "heatmap_images=0", "data.skip_corrupt=true")
     assert_ok(skipped)
-    counts = [float(row["train/skipped_corrupt"]) for row in logged_metrics(tmp_path / "skipped") if row.get("train/skipped_corrupt")]
+    counts = [float(row["train/skipped_corrupt"]) for row in logged_metrics(tmp_path / "skipped")
+              if row.get("train/skipped_corrupt")]
     assert counts == [1.0]
 
 

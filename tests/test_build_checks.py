@@ -40,7 +40,8 @@ def refused(tmp_path, *overrides: str) -> ConfigError:
                                            ("val/acc", "max")])
 def test_the_checkpoint_mode_must_be_the_monitored_scores_direction(tmp_path, monitor, mode):
     wrong = "max" if mode == "min" else "min"
-    error = refused(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={wrong}")
+    error = refused(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}",
+                    f"callbacks.model_checkpoint.mode={wrong}")
     assert error.keys == ["callbacks.model_checkpoint.mode"]
     build(tmp_path, f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={mode}")
 
@@ -65,7 +66,8 @@ def test_a_monitor_that_is_not_logged_at_validation_is_refused(tmp_path, overrid
 
 @pytest.mark.parametrize("logged", ["explain/skipped/pg", "explain/spg_std", "explain/pg_center"])
 def test_a_count_a_spread_or_a_reference_is_not_a_score_to_monitor(tmp_path, logged):
-    assert refused(tmp_path, f"callbacks.model_checkpoint.monitor={logged}").keys == ["callbacks.model_checkpoint.monitor"]
+    assert (refused(tmp_path, f"callbacks.model_checkpoint.monitor={logged}").keys
+            == ["callbacks.model_checkpoint.monitor"])
 
 
 @pytest.mark.parametrize("monitor", ["step", "epoch"])

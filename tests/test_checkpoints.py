@@ -65,8 +65,8 @@ def test_checkpoints_with_the_old_flat_loss_options_still_load(tmp_path, flat, e
 
 
 def test_a_state_dict_of_another_network_is_refused(tmp_path):
-    other = GCClassifier(model={**MODEL, "name": "alexnet", "pooling": "avg", "output_stride": 16}, loss={"name": "ce"}, **OPTIM,
-                         num_classes=3, multilabel=False, layout_seed=0)
+    other = GCClassifier(model={**MODEL, "name": "alexnet", "pooling": "avg", "output_stride": 16}, loss={"name": "ce"},
+                         **OPTIM, num_classes=3, multilabel=False, layout_seed=0)
     save(tmp_path / "mixed.ckpt", {**dict(module({"name": "ce"}).hparams)}, other.state_dict())
     with pytest.raises(RuntimeError, match="state_dict"):
         GCClassifier.from_checkpoint(tmp_path / "mixed.ckpt")
@@ -148,7 +148,8 @@ def test_init_from_other_classes_keeps_a_fresh_final_layer(tmp_path, num_classes
     final = {"net.head.2.weight", "net.head.2.bias"}  # ResNet's fc
     for key, value in target.state_dict().items():
         assert torch.equal(value, fresh[key] if key in final else source.state_dict()[key]), key
-    assert notes == [f"not loaded: head.2.bias, head.2.weight (the final layer keeps its fresh initialisation: {reason})"]
+    assert notes == [f"not loaded: head.2.bias, head.2.weight "
+                     f"(the final layer keeps its fresh initialisation: {reason})"]
 
 
 def test_init_from_refuses_another_network(tmp_path):
@@ -192,8 +193,8 @@ def test_resume_names_the_runs_own_init_from(tmp_path, monkeypatch):
     path, _ = saved_module(tmp_path, model=started)
     check_resume_compatible(path, {**MODEL, "init_from": "imagenet.ckpt"}, 3, False)  # the same file, relative
     for other in (None, "other.ckpt"):
-        with pytest.raises(ValueError, match=rf"cannot resume from .*model.init_from: the checkpoint's run started from "
-                                             rf"'{re.escape(started['init_from'])}', config has {other!r}"):
+        with pytest.raises(ValueError, match=rf"cannot resume from .*model.init_from: the checkpoint's run started "
+                                             rf"from '{re.escape(started['init_from'])}', config has {other!r}"):
             check_resume_compatible(path, {**MODEL, "init_from": other}, 3, False)
 
 
@@ -204,6 +205,7 @@ def test_a_truncated_checkpoint_is_refused_naming_it(tmp_path, kept):
     save(whole, dict(original.hparams), original.state_dict())
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * kept)])
-    for load in (read_hparams, GCClassifier.from_checkpoint, lambda path: check_resume_compatible(path, MODEL, 3, False)):
+    for load in (read_hparams, GCClassifier.from_checkpoint,
+                 lambda path: check_resume_compatible(path, MODEL, 3, False)):
         with pytest.raises(ValueError, match=rf"not a readable PyTorch checkpoint: {re.escape(str(cut))} "):
             load(cut)

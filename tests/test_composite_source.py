@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import gcmodels.module
+import gcmodels.objective
 from datamodules import COCODataModule
 from datamodules.distractors import MAX_CORRUPT_DRAWS, DistractorDataset
 from datamodules.images import collate_samples
@@ -82,7 +82,8 @@ def test_each_sample_brings_its_class_cell_and_three_distinct_distractors_withou
         positive = int(sample["positive"])
         assert labels[index, positive] and 0 <= sample["cell"] < 4
         assert not labels[ids(sample), positive].any() and len(set(ids(sample))) == 3
-        assert torch.equal(sample["image"], data[index]["image"]) and torch.equal(sample["target"], labels[index].float())
+        assert (torch.equal(sample["image"], data[index]["image"])
+                and torch.equal(sample["target"], labels[index].float()))
     batch = collate_samples([wrapped[0], wrapped[1]])
     assert batch["distractors"].shape == (2, 3, 3, 2, 2) and batch["positive"].shape == batch["cell"].shape == (2,)
 
@@ -173,7 +174,8 @@ def test_training_step_builds_each_composite_from_the_samples_own_distractors(mo
              "positive": torch.tensor([0, 1, 2, 0]), "cell": torch.tensor([3, 0, 2, 1]),
              "distractors": torch.rand(4, 3, 3, 8, 8, generator=generator)}
     outputs = []
-    monkeypatch.setattr(gcmodels.module, "gc_objective", lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
+    monkeypatch.setattr(gcmodels.objective, "gc_objective",
+                        lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
     module = gc_classifier(multilabel=False, composite_source="dataset")
     loss = module.training_step(batch, 0)
     layout = own_distractors_layout(batch["positive"], batch["cell"])
@@ -206,7 +208,8 @@ def test_coco_samples_bring_distractors_without_their_drawn_class(tmp_path, monk
     assert all(batch["target"][b, batch["positive"][b]] == 1 for b in range(5))
     assert len(chosen) == 15 and not any(labels[image, positive] for positive, image in chosen)
     outputs = []
-    monkeypatch.setattr(gcmodels.module, "gc_objective", lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
+    monkeypatch.setattr(gcmodels.objective, "gc_objective",
+                        lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
     assert torch.isfinite(gc_classifier(multilabel=True, composite_source="dataset").training_step(batch, 0))
     assert outputs[-1].num_composites == 5
     # Without the call, the training loader is the plain training set.

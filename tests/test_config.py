@@ -60,10 +60,12 @@ def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
     callbacks = {name: instantiate(cfg.callbacks[name]) for name in ("explanation_metrics", "fgsm_robustness")}
     assert isinstance(callbacks["explanation_metrics"], ExplanationMetricsCallback)
     assert isinstance(callbacks["fgsm_robustness"], FGSMRobustnessCallback)
-    expected = EvaluationSettings(protocol="standard", short_side=448, tolerance=15, tolerance_at=224, spg_samples=100, spg_runs=5, fgsm_eps=(2.0, 4.0), fgsm_space="pixel",
-                                  seed=7, batch_size=5, noise_seeds=3)
+    expected = EvaluationSettings(protocol="standard", short_side=448, tolerance=15, tolerance_at=224, spg_samples=100,
+                                  spg_runs=5, fgsm_eps=(2.0, 4.0), fgsm_space="pixel", seed=7, batch_size=5,
+                                  noise_seeds=3)
     assert all(callback.settings == expected for callback in callbacks.values())
-    evaluate = compose_config("evaluate", "ckpt_path=x.ckpt", "seed=7", "data.batch_size=5", "evaluation.fgsm_eps=[2,4]")
+    evaluate = compose_config("evaluate", "ckpt_path=x.ckpt", "seed=7", "data.batch_size=5",
+                              "evaluation.fgsm_eps=[2,4]")
     assert instantiate(evaluate.evaluation) == expected
     assert default_settings(seed=7, batch_size=5, fgsm_eps=[2, 4]) == expected
     # The FGSM eps list is written once, in conf/evaluation/default.yaml.
@@ -73,7 +75,8 @@ def test_one_settings_object_for_the_callbacks_and_the_evaluation_script():
 
 @pytest.mark.parametrize("override, key", [
     ("evaluation.tolerance=0", "evaluation.tolerance"), ("evaluation.spg_runs=1", "evaluation.spg_runs"),
-    ("evaluation.fgsm_eps=[1,-2]", "evaluation.fgsm_eps.1"), ("evaluation.tolerance_at=abc", "evaluation.tolerance_at")])
+    ("evaluation.fgsm_eps=[1,-2]", "evaluation.fgsm_eps.1"),
+    ("evaluation.tolerance_at=abc", "evaluation.tolerance_at")])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         check_train_config(override)
@@ -84,7 +87,8 @@ EXPERIMENTS = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("
 
 
 def test_one_experiment_per_paper_run():
-    imagenet = [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50", "alexnet") for variant in ("baseline", "gc")]
+    imagenet = [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50", "alexnet")
+                for variant in ("baseline", "gc")]
     imagenet += [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50") for variant in ("gmp", "gmp_gc")]
     assert EXPERIMENTS == sorted(imagenet + ["coco_resnet18_baseline", "coco_resnet18_gc"])
 

@@ -305,7 +305,8 @@ def lime_committee(m: int, noisy: int, n_images: int = 12, s_max: int = 20, seed
         common = torch.randn(s, generator=g, dtype=F64).abs()
         for i in range(m):
             scale = float(torch.rand(1, generator=g)) * 5 + 0.1
-            w = torch.randn(s, generator=g, dtype=F64) if i == noisy else common + 0.3 * torch.randn(s, generator=g, dtype=F64)
+            w = (torch.randn(s, generator=g, dtype=F64) if i == noisy
+                 else common + 0.3 * torch.randn(s, generator=g, dtype=F64))
             weights[i, n, :s] = scale * w
     return weights, valid
 
@@ -447,8 +448,8 @@ def test_committee_size_convergence():
     (lambda: rbf_similarity(torch.rand(3, 3), torch.rand(3, 3), sigma=math.nan), "sigma=nan"),
     (lambda: rbf_similarity(torch.rand(3, 3), torch.rand(3, 4), SIGMA), "(3, 4)"),
     (lambda: cosine_similarity(torch.rand(4), torch.rand(5)), "(5,)"),
-    (lambda: member_similarities(torch.rand(2, 2, 4), "superpixel", valid=torch.ones(2, 5, dtype=torch.bool), rule=RULE),
-     "(2, 5)"),
+    (lambda: member_similarities(torch.rand(2, 2, 4), "superpixel",
+                                 valid=torch.ones(2, 5, dtype=torch.bool), rule=RULE), "(2, 5)"),
     (lambda: member_similarities(torch.rand(2, 2, 4), "pixel", sigma=SIGMA), "[m, N, H, W]"),
     (lambda: member_similarities(torch.rand(2, 2, 3, 3), "superpixel", rule=RULE), "[m, N, S]"),
     (lambda: member_similarities([torch.rand(2, 3, 3), torch.rand(2, 4, 4)], "pixel", sigma=SIGMA), "explanations"),

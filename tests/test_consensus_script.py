@@ -145,7 +145,8 @@ def test_committee_lists_and_their_errors(tmp_path):
         for name in ("best-epoch01.ckpt", "last.ckpt"):
             (tmp_path / run / name).write_bytes(b"")
     assert len(find_checkpoints(None, str(tmp_path))) == 4
-    assert find_checkpoints(None, str(tmp_path), "last.ckpt") == [tmp_path / "one/last.ckpt", tmp_path / "two/last.ckpt"]
+    assert (find_checkpoints(None, str(tmp_path), "last.ckpt")
+            == [tmp_path / "one/last.ckpt", tmp_path / "two/last.ckpt"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no file matching 'last.ckpt' under"):
         find_checkpoints(None, str(tmp_path / "empty"), "last.ckpt")

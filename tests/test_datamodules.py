@@ -186,7 +186,8 @@ def test_synthetic_params_validate_on_construction():
     # what the schema refuses, and equal values name the same data set (the directory hashes them).
     with pytest.raises(ValidationError):
         SyntheticParams(**{**SMALL, "num_classes": MAX_CLASSES + 1})
-    assert SyntheticParams(**{**SMALL, "context_bias": 1}).digest == SyntheticParams(**{**SMALL, "context_bias": 1.0}).digest
+    assert (SyntheticParams(**{**SMALL, "context_bias": 1}).digest
+            == SyntheticParams(**{**SMALL, "context_bias": 1.0}).digest)
     assert SyntheticParams(**{**SMALL, "object_scale": [0.3, 0.5]}) == SyntheticParams(**SMALL)
 
 
@@ -517,7 +518,7 @@ def test_imagenet_datamodule_errors(tmp_path):
     assert module.val_dataset().classes == ["n01", "n02"] and module.val_dataset().samples[0][1] == 1
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=f"data\\.data_dir: directory not found: {esc(missing)}"):
-        imagenet_module(missing).num_classes
+        _ = imagenet_module(missing).num_classes  # the property reads the directory
 
 
 def test_coco_datamodule_batches(tmp_path):

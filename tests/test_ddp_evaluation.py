@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.engine import shard_indices, spread_indices
+from evaluation.sampling import shard_indices, spread_indices
 from tests.ddp_evaluation import DATA, MAX_IMAGES, WORLD_SIZE, datamodule, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

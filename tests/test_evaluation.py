@@ -12,7 +12,9 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from evaluation.composites import dataset_layout
-from evaluation.engine import METRICS, ExplanationEvaluator, unsupported_metrics
+from evaluation.evaluator import ExplanationEvaluator
+from evaluation.metrics.registry import METRICS
+from evaluation.preflight import unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
 from gcmodels.checkpoints import read_hparams
@@ -330,8 +332,9 @@ def test_report_gives_the_attack_success_rate_beside_table_6(tmp_path):
     markdown = paths["md"].read_text()
     assert "| model | eps=1 | eps=8 |\n|---|---|---|\n| resnet18 baseline | 50.00 | 25.00 |" in markdown
     assert ("among the images classified correctly before the attack (lower is better)" in markdown
-            and "| model | clean top-1 | eps=1 | eps=8 |\n|---|---|---|---|\n| resnet18 baseline | 75.00 | 33.33 | 66.67 |"
-            in markdown and "| resnet18+GMP baseline | - | - | - |" in markdown)
+            and "| model | clean top-1 | eps=1 | eps=8 |\n|---|---|---|---|\n"
+                "| resnet18 baseline | 75.00 | 33.33 | 66.67 |" in markdown
+            and "| resnet18+GMP baseline | - | - | - |" in markdown)
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
     assert table[0]["fgsm_clean"] == "0.75" and float(table[0]["fgsm_success_eps=8"]) == 2 / 3
@@ -339,7 +342,8 @@ def test_report_gives_the_attack_success_rate_beside_table_6(tmp_path):
 
 
 @pytest.mark.parametrize("zero_maps, heading, counts", [
-    ("skip", "| model | PG | PG skipped | SPG | SPG skipped | CH | CH skipped | NQH |", "| 3 | 60.00 ± 0.10 | 3 | 54.40 | 1 |"),
+    ("skip", "| model | PG | PG skipped | SPG | SPG skipped | CH | CH skipped | NQH |",
+     "| 3 | 60.00 ± 0.10 | 3 | 54.40 | 1 |"),
     ("uniform", "| model | PG | PG as uniform | SPG | SPG as uniform | CH | CH as uniform | NQH |",
      "| 2 | 60.00 ± 0.10 | 2 | 54.40 | 2 |"),
 ])
@@ -385,7 +389,8 @@ def test_training_logs_explanation_metrics(checkpoints):
     out = Path(ce).parents[1]
     with open(next(out.glob("csv/version_*/metrics.csv"))) as handle:
         columns = set(next(csv.reader(handle)))
-    assert {"explain/pg", "explain/spg", "explain/spg_std", "explain/ch", "explain/nqh", "explain/fgsm/eps=8"} <= columns
+    assert {"explain/pg", "explain/spg", "explain/spg_std", "explain/ch", "explain/nqh",
+            "explain/fgsm/eps=8"} <= columns
     assert list(out.glob("csv/version_*/explanations/epoch000.png"))
 
 
@@ -452,10 +457,10 @@ def test_pictures_show_the_trials_masks_on_grey_images(tmp_path):
     """The sample a picture explains comes from the localisation trials when masks exist, so each
     panel outlines its own object: every mask pixel has the object's single colour in its image."""
     from datamodules.synthetic import SyntheticDataModule
-    from evaluation.engine import validation_sample
     from evaluation.explainers import build_explainer
     from evaluation.figures import _grey, save_overlay_grid
     from evaluation.panels import explanation_panels
+    from evaluation.sampling import validation_sample
 
     datamodule = SyntheticDataModule(tmp_path, num_classes=3, image_size=48, train_per_class=1, val_per_class=2,
                                      object_scale=(0.3, 0.5), decoys=(1, 2), context_bias=0.0, seed=0, batch_size=4,
@@ -477,7 +482,7 @@ def test_pictures_show_the_trials_masks_on_grey_images(tmp_path):
 def test_multilabel_f1_reads_logits_inside_0_1_as_logits():
     """Logits of 0.3 mean probability 0.57 > 0.5: predicted. torchmetrics alone would read scores
     that all lie in [0, 1] as probabilities and threshold 0.3 raw."""
-    from gcmodels.module import accuracy_inputs, accuracy_metric
+    from gcmodels.accuracy import accuracy_inputs, accuracy_metric
 
     logits = torch.tensor([[0.3, 0.3], [0.3, 0.3]])
     targets = torch.ones(2, 2)

@@ -14,9 +14,9 @@ from torch import nn
 from datamodules import build_datamodule
 from evaluation.__main__ import run as evaluate
 from evaluation.consensus.__main__ import run as consensus
-from evaluation.engine import resolve_device
 from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradient, check_explainer
 from evaluation.metrics.registry import score_of
+from evaluation.preflight import resolve_device
 from gcmodels.networks import ExplainableNet, build_network
 from gcmodels.options import ConfigError
 from tests.conftest import TINY
@@ -73,7 +73,8 @@ def refuses(error: ConfigError, key: str) -> bool:
     (["max_images=0"], ["max_images"]), (["max_images=-2"], ["max_images"]), (["max_images=abc"], ["max_images"]),
     (["max_images=true"], ["max_images"]), (["heatmap_images=-1"], ["heatmap_images"]),
     (["heatmap_images=abc"], ["heatmap_images"]), (["heatmap_composites=-1"], ["heatmap_composites"]),
-    (["heatmap_composites=1.5"], ["heatmap_composites"]), (["seed=-1"], ["seed", "evaluation.seed"]), (["ckpt_path=[]"], ["ckpt_path"]),
+    (["heatmap_composites=1.5"], ["heatmap_composites"]), (["seed=-1"], ["seed", "evaluation.seed"]),
+    (["ckpt_path=[]"], ["ckpt_path"]),
     (["metrics=[acc,iou]"], ["metrics"]), (["metrics=[]"], ["metrics"]), (["metrics=pg"], ["metrics"]),
     (["explainer.name=nope"], ["explainer.name"]), (["+explainer.colour=red"], ["explainer.colour"]),
     (["evaluation.zero_maps=ones"], ["evaluation.zero_maps"]), (["data.image_size=abc"], ["data.image_size"]),
@@ -94,7 +95,8 @@ def test_evaluation_options_are_checked_before_the_data(tmp_path, overrides, key
 def test_one_checkpoint_or_several(tmp_path):
     """``ckpt_path`` is one path or a list of them; either way each is checked before the data."""
     names = class_names(tmp_path)
-    paths = [stand_in(tmp_path / f"model{index}.ckpt", names if index else ["cat", "dog", "fish"]) for index in range(2)]
+    paths = [stand_in(tmp_path / f"model{index}.ckpt", names if index else ["cat", "dog", "fish"])
+             for index in range(2)]
     for value in (paths[0], f"[{paths[1]},{paths[0]}]"):
         with pytest.raises(ValueError, match=f"^checkpoint {re.escape(paths[0])} was trained on other classes"):
             evaluate(evaluation_config(tmp_path, f"ckpt_path={value}"))

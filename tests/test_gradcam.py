@@ -62,7 +62,8 @@ def test_elementwise_equals_standard_for_average_pooled_resnet():
 
 def test_gradcam_works_under_no_grad_with_frozen_weights():
     torch.manual_seed(0)
-    net = ExplainableNet(nn.Sequential(nn.Conv2d(3, 2, 1)), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(2, 3)))
+    net = ExplainableNet(nn.Sequential(nn.Conv2d(3, 2, 1)),
+                         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(2, 3)))
     net.requires_grad_(False)
     images, classes = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
     with torch.no_grad():

@@ -4,10 +4,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from datamodules.imagenet import ImageNetDataModule
-from evaluation.engine import unsupported_metrics
+from evaluation.preflight import unsupported_metrics
 
 BOX_XML = """<annotation><size><width>{w}</width><height>{h}</height></size>{objects}</annotation>"""
-OBJECT = "<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+OBJECT = ("<object><name>{name}</name><difficult>{difficult}</difficult>"
+          "<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
 
 
 def imagenet_module(root, box_dir):
@@ -28,7 +29,8 @@ def make_imagenet(root, boxes):
                 # ILSVRC writes 1-based inclusive corners: pixel x0 (0-based) is x0 + 1 there.
                 objects = OBJECT.format(name=wnid, difficult=int(difficult), x0=x0 + 1, y0=y0 + 1, x1=x1 + 1, y1=y1 + 1)
                 objects += OBJECT.format(name="n09999999", difficult=0, x0=1, y0=1, x1=6, y1=6)  # another class
-                (root / "boxes" / f"ILSVRC2012_val_{index:08d}.xml").write_text(BOX_XML.format(w=80, h=60, objects=objects))
+                (root / "boxes" / f"ILSVRC2012_val_{index:08d}.xml").write_text(
+                    BOX_XML.format(w=80, h=60, objects=objects))
 
 
 def test_imagenet_box_masks_follow_the_image_through_resize_and_crop(tmp_path):

@@ -9,8 +9,8 @@ from evaluation.callbacks import flatten
 from evaluation.metrics import PointingGame
 from evaluation.metrics.registry import METRICS, Score, register_metric, score_of, table1_columns
 from evaluation.report import write_reports
-from evaluation.reproduce import table1
 from evaluation.settings import default_settings
+from reproduce import table1
 from tests.conftest import tiny_net
 from tests.test_build_checks import build, refused
 from tests.test_config import compose_config

@@ -240,7 +240,8 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.parametrize("bad, count", [(NAN, "1 NaN, 0 inf and 0 negative"), (math.inf, "0 NaN, 1 inf and 0 negative"),
-                                        (-math.inf, "0 NaN, 1 inf and 1 negative"), (-1e-9, "0 NaN, 0 inf and 1 negative")])
+                                        (-math.inf, "0 NaN, 1 inf and 1 negative"),
+                                        (-1e-9, "0 NaN, 0 inf and 1 negative")])
 def test_heatmaps_that_are_no_distribution_are_refused_by_every_score(bad, count):
     heatmaps, masks = random_cases(7, batch=4)
     heatmaps[2, 5, 6] = bad

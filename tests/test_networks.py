@@ -92,8 +92,8 @@ def test_output_stride_dilates_like_torchvision_and_keeps_the_weights():
         step = 32 // stride
         assert dense.shape[-1] == coarse.shape[-1] * step
         torch.testing.assert_close(dense[..., ::step, ::step], coarse, rtol=1e-4, atol=1e-4)
-    sizes = {stride: build_network("resnet18", 10, output_stride=stride).forward_features(torch.rand(1, 3, 80, 80)).shape[-1]
-             for stride in (32, 16, 8)}
+    sizes = {stride: build_network("resnet18", 10, output_stride=stride)
+             .forward_features(torch.rand(1, 3, 80, 80)).shape[-1] for stride in (32, 16, 8)}
     assert sizes == {32: 3, 16: 5, 8: 10}
 
 

@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from datamodules import COCODataModule, ImageNetDataModule
 from datamodules.images import TrialGeometry
-from evaluation.engine import ExplanationEvaluator
+from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import build_explainer
 from evaluation.settings import default_settings
 from tests.conftest import ROOT, assert_ok, read_summary, tiny_net, train
@@ -93,7 +93,8 @@ def test_authors_protocol_equals_their_scripts_on_imagenet_as_distributed(tmp_pa
     images = write_imagenet(tmp_path, flat=flat)
     datamodule = imagenet(tmp_path)
     val_set = datamodule.val_dataset()
-    assert {path.name: label for path, label in val_set.samples} == {info["path"].name: info["label"] for info in images}
+    assert ({path.name: label for path, label in val_set.samples}
+            == {info["path"].name: info["label"] for info in images})
     torch.manual_seed(0)
     net = tiny_net(num_classes=len(WNIDS)).eval()
     expected = authors_reference(net, images)
@@ -179,8 +180,8 @@ def test_train_and_evaluate_imagenet_and_coco_as_distributed_under_both_protocol
     the ImageNet checkpoint, as in the paper. Each checkpoint is evaluated under both protocols."""
     write_imagenet(tmp_path / "imagenet")
     write_coco(tmp_path / "coco", year=2014)
-    common = ["model=resnet18", "trainer.max_epochs=1", "heatmap_images=2", "callbacks.explanation_metrics.max_images=4",
-              *REAL_DATA]
+    common = ["model=resnet18", "trainer.max_epochs=1", "heatmap_images=2",
+              "callbacks.explanation_metrics.max_images=4", *REAL_DATA]
     run = train(tmp_path / "in", None, "data=imagenet", f"data.data_dir={tmp_path / 'imagenet'}", *common)
     assert_ok(run)
     imagenet_checkpoint = read_summary(tmp_path / "in")["last_checkpoint"]

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from evaluation.reproduce import (
+from gcmodels.options import ConfigError
+from reproduce import (
     claims,
     mean_retention,
     mean_std,
@@ -20,7 +21,6 @@ from evaluation.reproduce import (
     sign_test_p,
     train_arguments,
 )
-from gcmodels.options import ConfigError
 from tests.conftest import ROOT, assert_ok
 from tests.test_config import compose_config
 
@@ -154,7 +154,7 @@ def test_gc_overrides_reach_only_the_gc_variants(tmp_path):
 @pytest.mark.slow
 def test_reproduce_command_end_to_end_reuses_finished_steps(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    command = [sys.executable, "-m", "evaluation.reproduce", f"output_dir={out}", f"data_dir={data}", "seeds=[0,1]",
+    command = [sys.executable, str(ROOT / "reproduce.py"), f"output_dir={out}", f"data_dir={data}", "seeds=[0,1]",
                "epochs=1", "train_per_class=3", "image_size=48", "batch_size=8", "heatmap_images=2",
                'data_overrides=["data.object_scale=[0.3,0.5]","data.num_classes=4","data.val_per_class=3",'
                '"data.num_workers=0"]', "evaluation.fgsm_eps=[0,8]", "evaluation.spg_runs=2"]

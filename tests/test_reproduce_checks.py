@@ -9,20 +9,23 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import reproduce
 import train
-from evaluation import reproduce
-from evaluation.reproduce import consensus_arguments, evaluation_arguments, plan
 from gcmodels.module import GCClassifier
 from gcmodels.options import ConfigError
+from gcmodels.preflight import check_writable
+from reproduce import consensus_arguments, evaluation_arguments, plan
 from tests.conftest import TINY
 from tests.test_config import compose_config
 from tests.test_config_values import train_base
 
 
 @pytest.mark.parametrize("overrides, keys", [
-    (["little_top1=3"], ["little_top1"]), (["little_top1=-0.01"], ["little_top1"]), (["little_top1=abc"], ["little_top1"]),
+    (["little_top1=3"], ["little_top1"]), (["little_top1=-0.01"], ["little_top1"]),
+    (["little_top1=abc"], ["little_top1"]),
     (["heatmap_images=-1"], ["heatmap_images"]), (["seed=-1"], ["seed", "evaluation.seed"]),
-    (["seeds=[]"], ["seeds"]), (["seeds=[0,1,0]"], ["seeds"]), (["seeds=[0,-1]"], ["seeds.1"]), (["seeds=3"], ["seeds"]),
+    (["seeds=[]"], ["seeds"]), (["seeds=[0,1,0]"], ["seeds"]), (["seeds=[0,-1]"], ["seeds.1"]),
+    (["seeds=3"], ["seeds"]),
     (["epochs=0"], ["epochs"]), (["image_size=abc"], ["image_size"]), (["batch_size=0"], ["batch_size"]),
     (["train_per_class=0"], ["train_per_class"]), (['data_overrides="data.val_per_class=5"'], ["data_overrides"]),
     (["~variants.gmp"], ["variants"]), (['variants.gc="loss=gc"'], ["variants.gc"]),
@@ -216,5 +219,5 @@ def test_an_unwritable_consensus_store_fails_before_any_data_is_read(tmp_path):
     blocker.write_text("")
     cfg = compose_config("train", *consensus_run(tmp_path, member), f"callbacks.consensus.store_dir={blocker}/store")
     with pytest.raises(OSError, match=f"callbacks.consensus.store_dir={blocker}/store cannot be written"):
-        train.check_writable(cfg)
+        check_writable(cfg)
     assert not (tmp_path / "data").exists()

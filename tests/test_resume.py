@@ -227,9 +227,9 @@ def test_huge_finite_gradients_pass_and_weights_already_non_finite_stop_even_a_s
         head.weight[0, 0] = float("inf")  # what an overflowing update leaves
     head.weight.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"non-finite the gradient of net\.head\.2\.weight at global step 7 "
-                                                 r"\(epoch 2\), learning rate 1e\+30; parameter net\.head\.2\.weight was "
-                                                 r"already non-finite before this step: an earlier update overflowed.*"
-                                                 r"skipping cannot help once the weights are non-finite"):
+                                                 r"\(epoch 2\), learning rate 1e\+30; parameter net\.head\.2\.weight "
+                                                 r"was already non-finite before this step: an earlier update "
+                                                 r"overflowed.*skipping cannot help once the weights are non-finite"):
         NonFiniteGuard("skip", str(tmp_path)).on_before_optimizer_step(trainer, module, optimizer)
     assert saved == [tmp_path / "nonfinite-step000007.ckpt"]
 

@@ -67,7 +67,8 @@ def unwrap(annotation: Any, constraints: list) -> tuple[Any, list]:
         elif origin in (Union, types.UnionType) and type(None) in typing.get_args(annotation):
             members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
             if len(members) != 1:
-                return Union[tuple(members)], constraints
+                # A union of a run-time tuple of types: ``Union[...]`` is the way to spell it.
+                return Union[tuple(members)], constraints  # noqa: UP007
             annotation = members[0]
         else:
             return annotation, constraints

@@ -25,10 +25,11 @@ def test_default_gc_run_logs_both_terms_and_leaves_checkpoints(tmp_path, data_di
     assert "6 (6 per process x 1)" in run.stdout and summary["processes"] == 1
     rows = logged_metrics(tmp_path)
     columns = set().union(*rows)
-    assert {"train/ce_epoch", "train/gc_epoch", "train/loss_epoch", "train/acc", "val/acc", "train/gc_left_out"} <= columns
+    assert {"train/ce_epoch", "train/gc_epoch", "train/loss_epoch", "train/acc", "val/acc",
+            "train/gc_left_out"} <= columns
     checkpoint = torch.load(summary["last_checkpoint"], weights_only=False)
-    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False, "output_stride": 16,
-                                                       "init_from": None}
+    assert checkpoint["hyper_parameters"]["model"] == {"name": "resnet18", "pooling": "avg", "pretrained": False,
+                                                       "output_stride": 16, "init_from": None}
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,8 @@ def test_resume_same_architecture_and_refuse_another(tmp_path, data_dir, last_ch
     assert read_summary(tmp_path / "resumed")["epochs"] == 2
     other = train(tmp_path / "other", data_dir, f"ckpt_path={last}", "model=alexnet")
     assert other.returncode != 0
-    assert "cannot resume" in other.stderr and "model.name: checkpoint has 'resnet18', config has 'alexnet'" in other.stderr
+    assert ("cannot resume" in other.stderr
+            and "model.name: checkpoint has 'resnet18', config has 'alexnet'" in other.stderr)
     classes = train(tmp_path / "classes", data_dir, f"ckpt_path={last}", "data.num_classes=4")
     assert classes.returncode != 0
     assert "number of classes: checkpoint has 3, data has 4" in classes.stderr
@@ -102,16 +104,18 @@ def test_init_from_another_runs_weights_and_not_beside_a_resume(tmp_path, data_d
     assert_ok(started)
     log = started.stdout + started.stderr
     assert f"model.init_from: network weights loaded from {Path(last).resolve()}" in log
-    assert "not loaded: head.2.bias, head.2.weight (the final layer keeps its fresh initialisation: the checkpoint has " \
-           "3 classes, this run 4)" in log
+    assert "not loaded: head.2.bias, head.2.weight (the final layer keeps its fresh initialisation: the " \
+           "checkpoint has 3 classes, this run 4)" in log
     summary = read_summary(tmp_path / "started")
     checkpoint = torch.load(summary["last_checkpoint"], weights_only=True)
     assert checkpoint["hyper_parameters"]["model"]["init_from"] == summary["init_from"] == str(Path(last).resolve())
     both = train(tmp_path / "both", data_dir, f"ckpt_path={last}", f"model.init_from={last}")
     assert both.returncode != 0
-    assert f"model.init_from: the checkpoint's run started from None, config has '{Path(last).resolve()}'" in both.stderr
+    assert (f"model.init_from: the checkpoint's run started from None, config has '{Path(last).resolve()}'"
+            in both.stderr)
     other = train(tmp_path / "other", data_dir, f"model.init_from={last}", "model=alexnet")
-    assert other.returncode != 0 and "holds a 'resnet18' network, but this run builds model.name='alexnet'" in other.stderr
+    assert (other.returncode != 0
+            and "holds a 'resnet18' network, but this run builds model.name='alexnet'" in other.stderr)
 
 
 def test_multilabel_validation_logs_overall_and_per_class_f1():
@@ -131,7 +135,8 @@ def test_multilabel_validation_logs_overall_and_per_class_f1():
     overall = multilabel_f1_score(logits, targets.long(), num_labels=4, average="micro")
     per_class = multilabel_f1_score(logits, targets.long(), num_labels=4, average="macro")
     assert overall != pytest.approx(per_class)
-    assert logged["val/f1"] == pytest.approx(float(overall)) and logged["val/f1_per_class"] == pytest.approx(float(per_class))
+    assert (logged["val/f1"] == pytest.approx(float(overall))
+            and logged["val/f1_per_class"] == pytest.approx(float(per_class)))
 
 
 def test_a_truncated_checkpoint_is_refused_before_training(tmp_path, data_dir, last_checkpoint):

@@ -39,8 +39,8 @@ _REPORT = ("read_table", "write_table_report", "scatter", "correlation_title")
 
 __all__ = ["KINDS", "RULES", "normalize_maps", "pixel_consensus", "rbf_similarity",
            "superpixel_consensus", "cosine_similarity", "member_similarities", "present", "consensus_scores", "ranks",
-           "random_subcommittees", "committee_size_convergence", "correlation", "all_correlations", "group_correlations",
-           "average_precision", "mean_average_precision", "is_missing", *_REPORT]
+           "random_subcommittees", "committee_size_convergence", "correlation", "all_correlations",
+           "group_correlations", "average_precision", "mean_average_precision", "is_missing", *_REPORT]
 
 
 def __getattr__(name: str):

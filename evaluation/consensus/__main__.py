@@ -1,5 +1,6 @@
 """Committee consensus over checkpoints:
-``python -m evaluation.consensus ckpts=[a.ckpt,b.ckpt,...] | ckpts_dir=DIR [data=...] [explainer=smoothgrad|lime|gradcam] [num_images=N]``.
+``python -m evaluation.consensus ckpts=[a.ckpt,b.ckpt,...] | ckpts_dir=DIR [data=...]
+[explainer=smoothgrad|lime|gradcam] [num_images=N]``.
 
 Every member explains the same images (one member at a time, kept in the store), the explanations
 are aggregated into a consensus per image, and each member is scored by its mean similarity to the
@@ -24,9 +25,9 @@ from evaluation.consensus import committee, core, stats
 from evaluation.consensus.committee import Checkpoints, CommitteeOptions
 from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import check_checkpoint_explainer, resolve_device
 from evaluation.explainers import EXPLAINERS, build_explainer
 from evaluation.figures import Panel, save_figure, save_overlay_grid, subplots
+from evaluation.preflight import check_checkpoint_explainer, resolve_device
 from evaluation.settings import EvaluationSettings
 from evaluation.tables import markdown_table, number, percent
 from gcmodels.config import check_config

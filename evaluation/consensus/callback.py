@@ -13,8 +13,8 @@ from evaluation.consensus import committee as committee_lib
 from evaluation.consensus import core as consensus_core
 from evaluation.consensus.committee import Checkpoints, CommitteeOptions
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import check_checkpoint_explainer, check_trained_classes
 from evaluation.explainers import EXPLAINERS, build_explainer, check_explainer
+from evaluation.preflight import check_checkpoint_explainer, check_trained_classes
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import read_hparams
 from gcmodels.options import plain

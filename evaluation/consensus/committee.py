@@ -25,14 +25,16 @@ from datamodules import ClassificationDataModule
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore
-from evaluation.engine import check_trained_classes, spread_indices
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
 from evaluation.panels import labelled_classes
+from evaluation.preflight import check_trained_classes
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
 from evaluation.report import row_label
+from evaluation.sampling import spread_indices
 from evaluation.settings import EvaluationSettings
+from gcmodels.accuracy import accuracy_metric
 from gcmodels.checkpoints import load_checkpoint
-from gcmodels.module import GCClassifier, accuracy_metric
+from gcmodels.module import GCClassifier
 from gcmodels.options import Options
 from gcmodels.options import Sequence as OptionSequence
 

@@ -365,7 +365,8 @@ def random_subcommittees(explanations, accuracy, size: int, draws: int, generato
     if acc.shape != (m,):
         raise ValueError(f"accuracy: shape {tuple(acc.shape)} does not match the {m} members")
     if isinstance(size, bool) or not isinstance(size, int) or not 3 <= size <= m:
-        raise ValueError(f"size={size!r}: a sub-committee needs 3 to {m} members (a correlation of 2 points is always +-1)")
+        raise ValueError(f"size={size!r}: a sub-committee needs 3 to {m} members "
+                         f"(a correlation of 2 points is always +-1)")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws={draws!r}: must be a positive integer")
     if "kind" not in options:

@@ -29,7 +29,7 @@ from torchmetrics import Metric, MetricCollection
 from evaluation.attacks import fgsm_attacks
 from evaluation.metrics import functional
 from evaluation.metrics.registry import Score, register_metric
-from gcmodels.module import PER_CLASS_F1_NAME, accuracy_metric, accuracy_name, per_class_f1_metric
+from gcmodels.accuracy import PER_CLASS_F1_NAME, accuracy_metric, accuracy_name, per_class_f1_metric
 
 
 def _count() -> torch.Tensor:

@@ -222,7 +222,8 @@ def _first_maxima(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.gather(1, peaks.unsqueeze(1)).squeeze(1), peaks
 
 
-def pointing_hits(heatmaps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15) -> tuple[torch.Tensor, torch.Tensor]:
+def pointing_hits(heatmaps: torch.Tensor, masks: torch.Tensor,
+                  tolerance: float = 15) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hits, valid)``, both bool ``[B]``: whether the heatmap's maximum lies within ``tolerance``
     of the mask, and whether the image can be scored at all (:func:`valid_pairs`); ``hits`` is
     False where ``valid`` is. Ties between maximal pixels: the first in row-major order (the

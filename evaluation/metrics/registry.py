@@ -19,7 +19,7 @@ monitors need to know, so that none of them lists metrics by hand:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 import torch
@@ -82,6 +82,11 @@ def register_metric(name: str):
         return cls
 
     return register
+
+
+def family_members(metrics: Iterable[str], family: str) -> list[str]:
+    """The metrics of ``metrics`` in ``family`` (``evaluation.metrics.registry.FAMILIES``)."""
+    return [name for name in metrics if METRICS[name].family == family]
 
 
 def known_metrics(names: tuple[str, ...]) -> tuple[str, ...]:

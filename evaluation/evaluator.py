@@ -5,11 +5,12 @@ numbers. Each metric is a torchmetrics ``Metric``: under DDP every process evalu
 share of the images and ``compute()`` sums the counts over processes. Random draws (SPG's
 points, the noise reference maps) are seeded per trial, by its index in the data set, so any
 number of processes and any batch size give the numbers of one process. Results are fractions in
-[0, 1]; only the human-facing reports print percent.
+[0, 1]; only the human-facing reports print percent. Which images (:mod:`evaluation.sampling`)
+and what is checked before (:mod:`evaluation.preflight`) live beside it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -17,126 +18,15 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from datamodules import ClassificationDataModule
-from datamodules.images import TrialGeometry, size_buckets
+from datamodules.images import size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
-from evaluation.explainers.base import check_explainer
-from evaluation.metrics.registry import METRICS, results_of
+from evaluation.metrics.registry import METRICS, family_members, results_of
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
+from evaluation.sampling import Indexed, shard, shard_indices
 from evaluation.settings import EvaluationSettings
-from gcmodels.module import accuracy_inputs
-from gcmodels.networks import build_network
-from gcmodels.options import ConfigError
+from gcmodels.accuracy import accuracy_inputs
 
 Explainer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def family_members(metrics: Iterable[str], family: str) -> list[str]:
-    """The metrics of ``metrics`` in ``family`` (``evaluation.metrics.registry.FAMILIES``)."""
-    return [name for name in metrics if METRICS[name].family == family]
-
-
-def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[str],
-                        geometry: TrialGeometry = TrialGeometry()) -> dict[str, str]:
-    """The metrics of ``metrics`` that ``datamodule`` cannot serve, each with the reason; callers
-    decide whether that is an error (``python -m evaluation``) or a warning (training callbacks).
-    ``geometry``: the protocol's, so that the trials built to answer are those used next."""
-    reasons = {}
-    localization = family_members(metrics, "localization")
-    # Only asked when needed: building the trials reads every annotation file.
-    if localization and datamodule.localization_dataset(geometry) is None:
-        for name in localization:
-            reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
-                             "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
-    if datamodule.multilabel:
-        for name in metrics:
-            if METRICS[name].single_label_only:
-                reasons[name] = (f"is defined for single-label data (top-1); data {datamodule.name!r} is "
-                                 f"multi-label")
-    return reasons
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; otherwise the named device, which must exist on
-    this machine (a :class:`ConfigError` of the ``device`` key)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError([("device", f"{name!r} is not a device: auto, cpu, cuda or cuda:<index> ({err})")]) from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError([("device", f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")])
-    return device
-
-
-def check_trained_classes(path, hparams: dict, datamodule: ClassificationDataModule) -> None:
-    """Refuse the checkpoint at ``path`` (its hyper-parameters ``hparams``) where it was trained on
-    another class set than ``datamodule``'s: another count, or other names where the checkpoint
-    records them (a checkpoint of other classes of the same count would be scored on labels it
-    never learnt)."""
-    if hparams.get("num_classes") != datamodule.num_classes:
-        raise ValueError(f"checkpoint {path} has {hparams.get('num_classes')} classes, but data "
-                         f"{datamodule.name!r} has {datamodule.num_classes}")
-    names = hparams.get("class_names")
-    if names is not None and list(names) != list(datamodule.class_names):
-        raise ValueError(f"checkpoint {path} was trained on other classes than data {datamodule.name!r}: "
-                         f"{list(names)[:5]}... against {list(datamodule.class_names)[:5]}...")
-
-
-def check_checkpoint_explainer(explainer, path, hparams: dict, key: str = "explainer") -> None:
-    """:func:`~evaluation.explainers.check_explainer` on the network of the checkpoint at ``path``
-    (its hyper-parameters ``hparams``), built on the meta device: its modules and shapes without
-    weights (nothing is allocated or downloaded), before any data is read. The error names the
-    checkpoint (members of a committee may differ in architecture) and ``key``, where the caller's
-    config holds the explainer."""
-    model = hparams["model"]
-    with torch.device("meta"):
-        net = build_network(model["name"], hparams["num_classes"], model["pooling"], False, model["output_stride"])
-    try:
-        check_explainer(explainer, net, key)
-    except (ValueError, NotImplementedError) as err:
-        raise type(err)(f"{err} (checkpoint {path}, a {model['name']})") from None
-
-
-def spread_indices(length: int, count: int) -> list[int]:
-    """``count`` indices spread evenly over ``range(length)``: validation sets are sorted by class,
-    so a capped evaluation or a picture then still sees every class."""
-    return torch.linspace(0, length - 1, min(count, length)).round().long().unique().tolist()
-
-
-def validation_sample(datamodule: ClassificationDataModule, count: int) -> dict:
-    """One batch of ``count`` validation images spread over the set: localisation trials (with
-    their ``mask``) where a single-label data set has masks. Multi-label trials are (image, class)
-    pairs whose targets lose the image's other labels, which composites need: validation images."""
-    trials = None if datamodule.multilabel else datamodule.localization_dataset()
-    dataset = trials if trials is not None else datamodule.val_dataset()
-    return datamodule.collate_fn([dataset[i] for i in spread_indices(len(dataset), count)])
-
-
-def shard_indices(length: int, rank: int, world_size: int, max_images: int | None) -> list[int]:
-    """This process's share (every ``world_size``-th item) of ``max_images`` indices spread evenly
-    over ``range(length)``."""
-    return spread_indices(length, length if max_images is None else max_images)[rank::world_size]
-
-
-def shard(dataset: Dataset, rank: int, world_size: int, max_images: int | None) -> Dataset:
-    return Subset(dataset, shard_indices(len(dataset), rank, world_size, max_images))
-
-
-class Indexed(Dataset):
-    """``dataset``'s samples with their index in it (``"index"``, long): the seed of a trial's
-    random draws (SPG's points, its noise maps), which then do not depend on the batch, the
-    process or the order. A sample that is None (a corrupt file) stays None."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict | None:
-        sample = self.dataset[index]
-        return None if sample is None else {**sample, "index": torch.tensor(index)}
 
 
 def _batches(loader: DataLoader, device: torch.device, description: str, progress: bool):
@@ -222,7 +112,8 @@ class ExplanationEvaluator:
                                           masks, classes, pointing, map_seeds(batch["index"], 0))
         count, (height, width) = len(masks), masks.shape[-2:]
         if self.references:
-            self._update_localization_metrics(self.references["center"], centre_maps(count, height, width, masks.device),
+            self._update_localization_metrics(self.references["center"],
+                                              centre_maps(count, height, width, masks.device),
                                               masks, classes, pointing, map_seeds(batch["index"], 0))
             for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
                 seeds = map_seeds(batch["index"], number)

@@ -1,4 +1,4 @@
-"""The paper's findings in one command: ``python -m evaluation.reproduce [seeds=[0,1,2]] [epochs=6] ...``
+"""The paper's findings in one command: ``python reproduce.py [seeds=[0,1,2]] [epochs=6] ...``
 
 Trains each variant of ``variants`` (baseline, GC, GMP, GMP+GC) for each seed with ``train.py``,
 evaluates every last checkpoint with ``python -m evaluation`` (top-1, PG, SPG, CH, NQH, FGSM, the
@@ -28,26 +28,27 @@ from pathlib import Path
 from typing import Annotated
 
 import hydra
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from pydantic import AfterValidator, Field, create_model  # noqa: E402
-from scipy import stats as scipy_stats  # noqa: E402
+from omegaconf import DictConfig, OmegaConf
+from pydantic import AfterValidator, Field, create_model
+from scipy import stats as scipy_stats
 
-from datamodules import build_datamodule  # noqa: E402
-from datamodules.shapes import MIN_IMAGE_SIZE  # noqa: E402
-from evaluation.consensus import committee  # noqa: E402
-from evaluation.engine import resolve_device, validation_sample  # noqa: E402
-from evaluation.explainers import EXPLAINERS, build_explainer  # noqa: E402
-from evaluation.figures import save_figure, save_overlay_grid, subplots  # noqa: E402
-from evaluation.metrics import registry  # noqa: E402
-from evaluation.panels import explanation_panels  # noqa: E402
-from evaluation.settings import EvaluationSettings  # noqa: E402
-from evaluation.tables import markdown_table, number, percent  # noqa: E402
-from gcmodels.config import check_config, compose_group  # noqa: E402
-from gcmodels.files import file_digest  # noqa: E402
-from gcmodels.module import GCClassifier  # noqa: E402
-from gcmodels.options import ConfigError, Options, Sequence  # noqa: E402
+from datamodules import build_datamodule
+from datamodules.shapes import MIN_IMAGE_SIZE
+from evaluation.consensus import committee
+from evaluation.explainers import EXPLAINERS, build_explainer
+from evaluation.figures import save_figure, save_overlay_grid, subplots
+from evaluation.metrics import registry
+from evaluation.panels import explanation_panels
+from evaluation.preflight import resolve_device
+from evaluation.sampling import validation_sample
+from evaluation.settings import EvaluationSettings
+from evaluation.tables import markdown_table, number, percent
+from gcmodels.config import check_config, compose_group
+from gcmodels.files import file_digest
+from gcmodels.module import GCClassifier
+from gcmodels.options import ConfigError, Options, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 # What each finished step leaves behind: its arguments (compared on reuse) and its wall time.
 STEP_FILE = "reproduce_step.json"
 LABELS = {"baseline": "baseline", "gc": "GC", "gmp": "GMP", "gmp_gc": "GMP+GC"}
@@ -150,7 +151,8 @@ def run_step(arguments: list[str], directory: Path, description: str, inputs: di
     with (directory / "reproduce_step.log").open("w") as log:
         # In this process's working directory, as if the user had typed the command there (the
         # data configs' default data_dir is relative to it); the project importable from anywhere.
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        environment = {**os.environ,
+                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         result = subprocess.run([sys.executable, *arguments], stdout=log, stderr=subprocess.STDOUT, env=environment)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
@@ -629,7 +631,8 @@ def run(cfg: DictConfig) -> dict:
         # None: a consensus.json from before the within-group correlations, which the report says.
         consensus = {"members": saved["members"], "correlations": saved["correlations"],
                      "group_correlations": saved.get("group_correlations"),
-                     **{key: saved["summary"][key] for key in ("consensus_map", "reference_map") if key in saved["summary"]}}
+                     **{key: saved["summary"][key] for key in ("consensus_map", "reference_map")
+                        if key in saved["summary"]}}
 
     found = claims(results, cfg.little_top1)
     robust = robustness(results) if attacked_keys(results["baseline"][0]) else None
@@ -700,7 +703,7 @@ def markdown(cfg, results, found, robust, consensus, runs, evaluation, explainer
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="reproduce")
+@hydra.main(version_base="1.3", config_path="conf", config_name="reproduce")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
