@@ -81,6 +81,11 @@ def collate_samples(samples: Sequence[Sample | None]) -> dict[str, Any]:
     return {**{key: torch.stack([sample[key] for sample in kept]) for key in kept[0]}, "skipped": skipped}
 
 
+def labelled_classes(targets: Tensor) -> Tensor:
+    """The class each image is explained for: its label, or a multi-hot target's first label."""
+    return targets if targets.dim() == 1 else targets.float().argmax(1)
+
+
 def _unit_range(image: Tensor) -> Tensor:
     # Divided, as torchvision's old ToTensor did: v2.ToDtype(scale=True) multiplies by 1/255, which
     # differs in the last bit for some intensities.

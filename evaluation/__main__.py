@@ -22,10 +22,10 @@ from evaluation.figures import save_overlay_grid
 from evaluation.metrics.registry import MetricNames
 from evaluation.panels import explanation_panels
 from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, resolve_device, unsupported_metrics
-from evaluation.report import row_label, write_reports
+from evaluation.report import write_reports
 from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
-from gcmodels.checkpoints import read_hparams
+from gcmodels.checkpoints import checkpoint_label, read_hparams
 from gcmodels.config import check_config
 from gcmodels.module import GCClassifier
 from gcmodels.options import Options, Sequence
@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
             panels = explanation_panels(net, explainer, validation_sample(datamodule, options.heatmap_images),
                                         datamodule.class_names, options.heatmap_composites,
                                         torch.Generator().manual_seed(settings.seed))
-            grid.append((f"{row_label(row)}\n{path.name}", panels))
+            grid.append((f"{checkpoint_label(row)}\n{path.name}", panels))
     run_settings = {"explainer": explainer_name, "explainer_options": explainer_options, "data": datamodule.name,
                     "metrics": metrics,
                     "max_images": options.max_images, **settings.to_dict()}

@@ -7,14 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from datamodules.images import labelled_classes
 from evaluation.evaluator import Explainer
 from evaluation.figures import Panel
 from losses import make_composite, random_layout
-
-
-def labelled_classes(targets: torch.Tensor) -> torch.Tensor:
-    """The class each image is explained for: its label, or a multi-hot target's first label."""
-    return targets if targets.dim() == 1 else targets.float().argmax(1)
 
 
 def explanation_panels(net: torch.nn.Module, explainer: Explainer, batch: dict, class_names: Sequence[str],

@@ -17,6 +17,7 @@ from pathlib import Path
 from evaluation.metrics import registry
 from evaluation.references import REFERENCES
 from evaluation.tables import markdown_table, percent
+from gcmodels.checkpoints import checkpoint_label
 
 REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
 
@@ -35,13 +36,6 @@ def _table1_cell(results: dict, key: str, spread: bool) -> str:
 
 def _table1_cells(results: dict, columns: list[tuple[str, str]], spreads: set[str]) -> list[str]:
     return [_table1_cell(results, key, key in spreads) for key, _ in columns]
-
-
-def row_label(row: dict) -> str:
-    """A checkpoint's name in the tables and the picture, e.g. 'resnet18+GMP GC (lambda=1)'."""
-    pooling = "+GMP" if row.get("pooling") == "max" else ""
-    loss = f" GC (lambda={row['lambda']:g})" if row.get("loss") == "gc" else " baseline"
-    return f"{row.get('model', '?')}{pooling}{loss}"
 
 
 def table1_columns(rows: list[dict]) -> list[tuple[str, str]]:
@@ -88,7 +82,7 @@ def _eps_table(rows: list[dict], group: str, keys: list[str], first: tuple[str, 
     (its key in the results, its heading) where given."""
     headings = ([first[1]] if first else []) + keys
     return markdown_table(["model", *headings], (
-        [row_label(row), *([percent(row["results"].get(first[0]))] if first else []),
+        [checkpoint_label(row), *([percent(row["results"].get(first[0]))] if first else []),
          *(percent(row["results"].get(group, {}).get(key)) for key in keys)] for row in rows))
 
 
@@ -134,7 +128,7 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                                                          for key, _ in columns):
             shown, note = zero_map_columns(columns, settings.get("zero_maps", "skip"))
             lines += [note, ""]
-        table = [[row_label(row), *_table1_cells(row["results"], shown, spreads)] for row in rows]
+        table = [[checkpoint_label(row), *_table1_cells(row["results"], shown, spreads)] for row in rows]
         # The reference maps do not depend on the model: the first checkpoint's trials stand for all
         # (every checkpoint is scored on the same trials).
         first = rows[0]["results"]
@@ -155,7 +149,7 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
         results = row["results"]
         uniform = (f"; all-zero heatmaps scored as uniform: {results['zero_maps_uniform']}"
                    if "zero_maps_uniform" in results else "")
-        lines.append(f"- {row_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty mask): "
-                     f"{results['skipped'] or 'none'}{uniform}")
+        lines.append(f"- {checkpoint_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty "
+                     f"mask): {results['skipped'] or 'none'}{uniform}")
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths

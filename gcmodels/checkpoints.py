@@ -82,6 +82,14 @@ def upgrade_hparams(hparams: dict) -> dict:
     return hparams
 
 
+def checkpoint_label(description: dict) -> str:
+    """A checkpoint's name in tables and pictures, from its ``model``, ``pooling``, ``loss`` and
+    ``lambda`` (a report row's description), e.g. 'resnet18+GMP GC (lambda=1)'."""
+    pooling = "+GMP" if description.get("pooling") == "max" else ""
+    loss = f" GC (lambda={description['lambda']:g})" if description.get("loss") == "gc" else " baseline"
+    return f"{description.get('model', '?')}{pooling}{loss}"
+
+
 def read_hparams(path: str | Path) -> dict:
     """Hyper-parameters stored in a checkpoint of this project; errors name the file."""
     return load_checkpoint(path)["hyper_parameters"]

@@ -22,18 +22,17 @@ from pydantic import BeforeValidator, Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules import ClassificationDataModule
+from datamodules.images import labelled_classes
 from evaluation.consensus import core
 from evaluation.consensus.stats import average_precision
 from evaluation.consensus.store import ExplanationStore
 from evaluation.metrics import ContentHeatmap, PointingGame, functional
-from evaluation.panels import labelled_classes
 from evaluation.preflight import check_trained_classes
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
-from evaluation.report import row_label
 from evaluation.sampling import spread_indices
 from evaluation.settings import EvaluationSettings
 from gcmodels.accuracy import accuracy_metric
-from gcmodels.checkpoints import load_checkpoint
+from gcmodels.checkpoints import checkpoint_label, load_checkpoint
 from gcmodels.module import GCClassifier
 from gcmodels.options import Options
 from gcmodels.options import Sequence as OptionSequence
@@ -114,7 +113,7 @@ class Member:
 
     @property
     def label(self) -> str:
-        return f"{row_label(self.describe())} ({self.path.parent.parent.name}/{self.path.name})"
+        return f"{checkpoint_label(self.describe())} ({self.path.parent.parent.name}/{self.path.name})"
 
 
 def load_members(paths: Sequence[Path], datamodule: ClassificationDataModule, minimum: int = 2) -> list[Member]:
