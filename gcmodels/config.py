@@ -81,7 +81,7 @@ def resolved(cfg: DictConfig) -> tuple[dict, list[tuple[str, str]]]:
             while cause is not None and not isinstance(cause, ConfigError):
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:  # raised by a resolver (validation_metric)
-                problems += [problem for problem in cause.problems if problem not in problems]
+                problems += cause.problems
             else:
                 problems.append((err.full_key or key, f"cannot be resolved: {str(err.msg).splitlines()[0]}"))
     return values, problems
@@ -168,6 +168,5 @@ def check_config(cfg: DictConfig, schema: type[Options], targets: tuple[str, ...
         except ConfigError as err:
             problems += err.problems
     if problems:
-        # One problem per key (an unknown data.name is also met by the interpolations that use it).
-        raise ConfigError(list(dict(reversed(problems)).items())[::-1])
+        raise ConfigError(problems)
     return checked

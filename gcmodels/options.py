@@ -48,13 +48,18 @@ def plain(values: Mapping) -> dict:
 
 class ConfigError(ValueError):
     """Config values refused by a schema. ``keys``: the full key of each refused value
-    (``loss.lambda``), ``key`` the first; the message is ``<key>: <reason> (got <value>)`` for each."""
+    (``loss.lambda``), ``key`` the first; the message is ``<key>: <reason> (got <value>)`` for each.
+    A key refused more than once (by every branch of a union, or an unknown ``data.name`` met again
+    by the interpolations that use it) is reported once, with its first reason."""
 
     def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        self.keys = [key for key, _ in problems]
+        first: dict[str, str] = {}
+        for key, reason in problems:
+            first.setdefault(key, reason)
+        self.problems = list(first.items())
+        self.keys = list(first)
         self.key = self.keys[0]
-        super().__init__("; ".join(f"{key}: {reason}" for key, reason in problems))
+        super().__init__("; ".join(f"{key}: {reason}" for key, reason in self.problems))
 
 
 def validate(schema: Any, values: Any, prefix: str = "") -> Any:
@@ -81,8 +86,7 @@ def validate(schema: Any, values: Any, prefix: str = "") -> Any:
             elif error["type"] not in ("missing", "extra_forbidden"):
                 reason += f" (got {error['input']!r})"
             problems.append((config_key(prefix, values, location), reason))
-        # A value refused by every branch of a union: one problem, the first branch's reason.
-        raise ConfigError(list({key: reason for key, reason in reversed(problems)}.items())[::-1]) from None
+        raise ConfigError(problems) from None
 
 
 def config_key(prefix: str, values: Any, location: tuple) -> str:

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from evaluation.consensus import committee as committee_module
@@ -25,7 +24,8 @@ from evaluation.metrics import functional
 from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
 from gcmodels.config import ConfigError, check_config, check_targets, compose_group
-from tests.conftest import ROOT, TINY, assert_ok, read_summary, run_module, train
+from tests.conftest import TINY, assert_ok, read_summary, run_module, train
+from tests.test_config import compose_config
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
 CHEAP_SMOOTHGRAD = ["explainer=smoothgrad", "explainer.num_samples=3"]
@@ -150,11 +150,6 @@ def test_committee_lists_and_their_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no file matching 'last.ckpt' under"):
         find_checkpoints(None, str(tmp_path / "empty"), "last.ckpt")
-
-
-def compose_config(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
 
 
 def consensus_config(tmp_path: Path, *overrides: str):

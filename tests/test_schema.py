@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, Union
 
 import annotated_types
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pydantic import BaseModel
 
@@ -26,24 +25,17 @@ from gcmodels.networks import ARCHITECTURES
 from gcmodels.objective import OBJECTIVES
 from gcmodels.optim import OPTIMIZERS, SCHEDULERS
 from gcmodels.options import ConfigError, validate
-from tests.conftest import ROOT
+from tests.test_config import compose_config as compose_entry
+from tests.test_config_values import REQUIRED, options
 
-CONF = ROOT / "conf"
 REGISTRIES = {"model": ARCHITECTURES, "data": DATASETS, "loss": OBJECTIVES, "optimizer": OPTIMIZERS,
               "scheduler": SCHEDULERS, "explainer": EXPLAINERS}
-# Required values (???) an option leaves to the user, given so that the option validates.
-REQUIRED = {"scheduler=multistep": ["scheduler.milestones=[2,4]"]}
 
 
 def compose_config(name: str, *overrides: str):
     """The entry config ``name``, its folders away from Hydra's (unset) run directory."""
     folders = ["output_dir=/nowhere", "data.data_dir=/nowhere"] + (["ckpt_path=x.ckpt"] if name == "evaluate" else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=[*folders, *overrides])
-
-
-def option_files(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+    return compose_entry(name, *folders, *overrides)
 
 
 def composed(group: str, option: str) -> dict:
@@ -150,7 +142,7 @@ KINDS = [(group, name) for group, registry in REGISTRIES.items() for name in reg
 @pytest.mark.parametrize("group", REGISTRIES)
 def test_every_option_file_is_a_registered_kind_and_validates(group):
     registry = REGISTRIES[group]
-    files = option_files(group)
+    files = options(group)
     kinds = {composed(group, option)["name"] for option in files}
     assert kinds == set(registry.names()), f"conf/{group}/ and the {group} registry differ"
     for option in files:
