@@ -26,7 +26,7 @@ from datamodules import images as image_io  # noqa: E402
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
-from gcmodels.objective import gc_objective  # noqa: E402
+from gcmodels.objectives import gc_objective  # noqa: E402
 from losses import classification_loss, random_layout, shared_layout  # noqa: E402
 
 

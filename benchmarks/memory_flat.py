@@ -47,7 +47,7 @@ from evaluation.metrics.registry import METRICS  # noqa: E402
 from evaluation.settings import default_settings  # noqa: E402
 from gcmodels.config import compose_group  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
-from gcmodels.objective import gc_objective  # noqa: E402
+from gcmodels.objectives import gc_objective  # noqa: E402
 from losses import random_layout  # noqa: E402
 
 try:

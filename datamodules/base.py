@@ -4,6 +4,7 @@ takes, and the registry of data sets."""
 from __future__ import annotations
 
 import abc
+import copy
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -11,11 +12,13 @@ import torch
 from pydantic import Field
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from gcmodels.options import ConfigError, Options, Registry
 
 from .distractors import DistractorDataset
-from .images import TrialGeometry, collate_samples
+from .images import TrialGeometry, center_crop_geometry, collate_samples
+from .views import ContrastiveViews
 
 
 class DataOptions(Options):
@@ -97,6 +100,7 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         self.val_set: Dataset | None = None
         self._localization_sets: dict[TrialGeometry, Dataset | None] = {}
         self.train_distractors: str | None = None
+        self.train_views = False
 
     def set_world_size(self, world_size: int) -> None:
         """Load each process's share of the global batch ``data.batch_size`` (the paper's 256 is the
@@ -110,6 +114,11 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
     @property
     @abc.abstractmethod
     def num_classes(self) -> int: ...
+
+    def eval_geometry(self) -> list[v2.Transform]:
+        """The validation geometry, as steps on a PIL image that leave it ``image_size`` square:
+        ImageNet's Resize(256/224 * size) + CenterCrop(size) unless a data set says otherwise."""
+        return center_crop_geometry(self.image_size)
 
     @property
     @abc.abstractmethod
@@ -172,10 +181,21 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         distractors loaded from the training set (:class:`DistractorDataset`). None: plain samples."""
         self.train_distractors = positive
 
+    def set_train_views(self, views: bool) -> None:
+        """``loss=cgc``: every training sample brings the views of :class:`ContrastiveViews` (its
+        training augmentation as ``"image"``, the validation geometry as ``"view"``, a crop of that
+        as ``"augmented"``, with the crop's ``"box"`` and ``"flip"``). False: plain samples."""
+        self.train_views = views
+
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}: no train set, call setup('fit') first")
         dataset = self.train_set
+        if self.train_views:
+            # A copy that decodes each image once and makes every view of it; the set itself keeps
+            # its training transform for other users.
+            dataset = copy.copy(dataset)
+            dataset.transform = ContrastiveViews(dataset.transform, self.eval_geometry(), self.image_size)
         if self.train_distractors is not None:
             rank = self.trainer.global_rank if self.trainer is not None else 0
             dataset = DistractorDataset(dataset, self.multilabel, self.train_distractors, rank)

@@ -24,7 +24,7 @@ from .images import (
     Sample,
     Transform,
     TrialGeometry,
-    imagenet_eval_transform,
+    image_sample,
     imagenet_train_transform,
     load_rgb_or_skip,
     make_trial,
@@ -130,7 +130,7 @@ class CocoMultiLabelDataset(Dataset):
         image = load_rgb_or_skip(self.paths[index], self.skip_corrupt)
         if image is None:
             return None
-        return {"image": self.transform(image), "target": self.targets[index].to(torch.float32),
+        return {**image_sample(self.transform, image), "target": self.targets[index].to(torch.float32),
                 "instances": self.instances[index]}
 
 
@@ -319,12 +319,13 @@ class COCODataModule(ClassificationDataModule):
             raise FileNotFoundError(f"COCO split {split!r} needs {image_dir}/ and {ann_file}.\n{COCO_LAYOUT}")
         return CocoMultiLabelDataset(image_dir, ann_file, transform, self.skip_corrupt)
 
-    def _build_val_dataset(self) -> CocoMultiLabelDataset:
+    def eval_geometry(self) -> list[v2.Transform]:
         if self.val_transform == "square":
-            transform = to_float_image(v2.Resize((self.image_size, self.image_size)))
-        else:
-            transform = imagenet_eval_transform(self.image_size)
-        return self._dataset(self.val_split, transform)
+            return [v2.Resize((self.image_size, self.image_size))]
+        return super().eval_geometry()
+
+    def _build_val_dataset(self) -> CocoMultiLabelDataset:
+        return self._dataset(self.val_split, to_float_image(*self.eval_geometry()))
 
     def _build_train_dataset(self) -> CocoMultiLabelDataset:
         val_set = self.val_dataset()

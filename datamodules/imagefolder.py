@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, Sample, Transform, load_rgb_or_skip
+from .images import IMAGE_EXTENSIONS, Sample, Transform, image_sample, load_rgb_or_skip
 
 
 def list_class_folders(root: str | os.PathLike) -> list[str]:
@@ -80,7 +80,7 @@ class LabelledImageDataset(Dataset):
         image = load_rgb_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
-        return {"image": self.transform(image), "target": torch.tensor(label, dtype=torch.int64)}
+        return {**image_sample(self.transform, image), "target": torch.tensor(label, dtype=torch.int64)}
 
 
 class ClassFolderDataset(LabelledImageDataset):

@@ -18,10 +18,10 @@ from .images import (
     IMAGE_EXTENSIONS,
     Sample,
     TrialGeometry,
-    imagenet_eval_transform,
     imagenet_train_transform,
     load_rgb_or_skip,
     make_trial,
+    to_float_image,
 )
 
 
@@ -231,7 +231,7 @@ class ImageNetDataModule(ClassificationDataModule):
         if self.box_dir is not None:
             existing_dir("box_dir", self.box_dir)
         val_dir = self._split_dir("val")
-        transform = imagenet_eval_transform(self.image_size)
+        transform = to_float_image(*self.eval_geometry())
         flat = sorted(entry for entry in val_dir.iterdir()
                       if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
         folders = [entry.name for entry in val_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # compared lower-cased
 
 Sample = dict[str, Tensor]
-Transform = Callable[[Image.Image], Tensor]
+Transform = Callable[[Image.Image], Tensor | dict[str, Tensor]]
 
 
 class CorruptImageError(ValueError):
@@ -102,9 +102,16 @@ def imagenet_train_transform(image_size: int) -> v2.Compose:
     return to_float_image(v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip())
 
 
-def imagenet_eval_transform(image_size: int) -> v2.Compose:
+def center_crop_geometry(image_size: int) -> list[v2.Transform]:
     """Resize(256) + CenterCrop(224) at 224 px, scaled the same way for other sizes."""
-    return to_float_image(v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size))
+    return [v2.Resize(int(image_size * 256 / 224)), v2.CenterCrop(image_size)]
+
+
+def image_sample(transform: Transform, image: Image.Image) -> Sample:
+    """A sample's image fields: ``{"image": transform(image)}``, or the fields a transform that
+    makes several views returns (:class:`datamodules.views.ContrastiveViews`)."""
+    transformed = transform(image)
+    return transformed if isinstance(transformed, dict) else {"image": transformed}
 
 
 # --------------------------------------------------------------------------- localisation trials
@@ -140,7 +147,7 @@ class TrialGeometry(NamedTuple):
         tv_image, tv_mask = tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(mask)
         if self.image_size is not None:
             size = self.image_size
-            tv_image, tv_mask = v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size)])(tv_image, tv_mask)
+            tv_image, tv_mask = v2.Compose(center_crop_geometry(size))(tv_image, tv_mask)
         return tv_image.as_subclass(torch.Tensor), tv_mask.as_subclass(torch.Tensor)
 
 

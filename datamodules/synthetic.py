@@ -84,8 +84,12 @@ class SyntheticDataModule(ClassificationDataModule):
             )
         return self.dataset_dir / split
 
+    def eval_geometry(self) -> list[v2.Transform]:
+        # The files are image_size square already.
+        return []
+
     def _build_val_dataset(self) -> ClassFolderDataset:
-        return ClassFolderDataset(self._split_dir("val"), to_float_image(), self.skip_corrupt,
+        return ClassFolderDataset(self._split_dir("val"), to_float_image(*self.eval_geometry()), self.skip_corrupt,
                                   class_names=self.class_names)
 
     def _build_train_dataset(self) -> ClassFolderDataset:

@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field, create_model
 from datamodules import DATASETS
 from evaluation.settings import EvaluationSettings
 from gcmodels.networks import ARCHITECTURES
-from gcmodels.objective import OBJECTIVES
+from gcmodels.objectives import OBJECTIVES
 from gcmodels.optim import OPTIMIZERS, SCHEDULERS
 from gcmodels.options import ConfigError, Options, validate
 

@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from gcmodels.accuracy import PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name, per_class_f1_metric
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.networks import ExplainableNet, build_network
-from gcmodels.objective import OBJECTIVES
+from gcmodels.objectives import OBJECTIVES
 from gcmodels.optim import build_optimizers
 from gcmodels.random_state import gather_per_rank, global_random_state, set_global_random_state
 from losses import classification_loss

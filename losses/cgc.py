@@ -14,12 +14,23 @@ from torch import Tensor
 EPSILON = 1e-8
 
 
-def normalize_maps(maps: Tensor) -> Tensor:
-    """``[B, H, W]`` non-negative maps as the authors compare them: each divided by its sum (plus
-    1e-8), 1e-8 added to every pixel, flattened and scaled to unit L2 norm: ``[B, H * W]``."""
-    summed = maps / (maps.sum(dim=(1, 2), keepdim=True) + EPSILON) + EPSILON
-    flat = summed.flatten(1)
+def sum_normalize(maps: Tensor) -> Tensor:
+    """``[B, H, W]`` non-negative maps as the authors' ``compute_gradcam_mask`` leaves them: each
+    divided by its sum (plus 1e-8), then 1e-8 added to every pixel (an all-zero map becomes
+    uniform, never NaN)."""
+    return maps / (maps.sum(dim=(1, 2), keepdim=True) + EPSILON) + EPSILON
+
+
+def unit_rows(maps: Tensor) -> Tensor:
+    """``[B, H, W]`` maps flattened to ``[B, H * W]`` rows of unit L2 norm."""
+    flat = maps.flatten(1)
     return flat / flat.norm(p=2, dim=1, keepdim=True)
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """``[B, H, W]`` non-negative maps as the authors compare them: :func:`sum_normalize`, then
+    :func:`unit_rows`: ``[B, H * W]``."""
+    return unit_rows(sum_normalize(maps))
 
 
 def warp_maps(maps: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
@@ -63,3 +74,19 @@ def info_nce(anchors: Tensor, positives: Tensor, temperature: float) -> Tensor:
     negatives = (anchors @ anchors.T)[others].view(batch, batch - 1)
     logits = torch.cat([positive, negatives], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=anchors.device))
+
+
+def consistency_term(view_maps: Tensor, aug_maps: Tensor, boxes: Tensor, flips: Tensor, temperature: float,
+                     contrast: bool = True) -> Tensor:
+    """CGC's explanation term from the Grad-CAM maps ``[B, S, S]`` (upsampled to the input side
+    ``S``, non-negative) of each image's ``view`` and of its augmented view: the view's map, sum
+    normalised (:func:`sum_normalize`), is warped by the crop ``boxes`` and ``flips`` that made the
+    augmented view (:func:`warp_maps`); both are then unit rows, compared by :func:`info_nce`, or,
+    without ``contrast`` (the authors' ablation), by the mean squared difference of the rows (no
+    negatives)."""
+    size = view_maps.shape[-1]
+    anchors = unit_rows(sum_normalize(aug_maps))
+    positives = unit_rows(warp_maps(sum_normalize(view_maps), boxes, flips, size))
+    if contrast:
+        return info_nce(anchors, positives, temperature)
+    return F.mse_loss(anchors, positives)

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import gcmodels.objective
+import gcmodels.objectives.gc
 from gcmodels.module import GCClassifier
 from tests.conftest import tiny_net
 
@@ -55,13 +55,13 @@ def build_module(composites: str) -> GCClassifier:
 def main(out_dir: Path, composites: str) -> None:
     recorded = {}
     layout_function = "shared_layout" if composites == "shared" else "random_layout"
-    draw_layout = getattr(gcmodels.objective, layout_function)
+    draw_layout = getattr(gcmodels.objectives.gc, layout_function)
 
     def recording_layout(*args, **kwargs):
         recorded["layout"] = draw_layout(*args, **kwargs)
         return recorded["layout"]
 
-    setattr(gcmodels.objective, layout_function, recording_layout)
+    setattr(gcmodels.objectives.gc, layout_function, recording_layout)
     module = build_module(composites)
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
 

@@ -7,12 +7,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import gcmodels.objective
+import gcmodels.objectives.gc
 from datamodules import COCODataModule
 from datamodules.distractors import MAX_CORRUPT_DRAWS, DistractorDataset
 from datamodules.images import collate_samples
 from gcmodels.module import GCClassifier
-from gcmodels.objective import gc_objective
+from gcmodels.objectives import gc_objective
 from losses.composite import own_distractors_layout
 from tests.conftest import assert_ok, logged_metrics, tiny_net, train
 from tests.formats import write_coco
@@ -174,7 +174,7 @@ def test_training_step_builds_each_composite_from_the_samples_own_distractors(mo
              "positive": torch.tensor([0, 1, 2, 0]), "cell": torch.tensor([3, 0, 2, 1]),
              "distractors": torch.rand(4, 3, 3, 8, 8, generator=generator)}
     outputs = []
-    monkeypatch.setattr(gcmodels.objective, "gc_objective",
+    monkeypatch.setattr(gcmodels.objectives.gc, "gc_objective",
                         lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
     module = gc_classifier(multilabel=False, composite_source="dataset")
     loss = module.training_step(batch, 0)
@@ -208,7 +208,7 @@ def test_coco_samples_bring_distractors_without_their_drawn_class(tmp_path, monk
     assert all(batch["target"][b, batch["positive"][b]] == 1 for b in range(5))
     assert len(chosen) == 15 and not any(labels[image, positive] for positive, image in chosen)
     outputs = []
-    monkeypatch.setattr(gcmodels.objective, "gc_objective",
+    monkeypatch.setattr(gcmodels.objectives.gc, "gc_objective",
                         lambda *args: outputs.append(gc_objective(*args)) or outputs[-1])
     assert torch.isfinite(gc_classifier(multilabel=True, composite_source="dataset").training_step(batch, 0))
     assert outputs[-1].num_composites == 5

@@ -13,7 +13,7 @@ from datamodules import build_datamodule
 from evaluation.callbacks import ExplanationMetricsCallback, FGSMRobustnessCallback
 from evaluation.settings import EvaluationSettings, default_settings
 from gcmodels.config import check_config, train_schema
-from gcmodels.objective import OBJECTIVES
+from gcmodels.objectives import OBJECTIVES
 from gcmodels.options import ConfigError
 from tests.conftest import ROOT
 from tests.test_datamodules import imagenet_tree, write_coco_split

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcmodels.objective import gc_objective
+from gcmodels.objectives import gc_objective
 from losses import CompositeLayout
 from tests.ddp_one_step import LAMBDA, OPTIMIZER, build_module
 

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 LIBRARY = ["evaluation.explainers", "evaluation.metrics", "evaluation.attacks", "evaluation.references",
            "evaluation.composites", "evaluation.tables", "evaluation.figures", "losses", "gcmodels.networks",
-           "gcmodels.gradcam", "gcmodels.objective"]
+           "gcmodels.gradcam", "gcmodels.objectives"]
 
 
 def test_the_library_layer_imports_neither_lightning_nor_hydra():

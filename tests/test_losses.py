@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gcmodels.objective
+import gcmodels.objectives.gc
 from gcmodels.gradcam import gradcam
 from gcmodels.module import GCClassifier
 from gcmodels.networks import build_network
-from gcmodels.objective import OBJECTIVES, gc_objective
+from gcmodels.objectives import OBJECTIVES, gc_objective
 from gcmodels.options import ConfigError
 from losses import (
     CompositeLayout,
@@ -269,7 +269,7 @@ def _classifier(positive: str, multilabel: bool, composite_source: str = "batch"
 @pytest.mark.parametrize("positive", ["instances", "labels"])
 def test_training_step_passes_instance_counts_as_loss_positive_says(monkeypatch, positive):
     seen = []
-    monkeypatch.setattr(gcmodels.objective, "random_layout",
+    monkeypatch.setattr(gcmodels.objectives.gc, "random_layout",
                         lambda targets, num_classes, generator, weights: seen.append(weights) or
                         random_layout(targets, num_classes, generator, weights))
     batch = {"image": torch.rand(4, 3, 8, 8), "target": torch.eye(3)[[0, 1, 2, 0]],

@@ -22,7 +22,7 @@ from evaluation.settings import EvaluationSettings
 from gcmodels.callbacks import NonFiniteOptions, StepCheckpointOptions
 from gcmodels.config import TrainerOptions, check_config, train_schema
 from gcmodels.networks import ARCHITECTURES
-from gcmodels.objective import OBJECTIVES
+from gcmodels.objectives import OBJECTIVES
 from gcmodels.optim import OPTIMIZERS, SCHEDULERS
 from gcmodels.options import ConfigError, validate
 from tests.test_config import compose_config as compose_entry

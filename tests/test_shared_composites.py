@@ -6,7 +6,7 @@ from torch import nn
 
 from gcmodels.module import GCClassifier
 from gcmodels.networks import build_network
-from gcmodels.objective import OBJECTIVES, gc_objective
+from gcmodels.objectives import OBJECTIVES, gc_objective
 from gcmodels.options import ConfigError
 from losses import label_sets, make_composite, shared_layout
 from tests.conftest import tiny_net

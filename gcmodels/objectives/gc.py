@@ -1,11 +1,10 @@
-"""The training objectives (``loss=<name>``): each registers itself with its options and gives the
-module one training step (:class:`Objective`); ``ce`` is the classification loss, ``gc`` adds
-lambda times the Grad-CAM consistency loss."""
+"""``loss=ce``, the classification loss, and ``loss=gc``, which adds lambda times the Grad-CAM
+consistency loss of the paper."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -13,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.gradcam import gradcam
 from gcmodels.networks import UNSTRIDED_STAGES, ExplainableNet, native_output_stride
-from gcmodels.options import ConfigError, Options, Registry
+from gcmodels.options import ConfigError, Options
 from losses import (
     CompositeLayout,
     classification_loss,
@@ -25,8 +24,7 @@ from losses import (
 )
 from losses.composite import own_distractors_layout, positive_weights
 
-# The training objectives by config name (``loss=``), with their options.
-OBJECTIVES = Registry("loss")
+from .base import OBJECTIVES, Objective, TrainingStep
 
 
 class CEOptions(Options):
@@ -58,39 +56,6 @@ class GCOptions(Options):
             # Each sample loads its own distractors there: no batch image is another's to share with.
             raise ValueError("shared groups the batch's own images and needs loss.composite_source=batch")
         return composites
-
-
-@dataclass
-class TrainingStep:
-    """One training step of an objective: the ``loss`` to minimise, the ``logits`` (the training
-    accuracy), and what the module logs: ``terms``, the loss terms (per step and epoch; checked for
-    non-finite values before the optimiser step), ``sums`` (per-epoch totals) and ``means``
-    (per-epoch averages)."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    sums: dict[str, float] = field(default_factory=dict)
-    means: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class Objective:
-    """A training objective, built from its options (the ``loss`` group less ``name``)."""
-
-    def __init__(self, **options: Any):
-        self.options = options
-
-    def setup(self, datamodule) -> None:
-        """What the objective needs from the data before training (nothing by default)."""
-
-    def check_data(self, datamodule, model: dict, world_size: int) -> None:
-        """Refuse data and a network it cannot train on (a :class:`ConfigError`), before any data
-        is read; ``datamodule.batch_size`` is each process's batch."""
-
-    def step(self, module, batch: dict) -> TrainingStep:
-        """One training step of ``module`` (the :class:`gcmodels.module.GCClassifier`) on a
-        non-empty ``batch``."""
-        raise NotImplementedError
 
 
 @OBJECTIVES.register("ce", CEOptions)

@@ -1,0 +1,8 @@
+"""The training objectives by config name (``loss=<name>``): each module registers its own in
+:data:`OBJECTIVES`, with its options, and keeps the glue between the module and the tensor maths
+of its loss in :mod:`losses`."""
+from .base import OBJECTIVES, Objective, TrainingStep
+from .gc import ClassificationObjective, GCObjective, ObjectiveOutput, gc_objective
+
+__all__ = ["OBJECTIVES", "ClassificationObjective", "GCObjective", "Objective", "ObjectiveOutput", "TrainingStep",
+           "gc_objective"]
