@@ -37,12 +37,14 @@ class ContrastiveViews:
 
     def __init__(self, train_transform: Transform, eval_geometry: Sequence[v2.Transform], size: int) -> None:
         self.train_transform = train_transform
-        self.geometry = v2.Compose(list(eval_geometry))
+        self.geometry = list(eval_geometry)
         self.size = size
         self.to_float = to_float_image()
 
     def __call__(self, image: Image.Image) -> Sample:
-        view = self.geometry(image)
+        view = image
+        for step in self.geometry:
+            view = step(view)
         if view.size != (self.size, self.size):
             raise ValueError(f"loss=cgc: the validation geometry leaves a training image {view.size[0]}x"
                              f"{view.size[1]}, not data.image_size={self.size} square")

@@ -25,7 +25,7 @@ from evaluation.preflight import check_checkpoint_explainer, check_trained_class
 from evaluation.report import write_reports
 from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
-from gcmodels.checkpoints import checkpoint_label, read_hparams
+from gcmodels.checkpoints import checkpoint_label, describe_checkpoint, read_hparams
 from gcmodels.config import check_config
 from gcmodels.module import GCClassifier
 from gcmodels.options import Options, Sequence
@@ -71,13 +71,6 @@ def check_checkpoint(path: Path, datamodule: ClassificationDataModule, explainer
     return hparams
 
 
-def describe(path: Path, hparams: dict) -> dict:
-    """A report row's description of a checkpoint: path, architecture, pooling, loss, lambda."""
-    loss = hparams["loss"]
-    return {"checkpoint": str(path), "model": hparams["model"]["name"], "pooling": hparams["model"]["pooling"],
-            "loss": loss["name"], "lambda": loss.get("lambda")}
-
-
 def run(cfg: DictConfig) -> dict:
     options = check_config(cfg, evaluate_schema())
     metrics = list(options.metrics)
@@ -97,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("validate")
     rows, grid = [], []
     for path, saved in zip(paths, hparams):
-        row = describe(path, saved)
+        row = describe_checkpoint(path, saved)
         net = GCClassifier.from_checkpoint(path).net.to(device).eval()
         print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name}")
         evaluator = ExplanationEvaluator(explainer, metrics, datamodule.num_classes, datamodule.multilabel, settings)

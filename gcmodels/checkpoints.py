@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gcmodels.networks import native_output_stride
+from gcmodels.objectives import OBJECTIVES
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -82,11 +83,25 @@ def upgrade_hparams(hparams: dict) -> dict:
     return hparams
 
 
+def describe_checkpoint(path: str | Path, hparams: dict) -> dict:
+    """A report row's description of a checkpoint: path, architecture, pooling, loss, lambda (None
+    for an objective without one)."""
+    loss = hparams["loss"]
+    return {"checkpoint": str(path), "model": hparams["model"]["name"], "pooling": hparams["model"]["pooling"],
+            "loss": loss["name"], "lambda": loss.get("lambda")}
+
+
 def checkpoint_label(description: dict) -> str:
     """A checkpoint's name in tables and pictures, from its ``model``, ``pooling``, ``loss`` and
-    ``lambda`` (a report row's description), e.g. 'resnet18+GMP GC (lambda=1)'."""
+    ``lambda`` (a report row's description), e.g. 'resnet18+GMP GC (lambda=1)', 'resnet18 baseline'
+    (``loss=ce``): the objective's title, and its weight where it has one."""
     pooling = "+GMP" if description.get("pooling") == "max" else ""
-    loss = f" GC (lambda={description['lambda']:g})" if description.get("loss") == "gc" else " baseline"
+    name, weight = description.get("loss"), description.get("lambda")
+    if name not in OBJECTIVES.entries:
+        return f"{description.get('model', '?')}{pooling} {name}"
+    entry = OBJECTIVES[name]
+    weighted = weight is not None and "lambda" in {field.alias for field in entry.options.model_fields.values()}
+    loss = f" {entry.target.title} (lambda={weight:g})" if weighted else f" {entry.target.title}"
     return f"{description.get('model', '?')}{pooling}{loss}"
 
 

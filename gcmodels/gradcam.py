@@ -56,7 +56,7 @@ def gradcam_from_activations(
 def gradcam(
     net,
     images: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     mode: str = "elementwise",
     create_graph: bool = False,
     normalize: bool = True,
@@ -64,8 +64,9 @@ def gradcam(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[N, K]`` of ``images`` and Grad-CAM maps ``[R, h, w]`` of ``net`` (an
     ``ExplainableNet``) at the output of ``net.features``, map ``r`` for class ``classes[r]`` of image
-    ``owners[r]`` (None: image ``r``). Works under ``torch.no_grad`` callers too (it enables
-    gradients locally), which validation and evaluation need.
+    ``owners[r]`` (None: image ``r``); ``classes`` None: each image's top-scoring class. Works
+    under ``torch.no_grad`` callers too (it enables gradients locally), which validation and
+    evaluation need.
 
     Each image goes forward once, however many maps it has (``loss.composites=shared``). A gradient
     of a sum of scores separates the images but not two classes of one image, so the maps are taken
@@ -77,6 +78,8 @@ def gradcam(
             # Frozen weights and plain images: Grad-CAM still needs dy/dA.
             activations = activations.detach().requires_grad_(True)
         logits = net.head(activations)
+        if classes is None:
+            classes = logits.detach().argmax(1)
         if owners is None:
             # One map per image: a single gradient, and no round bookkeeping (whose rounds.max()
             # would wait for the GPU) on every training step and explanation.

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,39 @@ def tiny_net(num_classes: int = 4, channels: int = 4, smooth: bool = True) -> Ex
         nn.Linear(channels, num_classes),
     )
     return ExplainableNet(features, head)
+
+
+class FunctionalNet:
+    """An ExplainableNet whose parameters are the given tensors (``state``, by name), for gradcheck."""
+
+    def __init__(self, net: ExplainableNet, state: dict[str, torch.Tensor]):
+        self.net, self.state = net, state
+
+    def _call(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        sub = {k[len(prefix) + 1:]: v for k, v in self.state.items() if k.startswith(prefix + ".")}
+        return torch.func.functional_call(getattr(self.net, prefix), sub, (x,))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._call("features", self.net.normalize(images))
+
+    def head(self, activations: torch.Tensor) -> torch.Tensor:
+        return self._call("head", activations)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+
+def gradcheck_in_weights(net: ExplainableNet, loss: Callable[[FunctionalNet], torch.Tensor]) -> bool:
+    """gradcheck of ``loss`` (of a network) w.r.t. every weight of the float64 ``net``: for an
+    objective built on Grad-CAM with ``create_graph=True`` its analytic gradient is the
+    second-order backward through dy/dA, compared to finite differences."""
+    names = [name for name, _ in net.named_parameters()]
+
+    def objective(*weights):
+        return loss(FunctionalNet(net, dict(zip(names, weights))))
+
+    return torch.autograd.gradcheck(objective, [p.detach().clone().requires_grad_() for p in net.parameters()],
+                                    eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def linear_net(in_features: int, num_classes: int) -> ExplainableNet:

@@ -1,8 +1,9 @@
-"""One GC optimisation step under Lightning DDP on 2 CPU processes (gloo); run by test_ddp.py.
+"""One GC or CGC optimisation step under Lightning DDP on 2 CPU processes (gloo); run by test_ddp.py.
 
-Usage: ``python -m tests.ddp_one_step OUT_DIR COMPOSITES`` (``loss.composites``). Each rank saves
-its batch, the composite layout it drew and its parameters after the step to
-``OUT_DIR/rank{r}.pt``; rank 0 also saves the initial parameters. Lightning's subprocess launcher
+Usage: ``python -m tests.ddp_one_step OUT_DIR MODE``: MODE is ``loss.composites`` of a GC step
+(``per_sample``, ``shared``) or ``cgc`` for a CGC step. Each rank saves its batch, the composite
+layout it drew (GC) and its parameters after the step to ``OUT_DIR/rank{r}.pt``; rank 0 also saves
+the initial parameters. Lightning's subprocess launcher
 re-runs this module for rank 1.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tests.conftest import tiny_net
 NUM_CLASSES = 4
 NUM_IMAGES = 8
 LAMBDA = 5.0
+CGC_LOSS = {"name": "cgc", "lambda": LAMBDA, "temperature": 0.5, "target": "prediction", "contrast": True,
+            "cam_mode": "elementwise"}
 OPTIMIZER = {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4}
 
 
@@ -41,20 +44,39 @@ class FixedImages(Dataset):
         return {"image": self.images[index], "target": self.targets[index]}
 
 
-def build_module(composites: str) -> GCClassifier:
+class FixedViews(FixedImages):
+    """FixedImages with fixed CGC views (datamodules.views.ContrastiveViews' fields)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        self.views = torch.rand(NUM_IMAGES, 2, 3, 12, 12, generator=generator, dtype=torch.float64)
+        sides = torch.randint(4, 13, (NUM_IMAGES, 2), generator=generator)
+        corners = (torch.rand(NUM_IMAGES, 2, generator=generator) * (13 - sides)).long()
+        self.boxes = torch.cat([corners, sides], dim=1)
+        self.flips = torch.arange(NUM_IMAGES) % 3 == 0
+
+    def __getitem__(self, index):
+        return {**super().__getitem__(index), "view": self.views[index, 0], "augmented": self.views[index, 1],
+                "box": self.boxes[index], "flip": self.flips[index]}
+
+
+def build_module(mode: str) -> GCClassifier:
     torch.manual_seed(0)
+    loss = (CGC_LOSS if mode == "cgc" else
+            {"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False,
+             "positive": "instances", "composite_source": "batch", "composites": mode})
     return GCClassifier(
         model={"name": "tiny", "pooling": "avg", "pretrained": False, "output_stride": None},
-        loss={"name": "gc", "lambda": LAMBDA, "cam_mode": "elementwise", "detach_target": False,
-              "positive": "instances", "composite_source": "batch", "composites": composites},
+        loss=loss,
         optimizer=OPTIMIZER, scheduler={"name": "none"}, num_classes=NUM_CLASSES, multilabel=False, layout_seed=0,
         net=tiny_net(NUM_CLASSES).double(),
     )
 
 
-def main(out_dir: Path, composites: str) -> None:
+def main(out_dir: Path, mode: str) -> None:
     recorded = {}
-    layout_function = "shared_layout" if composites == "shared" else "random_layout"
+    layout_function = "shared_layout" if mode == "shared" else "random_layout"
     draw_layout = getattr(gcmodels.objectives.gc, layout_function)
 
     def recording_layout(*args, **kwargs):
@@ -62,7 +84,7 @@ def main(out_dir: Path, composites: str) -> None:
         return recorded["layout"]
 
     setattr(gcmodels.objectives.gc, layout_function, recording_layout)
-    module = build_module(composites)
+    module = build_module(mode)
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
 
     class RecordBatch(pl.Callback):
@@ -74,15 +96,15 @@ def main(out_dir: Path, composites: str) -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[RecordBatch()], use_distributed_sampler=True,
     )
-    loader = DataLoader(FixedImages(), batch_size=NUM_IMAGES // 2, shuffle=False)
+    loader = DataLoader(FixedViews() if mode == "cgc" else FixedImages(), batch_size=NUM_IMAGES // 2, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
-    layout = recorded["layout"]
+    layout = recorded.get("layout")
     torch.save(
         {
             "initial": initial,
             "after": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
             "batch": recorded["batch"],
-            "layout": dataclasses.asdict(layout),
+            "layout": None if layout is None else dataclasses.asdict(layout),
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )

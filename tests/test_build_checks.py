@@ -194,3 +194,15 @@ def test_resuming_with_other_training_settings_is_refused(tmp_path):
                                 settings)
     check_resume_compatible(path, longer.hparams.model, longer.hparams.num_classes, longer.hparams.multilabel,
                             {**settings, "loss": {**settings["loss"], "positive": "labels"}})
+
+
+def test_cgc_needs_negatives_in_each_processs_batch_and_single_label_data(tmp_path):
+    for overrides in (["data.batch_size=1"], ["data.batch_size=2", "trainer=ddp_cpu"]):
+        assert refused(tmp_path, "loss=cgc", *overrides).keys == ["data.batch_size"]
+    # The mean squared ablation has no negatives; any image side will do (the maps are upsampled).
+    build(tmp_path, "loss=cgc", "data.batch_size=1", "loss.contrast=false", "data.image_size=72")
+    cfg = compose_config("train", *train_base(tmp_path, "data=coco"))
+    write_coco_split(tmp_path / "data", cfg.data.val_split)
+    with pytest.raises(ConfigError) as error:
+        build(tmp_path, "data=coco", "loss=cgc", "callbacks.model_checkpoint.monitor=val/f1_per_class")
+    assert error.value.keys == ["loss.name"] and "data.name=coco is multi-label" in str(error.value)

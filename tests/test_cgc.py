@@ -4,10 +4,14 @@ literal transcription of the authors' NCESoftmaxLoss; the normalisation against 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 
+from datamodules.images import center_crop_geometry, to_float_image
+from datamodules.views import ContrastiveViews
+from gcmodels.objectives import cgc_objective
 from losses.cgc import info_nce, normalize_maps, warp_maps
+from tests.conftest import gradcheck_in_weights, tiny_net
 
 
 def random_boxes(generator: torch.Generator, batch: int, side: int) -> torch.Tensor:
@@ -90,3 +94,120 @@ def test_maps_are_sum_normalised_shifted_and_unit_length():
     # An all-zero map becomes uniform, not NaN.
     torch.testing.assert_close(normalised[1], torch.full((4,), 0.5, dtype=torch.float64))
     torch.testing.assert_close(normalised.norm(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+def authors_gradcam_mask(logits, feats, target, size):
+    """models/utils.py compute_gradcam + compute_gradcam_mask, transcribed (one-hot on the CPU)."""
+    one_hot = torch.zeros_like(logits)
+    one_hot[torch.arange(len(target)), target] = 1
+    (grads,) = torch.autograd.grad((one_hot * logits).sum(), feats, create_graph=True)
+    gradcam = F.relu((grads * feats).sum(dim=1))
+    mask = F.interpolate(gradcam.unsqueeze(1), size=size, mode="bilinear").squeeze(1)
+    return mask / (mask.sum(dim=[1, 2])[:, None, None] + 1e-8) + 1e-8
+
+
+def authors_cgc(net, batch, lam, temperature, contrast=True):
+    """models/resnet_multigpu_cgc.py ResNet.forward and train_eval_cgc.py's loss, transcribed:
+    three forwards, Grad-CAM of the view's argmax on both views, the loop warp, NCE or MSE."""
+    size = batch["view"].shape[-1]
+    targets = batch["target"]
+    xe_out = net(batch["image"])
+    feats = net.forward_features(batch["view"])
+    outputs = net.head(feats)
+    target = outputs.detach().argmax(-1)
+    orig = authors_gradcam_mask(outputs, feats, target, size)
+    aug_feats = net.forward_features(batch["augmented"])
+    aug_outputs = net.head(aug_feats)
+    aug = authors_gradcam_mask(aug_outputs, aug_feats, target, size)
+    orig_aug = authors_warp(orig, batch["box"], batch["flip"], size)
+    aug, orig_aug = F.normalize(aug.flatten(1), dim=1), F.normalize(orig_aug.flatten(1), dim=1)
+    xe = sum(F.cross_entropy(out, targets) for out in (xe_out, outputs, aug_outputs))
+    sim = authors_nce(aug, orig_aug, temperature) if contrast else F.mse_loss(aug, orig_aug)
+    return xe + lam * sim
+
+
+def view_batch(batch=5, side=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(batch, 3, side, side, generator=generator, dtype=torch.float64),
+            "view": torch.rand(batch, 3, side, side, generator=generator, dtype=torch.float64),
+            "augmented": torch.rand(batch, 3, side, side, generator=generator, dtype=torch.float64),
+            "box": random_boxes(generator, batch, side),
+            "flip": torch.rand(batch, generator=generator) < 0.5,
+            "target": torch.randint(0, 4, (batch,), generator=generator)}
+
+
+@pytest.mark.parametrize("contrast", [True, False])
+def test_the_cgc_objective_is_the_authors_forward(contrast):
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).double()
+    batch = view_batch()
+    out = cgc_objective(net, batch, lam=0.5, temperature=0.5, contrast=contrast)
+    expected = authors_cgc(net, batch, 0.5, 0.5, contrast)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.consistency_loss > 0
+    # And so are its gradients, the second-order terms included.
+    weights = list(net.parameters())
+    torch.testing.assert_close(torch.autograd.grad(out.loss, weights), torch.autograd.grad(expected, weights))
+
+
+def test_the_label_target_explains_the_label_on_both_views():
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).double()
+    batch = view_batch()
+    out = cgc_objective(net, batch, lam=1.0, temperature=0.5, target="label")
+    size = batch["view"].shape[-1]
+    maps = []
+    for key in ("view", "augmented"):
+        feats = net.forward_features(batch[key])
+        maps.append(authors_gradcam_mask(net.head(feats), feats, batch["target"], size))
+    anchors = F.normalize(maps[1].flatten(1), dim=1)
+    positives = F.normalize(authors_warp(maps[0], batch["box"], batch["flip"], size).flatten(1), dim=1)
+    torch.testing.assert_close(out.consistency_loss, authors_nce(anchors, positives, 0.5))
+
+
+@pytest.mark.parametrize("contrast", [True, False])
+def test_cgc_gradient_matches_finite_differences(contrast):
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).double()
+    batch = view_batch(batch=3, side=6)
+    assert gradcheck_in_weights(
+        net, lambda functional: cgc_objective(functional, batch, lam=3.0, temperature=0.5, contrast=contrast).loss)
+
+
+# --------------------------------------------------------------------------- the views
+
+
+def test_the_augmented_view_is_the_views_crop_and_flip_and_its_map_warps_alike():
+    side = 48
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    # A smooth picture, so the image interpolations (PIL's, and the maps' grid_sample) agree closely.
+    pixels = torch.stack([xs, ys, (xs * ys)]).mul(255).round().to(torch.uint8)
+    picture = TF.to_pil_image(pixels)
+    views = ContrastiveViews(to_float_image(v2.RandomHorizontalFlip()), [], side)
+    torch.manual_seed(3)
+    flips = set()
+    for _ in range(12):
+        sample = views(picture)
+        assert set(sample) == {"image", "view", "augmented", "box", "flip"}
+        torch.testing.assert_close(sample["view"], pixels.float() / 255)
+        top, left, height, width = sample["box"].tolist()
+        assert 0 <= top and top + height <= side and 0 <= left and left + width <= side
+        crop = TF.resized_crop(picture, top, left, height, width, [side, side])
+        expected = TF.to_tensor(TF.hflip(crop) if sample["flip"] else crop)
+        torch.testing.assert_close(sample["augmented"], expected)
+        # The box and flip, applied to the view as a map, give the augmented view.
+        warped = warp_maps(sample["view"], sample["box"].expand(3, 4), sample["flip"].expand(3), side)
+        assert (warped - sample["augmented"]).abs().max() < 0.03
+        flips.add(bool(sample["flip"]))
+    assert flips == {True, False}
+
+
+def test_views_take_the_validation_geometry_and_refuse_a_view_of_another_size():
+    picture = TF.to_pil_image(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8))
+    sample = ContrastiveViews(to_float_image(v2.Resize((16, 16))), center_crop_geometry(16), 16)(picture)
+    assert sample["view"].shape == sample["augmented"].shape == sample["image"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="data.image_size=16"):
+        ContrastiveViews(to_float_image(), [], 16)(picture)

@@ -18,6 +18,7 @@ from evaluation.preflight import unsupported_metrics
 from evaluation.report import write_reports
 from evaluation.settings import default_settings
 from gcmodels.checkpoints import read_hparams
+from gcmodels.objectives import OBJECTIVES
 from tests.conftest import assert_ok, read_summary, run_module, tiny_net, train
 from tests.test_metrics import SINE_EPS, SINE_SUCCESS, SINE_TOP1, SignOfSine, sine_case
 
@@ -410,6 +411,21 @@ def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, chec
         assert set(results["fgsm"]) == {"eps=2", "eps=8"}
         assert results["spg_std"] >= 0 and "skipped" in results
     assert "Table 1" in run.stdout and "Table 6" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["cgc"])
+def test_each_objectives_checkpoint_trains_and_evaluates(tmp_path, checkpoints, loss):
+    _, data_dir = checkpoints
+    assert_ok(train(tmp_path / loss, data_dir, f"loss={loss}", "~callbacks.explanation_metrics",
+                    "~callbacks.fgsm_robustness"))
+    path = read_summary(tmp_path / loss)["last_checkpoint"]
+    run = evaluate(tmp_path / "eval", data_dir, f"ckpt_path={path}", "max_images=12", "evaluation.fgsm_eps=[8]")
+    assert_ok(run)
+    row, = json.loads((tmp_path / "eval" / "report.json").read_text())["checkpoints"]
+    assert row["loss"] == loss and all(0.0 <= row["results"][key] <= 1.0 for key in ("acc", "pg", "ch", "nqh"))
+    title = OBJECTIVES[loss].target.title
+    assert f"resnet18 {title} (lambda=" in (tmp_path / "eval" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from losses import (
     tile_2x2,
 )
 from losses.composite import own_distractors_layout
-from tests.conftest import tiny_net
+from tests.conftest import gradcheck_in_weights, tiny_net
 
 # (row, column) of each cell: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
 CELL_POSITION = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
@@ -312,31 +312,8 @@ def test_gc_loss_gradcheck_float64():
     images = torch.rand(4, 3, 6, 6, dtype=torch.float64)
     targets = torch.tensor([0, 1, 2, 3])
     layout = _fixed_layout(targets)
-    params = list(net.parameters())
-
-    def objective(*weights):
-        state = dict(zip([name for name, _ in net.named_parameters()], weights))
-        return gc_objective(_Functional(net, state), images, targets, layout, lam=10.0).loss
-
-    assert torch.autograd.gradcheck(objective, [p.detach().clone().requires_grad_() for p in params],
-                                    eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
-class _Functional:
-    """An ExplainableNet view whose parameters are the given tensors (for gradcheck)."""
-
-    def __init__(self, net, state):
-        self.net, self.state = net, state
-
-    def _call(self, prefix, x):
-        sub = {k[len(prefix) + 1:]: v for k, v in self.state.items() if k.startswith(prefix + ".")}
-        return torch.func.functional_call(getattr(self.net, prefix), sub, (x,))
-
-    def forward_features(self, images):
-        return self._call("features", self.net.normalize(images))
-
-    def head(self, activations):
-        return self._call("head", activations)
+    assert gradcheck_in_weights(
+        net, lambda functional: gc_objective(functional, images, targets, layout, lam=10.0).loss)
 
 
 def test_detached_target_gradient_treats_the_target_as_a_constant():

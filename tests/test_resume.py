@@ -47,11 +47,12 @@ def same(one, other) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resuming_at_an_epoch_end_is_bitwise_exact(tmp_path, data_dir, workers):
+@pytest.mark.parametrize("workers, loss", [(0, "gc"), (1, "gc"), (1, "cgc")])
+def test_resuming_at_an_epoch_end_is_bitwise_exact(tmp_path, data_dir, workers, loss):
+    """Each objective's own draws (GC's layouts; CGC's crops and flips, in the loader workers) too."""
     def run(name: str, *overrides: str) -> dict:
         assert_ok(train(tmp_path / name, data_dir, *EXACT, f"+callbacks.probe.path={tmp_path / name}.jsonl",
-                        f"data.num_workers={workers}", *overrides))
+                        f"data.num_workers={workers}", f"loss={loss}", *overrides))
         return load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
 
     straight = run("straight")

@@ -32,7 +32,7 @@ from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_nois
 from evaluation.sampling import spread_indices
 from evaluation.settings import EvaluationSettings
 from gcmodels.accuracy import accuracy_metric
-from gcmodels.checkpoints import checkpoint_label, load_checkpoint
+from gcmodels.checkpoints import checkpoint_label, describe_checkpoint, load_checkpoint
 from gcmodels.module import GCClassifier
 from gcmodels.options import Options
 from gcmodels.options import Sequence as OptionSequence
@@ -107,9 +107,7 @@ class Member:
     hparams: dict
 
     def describe(self) -> dict:
-        loss = self.hparams["loss"]
-        return {"checkpoint": str(self.path), "model": self.hparams["model"]["name"],
-                "pooling": self.hparams["model"]["pooling"], "loss": loss["name"], "lambda": loss.get("lambda")}
+        return describe_checkpoint(self.path, self.hparams)
 
     @property
     def label(self) -> str:

@@ -2,7 +2,8 @@
 :data:`OBJECTIVES`, with its options, and keeps the glue between the module and the tensor maths
 of its loss in :mod:`losses`."""
 from .base import OBJECTIVES, Objective, TrainingStep
+from .cgc import CGCObjective, cgc_objective
 from .gc import ClassificationObjective, GCObjective, ObjectiveOutput, gc_objective
 
-__all__ = ["OBJECTIVES", "ClassificationObjective", "GCObjective", "Objective", "ObjectiveOutput", "TrainingStep",
-           "gc_objective"]
+__all__ = ["OBJECTIVES", "CGCObjective", "ClassificationObjective", "GCObjective", "Objective", "ObjectiveOutput",
+           "TrainingStep", "cgc_objective", "gc_objective"]

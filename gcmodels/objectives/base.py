@@ -3,7 +3,7 @@ its options and gives the module one training step (:class:`Objective`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,7 +28,10 @@ class TrainingStep:
 
 
 class Objective:
-    """A training objective, built from its options (the ``loss`` group less ``name``)."""
+    """A training objective, built from its options (the ``loss`` group less ``name``); ``title``
+    names its models in tables and pictures."""
+
+    title: ClassVar[str]
 
     def __init__(self, **options: Any):
         self.options = options

@@ -60,6 +60,8 @@ class GCOptions(Options):
 
 @OBJECTIVES.register("ce", CEOptions)
 class ClassificationObjective(Objective):
+    title = "baseline"
+
     def step(self, module, batch: dict) -> TrainingStep:
         logits = module.net(batch["image"])
         loss = classification_loss(logits, batch["target"])
@@ -137,6 +139,8 @@ def gc_objective(
 class GCObjective(Objective):
     """The paper's: :func:`gc_objective` on composites laid out from the batch (or from
     distractors loaded with each sample)."""
+
+    title = "GC"
 
     def setup(self, datamodule) -> None:
         if self.options["composite_source"] == "dataset":
