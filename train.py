@@ -143,7 +143,7 @@ def run(cfg: DictConfig) -> dict | None:
     """Train as configured; returns the summary on the main process (None on other ranks). Ctrl-C
     writes the summary (status interrupted) and exits as Lightning does, with status 1."""
     datamodule, module, trainer = build_run(cfg)
-    module.objective.setup(datamodule)
+    module.objective.setup(datamodule, cfg.seed)
     if cfg.ckpt_path:
         # Also refuses an init_from other than the resumed run's own: the weights come from ckpt_path.
         check_resume_compatible(cfg.ckpt_path, module.hparams.model, module.hparams.num_classes,

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from gcmodels.options import ConfigError, Options, Registry
 
 from .distractors import DistractorDataset
+from .guidance import GuidedSamples, MaskSource, annotated_images
 from .images import TrialGeometry, center_crop_geometry, collate_samples
 from .views import ContrastiveViews
 
@@ -79,6 +80,9 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
 
     name: ClassVar[str]
     multilabel: ClassVar[bool]
+    # What guides explanations in training (loss=energy|...): "masks" (exact object masks),
+    # "boxes", or None where the training images have neither here.
+    guidance_masks: ClassVar[str | None] = None
 
     collate_fn = staticmethod(collate_samples)
 
@@ -101,6 +105,7 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         self._localization_sets: dict[TrialGeometry, Dataset | None] = {}
         self.train_distractors: str | None = None
         self.train_views = False
+        self.train_masks: tuple[float, float, int] | None = None
 
     def set_world_size(self, world_size: int) -> None:
         """Load each process's share of the global batch ``data.batch_size`` (the paper's 256 is the
@@ -114,6 +119,17 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
     @property
     @abc.abstractmethod
     def num_classes(self) -> int: ...
+
+    def train_geometry(self) -> list[v2.Transform]:
+        """The training augmentation, as steps on a PIL image (and on a mask with it) that leave it
+        ``image_size`` square: ImageNet's RandomResizedCrop + horizontal flip unless a data set
+        says otherwise."""
+        return [v2.RandomResizedCrop(self.image_size), v2.RandomHorizontalFlip()]
+
+    def training_masks(self) -> MaskSource:
+        """Each training image's mask of a class, at the image's own size (``guidance_masks``
+        says whether a data set has them)."""
+        raise NotImplementedError(f"data.name={self.name} gives no masks or boxes of its training images")
 
     def eval_geometry(self) -> list[v2.Transform]:
         """The validation geometry, as steps on a PIL image that leave it ``image_size`` square:
@@ -187,6 +203,12 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         as ``"augmented"``, with the crop's ``"box"`` and ``"flip"``). False: plain samples."""
         self.train_views = views
 
+    def set_train_masks(self, annotated_fraction: float, dilation: float, seed: int) -> None:
+        """``loss=energy|l1|rrr|ppce``: every training sample brings the class its explanation is
+        guided towards and that class's mask (:class:`GuidedSamples`), grown by ``dilation``; the
+        masks of ``annotated_fraction`` of the images are used, drawn once from ``seed``."""
+        self.train_masks = (annotated_fraction, dilation, seed)
+
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}: no train set, call setup('fit') first")
@@ -196,6 +218,11 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
             # its training transform for other users.
             dataset = copy.copy(dataset)
             dataset.transform = ContrastiveViews(dataset.transform, self.eval_geometry(), self.image_size)
+        if self.train_masks is not None:
+            fraction, dilation, seed = self.train_masks
+            dataset = GuidedSamples(dataset, self.training_masks(), self.train_geometry(),
+                                    annotated_images(len(dataset), fraction, seed), dilation, self.multilabel,
+                                    self.trainer.global_rank if self.trainer is not None else 0)
         if self.train_distractors is not None:
             rank = self.trainer.global_rank if self.trainer is not None else 0
             dataset = DistractorDataset(dataset, self.multilabel, self.train_distractors, rank)

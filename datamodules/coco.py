@@ -20,12 +20,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
+from .guidance import CocoTrainingMasks
 from .images import (
     Sample,
     Transform,
     TrialGeometry,
     image_sample,
-    imagenet_train_transform,
     load_rgb_or_skip,
     make_trial,
     to_float_image,
@@ -278,6 +278,7 @@ class COCODataModule(ClassificationDataModule):
 
     name = "coco"
     multilabel = True
+    guidance_masks = "boxes"
 
     def __init__(self, data_dir: str | Path, *, train_split: str, val_split: str, val_transform: str,
                  **loading) -> None:
@@ -327,9 +328,14 @@ class COCODataModule(ClassificationDataModule):
     def _build_val_dataset(self) -> CocoMultiLabelDataset:
         return self._dataset(self.val_split, to_float_image(*self.eval_geometry()))
 
+    def training_masks(self) -> CocoTrainingMasks:
+        """The boxes of each class's instances (the authors guide with boxes on COCO)."""
+        train_set = self.train_set
+        return CocoTrainingMasks(train_set.coco, train_set.image_ids, train_set.category_ids, "boxes")
+
     def _build_train_dataset(self) -> CocoMultiLabelDataset:
         val_set = self.val_dataset()
-        train_set = self._dataset(self.train_split, imagenet_train_transform(self.image_size))
+        train_set = self._dataset(self.train_split, to_float_image(*self.train_geometry()))
         if train_set.category_ids != val_set.category_ids or train_set.classes != val_set.classes:
             raise ValueError(
                 f"the categories of {train_set.ann_file} differ from those of {val_set.ann_file}; "

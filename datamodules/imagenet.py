@@ -18,7 +18,6 @@ from .images import (
     IMAGE_EXTENSIONS,
     Sample,
     TrialGeometry,
-    imagenet_train_transform,
     load_rgb_or_skip,
     make_trial,
     to_float_image,
@@ -266,5 +265,5 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def _build_train_dataset(self) -> ClassFolderDataset:
         return ClassFolderDataset(
-            self._split_dir("train"), imagenet_train_transform(self.image_size), self.skip_corrupt
+            self._split_dir("train"), to_float_image(*self.train_geometry()), self.skip_corrupt
         )

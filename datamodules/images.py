@@ -86,7 +86,7 @@ def labelled_classes(targets: Tensor) -> Tensor:
     return targets if targets.dim() == 1 else targets.float().argmax(1)
 
 
-def _unit_range(image: Tensor) -> Tensor:
+def unit_range(image: Tensor) -> Tensor:
     # Divided, as torchvision's old ToTensor did: v2.ToDtype(scale=True) multiplies by 1/255, which
     # differs in the last bit for some intensities.
     return image.to(torch.float32).div(255)
@@ -94,12 +94,7 @@ def _unit_range(image: Tensor) -> Tensor:
 
 def to_float_image(*steps: v2.Transform) -> v2.Compose:
     """``steps`` on the PIL image, then a float tensor ``[3, H, W]`` in [0, 1]."""
-    return v2.Compose([*steps, v2.PILToTensor(), v2.Lambda(_unit_range)])
-
-
-def imagenet_train_transform(image_size: int) -> v2.Compose:
-    """The paper's training augmentation: RandomResizedCrop + horizontal flip, no normalisation."""
-    return to_float_image(v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.PILToTensor(), v2.Lambda(unit_range)])
 
 
 def center_crop_geometry(image_size: int) -> list[v2.Transform]:

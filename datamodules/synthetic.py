@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from .base import DATASETS, ClassificationDataModule, DataOptions
-from .coco import CocoMaskDataset
+from .coco import CocoMaskDataset, load_coco
+from .guidance import CocoTrainingMasks, coco_image_ids
 from .imagefolder import ClassFolderDataset
 from .images import TrialGeometry, to_float_image
 from .shapes import SyntheticParams, generate_synthetic, is_complete, synthetic_dir
@@ -43,6 +44,7 @@ class SyntheticDataModule(ClassificationDataModule):
 
     name = "synthetic"
     multilabel = False
+    guidance_masks = "masks"
 
     def __init__(self, data_dir: str | Path, *, batch_size: int, num_workers: int, skip_corrupt: bool,
                  **params) -> None:
@@ -92,8 +94,18 @@ class SyntheticDataModule(ClassificationDataModule):
         return ClassFolderDataset(self._split_dir("val"), to_float_image(*self.eval_geometry()), self.skip_corrupt,
                                   class_names=self.class_names)
 
-    def _build_train_dataset(self) -> ClassFolderDataset:
+    def train_geometry(self) -> list[v2.Transform]:
         # Horizontal flips keep every shape in its class (an L mirrored is still the L class).
-        train_transform = to_float_image(v2.RandomHorizontalFlip())
-        return ClassFolderDataset(self._split_dir("train"), train_transform, self.skip_corrupt,
+        return [v2.RandomHorizontalFlip()]
+
+    def training_masks(self) -> CocoTrainingMasks:
+        """The exact masks of the generated shapes (``annotations/instances_train.json``)."""
+        train_set = self.train_set
+        ann_file = self.dataset_dir / "annotations" / "instances_train.json"
+        coco = load_coco(ann_file)
+        return CocoTrainingMasks(coco, coco_image_ids(coco, train_set.keys(), ann_file),
+                                 range(1, self.num_classes + 1), "masks")
+
+    def _build_train_dataset(self) -> ClassFolderDataset:
+        return ClassFolderDataset(self._split_dir("train"), to_float_image(*self.train_geometry()), self.skip_corrupt,
                                   class_names=self.class_names)

@@ -78,13 +78,17 @@ class FunctionalNet:
 
     def __init__(self, net: ExplainableNet, state: dict[str, torch.Tensor]):
         self.net, self.state = net, state
+        self.normalize = net.normalize
 
     def _call(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
         sub = {k[len(prefix) + 1:]: v for k, v in self.state.items() if k.startswith(prefix + ".")}
         return torch.func.functional_call(getattr(self.net, prefix), sub, (x,))
 
+    def features(self, normalized: torch.Tensor) -> torch.Tensor:
+        return self._call("features", normalized)
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self._call("features", self.net.normalize(images))
+        return self.features(self.normalize(images))
 
     def head(self, activations: torch.Tensor) -> torch.Tensor:
         return self._call("head", activations)

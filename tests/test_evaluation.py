@@ -414,7 +414,7 @@ def test_evaluation_script_writes_reports_for_several_checkpoints(tmp_path, chec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["cgc"])
+@pytest.mark.parametrize("loss", ["cgc", "energy"])
 def test_each_objectives_checkpoint_trains_and_evaluates(tmp_path, checkpoints, loss):
     _, data_dir = checkpoints
     assert_ok(train(tmp_path / loss, data_dir, f"loss={loss}", "~callbacks.explanation_metrics",

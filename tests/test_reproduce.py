@@ -117,7 +117,7 @@ def test_claims_compare_the_right_variants_seed_by_seed():
         "gmp_gc": [_result(0.67, 0.33, 0.40, 0.21, 0.28), _result(0.69, 0.34, 0.34, 0.20, 0.30)],
     }
     found = claims(results, little_top1=0.03)
-    assert len(found) == 8
+    assert len(found) == 8  # the objectives beside GC are not in this run: no claim on them
     by_name = {claim["claim"].split(" (")[0]: claim for claim in found}
     nqh = by_name["GC lowers NQH against the baseline"]
     assert nqh["differences"] == pytest.approx([-0.05, 0.02]) and nqh["verdict"] == "inconclusive"
@@ -134,6 +134,23 @@ def test_claims_compare_the_right_variants_seed_by_seed():
     for claim, (a, b) in zip(fgsm, (("gmp", "baseline"), ("gmp_gc", "baseline"), ("gmp_gc", "gc"))):
         assert claim["differences"] == pytest.approx([kept(x) - kept(y) for x, y in zip(results[a], results[b])])
     assert "Table 6 headline" in fgsm[1]["claim"] and "not in the paper" in fgsm[2]["claim"]
+
+    # CGC and Energy guidance, when the run trains them, against the baseline of the same seed.
+    results["cgc"] = [_result(0.69, 0.41, 0.30, 0.18, 0.15), _result(0.70, 0.43, 0.30, 0.19, 0.17)]
+    results["energy"] = [{**_result(0.71, 0.50, 0.30, 0.20, 0.20), "pg": 0.9},
+                         {**_result(0.70, 0.47, 0.31, 0.21, 0.21), "pg": 0.8}]
+    for row, pg in zip(results["baseline"], (0.7, 0.75)):
+        row["pg"] = pg
+    by_name = {claim["claim"].split(" (")[0]: claim for claim in claims(results, little_top1=0.03)}
+    assert len(by_name) == 13
+    for name, metric, variant in (("CGC raises CH", "ch", "cgc"), ("CGC lowers NQH", "nqh", "cgc"),
+                                  ("CGC costs little top-1", "acc", "cgc"),
+                                  ("Energy guidance raises PG", "pg", "energy"),
+                                  ("Energy guidance raises CH", "ch", "energy")):
+        claim = by_name[f"{name} against the baseline" if "costs" not in name else name]
+        expected = [x[metric] - y[metric] for x, y in zip(results[variant], results["baseline"])]
+        assert claim["differences"] == pytest.approx(expected), name
+    assert by_name["CGC lowers NQH against the baseline"]["direction"] == -1
 
 
 def test_gc_overrides_reach_only_the_gc_variants(tmp_path):
@@ -161,11 +178,11 @@ def test_reproduce_command_end_to_end_reuses_finished_steps(tmp_path):
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert_ok(first)
     report = json.loads((out / "report.json").read_text())
-    assert set(report["results"]) == {"baseline", "gc", "gmp", "gmp_gc"}
+    assert set(report["results"]) == {"baseline", "gc", "gmp", "gmp_gc", "cgc", "energy"}
     assert all(len(rows) == 2 for rows in report["results"].values())
-    assert len(report["claims"]) == 8 and all(len(c["differences"]) == 2 for c in report["claims"])
+    assert len(report["claims"]) == 13 and all(len(c["differences"]) == 2 for c in report["claims"])
     assert {claim["verdict"] for claim in report["claims"]} <= {"holds", "does not hold", "inconclusive"}
-    assert len(report["consensus"]["members"]) == 8
+    assert len(report["consensus"]["members"]) == 12
     markdown = (out / "report.md").read_text()
     for heading in ("Table 1", "Table 6", "claims, paired over seeds", "Committee consensus",
                     "reference: centred peak", "reference: uniform noise", "pixel space"):
@@ -175,13 +192,15 @@ def test_reproduce_command_end_to_end_reuses_finished_steps(tmp_path):
     # Each training run used its variant's loss and pooling, and its seed.
     config = (out / "runs" / "gmp_gc" / "seed1" / ".hydra" / "overrides.yaml").read_text()
     assert "loss=gc" in config and "model.pooling=max" in config and "seed=1" in config
+    assert "loss=energy" in (out / "runs" / "energy" / "seed1" / ".hydra" / "overrides.yaml").read_text()
+    assert "lambda GC 25, CGC 0.5, Energy 1;" in markdown and "| CGC |" in markdown
 
     # As if the run had crashed while training GC seed 1: only that run (and its evaluation) is redone.
     (out / "runs" / "gc" / "seed1" / "reproduce_step.json").unlink()
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert_ok(again)
-    assert again.stdout.count("reusing training") == 7 and again.stdout.count("reusing evaluation") == 7
-    assert "running training [6/8] gc seed 1" in again.stdout
+    assert again.stdout.count("reusing training") == 11 and again.stdout.count("reusing evaluation") == 11
+    assert "running training [8/12] gc seed 1" in again.stdout
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]  # CPU runs are exact
 
     changed = subprocess.run([*command, "epochs=2"], cwd=ROOT, capture_output=True, text=True, timeout=1200)

@@ -61,7 +61,7 @@ def test_plan_refuses_what_a_later_step_would_refuse(tmp_path, overrides, keys):
     ["evaluation.protocol=authors", "consensus=false"],
 ])
 def test_plan_takes_valid_step_options(tmp_path, overrides):
-    assert len(plan(compose_config("reproduce", f"output_dir={tmp_path}", *overrides))) == 12
+    assert len(plan(compose_config("reproduce", f"output_dir={tmp_path}", *overrides))) == 18  # 6 variants x 3 seeds
 
 
 def test_an_evaluation_batch_size_reaches_the_evaluation_and_consensus_steps(tmp_path):

@@ -47,9 +47,10 @@ def same(one, other) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, loss", [(0, "gc"), (1, "gc"), (1, "cgc")])
+@pytest.mark.parametrize("workers, loss", [(0, "gc"), (1, "gc"), (1, "cgc"), (1, "energy")])
 def test_resuming_at_an_epoch_end_is_bitwise_exact(tmp_path, data_dir, workers, loss):
-    """Each objective's own draws (GC's layouts; CGC's crops and flips, in the loader workers) too."""
+    """Each objective's own draws (GC's layouts; CGC's crops and flips and a guided class's mask through the
+    augmentation, in the loader workers) too."""
     def run(name: str, *overrides: str) -> dict:
         assert_ok(train(tmp_path / name, data_dir, *EXACT, f"+callbacks.probe.path={tmp_path / name}.jsonl",
                         f"data.num_workers={workers}", f"loss={loss}", *overrides))

@@ -4,6 +4,7 @@ of its loss in :mod:`losses`."""
 from .base import OBJECTIVES, Objective, TrainingStep
 from .cgc import CGCObjective, cgc_objective
 from .gc import ClassificationObjective, GCObjective, ObjectiveOutput, gc_objective
+from .guidance import GuidanceObjective, guidance_objective
 
 __all__ = ["OBJECTIVES", "CGCObjective", "ClassificationObjective", "GCObjective", "Objective", "ObjectiveOutput",
-           "TrainingStep", "cgc_objective", "gc_objective"]
+           "GuidanceObjective", "TrainingStep", "cgc_objective", "gc_objective", "guidance_objective"]

@@ -36,8 +36,9 @@ class Objective:
     def __init__(self, **options: Any):
         self.options = options
 
-    def setup(self, datamodule) -> None:
-        """What the objective needs from the data before training (nothing by default)."""
+    def setup(self, datamodule, seed: int) -> None:
+        """What the objective needs from the data before training (nothing by default); ``seed``
+        is the run's."""
 
     def check_data(self, datamodule, model: dict, world_size: int) -> None:
         """Refuse data and a network it cannot train on (a :class:`ConfigError`), before any data

@@ -73,7 +73,7 @@ class CGCObjective(Objective):
 
     title = "CGC"
 
-    def setup(self, datamodule) -> None:
+    def setup(self, datamodule, seed: int) -> None:
         datamodule.set_train_views(True)
 
     def check_data(self, datamodule, model: dict, world_size: int) -> None:

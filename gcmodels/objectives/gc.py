@@ -142,7 +142,7 @@ class GCObjective(Objective):
 
     title = "GC"
 
-    def setup(self, datamodule) -> None:
+    def setup(self, datamodule, seed: int) -> None:
         if self.options["composite_source"] == "dataset":
             datamodule.set_train_distractors(self.options["positive"])
 
