@@ -136,6 +136,7 @@ class GCClassifier(pl.LightningModule):
                  reduce_fx="sum", sync_dist=True, batch_size=max(size, 1))
         if size == 0:
             return None
+        self.objective.check_batch(self.hparams.loss["name"], batch)
         step = self.objective.step(self, batch)
         loss, logits = step.loss, step.logits
         self.loss_terms = {name: term.detach() for name, term in step.terms.items()}

@@ -9,7 +9,7 @@ from torchvision.transforms import functional as TF
 
 from datamodules.images import center_crop_geometry, to_float_image
 from datamodules.views import ContrastiveViews
-from gcmodels.objectives import cgc_objective
+from gcmodels.objectives import OBJECTIVES, cgc_objective
 from losses.cgc import info_nce, normalize_maps, warp_maps
 from tests.conftest import gradcheck_in_weights, tiny_net
 
@@ -211,3 +211,11 @@ def test_views_take_the_validation_geometry_and_refuse_a_view_of_another_size():
     assert sample["view"].shape == sample["augmented"].shape == sample["image"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="data.image_size=16"):
         ContrastiveViews(to_float_image(), [], 16)(picture)
+
+
+def test_a_batch_without_the_views_is_refused_naming_what_it_lacks():
+    objective = OBJECTIVES["cgc"].build(**{"lambda": 0.5, "temperature": 0.5, "target": "prediction",
+                                          "contrast": True, "cam_mode": "elementwise"})
+    with pytest.raises(ValueError, match=r"loss=cgc needs \['view', 'augmented', 'box', 'flip'\]"):
+        objective.check_batch("cgc", {"image": torch.rand(2, 3, 8, 8), "target": torch.tensor([0, 1])})
+    objective.check_batch("cgc", view_batch())

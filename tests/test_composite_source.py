@@ -183,7 +183,7 @@ def test_training_step_builds_each_composite_from_the_samples_own_distractors(mo
                             batch["distractors"])
     assert torch.equal(loss, expected.loss) and outputs[-1].num_composites == 4
     without = {key: batch[key] for key in ("image", "target")}
-    with pytest.raises(ValueError, match="composite_source=dataset .* set_train_distractors"):
+    with pytest.raises(ValueError, match=r"loss=gc needs \[.positive., .cell., .distractors.\] in each training batch"):
         module.training_step(without, 0)
 
 

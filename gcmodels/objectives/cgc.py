@@ -19,8 +19,6 @@ from losses.cgc import consistency_term
 
 from .base import OBJECTIVES, Objective, TrainingStep
 
-VIEW_KEYS = ("view", "augmented", "box", "flip")
-
 
 class CGCOptions(Options):
     """Classification loss on three views + ``lambda`` x the contrastive term (conf/loss/cgc.yaml
@@ -73,6 +71,9 @@ class CGCObjective(Objective):
 
     title = "CGC"
 
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("image", "target", "view", "augmented", "box", "flip")
+
     def setup(self, datamodule, seed: int) -> None:
         datamodule.set_train_views(True)
 
@@ -90,10 +91,6 @@ class CGCObjective(Objective):
                 f"batch: give data.batch_size >= {2 * world_size} or loss.contrast=false"))])
 
     def step(self, module, batch: dict) -> TrainingStep:
-        missing = [key for key in VIEW_KEYS if key not in batch]
-        if missing:
-            raise ValueError(f"loss=cgc needs each training sample's views, but this batch lacks {missing}: the "
-                             "objective's setup(datamodule) calls the datamodule's set_train_views (train.py does)")
         options = self.options
         out = cgc_objective(module.net, batch, float(options["lambda"]), options["temperature"], options["target"],
                             options["contrast"], options["cam_mode"])

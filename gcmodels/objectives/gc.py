@@ -61,6 +61,7 @@ class GCOptions(Options):
 @OBJECTIVES.register("ce", CEOptions)
 class ClassificationObjective(Objective):
     title = "baseline"
+    second_order = False
 
     def step(self, module, batch: dict) -> TrainingStep:
         logits = module.net(batch["image"])
@@ -142,6 +143,11 @@ class GCObjective(Objective):
 
     title = "GC"
 
+    def batch_keys(self) -> tuple[str, ...]:
+        # Distractors loaded with each sample, with the class it explains and its cell.
+        dataset = ("positive", "cell", "distractors") if self.options["composite_source"] == "dataset" else ()
+        return ("image", "target", *dataset)
+
     def setup(self, datamodule, seed: int) -> None:
         if self.options["composite_source"] == "dataset":
             datamodule.set_train_distractors(self.options["positive"])
@@ -177,10 +183,6 @@ class GCObjective(Objective):
         options, images, targets = self.options, batch["image"], batch["target"]
         distractor_images = None
         if options["composite_source"] == "dataset":
-            if "distractors" not in batch:
-                raise ValueError("loss.composite_source=dataset builds each composite from distractors loaded with "
-                                 "its sample, but this batch has none: the objective's setup(datamodule) calls the "
-                                 "datamodule's set_train_distractors (train.py does)")
             layout = own_distractors_layout(batch["positive"], batch["cell"])
             distractor_images = batch["distractors"]
         else:

@@ -19,8 +19,6 @@ from losses.guidance import guidance_terms
 
 from .base import OBJECTIVES, Objective, TrainingStep
 
-GUIDE_KEYS = ("mask", "guide_class", "annotated")
-
 
 class GuidanceOptions(Options):
     """Classification loss + ``lambda`` x a guidance loss (conf/loss/energy.yaml says what each
@@ -84,6 +82,9 @@ class GuidanceObjective(Objective):
 
     loss_name: str
 
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("image", "target", "mask", "guide_class", "annotated")
+
     def setup(self, datamodule, seed: int) -> None:
         datamodule.set_train_masks(self.options["annotated_fraction"], self.options["mask_dilation"], seed)
 
@@ -100,11 +101,6 @@ class GuidanceObjective(Objective):
                 f"that does ({', '.join(with_masks)})"))])
 
     def step(self, module, batch: dict) -> TrainingStep:
-        missing = [key for key in GUIDE_KEYS if key not in batch]
-        if missing:
-            raise ValueError(f"loss={self.loss_name} needs each training sample's mask, but this batch lacks "
-                             f"{missing}: the objective's setup(datamodule, seed) calls the datamodule's "
-                             "set_train_masks (train.py does)")
         options = self.options
         out = guidance_objective(module.net, batch, self.loss_name, float(options["lambda"]), options["attribution"],
                                  options["cam_mode"])
