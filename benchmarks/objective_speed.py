@@ -57,10 +57,14 @@ def step_times(size: int, output_stride: int, batch: int, steps: int, device: to
     module = SimpleNamespace(net=net, hparams=SimpleNamespace(multilabel=False, num_classes=NUM_CLASSES),
                              layout_generator=lambda: layouts)
     objectives = {}
-    for name in names:
+    for item in names:
+        # "energy:input_x_gradient": a guidance loss on another attribution.
+        name, _, attribution = item.partition(":")
         options = compose_group("loss", name)
         options.pop("name")
-        objectives[name] = OBJECTIVES[name].build(**options)
+        if attribution:
+            options["attribution"] = attribution
+        objectives[item] = OBJECTIVES[name].build(**options)
     batch_fields = batch_for_every_objective(size, batch, device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(steps + 1):  # the first round warms up
@@ -84,7 +88,9 @@ def main() -> None:
                         help="size:output_stride:batch per geometry")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--objectives", nargs="+", default=["ce", "gc", "cgc", "energy", "l1", "rrr", "ppce"])
+    parser.add_argument("--objectives", nargs="+",
+                        default=["ce", "gc", "cgc", "energy", "l1", "rrr", "ppce", "energy:input_x_gradient"],
+                        help="loss names; name:attribution for a guidance loss on another attribution")
     args = parser.parse_args()
     if args.objectives[0] != "ce":
         parser.error("--objectives must start with ce, the reference of every ratio")
@@ -95,9 +101,10 @@ def main() -> None:
         size, stride, batch = (int(part) for part in geometry.split(":"))
         times = step_times(size, stride, batch, args.steps, device, args.objectives)
         print(f"\n{size} px, output stride {stride}, batch {batch}")
-        print(f"{'loss':>8} {'img/s':>8} {'time / CE':>10}")
-        for name, seconds in times.items():
-            print(f"{name:>8} {batch / seconds:>8.1f} {seconds / times['ce']:>10.2f}")
+        print(f"{'loss':>24} {'img/s':>8} {'time / CE':>10} {'second-order backward':>22}")
+        for item, seconds in times.items():
+            second = "yes" if OBJECTIVES[item.partition(":")[0]].target.second_order else "no"
+            print(f"{item:>24} {batch / seconds:>8.1f} {seconds / times['ce']:>10.2f} {second:>22}")
 
 
 if __name__ == "__main__":
