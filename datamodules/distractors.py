@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from losses.composite import NUM_DISTRACTORS, explained_classes, positive_weights
 
-from .images import Sample
+from .images import LoaderStream, Sample
 
 # Corrupt distractor files one sample may draw (with skip_corrupt) before the run stops: a few are
 # replaced by other draws (each logged), a training set where they keep coming is broken.
@@ -54,7 +53,6 @@ class DistractorDataset(Dataset):
         self.dataset = dataset
         self.multilabel = multilabel
         self.positive = positive
-        self.rank = rank
         # (image, class) pairs rather than label_sets(): ImageNet's [1.28M, 1000] table is 1.28 GB.
         images, classes = dataset.label_pairs()
         count, self.num_classes = len(dataset), len(dataset.classes)
@@ -79,21 +77,10 @@ class DistractorDataset(Dataset):
         # How many images lack the class before each of its carriers.
         self._lacking_before = carriers - (torch.arange(len(order)) - self._first[classes[order]])
         self._lacking = count - carried
-        self._seed: int | None = None
-        self._generator: torch.Generator | None = None
+        self.stream = LoaderStream(rank)
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def generator(self) -> torch.Generator:
-        # torch.initial_seed() follows seed_everything and differs in every loader worker (base seed
-        # plus worker id; also per rank under Lightning's worker seeding), and the rank separates
-        # processes that load without workers. A different seed (a new worker) starts a new stream.
-        seed = torch.initial_seed()
-        if seed != self._seed:
-            mixed = np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint64)[0]
-            self._seed, self._generator = seed, torch.Generator().manual_seed(int(mixed))
-        return self._generator
 
     def lacking(self, positive: int, nth: int) -> int:
         """Index of the ``nth`` (from 0, ascending) training image whose labels lack ``positive``."""
@@ -126,7 +113,7 @@ class DistractorDataset(Dataset):
         sample = self.dataset[index]
         if sample is None:
             return None
-        generator = self.generator()
+        generator = self.stream.generator()
         weights = positive_weights(sample, self.multilabel, self.positive)
         positive = explained_classes(sample["target"][None], self.num_classes, generator,
                                      None if weights is None else weights[None])[0]

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .images import Sample, unit_range
+from .images import LoaderStream, Sample, unit_range
 
 # A training image's mask of a class, at the image's own size: (dataset index, class index) -> bool [H, W].
 MaskSource = Callable[[int, int], torch.Tensor]
@@ -95,8 +95,8 @@ class GuidedSamples(Dataset):
 
     ``dataset`` decodes the image as usual (corrupt files give None with ``skip_corrupt``); a copy
     of it keeps the decoded picture so that the image and its mask take the same random steps.
-    Draws come from torch's global generator (the augmentation's steps) and from one seeded from
-    ``torch.initial_seed()`` and ``rank`` (the class), as :class:`DistractorDataset` does.
+    Draws come from torch's global generator (the augmentation's steps) and from a
+    :class:`LoaderStream` of ``rank`` (the class), as :class:`DistractorDataset`'s do.
     """
 
     def __init__(self, dataset: Dataset, masks: MaskSource, geometry: Sequence[v2.Transform], annotated: torch.Tensor,
@@ -107,19 +107,11 @@ class GuidedSamples(Dataset):
         self.decoded.transform = _keep_pil
         self.masks, self.annotated, self.dilation = masks, annotated, dilation
         self.geometry = v2.Compose([*geometry, v2.PILToTensor()]) if geometry else v2.PILToTensor()
-        self.multilabel, self.rank = multilabel, rank
-        self._seed: int | None = None
-        self._generator: torch.Generator | None = None
+        self.multilabel = multilabel
+        self.stream = LoaderStream(rank)
 
     def __len__(self) -> int:
         return len(self.decoded)
-
-    def generator(self) -> torch.Generator:
-        seed = torch.initial_seed()
-        if seed != self._seed:
-            mixed = np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint64)[0]
-            self._seed, self._generator = seed, torch.Generator().manual_seed(int(mixed))
-        return self._generator
 
     def guided_class(self, target: torch.Tensor) -> int:
         if not self.multilabel:
@@ -127,7 +119,7 @@ class GuidedSamples(Dataset):
         labels = target.nonzero().flatten()
         if len(labels) == 0:
             raise ValueError("a training image without a label has no class to guide its explanation towards")
-        return int(labels[torch.randint(len(labels), (), generator=self.generator())])
+        return int(labels[torch.randint(len(labels), (), generator=self.stream.generator())])
 
     def __getitem__(self, index: int) -> Sample | None:
         sample = self.decoded[index]

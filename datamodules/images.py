@@ -81,6 +81,27 @@ def collate_samples(samples: Sequence[Sample | None]) -> dict[str, Any]:
     return {**{key: torch.stack([sample[key] for sample in kept]) for key in kept[0]}, "skipped": skipped}
 
 
+class LoaderStream:
+    """A random stream for a dataset's own draws (not the augmentation's), reproducible under
+    ``seed_everything(workers=True)`` and different in every loader worker and process.
+
+    ``torch.initial_seed()`` follows seed_everything and differs in every loader worker (base seed
+    plus worker id; also per rank under Lightning's worker seeding), and ``rank`` separates
+    processes that load without workers. A different seed (a new worker) starts a new stream."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self._seed: int | None = None
+        self._generator: torch.Generator | None = None
+
+    def generator(self) -> torch.Generator:
+        seed = torch.initial_seed()
+        if seed != self._seed:
+            mixed = np.random.SeedSequence([seed, self.rank]).generate_state(1, np.uint64)[0]
+            self._seed, self._generator = seed, torch.Generator().manual_seed(int(mixed))
+        return self._generator
+
+
 def labelled_classes(targets: Tensor) -> Tensor:
     """The class each image is explained for: its label, or a multi-hot target's first label."""
     return targets if targets.dim() == 1 else targets.float().argmax(1)
