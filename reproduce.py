@@ -522,8 +522,9 @@ def run_description(runs: list[Run]) -> dict:
     return {"model": base.model.name, "output_stride": base.model.output_stride, "image_size": base.data.image_size,
             "train_per_class": base.data.train_per_class, "batch_size": base.data.batch_size,
             "epochs": base.trainer.max_epochs,
-            "lambdas": {LABELS.get(variant, variant): config.loss["lambda"] for variant, config in
-                        reversed(by_variant.items()) if "lambda" in config.loss}}
+            # Each objective's weight once (GC's and GMP+GC's are the same loss).
+            "lambdas": {LABELS.get(config.loss.name, config.loss.name): config.loss["lambda"]
+                        for config in reversed(by_variant.values()) if "lambda" in config.loss}}
 
 
 # ------------------------------------------------------------------------------------ main

@@ -126,9 +126,9 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
         says otherwise."""
         return [v2.RandomResizedCrop(self.image_size), v2.RandomHorizontalFlip()]
 
-    def training_masks(self) -> MaskSource:
-        """Each training image's mask of a class, at the image's own size (``guidance_masks``
-        says whether a data set has them)."""
+    def training_masks(self, dilation: float) -> MaskSource:
+        """Each training image's mask of a class, at the image's own size, each instance grown by
+        ``dilation`` of its box (``guidance_masks`` says whether a data set has them)."""
         raise NotImplementedError(f"data.name={self.name} gives no masks or boxes of its training images")
 
     def eval_geometry(self) -> list[v2.Transform]:
@@ -220,8 +220,8 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
             dataset.transform = ContrastiveViews(dataset.transform, self.eval_geometry(), self.image_size)
         if self.train_masks is not None:
             fraction, dilation, seed = self.train_masks
-            dataset = GuidedSamples(dataset, self.training_masks(), self.train_geometry(),
-                                    annotated_images(len(dataset), fraction, seed), dilation, self.multilabel,
+            dataset = GuidedSamples(dataset, self.training_masks(dilation), self.train_geometry(),
+                                    annotated_images(len(dataset), fraction, seed), self.multilabel,
                                     self.trainer.global_rank if self.trainer is not None else 0)
         if self.train_distractors is not None:
             rank = self.trainer.global_rank if self.trainer is not None else 0

@@ -328,10 +328,10 @@ class COCODataModule(ClassificationDataModule):
     def _build_val_dataset(self) -> CocoMultiLabelDataset:
         return self._dataset(self.val_split, to_float_image(*self.eval_geometry()))
 
-    def training_masks(self) -> CocoTrainingMasks:
+    def training_masks(self, dilation: float) -> CocoTrainingMasks:
         """The boxes of each class's instances (the authors guide with boxes on COCO)."""
         train_set = self.train_set
-        return CocoTrainingMasks(train_set.coco, train_set.image_ids, train_set.category_ids, "boxes")
+        return CocoTrainingMasks(train_set.coco, train_set.image_ids, train_set.category_ids, "boxes", dilation)
 
     def _build_train_dataset(self) -> CocoMultiLabelDataset:
         val_set = self.val_dataset()

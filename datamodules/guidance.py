@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -25,47 +26,91 @@ MaskSource = Callable[[int, int], torch.Tensor]
 
 
 class CocoTrainingMasks:
-    """Masks of training images from COCO-format annotations: the union of a class's instance
-    masks (``shape="masks"``: their segmentations) or of their boxes (``shape="boxes"``, as the
-    authors guide with on COCO and VOC), for the images ``image_ids`` (one per dataset index)."""
+    """Masks of training images from COCO-format annotations, for the images ``image_ids`` (one
+    per dataset index): the union of a class's instances, each its segmentation
+    (``shape="masks"``) or its box (``shape="boxes"``, as the authors guide on COCO and VOC), a box
+    covering every pixel it touches. ``dilation`` grows each instance on every side by that share of
+    its own box's width and height (whole pixels, rounded down): a box becomes the authors'
+    enlarged box (``utils.enlarge_bb``), clipped to the image.
 
-    def __init__(self, coco: COCO, image_ids: Sequence[int], category_ids: Sequence[int], shape: str) -> None:
+    What ``__call__`` needs is copied out of ``coco`` here, into arrays: loader workers then never
+    touch the large COCO index (forked workers would copy its pages as reference counts change)."""
+
+    def __init__(self, coco: COCO, image_ids: Sequence[int], category_ids: Sequence[int], shape: str,
+                 dilation: float = 0.0) -> None:
         if shape not in ("masks", "boxes"):
             raise ValueError(f"mask shape {shape!r}: masks or boxes")
-        self.coco, self.image_ids, self.category_ids, self.shape = coco, list(image_ids), list(category_ids), shape
+        self.shape, self.dilation, self.num_classes = shape, dilation, len(category_ids)
+        image_index = {image_id: index for index, image_id in enumerate(image_ids)}
+        class_index = {category: index for index, category in enumerate(category_ids)}
+        self.sizes = np.array([(coco.imgs[image_id]["height"], coco.imgs[image_id]["width"])
+                               for image_id in image_ids], dtype=np.int64).reshape(-1, 2)
+        rows, segmentations = [], []
+        for ann in coco.dataset.get("annotations", []):
+            image, category = image_index.get(ann["image_id"]), class_index.get(ann["category_id"])
+            if image is None or category is None:
+                continue
+            segmentation = ann.get("segmentation") or None
+            if segmentation is None and not ann.get("bbox"):
+                raise ValueError(f"annotation {ann.get('id')} of image {ann['image_id']} has neither a box nor a "
+                                 "segmentation: no mask to guide its class's explanation towards")
+            box = ann.get("bbox") or self._extent(segmentation, *self.sizes[image])
+            rows.append((image * self.num_classes + category, *box))
+            segmentations.append(segmentation if shape == "masks" else None)
+        order = sorted(range(len(rows)), key=lambda row: rows[row][0])
+        table = np.array([rows[row] for row in order], dtype=np.float64).reshape(-1, 5)
+        self.keys, self.boxes = table[:, 0].astype(np.int64), table[:, 1:]
+        self.segmentations = [segmentations[row] for row in order]
+
+    @staticmethod
+    def _extent(segmentation, height: int, width: int) -> list[float]:
+        """The box (x, y, width, height) of a segmentation, for an annotation that states none."""
+        rows, cols = segmentation_mask(segmentation, height, width).nonzero()
+        if len(rows) == 0:
+            return [0.0, 0.0, 0.0, 0.0]
+        return [float(cols.min()), float(rows.min()), float(cols.max() - cols.min() + 1),
+                float(rows.max() - rows.min() + 1)]
 
     def __call__(self, index: int, class_index: int) -> torch.Tensor:
-        image_id = self.image_ids[index]
-        info = self.coco.imgs[image_id]
-        mask = np.zeros((info["height"], info["width"]), dtype=bool)
-        for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, catIds=[self.category_ids[class_index]])):
-            if self.shape == "masks" and ann.get("segmentation"):
-                mask |= self.coco.annToMask(ann).astype(bool)
-            elif "bbox" in ann:
-                x, y, width, height = ann["bbox"]
-                # Every pixel the box touches.
-                mask[math.floor(y):math.ceil(y + height), math.floor(x):math.ceil(x + width)] = True
-            else:  # no box stated: the segmentation's extent
-                rows, cols = self.coco.annToMask(ann).astype(bool).nonzero()
-                if len(rows):
-                    mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        height, width = (int(side) for side in self.sizes[index])
+        mask = np.zeros((height, width), dtype=bool)
+        key = index * self.num_classes + class_index
+        for row in range(np.searchsorted(self.keys, key), np.searchsorted(self.keys, key, side="right")):
+            x, y, box_width, box_height = self.boxes[row]
+            grow_x, grow_y = int(self.dilation * box_width), int(self.dilation * box_height)
+            segmentation = self.segmentations[row]
+            if segmentation is not None:
+                mask |= grow(segmentation_mask(segmentation, height, width), grow_y, grow_x)
+            else:
+                # Every pixel the box touches, grown and clipped to the image.
+                mask[max(0, math.floor(y) - grow_y):math.ceil(y + box_height) + grow_y,
+                     max(0, math.floor(x) - grow_x):math.ceil(x + box_width) + grow_x] = True
         return torch.from_numpy(mask)
 
 
-def dilate(mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``mask`` (bool ``[H, W]``) grown on each side by ``fraction`` of its bounding box's height
-    and width (whole pixels, rounded down): a box becomes the authors' enlarged box, an exact mask
-    grows alike. An empty mask stays empty."""
-    rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
-    if fraction == 0 or len(rows) == 0:
-        return mask
-    grow_y = int(fraction * (int(rows[-1]) - int(rows[0]) + 1))
-    grow_x = int(fraction * (int(cols[-1]) - int(cols[0]) + 1))
+def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as a bool ``[height, width]``
+    mask, as ``COCO.annToMask`` decodes it."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(bool)
+
+
+def grow(mask: np.ndarray, grow_y: int, grow_x: int) -> np.ndarray:
+    """``mask`` grown by ``grow_y`` rows and ``grow_x`` columns on each side: a max over a
+    (2 grow_y + 1) x (2 grow_x + 1) window, as two one-dimensional passes."""
     if grow_y == 0 and grow_x == 0:
         return mask
-    grown = F.max_pool2d(mask[None, None].float(), (2 * grow_y + 1, 2 * grow_x + 1), stride=1,
-                         padding=(grow_y, grow_x))
-    return grown[0, 0].bool()
+    grown = torch.from_numpy(mask)[None, None].float()
+    if grow_x:
+        grown = F.max_pool2d(grown, (1, 2 * grow_x + 1), stride=1, padding=(0, grow_x))
+    if grow_y:
+        grown = F.max_pool2d(grown, (2 * grow_y + 1, 1), stride=1, padding=(grow_y, 0))
+    return grown[0, 0].bool().numpy()
 
 
 def annotated_images(count: int, fraction: float, seed: int) -> torch.Tensor:
@@ -87,11 +132,12 @@ class GuidedSamples(Dataset):
 
     - ``"guide_class"``: the label, or on ``multilabel`` data one of the image's labels drawn
       uniformly (the authors' draw);
-    - ``"mask"`` bool ``[H, W]``: the class's mask from ``masks`` (at the image's own size), grown
-      by ``dilation`` (:func:`dilate`), then moved through ``geometry`` (the training
-      augmentation's geometric steps) together with the image; all False for an image outside
-      ``annotated``;
-    - ``"annotated"`` bool: whether the image's mask is used.
+    - ``"mask"`` bool ``[H, W]``: the class's mask from ``masks`` (at the image's own size), moved
+      through ``geometry`` (the training augmentation's geometric steps) together with the image;
+      all False for an image outside ``annotated``;
+    - ``"annotated"`` bool: whether the image's mask is used: it is in ``annotated`` and its mask
+      is not empty after the augmentation (a crop that leaves the object out has no mask to
+      guide towards, and would otherwise ask for an all-zero map).
 
     ``dataset`` decodes the image as usual (corrupt files give None with ``skip_corrupt``); a copy
     of it keeps the decoded picture so that the image and its mask take the same random steps.
@@ -100,12 +146,12 @@ class GuidedSamples(Dataset):
     """
 
     def __init__(self, dataset: Dataset, masks: MaskSource, geometry: Sequence[v2.Transform], annotated: torch.Tensor,
-                 dilation: float, multilabel: bool, rank: int = 0) -> None:
+                 multilabel: bool, rank: int = 0) -> None:
         if len(annotated) != len(dataset):
             raise ValueError(f"{len(annotated)} annotation flags for {len(dataset)} training images")
         self.decoded = copy.copy(dataset)
         self.decoded.transform = _keep_pil
-        self.masks, self.annotated, self.dilation = masks, annotated, dilation
+        self.masks, self.annotated = masks, annotated
         self.geometry = v2.Compose([*geometry, v2.PILToTensor()]) if geometry else v2.PILToTensor()
         self.multilabel = multilabel
         self.stream = LoaderStream(rank)
@@ -133,12 +179,12 @@ class GuidedSamples(Dataset):
             if tuple(mask.shape) != (picture.height, picture.width):
                 raise ValueError(f"training image {index}: its mask of class {guided} is {tuple(mask.shape)}, the "
                                  f"image {(picture.height, picture.width)}")
-            mask = dilate(mask, self.dilation)
         else:
             mask = torch.zeros(picture.height, picture.width, dtype=torch.bool)
         image, mask = self.geometry(picture, tv_tensors.Mask(mask))
-        return {**sample, "image": unit_range(image), "mask": mask.as_subclass(torch.Tensor).bool(),
-                "guide_class": torch.tensor(guided), "annotated": torch.tensor(annotated)}
+        mask = mask.as_subclass(torch.Tensor).bool()
+        return {**sample, "image": unit_range(image), "mask": mask, "guide_class": torch.tensor(guided),
+                "annotated": torch.tensor(annotated and bool(mask.any()))}
 
 
 def coco_image_ids(coco: COCO, keys: Sequence[str], ann_file: Path) -> list[int]:

@@ -98,13 +98,13 @@ class SyntheticDataModule(ClassificationDataModule):
         # Horizontal flips keep every shape in its class (an L mirrored is still the L class).
         return [v2.RandomHorizontalFlip()]
 
-    def training_masks(self) -> CocoTrainingMasks:
+    def training_masks(self, dilation: float) -> CocoTrainingMasks:
         """The exact masks of the generated shapes (``annotations/instances_train.json``)."""
         train_set = self.train_set
         ann_file = self.dataset_dir / "annotations" / "instances_train.json"
         coco = load_coco(ann_file)
         return CocoTrainingMasks(coco, coco_image_ids(coco, train_set.keys(), ann_file),
-                                 range(1, self.num_classes + 1), "masks")
+                                 range(1, self.num_classes + 1), "masks", dilation)
 
     def _build_train_dataset(self) -> ClassFolderDataset:
         return ClassFolderDataset(self._split_dir("train"), to_float_image(*self.train_geometry()), self.skip_corrupt,

@@ -51,7 +51,10 @@ def ppce_loss(maps: Tensor, masks: Tensor) -> Tensor:
     """``BCE(a, 1)`` averaged over the pixels inside each image's mask (maps in [0, 1]; the log
     clamped at -100 as ``torch.nn.BCELoss`` does); 0 for an empty mask, which has no pixel to
     score."""
-    bce = F.binary_cross_entropy(maps.clamp(0, 1), torch.ones_like(maps), reduction="none")
+    # In float32 outside autocast, which refuses binary_cross_entropy (unsafe in half precision).
+    with torch.autocast(maps.device.type, enabled=False):
+        maps = maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
+        bce = F.binary_cross_entropy(maps.clamp(0, 1), torch.ones_like(maps), reduction="none")
     count = masks.sum(dim=(1, 2))
     return (bce * masks).sum(dim=(1, 2)) / count.clamp(min=1)
 

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from torchvision.transforms import v2
 
 from datamodules import ImageNetDataModule
-from datamodules.guidance import CocoTrainingMasks, GuidedSamples, annotated_images, dilate
+from datamodules.guidance import CocoTrainingMasks, GuidedSamples, annotated_images
 from datamodules.images import load_rgb, to_float_image
 from gcmodels.gradcam import gradcam
 from gcmodels.objectives import OBJECTIVES, guidance_objective
@@ -200,7 +200,7 @@ def test_the_mask_takes_the_images_random_steps():
     dataset = Pictures(masks, torch.arange(6) % 3)
     samples = GuidedSamples(dataset, lambda index, _: masks[index],
                             [v2.RandomResizedCrop(16), v2.RandomHorizontalFlip()], torch.ones(6, dtype=torch.bool),
-                            0.0, multilabel=False)
+                            multilabel=False)
     torch.manual_seed(0)
     for index in range(6):
         for _ in range(4):
@@ -209,7 +209,9 @@ def test_the_mask_takes_the_images_random_steps():
             # Nearest for the mask, bilinear for the image: they agree away from the mask's edge.
             red = sample["image"][0]
             assert ((red > 0.99) <= sample["mask"]).all() and (sample["mask"] <= (red > 0.01)).all()
-            assert int(sample["guide_class"]) == index % 3 and bool(sample["annotated"])
+            assert int(sample["guide_class"]) == index % 3
+            # A crop that leaves the object out leaves no mask to guide towards.
+            assert bool(sample["annotated"]) == bool(sample["mask"].any())
 
 
 def test_images_outside_the_annotated_share_carry_an_empty_mask():
@@ -218,7 +220,7 @@ def test_images_outside_the_annotated_share_carry_an_empty_mask():
     assert not torch.equal(chosen, annotated_images(10, 0.3, seed=5))
     masks = [torch.ones(8, 8, dtype=torch.bool)] * 10
     samples = GuidedSamples(Pictures(masks, torch.zeros(10, dtype=torch.long)), lambda index, _: masks[index], [],
-                            chosen, 0.0, multilabel=False)
+                            chosen, multilabel=False)
     for index in range(10):
         sample = samples[index]
         assert bool(sample["annotated"]) == bool(chosen[index]) == bool(sample["mask"].all())
@@ -229,20 +231,10 @@ def test_a_multilabel_image_is_guided_towards_one_of_its_labels_uniformly():
     masks = [torch.ones(4, 4, dtype=torch.bool)]
     target = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
     samples = GuidedSamples(Pictures(masks, [target]), lambda index, k: masks[index], [],
-                            torch.ones(1, dtype=torch.bool), 0.0, multilabel=True)
+                            torch.ones(1, dtype=torch.bool), multilabel=True)
     drawn = torch.tensor([int(samples[0]["guide_class"]) for _ in range(600)])
     counts = torch.bincount(drawn, minlength=5)
     assert counts[[0, 2]].sum() == 0 and (counts[[1, 3, 4]] > 150).all()
-
-
-def test_dilation_grows_a_box_by_its_share_on_each_side():
-    mask = torch.zeros(20, 20, dtype=torch.bool)
-    mask[5:9, 4:14] = True  # 4 high, 10 wide
-    grown = dilate(mask, 0.25)  # 1 row and 2 columns on each side (rounded down)
-    expected = torch.zeros(20, 20, dtype=torch.bool)
-    expected[4:10, 2:16] = True
-    assert torch.equal(grown, expected)
-    assert torch.equal(dilate(mask, 0.0), mask) and not dilate(torch.zeros(5, 5, dtype=torch.bool), 0.5).any()
 
 
 def test_coco_training_masks_are_the_segmentation_or_the_boxes():
@@ -317,7 +309,64 @@ def test_coco_training_samples_are_guided_by_the_boxes_of_one_of_their_labels(tm
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["mask"].shape == (3, 32, 32) and batch["mask"].dtype == torch.bool
     labels = batch["target"].bool()
-    assert labels[torch.arange(3), batch["guide_class"]].all() and batch["annotated"].all()
+    assert labels[torch.arange(3), batch["guide_class"]].all()
+    # The random crop may leave a class's boxes out: that sample is then not guided.
+    assert torch.equal(batch["annotated"], batch["mask"].flatten(1).any(1))
     # Image 1's class cat1: the boxes of its two instances, before the crop.
-    boxes = datamodule.training_masks()
+    boxes = datamodule.training_masks(0.0)
     assert int(boxes(0, 0).sum()) == 5 * 5 + 4 * 3
+
+
+def two_boxes_coco(segmented: bool) -> COCO:
+    """One 20x30 image with two instances of category 3 (boxes 10 wide x 4 high and 4 x 8) and one
+    of category 5."""
+    def annotation(index, category, box):
+        x, y, w, h = box
+        polygon = [[x, y, x + w, y, x + w, y + h, x, y + h]] if segmented else []
+        return {"id": index, "image_id": 1, "category_id": category, "bbox": list(map(float, box)), "iscrowd": 0,
+                "area": float(w * h), "segmentation": polygon}
+
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}],
+                    "categories": [{"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
+                    "annotations": [annotation(1, 3, (4, 5, 10, 4)), annotation(2, 3, (20, 10, 4, 8)),
+                                    annotation(3, 5, (0, 0, 2, 2))]}
+    coco.createIndex()
+    return coco
+
+
+def test_dilation_grows_each_instance_by_its_own_box_as_the_authors_enlarge_boxes():
+    def enlarge_bb(box, percentage):
+        """sukrutrao/Model-Guidance utils.enlarge_bb on one box (xmin, ymin, xmax, ymax), without
+        its clamp at pixel 223 (the image is smaller here: clipped to it instead)."""
+        xmin, ymin, xmax, ymax = box
+        w_margin, h_margin = int(percentage * (xmax - xmin)), int(percentage * (ymax - ymin))
+        return max(0, xmin - w_margin), max(0, ymin - h_margin), min(30, xmax + w_margin), min(20, ymax + h_margin)
+
+    expected = torch.zeros(20, 30, dtype=torch.bool)
+    for box in ((4, 5, 14, 9), (20, 10, 24, 18)):
+        xmin, ymin, xmax, ymax = enlarge_bb(box, 0.3)
+        expected[ymin:ymax, xmin:xmax] = True
+    assert torch.equal(CocoTrainingMasks(two_boxes_coco(False), [1], [3, 5], "boxes", 0.3)(0, 0), expected)
+    # Exact masks grow alike (the polygons here are the boxes); nothing grows without dilation.
+    assert torch.equal(CocoTrainingMasks(two_boxes_coco(True), [1], [3, 5], "masks", 0.3)(0, 0), expected)
+    plain = CocoTrainingMasks(two_boxes_coco(False), [1], [3, 5], "boxes")(0, 0)
+    assert int(plain.sum()) == 10 * 4 + 4 * 8
+
+
+def test_an_annotation_without_box_or_segmentation_is_an_error_naming_it():
+    coco = two_boxes_coco(False)
+    del coco.dataset["annotations"][1]["bbox"]
+    coco.createIndex()
+    with pytest.raises(ValueError, match="annotation 2 of image 1 has neither a box nor a segmentation"):
+        CocoTrainingMasks(coco, [1], [3, 5], "boxes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ppce_runs_under_autocast(dtype):
+    maps = torch.rand(2, 4, 4, requires_grad=True)
+    masks = torch.rand(2, 4, 4) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term = guidance_terms("ppce", maps.to(dtype), masks)
+    assert term.dtype == torch.float32 and torch.isfinite(term).all()
+    torch.testing.assert_close(term, guidance_terms("ppce", maps.detach(), masks), rtol=1e-2, atol=1e-2)
