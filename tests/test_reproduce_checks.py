@@ -85,10 +85,12 @@ def step_result(acc: float, **extra) -> dict:
 def write_step_outputs(cfg, result_of) -> list:
     """What the training and evaluation steps leave, written by hand: ``result_of(run)`` is the
     run's evaluation results."""
-    saved = {"model": {"name": "resnet18", "output_stride": 16}, "loss": {"lambda": 25.0}, "trainer": {"max_epochs": 1},
+    saved = {"model": {"name": "resnet18", "output_stride": 16}, "trainer": {"max_epochs": 1},
              "data": {"image_size": 64, "train_per_class": 4, "batch_size": 6}}
     runs = plan(cfg)
     for run in runs:
+        loss = next(item.split("=", 1)[1] for item in cfg.variants[run.variant] if item.startswith("loss="))
+        saved["loss"] = {"name": loss, **({} if loss == "ce" else {"lambda": 25.0})}
         for folder in (run.evaluation_dir, run.directory / ".hydra", run.checkpoint.parent):
             folder.mkdir(parents=True)
         run.checkpoint.write_bytes(b"")
