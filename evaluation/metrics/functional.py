@@ -1,6 +1,8 @@
-"""Explanation-quality metrics as pure functions of batched tensors (paper section 4.3).
+"""Explanation-quality metrics as pure functions of batched tensors: localisation (paper section
+4.3: PG, SPG, CH, NQH) and, at the end, faithfulness (insertion, deletion, ROAD; their own inputs
+are described there).
 
-Inputs: ``heatmaps`` float ``[B, H, W]``, finite and non-negative, already at the mask's size
+Localisation inputs: ``heatmaps`` float ``[B, H, W]``, finite and non-negative, already at the mask's size
 (see :func:`upsample`); ``masks`` bool ``[B, H, W]``. Every score function returns one score per
 image. An image that cannot be scored (all-zero heatmap, or empty mask where a mask is used;
 :func:`valid_pairs`) gets NaN, never 0 or 1, so that callers skip and count it; the one exception
@@ -31,14 +33,31 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from evaluation.metrics.imputation import noisy_linear_imputation
 
 __all__ = [
+    "PERTURBATION_SCORES",
+    "ROAD_ORDERS",
+    "SUBSTRATES",
+    "class_scores",
     "content_heatmap",
+    "curve_area",
+    "deletion_auc",
     "dilate_masks",
+    "insertion_auc",
     "negative_quadrants_heatmap",
+    "perturbation_curves",
+    "perturbation_steps",
+    "pixel_ranks",
     "pointing_game",
     "pointing_hits",
+    "road",
+    "road_removed",
     "stochastic_pointing_game",
+    "substrate",
+    "trial_normals",
     "trial_seeds",
     "trial_uniforms",
     "uniform_where_zero",
@@ -260,8 +279,9 @@ def _batch_slices(heatmaps: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, max(1, len(heatmaps)), step)]
 
 
-# Tags of the random streams, so that no two uses of the same seeds draw the same numbers.
-_STREAMS = ("spg", "noise")
+# Tags of the random streams, so that no two uses of the same seeds draw the same numbers. A
+# stream's number is its position: new streams go at the end, so that old ones keep their draws.
+_STREAMS = ("spg", "noise", "order", "road")
 
 
 def _rows(seeds: torch.Tensor) -> torch.Tensor:
@@ -275,6 +295,24 @@ def trial_seeds(seed: int, trials: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full((len(trials), 1), seed, dtype=torch.long), _rows(trials).long().cpu()], 1)
 
 
+def _trial_draws(stream: str, seeds: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+                 normal: bool) -> torch.Tensor:
+    if stream not in _STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; known: {list(_STREAMS)}")
+    if seeds.numel() and seeds.min() < 0:
+        raise ValueError(f"seeds must be non-negative, got {int(seeds.min())}")
+    rows = _rows(seeds).tolist()
+    draws = torch.empty(len(rows), *shape, dtype=dtype)
+    out = draws.numpy()
+    for index, row in enumerate(rows):
+        generator = np.random.default_rng([_STREAMS.index(stream), *row])
+        if normal:
+            generator.standard_normal(out=out[index], dtype=out.dtype)
+        else:
+            generator.random(out=out[index], dtype=out.dtype)
+    return draws
+
+
 def trial_uniforms(stream: str, seeds: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """``[B, *shape]`` uniforms in [0, 1) on the CPU (float32 or float64): row ``b`` comes from
     numpy's default generator seeded with ``(stream, *seeds[b])`` (``seeds``: non-negative
@@ -282,16 +320,13 @@ def trial_uniforms(stream: str, seeds: torch.Tensor, shape: Sequence[int], dtype
 
     Rows of one width: numpy's ``SeedSequence`` pads short seeds with zeros, so ``(1, 2)`` and
     ``(1, 2, 0)`` seed the same stream. About 9 us per row (a generator each), vectorised within."""
-    if stream not in _STREAMS:
-        raise ValueError(f"unknown random stream {stream!r}; known: {list(_STREAMS)}")
-    if seeds.numel() and seeds.min() < 0:
-        raise ValueError(f"seeds must be non-negative, got {int(seeds.min())}")
-    rows = _rows(seeds).tolist()
-    uniforms = torch.empty(len(rows), *shape, dtype=dtype)
-    out = uniforms.numpy()
-    for index, row in enumerate(rows):
-        np.random.default_rng([_STREAMS.index(stream), *row]).random(out=out[index], dtype=out.dtype)
-    return uniforms
+    return _trial_draws(stream, seeds, shape, dtype, normal=False)
+
+
+def trial_normals(stream: str, seeds: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal draws, as :func:`trial_uniforms` draws uniforms: row ``b`` from ``seeds[b]``
+    alone."""
+    return _trial_draws(stream, seeds, shape, dtype, normal=True)
 
 
 def _resolve_seeds(heatmaps: torch.Tensor, generator: torch.Generator | None,
@@ -413,3 +448,190 @@ def upsample(heatmaps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(heatmaps.shape[-2:]) == size:
         return heatmaps
     return F.interpolate(heatmaps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+# --- Faithfulness: does removing what the map ranks first change the decision? ---
+#
+# Maps here are ``[B, H, W]`` at the images' size, finite, of any sign (a larger value ranks
+# first). Every function ranks the pixels with :func:`pixel_ranks`: ties (a ReLU'd map's exact
+# zeros) are broken by a random order seeded per trial, so exactly the stated number of pixels
+# moves at each step, never "every pixel at or above a percentile". The perturbed images of all
+# images and steps go through the network in chunks of ``batch_size``; the network is called in
+# ``torch.no_grad()`` as it is (put it in eval mode).
+
+# Substrates of insertion and deletion: a Gaussian blur of the image (RISE's insertion start:
+# kernel 11, sigma 5) or black pixels (RISE's deletion end, in pixel space).
+SUBSTRATES = ("blur", "zeros")
+# The score of the explained class after each step: its probability (softmax over the classes;
+# sigmoid on multi-label data), its logit, or whether it is still predicted (argmax; multi-label:
+# logit > 0).
+PERTURBATION_SCORES = ("probability", "logit", "accuracy")
+BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
+
+
+def _check_faithfulness_inputs(images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
+                               seeds: torch.Tensor) -> None:
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if heatmaps.shape != (images.shape[0], *images.shape[2:]) or not heatmaps.is_floating_point():
+        raise ValueError(f"heatmaps must be float [B, H, W] at the images' size {tuple(images.shape)} (upsample "
+                         f"them first), got {heatmaps.dtype} {tuple(heatmaps.shape)}")
+    if not bool(torch.isfinite(heatmaps).all()):
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} must be finite, got "
+                         f"{int((~torch.isfinite(heatmaps)).sum())} NaN or inf values")
+    _check_same_device(heatmaps, "images", images)
+    if classes.shape != heatmaps.shape[:1] or not _is_integer(classes):
+        raise ValueError(f"classes must be integers [B] = [{len(heatmaps)}], "
+                         f"got {classes.dtype} {tuple(classes.shape)}")
+    _check_same_device(heatmaps, "classes", classes)
+    _check_seeds(heatmaps, seeds)
+
+
+def pixel_ranks(heatmaps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """long ``[B, H * W]``: each pixel's place when the map's pixels are taken in decreasing value,
+    0 first; equal values in a random order drawn from ``trial_uniforms("order", seeds[b])``
+    (``seeds``: non-negative integers ``[B]`` or ``[B, k]``), so a map's ranking depends on its
+    trial alone."""
+    flat = heatmaps.flatten(1)
+    keys = trial_uniforms("order", seeds, (flat.shape[1],), torch.float64).to(flat.device)
+    shuffled = keys.argsort(1)
+    # A stable sort of the shuffled values: equal values keep the random order.
+    order = shuffled.gather(1, flat.gather(1, shuffled).argsort(dim=1, descending=True, stable=True))
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+
+
+def substrate(images: torch.Tensor, name: str) -> torch.Tensor:
+    """The substrate ``name`` (:data:`SUBSTRATES`) of pixel-space ``images`` ``[B, C, H, W]``."""
+    if name == "zeros":
+        return torch.zeros_like(images)
+    if name == "blur":
+        return gaussian_blur(images, [BLUR_KERNEL, BLUR_KERNEL], [BLUR_SIGMA, BLUR_SIGMA])
+    raise ValueError(f"unknown substrate {name!r}; known: {list(SUBSTRATES)}")
+
+
+def class_scores(logits: torch.Tensor, classes: torch.Tensor, score: str, multilabel: bool) -> torch.Tensor:
+    """float ``[B]``: the ``score`` (:data:`PERTURBATION_SCORES`) of class ``classes[b]`` in
+    ``logits[b]``."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    chosen = logits.gather(1, classes.long().unsqueeze(1)).squeeze(1)
+    if score == "logit":
+        return chosen
+    if score == "probability":
+        return chosen.sigmoid() if multilabel else logits.softmax(1).gather(1, classes.long().unsqueeze(1)).squeeze(1)
+    if score == "accuracy":
+        return (chosen > 0 if multilabel else logits.argmax(1) == classes).to(logits.dtype)
+    raise ValueError(f"unknown score {score!r}; known: {list(PERTURBATION_SCORES)}")
+
+
+def _scores_of_perturbed(net: torch.nn.Module, count: int, points: int, classes: torch.Tensor,
+                         perturbed, score: str, multilabel: bool, batch_size: int) -> torch.Tensor:
+    """float ``[count, points]``: the class scores of ``perturbed(images, points) -> images``, each
+    item (image ``b``, point ``k``) of the ``count * points`` once, ``batch_size`` per forward."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, count * points, batch_size):
+            items = torch.arange(start, min(start + batch_size, count * points), device=classes.device)
+            image, point = items.div(points, rounding_mode="floor"), items.remainder(points)
+            scores.append(class_scores(net(perturbed(image, point)), classes[image], score, multilabel))
+    if not scores:
+        return torch.empty(count, points, device=classes.device)
+    return torch.cat(scores).view(count, points)
+
+
+def perturbation_steps(pixels: int, steps: int) -> torch.Tensor:
+    """long ``[S + 1]``: pixels moved after each step, ``0, step, 2 step, ..., pixels`` with
+    ``step = ceil(pixels / steps)`` (the last step moves what is left)."""
+    step = math.ceil(pixels / steps)
+    return torch.arange(0, pixels + step, step).clamp(max=pixels).unique_consecutive()
+
+
+def perturbation_curves(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
+                        seeds: torch.Tensor, *, insertion: bool, steps: int, substrate_name: str,
+                        score: str = "probability", multilabel: bool = False,
+                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fractions [S + 1], curves [B, S + 1])``: the class score after each step of insertion
+    (start from the substrate, put the image's pixels back, first-ranked first) or deletion
+    (start from the image, replace its pixels by the substrate's), ``fractions`` the share of the
+    pixels moved (:func:`perturbation_steps`). The curves start at the substrate's (insertion) or
+    the image's own (deletion) score and end at the other."""
+    _check_faithfulness_inputs(images, heatmaps, classes, seeds)
+    pixels = heatmaps[0].numel() if len(heatmaps) else images.shape[-2] * images.shape[-1]
+    counts = perturbation_steps(pixels, steps).to(images.device)
+    ranks = pixel_ranks(heatmaps, seeds)
+    blank = substrate(images, substrate_name)
+    first, rest = (images, blank) if insertion else (blank, images)
+
+    def perturbed(image: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        moved = (ranks[image] < counts[point].unsqueeze(1)).view(-1, 1, *images.shape[2:])
+        return torch.where(moved, first[image], rest[image])
+
+    curves = _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size)
+    return counts.to(curves.dtype) / pixels, curves
+
+
+def curve_area(fractions: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
+    """float ``[B]``: the trapezoid-rule area under each curve ``[B, S]`` over ``fractions`` ``[S]``
+    divided by the span of the fractions: the curve's mean height (for insertion and deletion,
+    whose fractions run from 0 to 1, the area itself)."""
+    return torch.trapezoid(curves, fractions.to(curves), dim=1) / (fractions[-1] - fractions[0])
+
+
+def insertion_auc(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
+                  seeds: torch.Tensor, *, steps: int = 28, substrate_name: str = "blur", score: str = "probability",
+                  multilabel: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """Per-image insertion AUC (RISE; Petsiuk et al., BMVC 2018), float ``[B]``: the area under
+    :func:`perturbation_curves` with ``insertion=True``; higher is better."""
+    return curve_area(*perturbation_curves(net, images, heatmaps, classes, seeds, insertion=True, steps=steps,
+                                           substrate_name=substrate_name, score=score, multilabel=multilabel,
+                                           batch_size=batch_size))
+
+
+def deletion_auc(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
+                 seeds: torch.Tensor, *, steps: int = 28, substrate_name: str = "zeros", score: str = "probability",
+                 multilabel: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """Per-image deletion AUC (RISE), float ``[B]``: the area under :func:`perturbation_curves`
+    with ``insertion=False``; lower is better."""
+    return curve_area(*perturbation_curves(net, images, heatmaps, classes, seeds, insertion=False, steps=steps,
+                                           substrate_name=substrate_name, score=score, multilabel=multilabel,
+                                           batch_size=batch_size))
+
+
+ROAD_ORDERS = ("morf", "lerf")
+
+
+def road_removed(ranks: torch.Tensor, count: torch.Tensor, order: str) -> torch.Tensor:
+    """bool ``[B, H * W]``: the ``count`` (long ``[B]``) pixels ROAD removes: the first-ranked ones
+    (``morf``, most relevant first) or the last-ranked ones (``lerf``, least relevant first)."""
+    if order == "morf":
+        return ranks < count.unsqueeze(1)
+    if order == "lerf":
+        return ranks >= ranks.shape[1] - count.unsqueeze(1)
+    raise ValueError(f"unknown ROAD order {order!r}; known: {list(ROAD_ORDERS)}")
+
+
+def road(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
+         seeds: torch.Tensor, *, percentages: Sequence[float], order: str, noise: float = 0.01,
+         score: str = "probability", multilabel: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """ROAD (Rong et al., ICML 2022), float ``[B, P]``: the class score after removing
+    ``round(p / 100 * H * W)`` pixels for each ``p`` of ``percentages`` (in (0, 100)), in ``order``
+    (:func:`road_removed`), by noisy linear imputation (:mod:`evaluation.metrics.imputation`; the
+    noise, standard deviation ``noise``, drawn from ``trial_normals("road", (seeds[b], p's index,
+    order))``). MoRF: lower is better; LeRF: higher."""
+    if order not in ROAD_ORDERS:
+        raise ValueError(f"unknown ROAD order {order!r}; known: {list(ROAD_ORDERS)}")
+    _check_faithfulness_inputs(images, heatmaps, classes, seeds)
+    pixels = heatmaps.shape[1] * heatmaps.shape[2]
+    counts = torch.tensor([round(p / 100 * pixels) for p in percentages], dtype=torch.long, device=images.device)
+    ranks = pixel_ranks(heatmaps, seeds)
+    rows = _rows(seeds).long().cpu()
+    order_number = ROAD_ORDERS.index(order)
+
+    def perturbed(image: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        removed = road_removed(ranks[image], counts[point], order).view(-1, *images.shape[2:])
+        noise_seeds = torch.cat([rows[image.cpu()], point.cpu().unsqueeze(1),
+                                 torch.full((len(image), 1), order_number)], 1)
+        draws = trial_normals("road", noise_seeds, images.shape[1:], images.dtype).to(images.device)
+        return noisy_linear_imputation(images[image], removed, noise * draws)
+
+    return _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size)

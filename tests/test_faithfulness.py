@@ -1,0 +1,265 @@
+"""Faithfulness metrics (insertion, deletion, ROAD) against naive per-image, per-step loops, a
+direct sparse solve, and the failures of other libraries they must not repeat."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+from torch import nn
+
+from evaluation.metrics import functional
+from evaluation.metrics.imputation import linear_imputation, noisy_linear_imputation
+from gcmodels.networks import ExplainableNet
+from tests.conftest import tiny_net
+
+SIZE = (9, 11)
+
+
+def small_net(num_classes: int = 4) -> ExplainableNet:
+    torch.manual_seed(0)
+    return tiny_net(num_classes).double().eval()
+
+
+def small_case(seed: int = 0, batch: int = 5, zeros: float = 0.0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, *SIZE, generator=generator, dtype=torch.float64)
+    heatmaps = torch.rand(batch, *SIZE, generator=generator, dtype=torch.float64)
+    heatmaps = heatmaps.masked_fill(torch.rand(batch, *SIZE, generator=generator) < zeros, 0.0)
+    classes = torch.randint(0, 4, (batch,), generator=generator)
+    seeds = torch.arange(batch) + 100 * seed
+    return images, heatmaps, classes, seeds
+
+
+def naive_order(heatmap: torch.Tensor, seed: torch.Tensor) -> list[int]:
+    """The pixels by decreasing value; equal values by the trial's random keys."""
+    keys = functional.trial_uniforms("order", seed.view(1, -1), (heatmap.numel(),), torch.float64)[0].tolist()
+    values = heatmap.flatten().tolist()
+    return sorted(range(len(values)), key=lambda pixel: (-values[pixel], keys[pixel]))
+
+
+def naive_score(net, image: torch.Tensor, klass: int, score: str = "probability") -> float:
+    with torch.no_grad():
+        logits = net(image.unsqueeze(0))[0]
+    if score == "logit":
+        return float(logits[klass])
+    if score == "accuracy":
+        return float(int(logits.argmax()) == klass)
+    return float(torch.softmax(logits, 0)[klass])
+
+
+def naive_curve(net, image, heatmap, klass, seed, insertion: bool, steps: int, substrate: str, score="probability"):
+    pixels = heatmap.numel()
+    step = -(-pixels // steps)
+    blank = functional.substrate(image.unsqueeze(0), substrate)[0]
+    start, end = (blank, image) if insertion else (image, blank)
+    order = naive_order(heatmap, seed)
+    fractions, curve = [], []
+    moved = 0
+    while True:
+        current = start.clone().flatten(1)
+        current[:, order[:moved]] = end.flatten(1)[:, order[:moved]]
+        curve.append(naive_score(net, current.view_as(image), klass, score))
+        fractions.append(moved / pixels)
+        if moved == pixels:
+            break
+        moved = min(moved + step, pixels)
+    area = sum((fractions[i + 1] - fractions[i]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(curve) - 1))
+    return fractions, curve, area
+
+
+@pytest.mark.parametrize("insertion", [True, False])
+@pytest.mark.parametrize("score", ["probability", "logit"])
+def test_perturbation_curves_equal_a_naive_loop(insertion, score):
+    net = small_net()
+    images, heatmaps, classes, seeds = small_case(zeros=0.4)
+    substrate = "blur" if insertion else "zeros"
+    fractions, curves = functional.perturbation_curves(net, images, heatmaps, classes, seeds, insertion=insertion,
+                                                       steps=7, substrate_name=substrate, score=score,
+                                                       batch_size=3)
+    auc = (functional.insertion_auc if insertion else functional.deletion_auc)(
+        net, images, heatmaps, classes, seeds, steps=7, substrate_name=substrate, score=score, batch_size=4)
+    for b in range(len(images)):
+        expected_fractions, expected_curve, expected_area = naive_curve(
+            net, images[b], heatmaps[b], int(classes[b]), seeds[b], insertion, 7, substrate, score)
+        np.testing.assert_allclose(fractions.numpy(), expected_fractions, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(curves[b].numpy(), expected_curve, rtol=1e-12, atol=1e-12)
+        assert auc[b].item() == pytest.approx(expected_area, rel=1e-12, abs=1e-12)
+
+
+def test_curves_start_and_end_at_the_substrates_and_the_images_own_scores():
+    net = small_net()
+    images, heatmaps, classes, seeds = small_case(seed=1)
+    own = functional.class_scores(net(images), classes, "probability", False)
+    blurred = functional.class_scores(net(functional.substrate(images, "blur")), classes, "probability", False)
+    black = functional.class_scores(net(torch.zeros_like(images)), classes, "probability", False)
+    _, insertion = functional.perturbation_curves(net, images, heatmaps, classes, seeds, insertion=True, steps=5,
+                                                  substrate_name="blur")
+    _, deletion = functional.perturbation_curves(net, images, heatmaps, classes, seeds, insertion=False, steps=5,
+                                                 substrate_name="zeros")
+    torch.testing.assert_close(insertion[:, 0], blurred.detach())
+    torch.testing.assert_close(insertion[:, -1], own.detach())
+    torch.testing.assert_close(deletion[:, 0], own.detach())
+    torch.testing.assert_close(deletion[:, -1], black.detach())
+
+
+def test_the_blur_substrate_is_the_gaussian_of_kernel_11_and_sigma_5():
+    """An independent 2-D convolution with the normalised Gaussian, reflect padding."""
+    images = torch.rand(2, 3, 20, 23, dtype=torch.float64)
+    offsets = torch.arange(11, dtype=torch.float64) - 5
+    kernel1d = torch.exp(-offsets**2 / (2 * 5.0**2))
+    kernel1d /= kernel1d.sum()
+    kernel = (kernel1d[:, None] * kernel1d[None, :]).expand(3, 1, 11, 11)
+    padded = torch.nn.functional.pad(images, (5, 5, 5, 5), mode="reflect")
+    expected = torch.nn.functional.conv2d(padded, kernel, groups=3)
+    torch.testing.assert_close(functional.substrate(images, "blur"), expected)
+
+
+class RegionNet(nn.Module):
+    """Two classes: class 0's logit is the texture (mean horizontal pixel difference) of the
+    top-left quadrant, class 1's a constant: the quadrant's texture decides class 0, and a blur
+    removes it."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        region = images[:, :, : height // 2, : width // 2]
+        texture = (region[..., 1:] - region[..., :-1]).abs().mean((1, 2, 3)) * 30
+        return torch.stack([texture, torch.full_like(texture, 5.0)], 1)
+
+
+def test_a_map_ranking_the_decisive_region_first_beats_a_random_map():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 16, 16, generator=generator, dtype=torch.float64)
+    decisive = torch.zeros(6, 16, 16, dtype=torch.float64)
+    decisive[:, :8, :8] = 1.0
+    noise = torch.rand(6, 16, 16, generator=generator, dtype=torch.float64)
+    classes, seeds = torch.zeros(6, dtype=torch.long), torch.arange(6)
+    net = RegionNet()
+    assert bool((net(images).argmax(1) == 0).all())
+    options = {"steps": 16, "batch_size": 8, "substrate_name": "blur"}
+    for auc, better in ((functional.insertion_auc, torch.gt), (functional.deletion_auc, torch.lt)):
+        own = auc(net, images, decisive, classes, seeds, **options)
+        random = auc(net, images, noise, classes, seeds, **options)
+        assert bool(better(own, random).all()), (auc.__name__, own, random)
+
+
+def test_ties_are_broken_so_that_exactly_the_stated_share_moves():
+    """pytorch-grad-cam's ROAD thresholds at a percentile and so removes every pixel of a map whose
+    exact zeros reach past it; here a map with 60% exact zeros removes exactly the stated count."""
+    _, heatmaps, _, seeds = small_case(zeros=0.6, batch=4)
+    assert float((heatmaps == 0).double().mean()) > 0.5
+    ranks = functional.pixel_ranks(heatmaps, seeds)
+    pixels = heatmaps[0].numel()
+    assert torch.equal(ranks.sort(1).values, torch.arange(pixels).expand(4, -1))
+    for percent in (10, 50, 70, 90):
+        count = torch.full((4,), round(percent / 100 * pixels))
+        for order in functional.ROAD_ORDERS:
+            removed = functional.road_removed(ranks, count, order)
+            assert torch.equal(removed.sum(1), count)
+    # Higher values first; the zeros (ties) in an order that depends on the trial's seed alone.
+    flat = heatmaps.flatten(1)
+    ordered = flat.gather(1, ranks.argsort(1))
+    assert bool((ordered[:, 1:] <= ordered[:, :-1]).all())
+    torch.testing.assert_close(functional.pixel_ranks(heatmaps[2:3], seeds[2:3]), ranks[2:3], rtol=0, atol=0)
+    assert not torch.equal(functional.pixel_ranks(heatmaps[2:3], seeds[2:3] + 1), ranks[2:3])
+
+
+def scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """ROAD's system, built pixel by pixel and solved by scipy's direct sparse solver."""
+    height, width = removed.shape
+    unknown = {pixel: i for i, pixel in enumerate(zip(*np.nonzero(removed)))}
+    matrix = scipy.sparse.lil_matrix((len(unknown), len(unknown)))
+    right = np.zeros((len(unknown), image.shape[0]))
+    for (y, x), row in unknown.items():
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if (dy, dx) == (0, 0) or not (0 <= y + dy < height and 0 <= x + dx < width):
+                    continue
+                weight = 1 / 6 if dy == 0 or dx == 0 else 1 / 12
+                matrix[row, row] += weight
+                if (y + dy, x + dx) in unknown:
+                    matrix[row, unknown[(y + dy, x + dx)]] -= weight
+                else:
+                    right[row] += weight * image[:, y + dy, x + dx]
+    solution = scipy.sparse.linalg.spsolve(matrix.tocsc(), right).reshape(len(unknown), -1)
+    filled = image.copy()
+    for (y, x), row in unknown.items():
+        filled[:, y, x] = solution[row]
+    return filled
+
+
+def test_linear_imputation_equals_a_direct_sparse_solve_on_rgb_images_with_one_channel_maps():
+    """Quantus' batched ROAD raises an IndexError on RGB images with a one-channel map; here the
+    map ranks pixels, and all three channels of each removed pixel are imputed."""
+    images, heatmaps, _, seeds = small_case(seed=2, batch=4, zeros=0.5)
+    ranks = functional.pixel_ranks(heatmaps, seeds)
+    counts = torch.tensor([10, 50, 80, 98])
+    removed = functional.road_removed(ranks, counts, "morf").view(4, *SIZE)
+    imputed = linear_imputation(images, removed)
+    for b in range(4):
+        expected = scipy_imputation(images[b].numpy(), removed[b].numpy())
+        np.testing.assert_allclose(imputed[b].numpy(), expected, rtol=0, atol=1e-8)
+    # Kept pixels are untouched; a removed one is the weighted mean of its neighbours.
+    assert torch.equal(imputed.masked_select(~removed.unsqueeze(1)), images.masked_select(~removed.unsqueeze(1)))
+
+
+def test_noisy_imputation_adds_the_noise_on_removed_pixels_only():
+    images, heatmaps, _, seeds = small_case(seed=4, batch=2)
+    removed = functional.road_removed(functional.pixel_ranks(heatmaps, seeds), torch.tensor([30, 30]), "lerf")
+    removed = removed.view(2, *SIZE)
+    noise = torch.randn_like(images) * 0.01
+    difference = noisy_linear_imputation(images, removed, noise) - linear_imputation(images, removed)
+    torch.testing.assert_close(difference, noise * removed.unsqueeze(1))
+
+
+def test_imputation_float32_matches_float64_and_refuses_removing_everything():
+    images, heatmaps, _, seeds = small_case(seed=5, batch=3)
+    removed = functional.road_removed(functional.pixel_ranks(heatmaps, seeds), torch.tensor([70, 80, 90]), "morf")
+    removed = removed.view(3, *SIZE)
+    torch.testing.assert_close(linear_imputation(images.float(), removed).double(), linear_imputation(images, removed),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="100%"):
+        linear_imputation(images, torch.ones(3, *SIZE, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="did not converge in 1 iterations"):
+        linear_imputation(images, removed, max_iterations=1)
+
+
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+@pytest.mark.parametrize("score", ["probability", "accuracy"])
+def test_road_equals_a_naive_loop(order, score):
+    net = small_net()
+    images, heatmaps, classes, seeds = small_case(seed=6, zeros=0.6)
+    percentages = (10, 40, 90)
+    scores = functional.road(net, images, heatmaps, classes, seeds, percentages=percentages, order=order,
+                             score=score, batch_size=4)
+    pixels = heatmaps[0].numel()
+    for b in range(len(images)):
+        ranking = naive_order(heatmaps[b], seeds[b])
+        for index, percent in enumerate(percentages):
+            count = round(percent / 100 * pixels)
+            chosen = ranking[:count] if order == "morf" else ranking[pixels - count:]
+            removed = np.zeros(pixels, dtype=bool)
+            removed[chosen] = True
+            removed = removed.reshape(SIZE)
+            filled = scipy_imputation(images[b].numpy(), removed)
+            row = torch.tensor([[int(seeds[b]), index, functional.ROAD_ORDERS.index(order)]])
+            noise = functional.trial_normals("road", row, images.shape[1:], torch.float64)[0].numpy() * 0.01
+            filled = filled + noise * removed
+            expected = naive_score(net, torch.from_numpy(filled), int(classes[b]), score)
+            assert scores[b, index].item() == pytest.approx(expected, rel=1e-7, abs=1e-7)
+
+
+def test_bad_inputs_are_refused_naming_the_shapes():
+    net = small_net()
+    images, heatmaps, classes, seeds = small_case()
+    with pytest.raises(ValueError, match="at the images' size"):
+        functional.insertion_auc(net, images, heatmaps[:, :4], classes, seeds)
+    with pytest.raises(ValueError, match="finite"):
+        functional.deletion_auc(net, images, heatmaps.masked_fill(heatmaps > 0.9, float("nan")), classes, seeds)
+    with pytest.raises(ValueError, match="classes must be integers"):
+        functional.road(net, images, heatmaps, classes[:2], seeds, percentages=(10,), order="morf")
+    with pytest.raises(ValueError, match="unknown ROAD order"):
+        functional.road(net, images, heatmaps, classes, seeds, percentages=(10,), order="random")
+    with pytest.raises(ValueError, match="unknown substrate"):
+        functional.insertion_auc(net, images, heatmaps, classes, seeds, substrate_name="mean")
