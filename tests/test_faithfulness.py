@@ -263,3 +263,111 @@ def test_bad_inputs_are_refused_naming_the_shapes():
         functional.road(net, images, heatmaps, classes, seeds, percentages=(10,), order="random")
     with pytest.raises(ValueError, match="unknown substrate"):
         functional.insertion_auc(net, images, heatmaps, classes, seeds, substrate_name="mean")
+
+
+def test_spearman_equals_scipy_with_ties_and_is_undefined_for_a_constant_map():
+    import scipy.stats
+
+    generator = torch.Generator().manual_seed(7)
+    first = torch.rand(4, 300, generator=generator, dtype=torch.float64)
+    second = torch.rand(4, 300, generator=generator, dtype=torch.float64)
+    first[:, :120] = 0.0  # ReLU'd maps: many exact zeros
+    second[:, 60:200] = 0.0
+    first[3] = 0.25
+    correlation = functional.spearman(first, second)
+    for row in range(3):
+        expected = scipy.stats.spearmanr(first[row].numpy(), second[row].numpy()).statistic
+        assert correlation[row].item() == pytest.approx(expected, abs=1e-12)
+    assert correlation[3].isnan()
+
+
+def test_map_similarity_of_a_map_to_itself_and_ssim_as_scikit_image_defines_it():
+    from skimage.metrics import structural_similarity
+
+    generator = torch.Generator().manual_seed(8)
+    maps = torch.rand(3, 24, 26, generator=generator, dtype=torch.float64)
+    same = functional.map_similarity(maps, maps)
+    for name in functional.SIMILARITIES:
+        torch.testing.assert_close(same[name], torch.ones(3, dtype=torch.float64))
+    other = maps + 0.3 * torch.rand(3, 24, 26, generator=generator, dtype=torch.float64)
+    ssim = functional.map_similarity(maps, other)["ssim"]
+    for b in range(3):
+        expected = structural_similarity((maps[b] / maps[b].max()).numpy(), (other[b] / other[b].max()).numpy(),
+                                         data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                         use_sample_covariance=False)
+        # torchmetrics scores the border from reflected pixels, scikit-image leaves it out.
+        assert ssim[b].item() == pytest.approx(expected, abs=0.01)
+    zero = functional.map_similarity(maps, maps * 0)
+    assert zero["ssim"].isnan().all() and zero["spearman"].isnan().all()
+
+
+def test_parameter_blocks_run_from_the_input_to_the_logits():
+    from gcmodels.networks import build_network
+
+    names = [name for name, _ in functional.parameter_blocks(build_network("resnet18", 5))]
+    assert names == ["features.0", "features.1", "features.4.0", "features.4.1", "features.5.0", "features.5.1",
+                     "features.6.0", "features.6.1", "features.7.0", "features.7.1", "head.2"]
+    names = [name for name, _ in functional.parameter_blocks(build_network("alexnet", 5))]
+    assert names == ["features.0", "features.3", "features.6", "features.8", "features.10", "head.3.1", "head.3.4",
+                     "head.3.6"]
+
+
+def gradcam(net, images, classes):
+    from evaluation.explainers import GradCAM
+
+    return GradCAM()(net, images, classes)
+
+
+def first_layer_activity(net, images, classes):
+    """A map that ignores every block above the first convolution: what a map that does not depend
+    on the weights near the logits looks like."""
+    return net.features[0](net.normalize(images)).abs().mean(1)
+
+
+def naive_randomisation(net, explainer, images, classes, seed, cascading):
+    """Per image and step: a fresh copy randomised block by block, one image explained at a time,
+    scipy's Spearman."""
+    import copy
+
+    import scipy.stats
+
+    names = [name for name, _ in functional.parameter_blocks(net)]
+    rows = []
+    for b in range(len(images)):
+        image, klass = images[b:b + 1], classes[b:b + 1]
+        original = functional.upsample(explainer(net, image, klass).detach(), images.shape[-2:])[0]
+        row = []
+        for step in range(len(names)):
+            copy_ = copy.deepcopy(net)
+            chosen = range(len(names) - 1 - step, len(names)) if cascading else [len(names) - 1 - step]
+            for number in chosen:
+                functional.randomise_block(copy_.get_submodule(names[number]), seed, number)
+            randomised = functional.upsample(explainer(copy_, image, klass).detach(), images.shape[-2:])[0]
+            row.append(scipy.stats.spearmanr(original.flatten().numpy(), randomised.flatten().numpy()).statistic)
+        rows.append(row)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("cascading", [True, False])
+def test_randomisation_equals_a_naive_loop(cascading):
+    net = small_net()
+    images, _, classes, _ = small_case(seed=9, batch=3)
+    names, similarity = functional.randomisation_similarity(net, gradcam, images, classes, seed=4,
+                                                            cascading=cascading)
+    assert names == [name for name, _ in reversed(functional.parameter_blocks(net))]
+    expected = naive_randomisation(net, gradcam, images, classes, 4, cascading)
+    np.testing.assert_allclose(similarity["spearman"].numpy(), expected, atol=1e-10)
+    # The network itself is left as it was.
+    torch.testing.assert_close(gradcam(net, images, classes), gradcam(small_net(), images, classes))
+
+
+def test_randomisation_detects_a_map_that_ignores_the_weights_near_the_logits():
+    net = small_net()
+    images, _, classes, _ = small_case(seed=10, batch=4)
+    names, similarity = functional.randomisation_similarity(net, first_layer_activity, images, classes, seed=0)
+    above = names.index("features.0")
+    # Unchanged, exactly, while only the blocks above its layer are random; changed after.
+    torch.testing.assert_close(similarity["spearman_abs"][:, :above], torch.ones(4, above, dtype=torch.float64))
+    assert bool((similarity["spearman_abs"][:, above] < 0.99).all())
+    _, gradcam_similarity = functional.randomisation_similarity(net, gradcam, images, classes, seed=0)
+    assert bool((gradcam_similarity["spearman_abs"][:, 0] < 0.99).all())
