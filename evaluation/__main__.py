@@ -1,6 +1,7 @@
 """Evaluate checkpoints: ``python -m evaluation ckpt_path=PATH [data=...] [explainer=...] [metrics=[...]]``.
 
-Writes report.md, report.csv, report.json and heatmaps.png to the output dir. The config is
+Writes report.md, report.csv, report.json, heatmaps.png and, with faithfulness metrics,
+faithfulness.png (their mean curves) to the output dir. The config is
 validated first, against :func:`evaluate_schema` (every refused key at once); then the rules across
 objects (each checkpoint's class set against the data's, the explainer's layer on each network, the
 metrics the data can serve, the device) before any data is read.
@@ -18,11 +19,11 @@ from pydantic import BeforeValidator, Field, create_model
 from datamodules import DATASETS, ClassificationDataModule, build_datamodule
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import EXPLAINERS, Explainer, build_explainer
-from evaluation.figures import save_overlay_grid
+from evaluation.figures import save_faithfulness_curves, save_overlay_grid
 from evaluation.metrics.registry import MetricNames
 from evaluation.panels import explanation_panels
 from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, resolve_device, unsupported_metrics
-from evaluation.report import write_reports
+from evaluation.report import REFERENCE_LABELS, reference_results, write_reports
 from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
 from gcmodels.checkpoints import checkpoint_label, describe_checkpoint, read_hparams
@@ -105,6 +106,14 @@ def run(cfg: DictConfig) -> dict:
                     "metrics": metrics,
                     "max_images": options.max_images, **settings.to_dict()}
     reports = write_reports(rows, options.output_dir, run_settings)
+    curves = [(checkpoint_label(row), row["results"], False) for row in rows]
+    # The reference maps' curves do not depend on the model: the first checkpoint's stand for all.
+    curves += [(f"reference: {label}", reference_results(rows[0]["results"], reference), True)
+               for reference, label in REFERENCE_LABELS.items()]
+    figure = save_faithfulness_curves(curves, Path(options.output_dir, "faithfulness.png"),
+                                      settings.faithfulness_score)
+    if figure is not None:
+        reports["faithfulness"] = figure
     if grid:
         reports["heatmaps"] = save_overlay_grid(grid, Path(options.output_dir, "heatmaps.png"),
                                                 f"{explainer_name} explanations of the labelled class")

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from datamodules import ClassificationDataModule
 from datamodules.images import size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
-from evaluation.metrics.registry import METRICS, family_members, results_of
+from evaluation.metrics.functional import upsample
+from evaluation.metrics.registry import COUNT_GROUPS, METRICS, family_members, results_of
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
-from evaluation.sampling import Indexed, shard, shard_indices
+from evaluation.sampling import Indexed, WithOthers, shard, shard_indices
 from evaluation.settings import EvaluationSettings
 from gcmodels.accuracy import accuracy_inputs
 
@@ -58,11 +59,11 @@ class ExplanationEvaluator:
         self.multilabel = multilabel
         self.settings = settings
         self.state: dict[str, Metric] = {name: self._build(name) for name in self.metrics}
-        # The same localisation metrics of the reference maps, on the same trials.
-        localization = family_members(self.metrics, "localization")
+        # The same localisation and faithfulness metrics of the reference maps, on the same trials.
+        referenced = family_members(self.metrics, "localization") + family_members(self.metrics, "faithfulness")
         self.references: dict[str, dict[str, Metric]] = {
-            reference: {name: self._build(name) for name in localization} for reference in REFERENCES
-        } if localization else {}
+            reference: {name: self._build(name) for name in referenced} for reference in REFERENCES
+        } if referenced else {}
 
     def _build(self, name: str) -> Metric:
         return METRICS[name].build(self.settings, self.num_classes, self.multilabel)
@@ -102,6 +103,65 @@ class ExplanationEvaluator:
         for metric in self._family("composites").values():
             metric.update(heatmaps, batch["cell"])
 
+    def _faithfulness_trials(self, batch: dict) -> dict:
+        """The batch as trials: (image, labelled class) pairs, one per class present on multi-label
+        data; ``seeds`` (image index, class) order each trial's tied pixels. The other images'
+        maps explain their own class (multi-label: their first)."""
+        targets, index = batch["target"], batch["index"]
+        if self.multilabel:
+            image, classes = targets.nonzero(as_tuple=True)
+        else:
+            image, classes = torch.arange(len(targets), device=targets.device), targets
+        trials = {"images": batch["image"][image], "classes": classes, "index": index[image],
+                  "seeds": torch.stack([index[image], classes], 1)}
+        if "others" in batch:
+            other_targets = batch["other_targets"]
+            trials.update(others=batch["others"][image], other_index=batch["other_index"][image],
+                          other_classes=(other_targets.argmax(-1) if self.multilabel else other_targets)[image])
+        return trials
+
+    def _maps(self, net, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The explainer's maps at the images' size."""
+        return upsample(self.explainer(net, images, classes), images.shape[-2:])
+
+    def update_faithfulness(self, net, batch: dict) -> None:
+        """Insertion, deletion and ROAD of the explainer's maps, of the other images' maps on the
+        same images (``"others"``, from :class:`evaluation.sampling.WithOthers`), and of the
+        reference maps: the centred peak (the same map for every image, so its others score as it
+        does) and the first uniform-noise map of each trial (the others': theirs)."""
+        trials = self._faithfulness_trials(batch)
+        images, classes, seeds = trials["images"], trials["classes"], trials["seeds"]
+        if not len(images):
+            return
+        count, (height, width) = len(images), images.shape[-2:]
+        maps, others = self._maps(net, images, classes), None
+        if "others" in trials:
+            others = self._maps(net, trials["others"].flatten(0, 1), trials["other_classes"].flatten())
+            others = others.view(count, -1, height, width)
+        for metric in self._family("faithfulness").values():
+            metric.update(net, images, maps, classes, seeds, others)
+        if not self.references:
+            return
+        centre = centre_maps(count, height, width, images.device)
+        noise = trial_noise_maps(self.settings.seed, map_seeds(trials["index"], 1), height, width, images.device)
+        reference_others = {"center": None, "noise": None}
+        if others is not None:
+            reference_others["center"] = centre.unsqueeze(1).expand_as(others)
+            other_index = trials["other_index"].flatten()
+            reference_others["noise"] = trial_noise_maps(self.settings.seed, map_seeds(other_index, 1), height, width,
+                                                         images.device).view_as(others)
+        for reference, reference_maps in (("center", centre), ("noise", noise)):
+            for name, metric in self.references[reference].items():
+                if METRICS[name].family == "faithfulness":
+                    metric.update(net, images, reference_maps, classes, seeds, reference_others[reference])
+
+    def update_randomisation(self, net, batch: dict) -> None:
+        """The randomisation test of the explainer on the batch's trials."""
+        trials = self._faithfulness_trials(batch)
+        if len(trials["images"]):
+            for metric in self._family("randomisation").values():
+                metric.update(net, self.explainer, trials["images"], trials["classes"])
+
     def update_localization(self, net, batch: dict) -> None:
         """The explainer's maps, and the reference maps, scored on the batch's trials (masks may be
         larger than the images: the authors' protocol scores at the original size). ``"index"``:
@@ -111,14 +171,17 @@ class ExplanationEvaluator:
         self._update_localization_metrics(self._family("localization"), self.explainer(net, batch["image"], classes),
                                           masks, classes, pointing, map_seeds(batch["index"], 0))
         count, (height, width) = len(masks), masks.shape[-2:]
-        if self.references:
-            self._update_localization_metrics(self.references["center"],
+        references = {reference: {name: metric for name, metric in metrics.items()
+                                  if METRICS[name].family == "localization"}
+                      for reference, metrics in self.references.items()}
+        if references and references["center"]:
+            self._update_localization_metrics(references["center"],
                                               centre_maps(count, height, width, masks.device),
                                               masks, classes, pointing, map_seeds(batch["index"], 0))
             for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
                 seeds = map_seeds(batch["index"], number)
                 noise = trial_noise_maps(self.settings.seed, seeds, height, width, masks.device)
-                self._update_localization_metrics(self.references["noise"], noise, masks, classes, pointing, seeds)
+                self._update_localization_metrics(references["noise"], noise, masks, classes, pointing, seeds)
 
     @staticmethod
     def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
@@ -151,8 +214,9 @@ class ExplanationEvaluator:
                     results[key] = value
         for reference, metrics in self.references.items():
             for name, metric in metrics.items():
+                # Their counts are the explainer's (the same trials); their curves are kept.
                 results.update({f"{key}_{reference}": value for key, value in results_of(name, metric.compute()).items()
-                                if not isinstance(value, dict)})
+                                if key not in COUNT_GROUPS.values()})
         return results
 
     def run(self, net, datamodule: ClassificationDataModule, max_images: int | None = None, rank: int = 0,
@@ -190,6 +254,17 @@ class ExplanationEvaluator:
                 composites = loader(CompositeDataset(val_set, layout), max(1, self.settings.batch_size // 4))
                 for batch in _batches(composites, device, "composites", progress):
                     self.update_composites(net, batch)
+            image_updates = {"faithfulness": self.update_faithfulness, "randomisation": self.update_randomisation}
+            explained_images = [update for family, update in image_updates.items() if self._family(family)]
+            if explained_images:
+                count = self.settings.other_images if self._family("faithfulness") else 0
+                dataset = Subset(WithOthers(val_set, count, self.settings.seed),
+                                 shard_indices(len(val_set), rank, world_size, max_images))
+                # Each image brings its K others: a batch of (K + 1) times fewer holds as many images.
+                for batch in _batches(loader(dataset, max(1, self.settings.batch_size // (count + 1))), device,
+                                      "faithfulness", progress):
+                    for update in explained_images:
+                        update(net, batch)
             if localization:
                 trials = datamodule.localization_dataset(self.settings.trial_geometry)
                 if trials is None:

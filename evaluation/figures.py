@@ -82,3 +82,52 @@ def save_overlay_grid(rows: Sequence[tuple[str, Sequence[Panel]]], path: str | P
     bar.set_label("min-max per image", fontsize=6)
     bar.ax.tick_params(labelsize=6)
     return save_figure(fig, path)
+
+
+# The curves of the faithfulness metrics (``<group>`` in an evaluation's results, keyed by the
+# share of pixels moved, ``p=<percent>`` or a block name), their axis titles and whether lower is
+# better.
+CURVES = {
+    "insertion_curve": ("insertion: share of pixels put back", False),
+    "deletion_curve": ("deletion: share of pixels removed", True),
+    "road_morf_curve": ("ROAD MoRF: share removed, most relevant first", True),
+    "road_lerf_curve": ("ROAD LeRF: share removed, least relevant first", False),
+    "mprt_spearman_abs": ("randomised blocks, from the logits down", True),
+}
+
+
+def _curve_x(keys: Sequence[str]) -> list[float] | None:
+    """The curve's x values from its keys (a share, or ``p=<percent>``); None for block names."""
+    try:
+        return [float(key[2:]) / 100 if key.startswith("p=") else float(key) for key in keys]
+    except ValueError:
+        return None
+
+
+def save_faithfulness_curves(series: Sequence[tuple[str, dict, bool]], path: str | Path, score: str) -> Path | None:
+    """One panel per faithfulness curve present: the mean curve of each ``(label, results,
+    reference)`` (a reference map's results are drawn dashed); None when no results hold a curve."""
+    groups = [group for group in CURVES if any(group in results for _, results, _ in series)]
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        title, lower_better = CURVES[group]
+        for label, results, reference in series:
+            curve = results.get(group)
+            if not curve:
+                continue
+            x = _curve_x(list(curve))
+            positions = x if x is not None else list(range(len(curve)))
+            ax.plot(positions, list(curve.values()), "--" if reference else "-o", markersize=3, label=label,
+                    linewidth=1.0 if reference else 1.5)
+            if x is None:
+                ax.set_xticks(positions, list(curve), rotation=60, fontsize=6)
+        ax.set_xlabel(title, fontsize=8)
+        ax.set_ylabel("rank correlation of |map|" if group.startswith("mprt") else score, fontsize=8)
+        ax.set_title("lower is better" if lower_better else "higher is better", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)

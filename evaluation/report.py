@@ -2,7 +2,9 @@
 
 Laid out like the paper: Table 1 (accuracy and explanation metrics, one row per checkpoint) and
 Table 6 (top-1 under FGSM for each eps), with the attack's success rate among the images correct
-before it beside Table 6. Beside the localisation metrics, what a centred peak and uniform noise
+before it beside Table 6; then the faithfulness table (insertion, deletion, ROAD, each with the
+other-image baseline, and the randomisation check with its verdict), its settings printed above it.
+Beside the localisation metrics, what a centred peak and uniform noise
 score on the same trials (``evaluation.references``); under the authors' protocol, also how many
 trials an all-zero map left out or had scored as uniform (``evaluation.zero_maps``), since their
 scripts score every such map. report.json and report.csv hold fractions in [0, 1], as the metrics
@@ -20,6 +22,105 @@ from evaluation.tables import markdown_table, percent
 from gcmodels.checkpoints import checkpoint_label
 
 REFERENCE_LABELS = {"center": "centred peak", "noise": "uniform noise"}
+FAITHFULNESS_FAMILIES = ("faithfulness", "randomisation")
+# Where a faithfulness metric's score is the base of an other-image baseline (see
+# evaluation.metrics.faithfulness): the others' score and the excess over them follow it.
+BASELINE_SUFFIXES = ("", "_others", "_minus_others")
+HEADINGS = {"insertion": "Insertion", "deletion": "Deletion", "road_morf": "ROAD MoRF", "road_lerf": "ROAD LeRF",
+            "mprt": "MPRT rank corr.", "mprt_unchanged": "MPRT unchanged steps"}
+
+
+def reference_results(results: dict, reference: str) -> dict:
+    """The results a reference map got (``<key>_<reference>``), under the explainer's keys."""
+    suffix = f"_{reference}"
+    return {key.removesuffix(suffix): value for key, value in results.items() if key.endswith(suffix)}
+
+
+def faithfulness_keys(rows: list[dict]) -> list[str]:
+    """The faithfulness scores of the registered metrics present in any row, each base score
+    followed by its others' score and its excess over them."""
+    keys = []
+    for spec in registry.METRICS.values():
+        if spec.family not in FAITHFULNESS_FAMILIES:
+            continue
+        for name in spec.scores:
+            if name.endswith("_minus_others"):
+                continue
+            suffixes = BASELINE_SUFFIXES if f"{name}_minus_others" in spec.scores else ("",)
+            keys += [f"{name}{suffix}" for suffix in suffixes]
+    return [key for key in keys if any(key in row["results"] for row in rows)]
+
+
+def faithfulness_settings(settings: dict, keys: list[str]) -> str:
+    """The settings that decide whether a faithfulness number compares with another, in words."""
+    score = settings.get("faithfulness_score")
+    parts = []
+    if any(key.startswith(("insertion", "deletion")) for key in keys):
+        parts.append(f"insertion and deletion: {settings.get('perturbation_steps')} equal steps of the pixels ranked "
+                     f"by the map (ties in a seeded random order), substrate {settings.get('insertion_substrate')} "
+                     f"(insertion; blur = Gaussian kernel 11, sigma 5) and {settings.get('deletion_substrate')} "
+                     f"(deletion), AUC over the fraction of pixels")
+    if any(key.startswith("road") for key in keys):
+        parts.append(f"ROAD: {list(settings.get('road_percentages', []))} % removed by noisy linear imputation "
+                     f"(noise {settings.get('road_noise')}), area = the curve's mean height over those percentages")
+    if any(not key.startswith("mprt") for key in keys):
+        parts.append(f"score: {score} of the explained class; others: the maps of "
+                     f"{settings.get('other_images')} other validation images on the same image")
+    if any(key.startswith("mprt") for key in keys):
+        parts.append(f"MPRT: {settings.get('mprt_variant')} randomisation from the logits down, Spearman rank "
+                     f"correlation of |map| with the original, a step unchanged at >= {settings.get('mprt_threshold')}")
+    return "Settings: " + "; ".join(parts) + "."
+
+
+def faithfulness_heading(key: str) -> str:
+    for suffix, words in (("_minus_others", " - others"), ("_others", " (others)")):
+        if key.endswith(suffix):
+            return HEADINGS.get(key.removesuffix(suffix), key) + words
+    return HEADINGS.get(key, key)
+
+
+def mprt_verdict(results: dict, threshold: float | None) -> str:
+    """Whether the randomisation check passes: every step changed the maps (mean rank correlation
+    below the threshold), or which blocks left them unchanged."""
+    curve = results.get("mprt_spearman_abs", {})
+    unchanged = [block for block, value in curve.items() if threshold is not None and value >= threshold]
+    if not unchanged:
+        return "passes: the maps changed at every step of the randomisation"
+    return (f"FAILS: the maps kept a rank correlation >= {threshold} with the original after randomising up to "
+            f"block(s) {', '.join(unchanged)}")
+
+
+def faithfulness_lines(rows: list[dict], settings: dict) -> list[str]:
+    """report.md's faithfulness table (percent for the scores in [0, 1], as Table 1), with its
+    settings and, under MPRT, each checkpoint's verdict."""
+    keys = faithfulness_keys(rows)
+    if not keys:
+        return []
+    in_percent = [key for key in keys if key != "mprt_unchanged" and not key.startswith("mprt")]
+    logit = settings.get("faithfulness_score") == "logit"
+
+    def cell(results: dict, key: str) -> str:
+        value = results.get(key)
+        if key in in_percent and not logit:
+            return percent(value)
+        return "-" if value is None else f"{value:.3f}" if key != "mprt_unchanged" else f"{value:.0f}"
+
+    unit = "logits" if logit else "%"
+    lines = [f"Faithfulness ({unit}; deletion and ROAD MoRF lower is better, the rest higher, MPRT lower). "
+             f"'- others': the score minus that of other images' maps on the same images: the part owed to the map "
+             f"being this image's.", "", faithfulness_settings(settings, keys), ""]
+    table = [[checkpoint_label(row), *(cell(row["results"], key) for key in keys)] for row in rows]
+    for reference, label in REFERENCE_LABELS.items():
+        scored = reference_results(rows[0]["results"], reference)
+        if any(key in scored for key in keys):
+            table.append([f"reference: {label}", *(cell(scored, key) for key in keys)])
+    lines += markdown_table(["model", *(faithfulness_heading(key) for key in keys)], table) + [""]
+    if any("mprt" in row["results"] for row in rows):
+        lines += ["Randomisation check (Adebayo et al. 2018):", ""]
+        lines += [f"- {checkpoint_label(row)}: {mprt_verdict(row['results'], settings.get('mprt_threshold'))}"
+                  for row in rows if "mprt" in row["results"]]
+        lines.append("")
+    return lines
 
 
 def _table1_cell(results: dict, key: str, spread: bool) -> str:
@@ -101,11 +202,12 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     clean = ["fgsm_clean"] if any("fgsm_clean" in row["results"] for row in rows) else []
     spreads = _spreads(rows)
     table1_keys = [name for key, _ in columns for name in (key, f"{key}_std") if name == key or key in spreads]
-    reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in table1_keys
+    faithful = faithfulness_keys(rows)
+    reference_keys = [f"{key}_{reference}" for reference in REFERENCES for key in table1_keys + faithful
                       if any(f"{key}_{reference}" in row["results"] for row in rows)]
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + table1_keys + reference_keys
+        writer.writerow(["checkpoint", "model", "pooling", "loss", "lambda"] + table1_keys + faithful + reference_keys
                         + [f"fgsm_{key}" for key in eps_keys] + clean + [f"fgsm_success_{key}" for key in success_keys]
                         + [f"skipped_{key}" for key in skipped_keys]
                         + [f"zero_maps_uniform_{key}" for key in uniform_keys])
@@ -113,7 +215,7 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
             results = row["results"]
             writer.writerow([row["checkpoint"], row.get("model"), row.get("pooling"), row.get("loss"),
                              row.get("lambda")]
-                            + [results.get(key) for key in table1_keys + reference_keys]
+                            + [results.get(key) for key in table1_keys + faithful + reference_keys]
                             + [results.get("fgsm", {}).get(key) for key in eps_keys]
                             + [results.get(key) for key in clean]
                             + [results.get("fgsm_success", {}).get(key) for key in success_keys]
@@ -137,6 +239,7 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                 results = {key: first.get(f"{key}_{reference}") for key in table1_keys}
                 table.append([f"reference: {label}", *_table1_cells(results, shown, spreads)])
         lines += markdown_table(["model", *(heading for _, heading in shown)], table) + [""]
+    lines += faithfulness_lines(rows, settings)
     if eps_keys:
         lines += ["Table 6: top-1 accuracy (%) under FGSM; eps in 1/255 units.", ""]
         lines += _eps_table(rows, "fgsm", eps_keys) + [""]

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from datamodules import ClassificationDataModule
+from evaluation.composites import key_seed
 
 
 def spread_indices(length: int, count: int) -> list[int]:
@@ -49,3 +50,39 @@ class Indexed(Dataset):
         return None if sample is None else {**sample, "index": torch.tensor(index)}
 
 
+
+
+def other_indices(length: int, index: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of ``range(length)`` other than ``index``, drawn by a generator
+    seeded by ``(seed, index)`` alone: an image's other images do not depend on the batch, the
+    process or ``max_images``."""
+    if count > length - 1:
+        raise ValueError(f"evaluation.other_images={count} needs {count + 1} validation images; the data has {length}")
+    generator = torch.Generator().manual_seed(key_seed(seed, f"others/{index}"))
+    return [pick + (pick >= index) for pick in torch.randperm(length - 1, generator=generator)[:count].tolist()]
+
+
+class WithOthers(Dataset):
+    """``dataset``'s samples with their index (``"index"``) and ``count`` other images of the
+    whole set (``"others"`` ``[K, C, H, W]``, ``"other_targets"``, ``"other_index"``;
+    :func:`other_indices`), whose maps stand in for the image's own in the other-image baseline.
+    A sample with a corrupt image among them is None (the collate drops and counts it)."""
+
+    def __init__(self, dataset: Dataset, count: int, seed: int):
+        self.dataset = dataset
+        self.count = count
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.dataset[index]
+        others = [(other, self.dataset[other]) for other in other_indices(len(self), index, self.count, self.seed)]
+        if sample is None or any(other is None for _, other in others):
+            return None
+        if not others:
+            return {**sample, "index": torch.tensor(index)}
+        return {**sample, "index": torch.tensor(index), "others": torch.stack([other["image"] for _, other in others]),
+                "other_targets": torch.stack([torch.as_tensor(other["target"]) for _, other in others]),
+                "other_index": torch.tensor([position for position, _ in others])}

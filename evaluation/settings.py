@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from datamodules.images import PROTOCOLS, TrialGeometry
 from evaluation.attacks import SPACES
 from evaluation.metrics.classes import ZERO_MAPS
+from evaluation.metrics.functional import PERTURBATION_SCORES, SUBSTRATES
 from gcmodels.options import Options, Sequence
+
+
+def increasing(values: tuple[float, ...]) -> tuple[float, ...]:
+    if any(later <= earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(f"must increase strictly, got {list(values)}")
+    return values
 
 
 class EvaluationSettings(Options):
@@ -30,6 +37,14 @@ class EvaluationSettings(Options):
     evaluation batch and process. ``noise_seeds``: uniform-noise reference maps per trial (their
     scores are averaged). ``zero_maps``: an all-zero map in PG, SPG and CH is left out and counted
     (``skip``) or scored as a uniform map, as the authors' ``+1e-8`` does (``uniform``).
+
+    Faithfulness (docs/metrics.md): insertion and deletion move the pixels in
+    ``perturbation_steps`` equal steps onto ``insertion_substrate`` / to ``deletion_substrate``;
+    ROAD removes each of ``road_percentages`` by noisy linear imputation with noise ``road_noise``;
+    all three read ``faithfulness_score`` of the explained class, and score the maps of
+    ``other_images`` other validation images on each image too (0: not). ``mprt_variant``
+    randomises the blocks cascading from the logits or one at a time; a step whose maps keep a
+    mean rank correlation of at least ``mprt_threshold`` with the original fails the check.
     """
 
     protocol: Literal[PROTOCOLS]
@@ -44,6 +59,16 @@ class EvaluationSettings(Options):
     batch_size: Annotated[int, Field(ge=1)]
     noise_seeds: Annotated[int, Field(ge=1)]
     zero_maps: Literal[ZERO_MAPS] = "skip"
+    perturbation_steps: Annotated[int, Field(ge=1)] = 28
+    insertion_substrate: Literal[SUBSTRATES] = "blur"
+    deletion_substrate: Literal[SUBSTRATES] = "zeros"
+    faithfulness_score: Literal[PERTURBATION_SCORES] = "probability"
+    road_percentages: Annotated[Sequence[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=1),
+                                AfterValidator(increasing)] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+    road_noise: Annotated[float, Field(ge=0)] = 0.01
+    other_images: Annotated[int, Field(ge=0)] = 5
+    mprt_variant: Literal["cascading", "independent"] = "cascading"
+    mprt_threshold: Annotated[float, Field(gt=-1, le=1)] = 0.5
 
     @property
     def trial_geometry(self) -> TrialGeometry:

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from evaluation.composites import dataset_layout
 from evaluation.evaluator import ExplanationEvaluator
+from evaluation.metrics.faithfulness import MAX_BLOCKS
 from evaluation.metrics.registry import METRICS
 from evaluation.preflight import unsupported_metrics
 from evaluation.report import write_reports
@@ -518,8 +519,8 @@ def flatten_states(states: dict, prefix: str = "") -> dict:
 
 
 def test_metric_states_do_not_grow_with_the_number_of_images():
-    """Every metric keeps sums (per class, run or eps at most), never per-image maps or lists: the
-    states of 48 images have the shapes of those of 12."""
+    """Every metric keeps sums (per class, run, eps, curve point or randomised block at most), never
+    per-image maps or lists: the states of 48 images have the shapes of those of 12."""
     net = tiny_net(num_classes=4)
 
     def state_shapes(count: int) -> dict:
@@ -534,4 +535,5 @@ def test_metric_states_do_not_grow_with_the_number_of_images():
     shapes = state_shapes(12)
     assert state_shapes(48) == shapes
     assert {name for name, _ in shapes} >= set(METRICS) | {"pg_noise", "spg_center"}
-    assert max(math.prod(shape) for shape in shapes.values()) <= 6  # 6 FGSM eps; PG: 4 classes; SPG: 5 runs
+    # 6 FGSM eps, 4 classes, 5 SPG runs, 29 insertion points, 18 ROAD points, MPRT's block capacity.
+    assert max(math.prod(shape) for shape in shapes.values()) <= MAX_BLOCKS

@@ -51,20 +51,16 @@ def naive_score(net, image: torch.Tensor, klass: int, score: str = "probability"
 
 def naive_curve(net, image, heatmap, klass, seed, insertion: bool, steps: int, substrate: str, score="probability"):
     pixels = heatmap.numel()
-    step = -(-pixels // steps)
     blank = functional.substrate(image.unsqueeze(0), substrate)[0]
     start, end = (blank, image) if insertion else (image, blank)
     order = naive_order(heatmap, seed)
     fractions, curve = [], []
-    moved = 0
-    while True:
+    for step in range(steps + 1):
+        moved = int(np.floor(step * pixels / steps + 0.5))
         current = start.clone().flatten(1)
         current[:, order[:moved]] = end.flatten(1)[:, order[:moved]]
         curve.append(naive_score(net, current.view_as(image), klass, score))
         fractions.append(moved / pixels)
-        if moved == pixels:
-            break
-        moved = min(moved + step, pixels)
     area = sum((fractions[i + 1] - fractions[i]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(curve) - 1))
     return fractions, curve, area
 
@@ -189,14 +185,15 @@ def scipy_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return filled
 
 
-def test_linear_imputation_equals_a_direct_sparse_solve_on_rgb_images_with_one_channel_maps():
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_linear_imputation_equals_a_direct_sparse_solve_on_rgb_images_with_one_channel_maps(solver):
     """Quantus' batched ROAD raises an IndexError on RGB images with a one-channel map; here the
     map ranks pixels, and all three channels of each removed pixel are imputed."""
     images, heatmaps, _, seeds = small_case(seed=2, batch=4, zeros=0.5)
     ranks = functional.pixel_ranks(heatmaps, seeds)
     counts = torch.tensor([10, 50, 80, 98])
     removed = functional.road_removed(ranks, counts, "morf").view(4, *SIZE)
-    imputed = linear_imputation(images, removed)
+    imputed = linear_imputation(images, removed, solver)
     for b in range(4):
         expected = scipy_imputation(images[b].numpy(), removed[b].numpy())
         np.testing.assert_allclose(imputed[b].numpy(), expected, rtol=0, atol=1e-8)
@@ -217,12 +214,16 @@ def test_imputation_float32_matches_float64_and_refuses_removing_everything():
     images, heatmaps, _, seeds = small_case(seed=5, batch=3)
     removed = functional.road_removed(functional.pixel_ranks(heatmaps, seeds), torch.tensor([70, 80, 90]), "morf")
     removed = removed.view(3, *SIZE)
-    torch.testing.assert_close(linear_imputation(images.float(), removed).double(), linear_imputation(images, removed),
-                               atol=1e-5, rtol=0)
+    exact = linear_imputation(images, removed, "direct")
+    for solver in ("direct", "cg"):
+        torch.testing.assert_close(linear_imputation(images.float(), removed, solver).double(), exact, atol=1e-5,
+                                   rtol=0)
     with pytest.raises(ValueError, match="100%"):
         linear_imputation(images, torch.ones(3, *SIZE, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="did not converge in 1 iterations"):
-        linear_imputation(images, removed, max_iterations=1)
+        linear_imputation(images, removed, "cg", max_iterations=1)
+    with pytest.raises(ValueError, match="unknown solver 'lu'"):
+        linear_imputation(images, removed, "lu")
 
 
 @pytest.mark.parametrize("order", ["morf", "lerf"])
@@ -371,3 +372,140 @@ def test_randomisation_detects_a_map_that_ignores_the_weights_near_the_logits():
     assert bool((similarity["spearman_abs"][:, above] < 0.99).all())
     _, gradcam_similarity = functional.randomisation_similarity(net, gradcam, images, classes, seed=0)
     assert bool((gradcam_similarity["spearman_abs"][:, 0] < 0.99).all())
+
+
+def test_pointing_game_does_not_count_an_empty_mask_as_a_hit():
+    """Quantus' pointing game counts an image whose mask is empty as a hit; here it is left out."""
+    from evaluation.metrics import PointingGame
+
+    heatmaps = torch.rand(3, 8, 8)
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 2:4] = True
+    hits, valid = functional.pointing_hits(heatmaps, masks)
+    assert valid.tolist() == [True, False, False] and not bool(hits[1:].any())
+    metric = PointingGame(tolerance=1, tolerance_at=None)
+    metric.update(heatmaps, masks)
+    assert metric.compute()["skipped"] == 2
+
+
+def test_other_images_are_distinct_others_drawn_per_image():
+    """Quantus' Infidelity blacks out patches cumulatively in raster order, so its "samples" are
+    identical; the other-image baseline's K maps come from K distinct other images, drawn per
+    image from the seed alone."""
+    from evaluation.sampling import other_indices
+
+    draws = [other_indices(10, index, 5, seed=3) for index in range(10)]
+    for index, others in enumerate(draws):
+        assert len(set(others)) == 5 and index not in others and all(0 <= other < 10 for other in others)
+        assert other_indices(10, index, 5, seed=3) == others
+    assert len({tuple(others) for others in draws}) > 1
+    assert other_indices(10, 0, 5, seed=4) != draws[0] or other_indices(10, 1, 5, seed=4) != draws[1]
+    with pytest.raises(ValueError, match="evaluation.other_images=5 needs 6 validation images; the data has 5"):
+        other_indices(5, 0, 5, seed=0)
+
+
+def engine_case(**settings):
+    from tests.test_evaluation import SquaresModule, evaluator, oracle
+
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).eval()
+    options = {"other_images": 2, "perturbation_steps": 4, "road_percentages": [30, 70], **settings}
+    return net, SquaresModule(count=6, size=16), oracle, lambda metrics, batch: evaluator(oracle, metrics, batch,
+                                                                                           **options)
+
+
+def test_the_engine_scores_own_and_other_images_maps_as_the_functions_do():
+    from evaluation.sampling import other_indices
+
+    net, data, oracle, build = engine_case()
+    results = build(["insertion", "road"], 6).run(net, data, progress=False)
+    def insertion(image, maps, klass, seeds):
+        return functional.insertion_auc(net, image, maps, klass, seeds, steps=4, substrate_name="blur")
+
+    def road_morf(image, maps, klass, seeds):
+        curve = functional.road(net, image, maps, klass, seeds, percentages=(30, 70), order="morf")
+        return functional.curve_area(torch.tensor([0.3, 0.7], dtype=torch.float64), curve.double())
+
+    own, others, morf, morf_others = [], [], [], []
+    for index in range(6):
+        sample = data.val_dataset()[index]
+        trial = (sample["image"].unsqueeze(0), sample["target"].view(1), torch.tensor([[index, int(sample["target"])]]))
+        own_map = oracle(net, trial[0], trial[1])
+        own.append(insertion(trial[0], own_map, *trial[1:]))
+        morf.append(road_morf(trial[0], own_map, *trial[1:]))
+        other_maps = [oracle(net, data.val_dataset()[other]["image"].unsqueeze(0), None)
+                      for other in other_indices(6, index, 2, seed=0)]
+        others.append(torch.stack([insertion(trial[0], maps, *trial[1:]) for maps in other_maps]).mean())
+        morf_others.append(torch.stack([road_morf(trial[0], maps, *trial[1:]) for maps in other_maps]).mean())
+    assert results["insertion"] == pytest.approx(float(torch.stack(own).mean()), rel=1e-6)
+    assert results["insertion_others"] == pytest.approx(float(torch.stack(others).mean()), rel=1e-6)
+    assert results["insertion_minus_others"] == pytest.approx(results["insertion"] - results["insertion_others"])
+    assert results["road_morf"] == pytest.approx(float(torch.stack(morf).mean()), rel=1e-5)
+    assert results["road_morf_others"] == pytest.approx(float(torch.stack(morf_others).mean()), rel=1e-5)
+    # The centred peak is one map for every image: nothing of its score is the image's own.
+    assert results["insertion_minus_others_center"] == 0.0 and results["road_lerf_minus_others_center"] == 0.0
+    assert set(results["insertion_curve"]) == {"0.0000", "0.2500", "0.5000", "0.7500", "1.0000"}
+    assert set(results["road_morf_curve_noise"]) == {"p=30", "p=70"}
+
+
+def test_the_engine_does_not_depend_on_the_batch_size():
+    net, data, _, build = engine_case()
+    metrics = ["insertion", "deletion", "road", "mprt"]
+    one, other = (build(metrics, batch).run(net, data, progress=False) for batch in (3, 12))
+    assert one.keys() == other.keys()
+    for key, value in one.items():
+        if isinstance(value, dict):
+            assert value == pytest.approx(other[key], rel=1e-5, abs=1e-6), key
+        else:
+            assert value == pytest.approx(other[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_engine_fails_a_map_that_ignores_the_weights_near_the_logits():
+    from tests.test_evaluation import SquaresModule, evaluator
+
+    torch.manual_seed(0)
+    net = tiny_net(num_classes=4).eval()
+    results = evaluator(first_layer_activity, ["mprt"], 6).run(net, SquaresModule(count=6, size=16), progress=False)
+    blocks = list(results["mprt_spearman_abs"])
+    assert blocks == ["head.4", "head.0", "features.0"]
+    assert results["mprt_spearman_abs"]["head.4"] == pytest.approx(1.0)
+    assert results["mprt_unchanged"] == 2
+
+
+def test_report_prints_the_faithfulness_table_with_its_settings_and_the_randomisation_verdict(tmp_path):
+    import csv
+
+    from evaluation.figures import save_faithfulness_curves
+    from evaluation.report import reference_results, write_reports
+    from evaluation.settings import default_settings
+
+    def scores(insertion, others, unchanged):
+        return {"insertion": insertion, "insertion_others": others, "insertion_minus_others": insertion - others,
+                "insertion_curve": {"0.0000": 0.1, "0.5000": 0.6, "1.0000": 0.9},
+                "mprt": 0.3, "mprt_unchanged": float(unchanged),
+                "mprt_spearman_abs": {"head.2": 0.9 if unchanged else 0.2, "features.7.1": 0.1}}
+
+    first = {**scores(0.75, 0.60, 0), "skipped": {}, "insertion_center": 0.67, "insertion_others_center": 0.67,
+             "insertion_minus_others_center": 0.0, "insertion_curve_center": {"0.0000": 0.1, "1.0000": 0.9}}
+    rows = [{"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "gc", "lambda": 25.0,
+             "results": first},
+            {"checkpoint": "b.ckpt", "model": "resnet18", "pooling": "avg", "loss": "ce", "lambda": 0.0,
+             "results": {**scores(0.70, 0.65, 1), "skipped": {}}}]
+    settings = {"explainer": "gradcam", "data": "synthetic", **default_settings(seed=0, batch_size=4).to_dict()}
+    paths = write_reports(rows, tmp_path, settings)
+    markdown = paths["md"].read_text()
+    assert ("| model | Insertion | Insertion (others) | Insertion - others | MPRT rank corr. | MPRT unchanged steps |"
+            in markdown)
+    assert "| resnet18 GC (lambda=25) | 75.00 | 60.00 | 15.00 | 0.300 | 0 |" in markdown
+    assert "| reference: centred peak | 67.00 | 67.00 | 0.00 | - | - |" in markdown
+    assert "28 equal steps" in markdown and "substrate blur" in markdown and "5 other validation images" in markdown
+    assert "resnet18 GC (lambda=25): passes" in markdown
+    assert "resnet18 baseline: FAILS" in markdown and "block(s) head.2" in markdown
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert float(table[0]["insertion_minus_others"]) == pytest.approx(0.15)
+    assert float(table[0]["insertion_minus_others_center"]) == 0.0 and table[1]["insertion_center"] == ""
+    figure = save_faithfulness_curves([("GC", first, False), ("centre", reference_results(first, "center"), True)],
+                                      tmp_path / "faithfulness.png", "probability")
+    assert figure.stat().st_size > 0
+    assert save_faithfulness_curves([("GC", {"acc": 0.5}, False)], tmp_path / "none.png", "probability") is None

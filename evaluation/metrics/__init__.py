@@ -1,4 +1,5 @@
-"""Explanation-quality metrics: pure functions in ``functional``, torchmetrics classes here."""
+"""Explanation-quality metrics: pure functions in ``functional``, torchmetrics classes in ``classes``
+(localisation, FGSM) and ``faithfulness``."""
 from evaluation.metrics import functional
 from evaluation.metrics.classes import (
     ContentHeatmap,
@@ -7,10 +8,15 @@ from evaluation.metrics.classes import (
     PointingGame,
     StochasticPointingGame,
 )
+from evaluation.metrics.faithfulness import ROAD, DeletionAUC, InsertionAUC, ModelParameterRandomisation
 
 __all__ = [
+    "ROAD",
     "ContentHeatmap",
+    "DeletionAUC",
     "FGSMRobustness",
+    "InsertionAUC",
+    "ModelParameterRandomisation",
     "NegativeQuadrantsHeatmap",
     "PointingGame",
     "StochasticPointingGame",

@@ -30,10 +30,12 @@ from gcmodels.options import Sequence
 # accuracy: updated with the network's logits on validation images; robustness: with the network
 # and the validation images (it attacks them); composites: with maps of 2x2 composites and the
 # positive cell; localization: with maps of the localisation trials and their masks (and the
-# reference maps' too).
-FAMILIES = ("accuracy", "robustness", "composites", "localization")
+# reference maps' too); faithfulness: with the network, validation images, their maps and the
+# maps of other images (and the reference maps'); randomisation: with the network, the explainer
+# and validation images (it re-explains them under randomised weights).
+FAMILIES = ("accuracy", "robustness", "composites", "localization", "faithfulness", "randomisation")
 # Families whose maps come from an explainer.
-EXPLAINED_FAMILIES = ("composites", "localization")
+EXPLAINED_FAMILIES = ("composites", "localization", "faithfulness", "randomisation")
 # Counts a metric's compute() may return, and the results group that files them by metric name.
 COUNT_GROUPS = {"skipped": "skipped", "uniform": "zero_maps_uniform"}
 
