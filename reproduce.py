@@ -40,6 +40,14 @@ from evaluation.figures import save_figure, save_overlay_grid, subplots
 from evaluation.metrics import registry
 from evaluation.panels import explanation_panels
 from evaluation.preflight import resolve_device
+from evaluation.report import (
+    FAITHFULNESS_FAMILIES,
+    REFERENCE_LABELS,
+    faithfulness_heading,
+    faithfulness_keys,
+    faithfulness_settings,
+    reference_results,
+)
 from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
 from evaluation.tables import markdown_table, number, percent
@@ -68,6 +76,10 @@ class Run:
     @property
     def evaluation_dir(self) -> Path:
         return self.directory / "evaluation"
+
+    @property
+    def faithfulness_dir(self) -> Path:
+        return self.directory / "faithfulness"
 
 
 def override_value(value) -> str:
@@ -118,6 +130,15 @@ def evaluation_arguments(cfg: DictConfig, run: Run, evaluation: dict, explainer:
     return ["-m", "evaluation", f"ckpt_path={run.checkpoint}", *data_overrides(cfg), f"seed={cfg.seed}",
             f"device={cfg.device}", f"explainer={explainer['name']}", *option_overrides("explainer", explainer),
             *evaluation_overrides(evaluation), "heatmap_images=0", f"hydra.run.dir={run.evaluation_dir}"]
+
+
+def faithfulness_arguments(cfg: DictConfig, run: Run, evaluation: dict, explainer: dict) -> list[str]:
+    """The faithfulness step: the evaluation's command with the faithfulness metrics on at most
+    ``faithfulness_images`` validation images (they cost forwards), in a folder of its own."""
+    arguments = evaluation_arguments(cfg, run, evaluation, explainer)[:-1]
+    images = "null" if cfg.faithfulness_images is None else cfg.faithfulness_images
+    return [*arguments, "metrics=[" + ",".join(cfg.faithfulness_metrics) + "]", f"max_images={images}",
+            f"hydra.run.dir={run.faithfulness_dir}"]
 
 
 def consensus_arguments(cfg: DictConfig, runs: list[Run], evaluation: dict) -> list[str]:
@@ -306,6 +327,14 @@ def claims(results: dict[str, list[dict]], little_top1: float) -> list[dict]:
             paired_claim("Energy guidance raises PG against the baseline", diff("energy", "baseline", "pg"), +1),
             paired_claim("Energy guidance raises CH against the baseline", diff("energy", "baseline", "ch"), +1),
         ]
+    # Faithfulness (issue 21): a concentrated map can localise well and still not be what the
+    # decision rests on; GC should not make its maps less faithful than the baseline's.
+    if "insertion" in results["baseline"][0]:
+        found.append(paired_claim("GC's maps are at least as faithful as the baseline's: insertion AUC not lower",
+                                  diff("gc", "baseline", "insertion"), +1, margin=0.0))
+    if "deletion" in results["baseline"][0]:
+        found.append(paired_claim("GC's maps are at least as faithful as the baseline's: deletion AUC not higher",
+                                  diff("gc", "baseline", "deletion"), -1, margin=0.0))
     if attacked_keys(results["baseline"][0]):
         found += [
             paired_claim(f"GMP keeps a larger share of its clean top-1 under FGSM than the baseline ({RETENTION})",
@@ -349,6 +378,30 @@ def table1(results: dict[str, list[dict]]) -> list[str]:
     for reference, label in (("center", "reference: centred peak"), ("noise", "reference: uniform noise")):
         table.append([label, *(percent(first.get(f"{key}_{reference}"), 1) for key, _ in columns)])
     return markdown_table(["variant", *(heading for _, heading in columns)], table)
+
+
+def faithfulness_table(results: dict[str, list[dict]]) -> list[str]:
+    """The faithfulness scores of every variant (mean ± std over seeds; MPRT's rank correlation
+    as a number, the rest in %), and the reference maps' (of the first checkpoint: they do not
+    depend on the model)."""
+    first = next(iter(results.values()))[0]
+    keys = faithfulness_keys([{"results": first}])
+    unitless = {"mprt", "mprt_unchanged"}
+
+    def cell(values: list[float], key: str) -> str:
+        if key not in unitless:
+            return _pm(values)
+        mean, std = mean_std(values)
+        return f"{number(mean, '.2f')} ± {number(std, '.2f')}"
+
+    table = [[LABELS.get(variant, variant), *(cell([row.get(key) for row in rows], key) for key in keys)]
+             for variant, rows in results.items()]
+    for reference, label in REFERENCE_LABELS.items():
+        scored = reference_results(first, reference)
+        if any(key in scored for key in keys):
+            table.append([f"reference: {label}", *(percent(scored.get(key), 1) if key not in unitless else "-"
+                                                   for key in keys)])
+    return markdown_table(["variant", *(faithfulness_heading(key) for key in keys)], table)
 
 
 def table6(results: dict[str, list[dict]]) -> list[str]:
@@ -559,6 +612,15 @@ Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
 
 
+def faithfulness_metric_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Registered metrics of the faithfulness and randomisation families."""
+    allowed = [name for name, spec in registry.METRICS.items() if spec.family in FAITHFULNESS_FAMILIES]
+    wrong = [name for name in names if name not in allowed]
+    if wrong:
+        raise ValueError(f"{wrong} are not faithfulness metrics; allowed: {allowed}")
+    return names
+
+
 class StepEvaluation(EvaluationSettings):
     """The ``evaluation`` group of the reproduction: that of the evaluation and consensus steps,
     but ``batch_size`` may be None, which leaves each step the data's batch (``data.batch_size``)."""
@@ -585,6 +647,8 @@ class ReproduceOptions(Options):
     consensus_explainer: Annotated[str, AfterValidator(explainer_name)]
     # A fraction of top-1 (0.03: 3 points).
     little_top1: Annotated[float, Field(ge=0, lt=1)]
+    faithfulness_metrics: Annotated[Sequence[str], AfterValidator(faithfulness_metric_names)]
+    faithfulness_images: Positive | None
     heatmap_images: Count
     output_dir: str
     device: str
@@ -634,10 +698,18 @@ def run(cfg: DictConfig) -> dict:
         seconds["train"] += run_step(train_arguments(cfg, item), item.directory, f"training {description}")
         seconds["evaluate"] += run_step(evaluation_arguments(cfg, item, evaluation, explainer), item.evaluation_dir,
                                         f"evaluation {description}")
+        if cfg.faithfulness_metrics:
+            seconds["faithfulness"] = seconds.get("faithfulness", 0.0) + run_step(
+                faithfulness_arguments(cfg, item, evaluation, explainer), item.faithfulness_dir,
+                f"faithfulness {description}")
     results: dict[str, list[dict]] = {}
     for item in runs:
         report = json.loads((item.evaluation_dir / "report.json").read_text())
-        results.setdefault(item.variant, []).append(report["checkpoints"][0]["results"])
+        row = report["checkpoints"][0]["results"]
+        if cfg.faithfulness_metrics:
+            faithful = json.loads((item.faithfulness_dir / "report.json").read_text())["checkpoints"][0]["results"]
+            row = {**row, **faithful, "skipped": {**row.get("skipped", {}), **faithful.get("skipped", {})}}
+        results.setdefault(item.variant, []).append(row)
 
     consensus = None
     if cfg.consensus:
@@ -663,8 +735,8 @@ def run(cfg: DictConfig) -> dict:
     seconds["total_this_call"] = time.perf_counter() - start
     settings = {key: OmegaConf.to_container(cfg, resolve=True)[key] for key in
                 ("seeds", "image_size", "train_per_class", "epochs", "batch_size", "data_overrides", "train_overrides",
-                 "gc_overrides", "variants",
-                 "consensus_explainer", "little_top1")}
+                 "gc_overrides", "variants", "consensus_explainer", "little_top1", "faithfulness_metrics",
+                 "faithfulness_images")}
     summary = {"settings": {**settings, "evaluation": evaluation, "explainer": explainer}, "results": results,
                "claims": found, "fgsm_robustness": robust, "consensus": consensus, "seconds": seconds,
                "figures": {key: str(path) for key, path in figures.items()}}
@@ -702,6 +774,14 @@ def markdown(cfg, results, found, robust, consensus, runs, evaluation, explainer
     lines += ["", "Reference rows: what a centred Gaussian peak and uniform noise score on the same trials.", "",
               f"## Table 6: top-1 under FGSM (eps in 1/255, {evaluation['fgsm_space']} space)", ""]
     lines += table6(results)
+    if cfg.faithfulness_metrics:
+        images = "all" if cfg.faithfulness_images is None else f"{cfg.faithfulness_images}"
+        lines += ["", f"## Faithfulness ({images} validation images per checkpoint)", "",
+                  faithfulness_settings(evaluation, faithfulness_keys([{"results": results['baseline'][0]}])), ""]
+        lines += faithfulness_table(results)
+        lines += ["", "'- others': the score minus that of other images' maps on the same images. Deletion: lower is "
+                      "better; MPRT: the maps' mean rank correlation with the original after each step of "
+                      "randomising the network, lower is better."]
     if robust is not None:
         lines += ["", "At small eps the absolute top-1 mostly measures the clean top-1; the share of it kept under "
                       "attack measures robustness apart from accuracy:", ""]
@@ -718,6 +798,7 @@ def markdown(cfg, results, found, robust, consensus, runs, evaluation, explainer
     if consensus is not None:
         lines.append("- `consensus/scatter.png`: consensus score against top-1")
     lines += ["", f"Time: training {seconds['train'] / 60:.1f} min, evaluation {seconds['evaluate'] / 60:.1f} min"
+              + (f", faithfulness {seconds['faithfulness'] / 60:.1f} min" if "faithfulness" in seconds else "")
               + (f", consensus {seconds['consensus'] / 60:.1f} min" if "consensus" in seconds else "")
               + " (reused steps count the time they took when they ran).", ""]
     return "\n".join(lines)

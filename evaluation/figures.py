@@ -120,7 +120,8 @@ def save_faithfulness_curves(series: Sequence[tuple[str, dict, bool]], path: str
             x = _curve_x(list(curve))
             positions = x if x is not None else list(range(len(curve)))
             ax.plot(positions, list(curve.values()), "--" if reference else "-o", markersize=3, label=label,
-                    linewidth=1.0 if reference else 1.5)
+                    linewidth=1.0 if reference else 1.5, color="grey" if reference and "noise" in label
+                    else "black" if reference else None)
             if x is None:
                 ax.set_xticks(positions, list(curve), rotation=60, fontsize=6)
         ax.set_xlabel(title, fontsize=8)
@@ -128,6 +129,7 @@ def save_faithfulness_curves(series: Sequence[tuple[str, dict, bool]], path: str
         ax.set_title("lower is better" if lower_better else "higher is better", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    axes[0][-1].legend(fontsize=6, loc="best")
+    # The first panel draws every series (the randomisation panel has no reference maps).
+    axes[0][0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -509,3 +509,40 @@ def test_report_prints_the_faithfulness_table_with_its_settings_and_the_randomis
                                       tmp_path / "faithfulness.png", "probability")
     assert figure.stat().st_size > 0
     assert save_faithfulness_curves([("GC", {"acc": 0.5}, False)], tmp_path / "none.png", "probability") is None
+
+
+FAST = ["evaluation.perturbation_steps=4", "evaluation.road_percentages=[30,70]", "evaluation.other_images=2"]
+
+
+@pytest.mark.slow  # trains a tiny network with the faithfulness metrics as training callbacks
+def test_training_callbacks_log_faithfulness_and_the_script_reports_it(tmp_path):
+    import csv
+    import json
+
+    from tests.conftest import assert_ok, read_summary, run_module, train
+
+    out, data_dir = tmp_path / "train", tmp_path / "data"
+    assert_ok(train(out, data_dir, "loss=gc", "callbacks.explanation_metrics.metrics=[pg,insertion,mprt]",
+                    "callbacks.explanation_metrics.max_images=4", "~callbacks.fgsm_robustness", *FAST))
+    with open(next(out.glob("csv/version_*/metrics.csv"))) as handle:
+        columns = set(next(csv.reader(handle)))
+    assert {"explain/pg", "explain/insertion", "explain/insertion_minus_others", "explain/mprt",
+            "explain/mprt_unchanged"} <= columns
+
+    checkpoint = read_summary(out)["last_checkpoint"]
+    report_dir = tmp_path / "evaluation"
+    run = run_module("evaluation", report_dir, data_dir, f"ckpt_path={checkpoint}", "max_images=4",
+                     "metrics=[acc,pg,insertion,deletion,road,mprt]", *FAST)
+    assert_ok(run)
+    markdown = (report_dir / "report.md").read_text()
+    assert "| model | Insertion | Insertion (others) | Insertion - others | Deletion |" in markdown
+    assert "4 equal steps" in markdown and "[30.0, 70.0] % removed" in markdown and "2 other validation" in markdown
+    assert "Randomisation check" in markdown and "reference: centred peak" in markdown
+    results = json.loads((report_dir / "report.json").read_text())["checkpoints"][0]["results"]
+    for key in ("insertion", "deletion", "road_morf", "road_lerf"):
+        assert 0 <= results[key] <= 1 and key + "_minus_others" in results and key + "_center" in results
+    assert results["insertion_minus_others_center"] == 0.0
+    with (report_dir / "report.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["road_morf_minus_others"]) == pytest.approx(results["road_morf_minus_others"])
+    assert (report_dir / "faithfulness.png").stat().st_size > 0

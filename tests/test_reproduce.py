@@ -174,17 +174,22 @@ def test_reproduce_command_end_to_end_reuses_finished_steps(tmp_path):
     command = [sys.executable, str(ROOT / "reproduce.py"), f"output_dir={out}", f"data_dir={data}", "seeds=[0,1]",
                "epochs=1", "train_per_class=3", "image_size=48", "batch_size=8", "heatmap_images=2",
                'data_overrides=["data.object_scale=[0.3,0.5]","data.num_classes=4","data.val_per_class=3",'
-               '"data.num_workers=0"]', "evaluation.fgsm_eps=[0,8]", "evaluation.spg_runs=2"]
+               '"data.num_workers=0"]', "evaluation.fgsm_eps=[0,8]", "evaluation.spg_runs=2", "faithfulness_images=4",
+               "evaluation.perturbation_steps=4"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert_ok(first)
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]) == {"baseline", "gc", "gmp", "gmp_gc", "cgc", "energy"}
     assert all(len(rows) == 2 for rows in report["results"].values())
-    assert len(report["claims"]) == 13 and all(len(c["differences"]) == 2 for c in report["claims"])
+    assert len(report["claims"]) == 15 and all(len(c["differences"]) == 2 for c in report["claims"])
+    assert "GC's maps are at least as faithful as the baseline's: deletion AUC not higher" in [
+        claim["claim"] for claim in report["claims"]]
+    assert {"insertion", "insertion_minus_others", "deletion", "mprt"} <= set(report["results"]["gc"][0])
     assert {claim["verdict"] for claim in report["claims"]} <= {"holds", "does not hold", "inconclusive"}
     assert len(report["consensus"]["members"]) == 12
     markdown = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 6", "claims, paired over seeds", "Committee consensus",
+    for heading in ("Table 1", "Table 6", "claims, paired over seeds", "Committee consensus", "## Faithfulness (4 ",
+                    "| Insertion - others |",
                     "reference: centred peak", "reference: uniform noise", "pixel space"):
         assert heading in markdown
     for figure in ("heatmaps.png", "fgsm.png", "consensus/scatter.png"):
@@ -200,6 +205,7 @@ def test_reproduce_command_end_to_end_reuses_finished_steps(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert_ok(again)
     assert again.stdout.count("reusing training") == 11 and again.stdout.count("reusing evaluation") == 11
+    assert again.stdout.count("reusing faithfulness") == 11
     assert "running training [8/12] gc seed 1" in again.stdout
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]  # CPU runs are exact
 

@@ -82,19 +82,30 @@ def step_result(acc: float, **extra) -> dict:
             **extra}
 
 
+def faithfulness_result(run) -> dict:
+    """A faithfulness step's results: GC's insertion a point above the baseline's on each seed."""
+    insertion = 0.6 + (0.01 if run.variant == "gc" else 0.0) + 0.02 * run.seed
+    return {"insertion": insertion, "insertion_others": 0.5, "insertion_minus_others": insertion - 0.5,
+            "deletion": 0.2, "deletion_others": 0.25, "deletion_minus_others": -0.05, "mprt": 0.3,
+            "mprt_unchanged": 0.0, "insertion_center": 0.55, "insertion_others_center": 0.55,
+            "insertion_minus_others_center": 0.0, "skipped": {"mprt": 0}}
+
+
 def write_step_outputs(cfg, result_of) -> list:
-    """What the training and evaluation steps leave, written by hand: ``result_of(run)`` is the
-    run's evaluation results."""
+    """What the training, evaluation and faithfulness steps leave, written by hand:
+    ``result_of(run)`` is the run's evaluation results."""
     saved = {"model": {"name": "resnet18", "output_stride": 16}, "trainer": {"max_epochs": 1},
              "data": {"image_size": 64, "train_per_class": 4, "batch_size": 6}}
     runs = plan(cfg)
     for run in runs:
         loss = next(item.split("=", 1)[1] for item in cfg.variants[run.variant] if item.startswith("loss="))
         saved["loss"] = {"name": loss, **({} if loss == "ce" else {"lambda": 25.0})}
-        for folder in (run.evaluation_dir, run.directory / ".hydra", run.checkpoint.parent):
+        for folder in (run.evaluation_dir, run.faithfulness_dir, run.directory / ".hydra", run.checkpoint.parent):
             folder.mkdir(parents=True)
         run.checkpoint.write_bytes(b"")
         (run.evaluation_dir / "report.json").write_text(json.dumps({"checkpoints": [{"results": result_of(run)}]}))
+        (run.faithfulness_dir / "report.json").write_text(json.dumps(
+            {"checkpoints": [{"results": faithfulness_result(run)}]}))
         OmegaConf.save(saved, run.directory / ".hydra" / "config.yaml")
     return runs
 
@@ -155,6 +166,14 @@ def test_the_report_gives_retention_success_intervals_and_group_correlations(tmp
     assert "a Grad-CAM committee" in markdown
     assert "| pooling=max | consensus_score | accuracy | 3 | - (0.5) | - (0.5) | 'accuracy' constant |" in markdown
     assert math.isclose(report["consensus"]["group_correlations"][0]["pearson"], 0.1)
+    # Faithfulness: GC's insertion a point above the baseline's on every seed, its deletion equal.
+    faithful = {claim["claim"].split(": ")[1]: claim for claim in report["claims"] if "faithful" in claim["claim"]}
+    assert faithful["insertion AUC not lower"]["differences"] == pytest.approx([0.01] * 3)
+    assert [claim["verdict"] for claim in faithful.values()] == ["holds", "holds"]
+    assert "## Faithfulness (60 validation images per checkpoint)" in markdown
+    assert "| variant | Insertion | Insertion (others) | Insertion - others | Deletion |" in markdown
+    assert "| GC | 63.0 ± 2.0 | 50.0 ± 0.0 | 13.0 ± 2.0 | 20.0 ± 0.0 |" in markdown
+    assert "| reference: centred peak | 55.0 | 55.0 | 0.0 | - |" in markdown
 
 
 def consensus_run(tmp_path, member) -> list[str]:

@@ -82,8 +82,11 @@ class _OtherImageBaseline(Metric):
             image, other = pending[:, 0], pending[:, 1]
             other_curves[image, other], other_values[image, other] = self._score(
                 net, images[image], other_heatmaps[image, other], classes[image], seeds[image])
-        self.others_curve_sum += other_curves.mean(1).sum(0, dtype=torch.float64)
-        self.others_value_sum += other_values.mean(1).sum(0, dtype=torch.float64)
+        # An image whose others are all its own map keeps its own values exactly (a mean of K
+        # copies can round), so that a map shared by every image scores 0 beyond the others.
+        shared = same.all(1, keepdim=True)
+        self.others_curve_sum += torch.where(shared, curves, other_curves.mean(1)).sum(0, dtype=torch.float64)
+        self.others_value_sum += torch.where(shared, values, other_values.mean(1)).sum(0, dtype=torch.float64)
         self.others_scored += len(other_curves)
 
     def _score(self, net, images, heatmaps, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
