@@ -89,6 +89,11 @@ class _OtherImageBaseline(Metric):
         self.others_value_sum += torch.where(shared, values, other_values.mean(1)).sum(0, dtype=torch.float64)
         self.others_scored += len(other_curves)
 
+    @classmethod
+    def logged_scores(cls, settings, multilabel: bool) -> list[str]:
+        """Each headline and its excess over the others (the others' own score ranks nothing)."""
+        return [name for headline in cls.headlines for name in (headline, f"{headline}_minus_others")]
+
     def _score(self, net, images, heatmaps, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -140,10 +145,6 @@ def _baseline_scores(name: str, higher_is_better: bool) -> dict[str, Score]:
     return {name: Score(higher_is_better), f"{name}_minus_others": Score(higher_is_better)}
 
 
-def _baseline_logged(name: str) -> list[str]:
-    return [name, f"{name}_minus_others"]
-
-
 @register_metric("insertion")
 class InsertionAUC(_PerturbationAUC):
     """Insertion AUC (RISE): the class score as the image's pixels are put back, first-ranked
@@ -153,10 +154,6 @@ class InsertionAUC(_PerturbationAUC):
     headlines = ("insertion",)
     higher_is_better = True
     scores = _baseline_scores("insertion", True)
-
-    @staticmethod
-    def logged_scores(settings, multilabel: bool) -> list[str]:
-        return _baseline_logged("insertion")
 
 
 @register_metric("deletion")
@@ -168,10 +165,6 @@ class DeletionAUC(_PerturbationAUC):
     headlines = ("deletion",)
     higher_is_better = False
     scores = _baseline_scores("deletion", False)
-
-    @staticmethod
-    def logged_scores(settings, multilabel: bool) -> list[str]:
-        return _baseline_logged("deletion")
 
 
 @register_metric("road")
@@ -190,10 +183,6 @@ class ROAD(_OtherImageBaseline):
     def from_settings(cls, settings, num_classes: int, multilabel: bool) -> ROAD:
         return cls(percentages=settings.road_percentages, noise=settings.road_noise,
                    score=settings.faithfulness_score, multilabel=multilabel, batch_size=settings.batch_size)
-
-    @staticmethod
-    def logged_scores(settings, multilabel: bool) -> list[str]:
-        return _baseline_logged("road_morf") + _baseline_logged("road_lerf")
 
     def __init__(self, *, percentages: Sequence[float], noise: float, score: str, multilabel: bool, batch_size: int,
                  **kwargs):
