@@ -252,7 +252,10 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
         results = row["results"]
         uniform = (f"; all-zero heatmaps scored as uniform: {results['zero_maps_uniform']}"
                    if "zero_maps_uniform" in results else "")
+        skipped = {name: count for name, count in results["skipped"].items() if name != "mprt"}
+        constant = (f"; randomised maps left out of the rank correlations (constant): {results['skipped']['mprt']}"
+                    if "mprt" in results["skipped"] else "")
         lines.append(f"- {checkpoint_label(row)}: `{row['checkpoint']}`; images left out (all-zero heatmap or empty "
-                     f"mask): {results['skipped'] or 'none'}{uniform}")
+                     f"mask): {skipped or 'none'}{uniform}{constant}")
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths

@@ -485,7 +485,7 @@ def test_report_prints_the_faithfulness_table_with_its_settings_and_the_randomis
                 "mprt": 0.3, "mprt_unchanged": float(unchanged),
                 "mprt_spearman_abs": {"head.2": 0.9 if unchanged else 0.2, "features.7.1": 0.1}}
 
-    first = {**scores(0.75, 0.60, 0), "skipped": {}, "insertion_center": 0.67, "insertion_others_center": 0.67,
+    first = {**scores(0.75, 0.60, 0), "skipped": {"mprt": 3}, "insertion_center": 0.67, "insertion_others_center": 0.67,
              "insertion_minus_others_center": 0.0, "insertion_curve_center": {"0.0000": 0.1, "1.0000": 0.9}}
     rows = [{"checkpoint": "a.ckpt", "model": "resnet18", "pooling": "avg", "loss": "gc", "lambda": 25.0,
              "results": first},
@@ -501,6 +501,8 @@ def test_report_prints_the_faithfulness_table_with_its_settings_and_the_randomis
     assert "28 equal steps" in markdown and "substrate blur" in markdown and "5 other validation images" in markdown
     assert "resnet18 GC (lambda=25): passes" in markdown
     assert "resnet18 baseline: FAILS" in markdown and "block(s) head.2" in markdown
+    assert "(all-zero heatmap or empty mask): none; randomised maps left out of the rank correlations (constant): 3" \
+        in markdown
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
     assert float(table[0]["insertion_minus_others"]) == pytest.approx(0.15)
