@@ -71,6 +71,11 @@ class ExplanationEvaluator:
     def _family(self, family: str) -> dict[str, Metric]:
         return {name: metric for name, metric in self.state.items() if METRICS[name].family == family}
 
+    def _reference_family(self, family: str) -> dict[str, dict[str, Metric]]:
+        """The reference maps' metrics of ``family``, per reference map."""
+        return {reference: {name: metric for name, metric in metrics.items() if METRICS[name].family == family}
+                for reference, metrics in self.references.items()}
+
     def reset(self) -> None:
         """Forget every update."""
         for metric in self._all_metrics():
@@ -150,10 +155,10 @@ class ExplanationEvaluator:
             other_index = trials["other_index"].flatten()
             reference_others["noise"] = trial_noise_maps(self.settings.seed, map_seeds(other_index, 1), height, width,
                                                          images.device).view_as(others)
+        references = self._reference_family("faithfulness")
         for reference, reference_maps in (("center", centre), ("noise", noise)):
-            for name, metric in self.references[reference].items():
-                if METRICS[name].family == "faithfulness":
-                    metric.update(net, images, reference_maps, classes, seeds, reference_others[reference])
+            for metric in references[reference].values():
+                metric.update(net, images, reference_maps, classes, seeds, reference_others[reference])
 
     def update_randomisation(self, net, batch: dict) -> None:
         """The randomisation test of the explainer on the batch's trials."""
@@ -171,9 +176,7 @@ class ExplanationEvaluator:
         self._update_localization_metrics(self._family("localization"), self.explainer(net, batch["image"], classes),
                                           masks, classes, pointing, map_seeds(batch["index"], 0))
         count, (height, width) = len(masks), masks.shape[-2:]
-        references = {reference: {name: metric for name, metric in metrics.items()
-                                  if METRICS[name].family == "localization"}
-                      for reference, metrics in self.references.items()}
+        references = self._reference_family("localization")
         if references and references["center"]:
             self._update_localization_metrics(references["center"],
                                               centre_maps(count, height, width, masks.device),

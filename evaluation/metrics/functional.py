@@ -26,6 +26,7 @@ the evaluation settings, whose schema (:class:`evaluation.settings.EvaluationSet
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from evaluation.metrics.imputation import noisy_linear_imputation
@@ -685,8 +687,6 @@ def map_similarity(original: torch.Tensor, other: torch.Tensor) -> dict[str, tor
     """``{name: float64 [B]}`` for each of :data:`SIMILARITIES`, of maps ``other`` to ``original``
     (``[B, H, W]``, finite, any sign); NaN where undefined (a constant map for Spearman, an
     all-zero one for SSIM). SSIM: torchmetrics' (Gaussian window 11, sigma 1.5)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     if original.shape != other.shape or original.dim() != 3:
         raise ValueError(f"maps must be [B, H, W] of one shape, got {tuple(original.shape)} and {tuple(other.shape)}")
     magnitudes = [maps.abs().double() for maps in (original, other)]
@@ -741,8 +741,6 @@ def randomisation_similarity(net: torch.nn.Module, explainer, images: torch.Tens
     classes) -> maps [B, h, w]`` is recomputed and compared to the original maps, both upsampled
     to the images' size (:func:`map_similarity`). A map that stays similar after the weights it
     should depend on are random fails the check."""
-    import copy
-
     size = images.shape[-2:]
 
     def explain(model: torch.nn.Module) -> torch.Tensor:
