@@ -1,12 +1,15 @@
 """Speed of a GC training step against a CE step, and images decoded per training sample.
 
-    python benchmarks/gc_step_speed.py [--sizes 128 224] [--batch 16] [--steps 5] [--device cpu]
+    python benchmarks/gc_step_speed.py [--models resnet18 vgg16 convnext_tiny vit] [--sizes 128 224]
+        [--batch 16] [--steps 5] [--device cpu]
 
 The three step kinds (CE, GC with per-sample composites, GC with shared composites) are timed in
-the same run, alternating, so the ratios are robust to machine noise. Targets: per-sample GC/CE
-<= 5.5 at 224 px (issue 2: each composite has 4x the pixels, so about 5 is the floor); shared
-GC/CE <= 2.5 at 224 px (issue 12: a quarter as many composites); 1.0 decoded image per sample
-(distractors come from the batch).
+the same run, alternating, so the ratios are robust to machine noise. Targets (ResNet18): per-sample
+GC/CE <= 5.5 at 224 px (issue 2: each composite has 4x the pixels, so about 5 is the floor);
+shared GC/CE <= 2.5 at 224 px (issue 12: a quarter as many composites); 1.0 decoded image per
+sample (distractors come from the batch). ``vit`` is conf/model/vit.yaml's small ViT made for the
+side it runs at, ``vit_b_16`` torchvision's ViT-B/16; a ViT's GC step runs attention on the math
+kernel (the fused ones have no double backward), its CE step on the fused ones.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from datamodules import images as image_io  # noqa: E402
 from datamodules.synthetic import SyntheticDataModule, generator_options  # noqa: E402
 from gcmodels.module import GCClassifier  # noqa: E402
 from gcmodels.networks import build_network  # noqa: E402
+from gcmodels.networks.vit import VIT_B_16  # noqa: E402
 from gcmodels.objectives import gc_objective  # noqa: E402
 from losses import classification_loss, random_layout, shared_layout  # noqa: E402
 
@@ -35,12 +39,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_times(size: int, batch: int, steps: int, device: torch.device, precision: str,
+# conf/model/vit.yaml's sizes.
+SMALL_VIT = {"patch_size": 8, "num_layers": 4, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256}
+
+
+def network(model: str, size: int, output_stride: int | None):
+    if model == "vit":
+        return build_network("vit", 10, **SMALL_VIT, image_size=size)
+    if model == "vit_b_16":
+        return build_network("vit", 10, **VIT_B_16)
+    return build_network(model, 10, **({"output_stride": output_stride} if output_stride else {}))
+
+
+def step_times(model: str, size: int, batch: int, steps: int, device: torch.device, precision: str,
                output_stride: int | None = None) -> dict[str, float]:
     """Median seconds of a CE step and of GC steps with per-sample and shared composites (forward,
-    backward, SGD update) for ResNet18."""
+    backward, SGD update) for ``model``."""
     torch.manual_seed(0)
-    net = build_network("resnet18", 10, output_stride=output_stride).to(device)
+    net = network(model, size, output_stride).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     images = torch.rand(batch, 3, size, size, device=device)
     targets = torch.arange(batch, device=device) % 10
@@ -115,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Sides must be multiples of the output stride (composite_target refuses overlapping cells):
     # 112 px needs --output-stride 16.
+    parser.add_argument("--models", nargs="+", default=["resnet18"],
+                        choices=["resnet18", "resnet50", "alexnet", "vgg16", "convnext_tiny", "vit", "vit_b_16"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
@@ -124,16 +142,17 @@ def main() -> None:
                         help="ResNet output stride (32 default; 16: the synthetic quick start's)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"ResNet18 (output stride {args.output_stride or 32}), batch {args.batch}, {args.steps} timed steps each, "
-          f"device {device}, {args.precision}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'size':>5} {'CE img/s':>10} {'GC img/s':>10} {'shared img/s':>13} {'GC/CE time':>11} "
+    print(f"batch {args.batch}, {args.steps} timed steps each, device {device}, {args.precision}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; ResNet output stride "
+          f"{args.output_stride or 32}")
+    print(f"{'model':>14} {'size':>5} {'CE img/s':>10} {'GC img/s':>10} {'shared img/s':>13} {'GC/CE time':>11} "
           f"{'shared/CE time':>15}")
-    for size in args.sizes:
-        times = step_times(size, args.batch, args.steps, device, args.precision, args.output_stride)
-        print(f"{size:>5} {args.batch / times['ce']:>10.1f} {args.batch / times['gc']:>10.1f} "
-              f"{args.batch / times['shared']:>13.1f} {times['gc'] / times['ce']:>11.2f} "
-              f"{times['shared'] / times['ce']:>15.2f}")
+    for model in args.models:
+        for size in args.sizes:
+            times = step_times(model, size, args.batch, args.steps, device, args.precision, args.output_stride)
+            print(f"{model:>14} {size:>5} {args.batch / times['ce']:>10.1f} {args.batch / times['gc']:>10.1f} "
+                  f"{args.batch / times['shared']:>13.1f} {times['gc'] / times['ce']:>11.2f} "
+                  f"{times['shared'] / times['ce']:>15.2f}")
     print(f"decoded images per training sample in GC mode: {decoded_per_sample():.2f}")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gcmodels.networks import native_output_stride
+from gcmodels.networks import ARCHITECTURES, explained_stride, network_options
 from gcmodels.objectives import OBJECTIVES
 
 
@@ -66,8 +66,8 @@ def upgrade_hparams(hparams: dict) -> dict:
     ``composite_source`` took its distractors from the batch, one without ``composites`` built one
     composite per sample."""
     model = hparams.get("model")
-    if isinstance(model, dict) and "output_stride" not in model:
-        model = hparams["model"] = {**model, "output_stride": native_output_stride(model.get("name", ""))}
+    if isinstance(model, dict) and "output_stride" not in model and model.get("name") in ARCHITECTURES:
+        model = hparams["model"] = {**model, "output_stride": explained_stride({**model, "output_stride": None})}
     if isinstance(model, dict) and "init_from" not in model:
         hparams["model"] = {**model, "init_from": None}
     if isinstance(hparams.get("loss"), str):
@@ -134,16 +134,16 @@ def _group_differences(group: str, saved: dict, config: dict) -> list[str]:
 
 def check_resume_compatible(path: str | Path, model: dict, num_classes: int, multilabel: bool,
                             settings: dict[str, dict] | None = None) -> None:
-    """Refuse to resume from a checkpoint of another architecture, pooling, output stride or class
-    count, or of a run started from other weights (``model.init_from``: a resumed run is the same
-    run, so it must name the checkpoint's own starting point, or none when it had none; the
-    weights come from ``path`` either way). ``settings``: the run's config groups of
+    """Refuse to resume from a checkpoint of another architecture, network option (pooling, output
+    stride, sizes) or class count, or of a run started from other weights (``model.init_from``: a
+    resumed run is the same run, so it must name the checkpoint's own starting point, or none when
+    it had none; the weights come from ``path`` either way). ``settings``: the run's config groups of
     :data:`RESUMED_GROUPS` (``{"loss": {...}, ...}``), whose every value must be the checkpoint's
     (None: not compared)."""
     saved = read_hparams(path)
     saved_model = dict(saved.get("model") or {})
     problems = []
-    for key in ("name", "pooling", "output_stride"):
+    for key in sorted(set(network_options(saved_model)) | set(network_options(model))):
         if saved_model.get(key) != model.get(key):
             problems.append(f"model.{key}: checkpoint has {saved_model.get(key)!r}, config has {model.get(key)!r}")
     if not _same_file(saved_model.get("init_from"), model.get("init_from")):
@@ -217,7 +217,7 @@ def init_from_checkpoint(path: str | Path, net: nn.Module, model: dict, num_clas
                          f"classes differ)")
     notes = [f"model.{key}: the checkpoint's network used {saved_model.get(key)!r}, this run {model[key]!r} "
              f"(the same tensors; what they compute changes)"
-             for key in ("pooling", "output_stride") if saved_model.get(key) != model.get(key)]
+             for key in sorted(set(network_options(model)) - {"name"}) if saved_model.get(key) != model.get(key)]
     if fresh:
         notes.append(f"not loaded: {', '.join(fresh)} "
                      f"(the final layer keeps its fresh initialisation: {other_classes})")

@@ -7,8 +7,13 @@ the whole map stays in the autograd graph (second-order backward). It is taken o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from gcmodels.networks import second_order_graph
 
 MODES = ("elementwise", "standard")
 
@@ -21,6 +26,7 @@ def gradcam_from_activations(
     normalize: bool = True,
     eps: float = 1e-8,
     retain_graph: bool = False,
+    grid: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Grad-CAM maps ``[B, h, w]`` of ``scores[b]`` (one logit per sample) at ``activations[B, C, h, w]``.
 
@@ -31,7 +37,9 @@ def gradcam_from_activations(
     Requires that ``scores[b]`` depends on ``activations[b]`` only (true for every head here:
     pooling and fully connected layers, no batch statistics), so one gradient of the sum gives
     every sample's own gradient. ``retain_graph``: keep the graph for another gradient of the same
-    activations (implied by ``create_graph``).
+    activations (implied by ``create_graph``). ``grid``: lays the activations and their gradient
+    out as ``[B, C, h, w]`` where the layer has another layout (a transformer's tokens:
+    :meth:`gcmodels.networks.ExplainableNet.to_grid`).
     """
     if mode not in MODES:
         raise ValueError(f"Grad-CAM mode {mode!r} is unknown; allowed: {list(MODES)}")
@@ -42,6 +50,8 @@ def gradcam_from_activations(
         )
     (grads,) = torch.autograd.grad(scores.sum(), activations, create_graph=create_graph,
                                    retain_graph=create_graph or retain_graph)
+    if grid is not None:
+        grads, activations = grid(grads), grid(activations)
     # Maps in float32 even under mixed precision: the eps of the normalisation vanishes in fp16.
     dtype = torch.promote_types(activations.dtype, torch.float32)
     grads, activations = grads.to(dtype), activations.to(dtype)
@@ -72,7 +82,8 @@ def gradcam(
     of a sum of scores separates the images but not two classes of one image, so the maps are taken
     in rounds, one gradient each, every image at most once per round: as many rounds as the most
     maps any image has."""
-    with torch.enable_grad():
+    grid = partial(net.to_grid, image_size=tuple(images.shape[-2:]))
+    with torch.enable_grad(), second_order_graph(create_graph):
         activations = net.forward_features(images)
         if not activations.requires_grad:
             # Frozen weights and plain images: Grad-CAM still needs dy/dA.
@@ -84,7 +95,7 @@ def gradcam(
             # One map per image: a single gradient, and no round bookkeeping (whose rounds.max()
             # would wait for the GPU) on every training step and explanation.
             scores = logits.gather(1, classes.view(-1, 1)).squeeze(1)
-            return logits, gradcam_from_activations(activations, scores, mode, create_graph, normalize)
+            return logits, gradcam_from_activations(activations, scores, mode, create_graph, normalize, grid=grid)
         order = owners.argsort(stable=True)
         first = torch.searchsorted(owners[order], owners[order])
         rounds = torch.empty_like(owners)
@@ -96,7 +107,7 @@ def gradcam(
             own = owners[members]
             scores = logits.new_zeros(images.shape[0]).index_put((own,), logits[own, classes[members]])
             maps.append(gradcam_from_activations(activations, scores, mode, create_graph, normalize,
-                                                 retain_graph=index < last)[own])
+                                                 retain_graph=index < last, grid=grid)[own])
             rows.append(members)
         maps = torch.cat(maps)[torch.cat(rows).argsort()]
     return logits, maps

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from gcmodels.accuracy import PER_CLASS_F1_NAME, accuracy_inputs, accuracy_metric, accuracy_name, per_class_f1_metric
 from gcmodels.checkpoints import load_checkpoint
-from gcmodels.networks import ExplainableNet, build_network
+from gcmodels.networks import ExplainableNet, network_from_config
 from gcmodels.objectives import OBJECTIVES
 from gcmodels.optim import build_optimizers
 from gcmodels.random_state import gather_per_rank, global_random_state, set_global_random_state
@@ -44,8 +44,7 @@ class GCClassifier(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters(ignore=["net"])
-        self.net = net if net is not None else build_network(model["name"], num_classes, model["pooling"],
-                                                             model["pretrained"], model["output_stride"])
+        self.net = net if net is not None else network_from_config(model, num_classes)
         self.objective = OBJECTIVES[loss["name"]].build(**{key: value for key, value in loss.items() if key != "name"})
         self._layout_generator: torch.Generator | None = None
         # The current training step's loss terms, for checks before the optimiser step

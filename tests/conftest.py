@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from gcmodels.networks import ExplainableNet
+from gcmodels.networks import ExplainableNet, build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -40,6 +40,17 @@ def run_module(module: str, out: Path, data_dir: Path, *overrides: str) -> subpr
     """Run ``python -m module`` (a Hydra script that reads ``data``) on the tiny synthetic data."""
     command = [sys.executable, "-m", module, f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
                *[item for item in TINY if item.startswith("data.")], *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+# Data read from disk in its distributed format (tests/formats.py), at a size for the CPU.
+REAL_DATA = ["data.image_size=64", "data.batch_size=4", "data.num_workers=0"]
+
+
+def evaluate_script(out: Path, data: str, data_dir: Path, checkpoint, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m evaluation`` of ``checkpoint`` on ``data`` read from ``data_dir``."""
+    command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={out}", f"data={data}", f"data.data_dir={data_dir}",
+               *REAL_DATA, f"ckpt_path={checkpoint}", "heatmap_images=2", "heatmap_composites=1", *overrides]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -73,12 +84,26 @@ def tiny_net(num_classes: int = 4, channels: int = 4, smooth: bool = True) -> Ex
     return ExplainableNet(features, head)
 
 
+# A ViT small enough for float64 and finite differences: 4x4 patches of 8 px at 32 px.
+SMALL_VIT = {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "image_size": 32}
+
+
+def small_vit(num_classes: int, **sizes) -> ExplainableNet:
+    """``model=vit`` of :data:`SMALL_VIT` (``sizes`` replace some) with a random classifier:
+    torchvision initialises a ViT's classifier to zeros, which makes every logit and Grad-CAM
+    map 0 until training moves it, and a comparison of them vacuous."""
+    net = build_network("vit", num_classes, **{**SMALL_VIT, **sizes})
+    nn.init.normal_(net.head.heads.head.weight, std=0.5)
+    return net
+
+
 class FunctionalNet:
     """An ExplainableNet whose parameters are the given tensors (``state``, by name), for gradcheck."""
 
     def __init__(self, net: ExplainableNet, state: dict[str, torch.Tensor]):
         self.net, self.state = net, state
         self.normalize = net.normalize
+        self.to_grid = net.to_grid
 
     def _call(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
         sub = {k[len(prefix) + 1:]: v for k, v in self.state.items() if k.startswith(prefix + ".")}

@@ -15,10 +15,11 @@ from evaluation.explainers import (
     IntegratedGradients,
     SmoothGrad,
     build_explainer,
+    check_explainer,
 )
 from gcmodels.networks import ExplainableNet, Normalize, build_network
 from gcmodels.options import ConfigError
-from tests.conftest import tiny_net
+from tests.conftest import small_vit, tiny_net
 
 
 def randomise_batchnorm(net: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -526,16 +527,19 @@ def test_many_pass_explainers_split_passes_by_image_size_without_changing_the_ma
 # -------------------------------------------------------------------------- All explainers
 
 
+# Few samples and steps, for small networks and images.
+QUICK_OPTIONS = {"smoothgrad": {"num_samples": 3, "stdev": 0.15, "seed": None}, "integrated_gradients": {"steps": 4},
+                 # 16 px noise images: a high compactness keeps several superpixels.
+                 "lime": {"num_samples": 20, "kernel_width": 0.25, "segmentation": "slic", "num_segments": 4,
+                          "compactness": 100.0, "kernel_size": 4.0, "max_dist": 200.0, "ratio": 0.2, "seed": 0,
+                          "fill": "segment", "score": "probability", "ridge": 1.0}}
+
+
 @pytest.mark.parametrize("name", sorted(EXPLAINERS))
 def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
     net = relu_net()
     images, targets = images_and_targets()
-    options = {"smoothgrad": {"num_samples": 3, "stdev": 0.15, "seed": None}, "integrated_gradients": {"steps": 4},
-               # 16 px noise images: a high compactness keeps several superpixels.
-               "lime": {"num_samples": 20, "kernel_width": 0.25, "segmentation": "slic", "num_segments": 4,
-                        "compactness": 100.0, "kernel_size": 4.0, "max_dist": 200.0, "ratio": 0.2, "seed": 0,
-                        "fill": "segment", "score": "probability", "ridge": 1.0}}.get(name, {})
-    explainer = build_explainer(name, **options)
+    explainer = build_explainer(name, **QUICK_OPTIONS.get(name, {}))
     torch.manual_seed(0)  # SmoothGrad's noise: the same draws in both calls
     with torch.no_grad():
         maps = explainer(net, images, targets)
@@ -546,6 +550,26 @@ def test_explainers_work_under_no_grad_and_leave_no_parameter_gradients(name):
     # tests above pin to their references; non-zero maps keep the comparison from being vacuous.
     torch.manual_seed(0)
     torch.testing.assert_close(maps, explainer(net, images, targets), rtol=1e-6, atol=1e-7)
+    assert maps.amax() > 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPLAINERS))
+@pytest.mark.parametrize("arch", ["vit", "convnext_tiny"])
+def test_explainers_on_layer_norms_and_attention_give_maps_or_name_what_they_lack(name, arch):
+    """Every explainer gives a ViT's and a ConvNeXt's maps, or refuses before any pass, naming the
+    module it has no rule for (c-MWP, FullGrad: layer norms, attention)."""
+    torch.manual_seed(0)
+    net, size = (small_vit(5), 32) if arch == "vit" else (build_network("convnext_tiny", 5), 64)
+    net.eval()
+    images, targets = images_and_targets(size=size)
+    explainer = build_explainer(name, **QUICK_OPTIONS.get(name, {}))
+    if name in ("cmwp", "fullgrad"):
+        with pytest.raises(NotImplementedError, match="LayerNorm|ViTHead|ViTFeatures"):
+            check_explainer(explainer, net)
+        return
+    check_explainer(explainer, net)
+    maps = explainer(net, images, targets)
+    assert maps.dim() == 3 and maps.shape[0] == 2 and maps.isfinite().all() and (maps >= 0).all()
     assert maps.amax() > 0
 
 

@@ -22,7 +22,7 @@ from losses import (
     tile_2x2,
 )
 from losses.composite import own_distractors_layout
-from tests.conftest import gradcheck_in_weights, tiny_net
+from tests.conftest import gradcheck_in_weights, small_vit, tiny_net
 
 # (row, column) of each cell: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
 CELL_POSITION = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
@@ -77,14 +77,15 @@ def test_target_refuses_a_composite_map_smaller_than_two_cells():
 
 # Receptive field of the explained layer: position i sees input pixels stride*i + first to
 # stride*i + last, walked back through every convolution and pooling (kernel, stride, padding).
-RECEPTIVE_FIELDS = {"alexnet": (16, -66, 96), "resnet18": (32, -217, 217)}
+RECEPTIVE_FIELDS = {"alexnet": (16, -66, 96), "resnet18": (32, -217, 217), "vgg16": (16, -90, 105)}
 
 
 @pytest.mark.parametrize(
     "name, side, near, far",
     # ResNet18 at 224 px has no such position (its receptive field, 435 px, is wider than the
     # image), hence 320 px.
-    [("alexnet", 224, range(8), range(5, 13)), ("resnet18", 320, range(4), range(7, 10))],
+    [("alexnet", 224, range(8), range(5, 13)), ("resnet18", 320, range(4), range(7, 10)),
+     ("vgg16", 224, range(8), range(6, 14))],
 )
 def test_target_placement_is_where_the_network_sees_each_cell(name, side, near, far):
     """The features of a 2x2 composite equal each image's own features placed by
@@ -126,6 +127,38 @@ def test_target_placement_is_where_the_network_sees_each_cell(name, side, near, 
         assert ((composite - resized).abs().amax(dim=0) / scale)[region].max() > 0.05
     else:
         assert size == (2 * h, 2 * h)
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "vit"])
+def test_target_placement_is_nearest_where_every_position_sees_the_whole_composite(name):
+    """ConvNeXt's 7x7 depthwise stages and a ViT's global attention see past any cell: no position
+    of the composite's features is its image's own exactly. The rule still puts each image where
+    the network sees it: in every cell the composite's features are nearer to that image's own,
+    placed there by ``composite_target``, than to any other image's."""
+    torch.manual_seed(0)
+    net, side = (build_network(name, 5), 224) if name == "convnext_tiny" else (small_vit(5), 32)
+    for parameter_name, parameter in net.named_parameters():
+        if parameter_name.endswith("layer_scale"):
+            # torchvision starts them at 1e-6, where every block is nearly the identity and the
+            # features nearly local; a trained network's are far from there.
+            parameter.data.fill_(1.0)
+    net.eval()
+    images = torch.rand(4, 3, side, side)
+    in_own_cell = CompositeLayout(samples=torch.tensor([0]), classes=torch.tensor([0]), cells=torch.tensor([0]),
+                                  distractors=torch.tensor([[1, 2, 3]]), valid=torch.tensor([True]))
+    with torch.no_grad():
+        own = net.to_grid(net.forward_features(images), (side, side))
+        composite = make_composite(images, in_own_cell)
+        composite = net.to_grid(net.forward_features(composite), tuple(composite.shape[-2:]))[0]
+    size = tuple(composite.shape[-2:])
+    assert size == tuple(2 * side for side in own.shape[-2:])
+    cells = [composite_target(torch.ones(1, *own.shape[-2:]), torch.tensor([k]), size)[0] > 0 for k in range(4)]
+    # distance[k, j]: the composite's features in cell k against image j's placed in cell k.
+    distance = torch.tensor([[((composite - composite_target(own[j], torch.full((own.shape[1],), k), size))
+                               [:, cells[k]]).norm() / own[j].norm() for j in range(4)] for k in range(4)])
+    print(f"{name}: relative distance to the own image's features {distance.diagonal().max():.3g}, "
+          f"to another's at least {distance[~torch.eye(4, dtype=torch.bool)].min():.3g}")
+    assert (distance.argmin(dim=1) == torch.arange(4)).all()
 
 
 def test_distractors_never_share_the_positive_class():
@@ -314,6 +347,44 @@ def test_gc_loss_gradcheck_float64():
     layout = _fixed_layout(targets)
     assert gradcheck_in_weights(
         net, lambda functional: gc_objective(functional, images, targets, layout, lam=10.0).loss)
+
+
+def test_vit_gc_loss_gradcheck_float64():
+    """The same for a ViT: double backprop through attention (on the math kernel, the one with a
+    double backward) and through the position embeddings resized for the 2x composite."""
+    torch.manual_seed(0)
+    net = small_vit(4, patch_size=4, image_size=8, hidden_dim=8, mlp_dim=8).double()
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2, 3])
+    assert gradcheck_in_weights(
+        net, lambda functional: gc_objective(functional, images, targets, _fixed_layout(targets), lam=10.0).loss)
+
+
+def _attention_kernels(run) -> set[str]:
+    """The scaled dot-product attention kernels ``run()`` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return {event.name for event in profile.events() if "scaled_dot_product" in event.name}
+
+
+def test_vit_attention_takes_the_math_kernel_only_in_a_second_order_graph():
+    """The fused kernels (flash, memory-efficient) have no double backward: the GC loss's forward
+    passes take the math kernel, and everything else keeps the fused ones (faster, leaner):
+    a classification step and the evaluation's Grad-CAM."""
+    torch.manual_seed(0)
+    net = small_vit(4)
+    images, targets = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    math = "aten::_scaled_dot_product_attention_math"
+
+    def fused(kernels):
+        return {name for name in kernels if any(kind in name for kind in ("flash", "efficient", "cudnn"))}
+
+    classification = _attention_kernels(lambda: classification_loss(net(images), targets).backward())
+    explanation = _attention_kernels(lambda: gradcam(net, images, targets))
+    gc = _attention_kernels(lambda: gc_objective(net, images, targets, _fixed_layout(targets), lam=1.0).loss.backward())
+    assert fused(classification) and math not in classification
+    assert fused(explanation) and math not in explanation
+    assert math in gc and not fused(gc)
 
 
 def test_detached_target_gradient_treats_the_target_as_a_constant():

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from datamodules.images import TrialGeometry
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import build_explainer
 from evaluation.settings import default_settings
-from tests.conftest import ROOT, assert_ok, read_summary, tiny_net, train
+from tests.conftest import REAL_DATA, assert_ok, evaluate_script, read_summary, tiny_net, train
 from tests.formats import WNIDS, write_coco, write_imagenet
 
 SHORT_SIDE = 64
@@ -165,15 +163,6 @@ def test_standard_and_authors_protocols_run_on_coco_as_distributed(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 # 64 px: ResNet18 keeps 2x2 cells at layer4 (batch norm needs more than one value per channel).
-REAL_DATA = ["data.image_size=64", "data.batch_size=4", "data.num_workers=0"]
-
-
-def evaluate_script(out, data: str, data_dir, checkpoint, *overrides: str):
-    command = [sys.executable, "-m", "evaluation", f"hydra.run.dir={out}", f"data={data}", f"data.data_dir={data_dir}",
-               *REAL_DATA, f"ckpt_path={checkpoint}", "heatmap_images=2", "heatmap_composites=1", *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
 def test_train_and_evaluate_imagenet_and_coco_as_distributed_under_both_protocols(tmp_path):
     """ImageNet with a flat val folder and its XMLs, no sorting step; then COCO 2014 started from

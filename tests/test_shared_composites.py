@@ -101,7 +101,7 @@ def test_shared_loss_and_gradients_equal_per_sample_on_the_same_composites(name,
     per-sample mode's: sharing changes the cost, not the objective."""
     torch.manual_seed(0)
     num_classes = 5
-    net = _no_dropout(build_network(name, num_classes, pooling, output_stride=stride))
+    net = _no_dropout(build_network(name, num_classes, pooling=pooling, output_stride=stride))
     images = torch.rand(8, 3, 64, 64, dtype=torch.float64)
     layout = _fully_grouped(targets, num_classes)
     per_sample = layout.select(torch.arange(8))

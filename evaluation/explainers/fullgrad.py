@@ -24,15 +24,26 @@ def _bias_of(module: nn.Module, output: Tensor) -> Tensor | None:
         scale = batchnorm_scale(module)
         shift = module.bias if module.affine else torch.zeros_like(scale)
         return (shift - module.running_mean * scale).view(channel_shape)
+    check_bias_rule(module)
     bias = getattr(module, "bias", None)
     if not isinstance(bias, Tensor):
         return None
-    if isinstance(module, nn.Linear):
-        return bias
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return bias.view(channel_shape)
-    raise NotImplementedError(f"FullGrad has no rule for the bias of {type(module).__name__}; "
-                              "its contribution would be missing from the decomposition")
+    return bias if isinstance(module, nn.Linear) else bias.view(channel_shape)
+
+
+def check_bias_rule(module: nn.Module, name: str | None = None) -> None:
+    """Raise where ``module`` (at ``name``) has a bias FullGrad has no rule for (a layer norm),
+    or parameters of its own beside submodules (attention's input projection, a transformer's
+    class token and position embeddings), which the hooks on the leaf modules would miss."""
+    where = f" at {name!r}" if name else ""
+    own = [key for key, _ in module.named_parameters(recurse=False)]
+    if own and any(True for _ in module.children()):
+        raise NotImplementedError(f"FullGrad: {type(module).__name__}{where} holds parameters {own} beside its "
+                                  "submodules; their contribution would be missing from the decomposition")
+    if isinstance(getattr(module, "bias", None), Tensor) and not isinstance(
+            module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+        raise NotImplementedError(f"FullGrad has no rule for the bias of {type(module).__name__}{where}; "
+                                  "its contribution would be missing from the decomposition")
 
 
 @dataclass
@@ -79,6 +90,12 @@ class FullGrad(Explainer):
                 layer_map = _fullgrad_postprocess(grad * bias)
                 maps = maps + F.interpolate(layer_map[:, None], size=size, mode="bilinear")[:, 0]
         return maps
+
+    def check_layer(self, net: nn.Module) -> None:
+        """Refuse, before any pass, a network with a module FullGrad cannot decompose
+        (:func:`check_bias_rule`)."""
+        for name, module in net.named_modules():
+            check_bias_rule(module, name)
 
     @staticmethod
     def _gradients(net, images, targets) -> _FullGradients:

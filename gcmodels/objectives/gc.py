@@ -11,7 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.gradcam import gradcam
-from gcmodels.networks import UNSTRIDED_STAGES, ExplainableNet, native_output_stride
+from gcmodels.networks import UNSTRIDED_STAGES, ExplainableNet, explained_stride
 from gcmodels.options import ConfigError, Options
 from losses import (
     CompositeLayout,
@@ -156,15 +156,17 @@ class GCObjective(Objective):
         """An image side that is a whole number of the explained layer's cells, and, when the
         distractors come from the batch, enough images in each process's batch to draw them from."""
         size, name = datamodule.image_size, model["name"]
-        stride = native_output_stride(name) if model["output_stride"] is None else model["output_stride"]
+        stride = explained_stride(model)
+        # A transformer's cell is its patch.
+        stride_key = "model.patch_size" if "patch_size" in model else "model.output_stride"
         if size % stride:
             # composite_target puts each image's map at the composite map's edges, where the image's
             # own cells are only when its side is a multiple of the stride.
             strides = [option for option in sorted(UNSTRIDED_STAGES) if not size % option]
-            other = ("" if name == "alexnet" or not strides
+            other = ("" if not name.startswith("resnet") or not strides
                      else f" or model.output_stride={' or '.join(map(str, strides))}")
             raise ConfigError([("data.image_size", (
-                f"{size} is not a multiple of model.output_stride={stride} ({name}'s explained layer has a cell "
+                f"{size} is not a multiple of {stride_key}={stride} ({name}'s explained layer has a cell "
                 f"per {stride} pixels): loss=gc places each image's Grad-CAM map in its cell of the 2x2 "
                 f"composite's map, which matches the image's own cells only at a multiple; use "
                 f"data.image_size={math.ceil(size / stride) * stride}{other}"))])

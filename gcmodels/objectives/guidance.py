@@ -12,7 +12,7 @@ from pydantic import Field
 
 from gcmodels.gradcam import MODES as CAM_MODES
 from gcmodels.gradcam import gradcam
-from gcmodels.networks import ExplainableNet
+from gcmodels.networks import ExplainableNet, second_order_graph
 from gcmodels.options import ConfigError, Options
 from losses import classification_loss
 from losses.guidance import guidance_terms
@@ -41,7 +41,8 @@ def input_x_gradient(net: ExplainableNet, images: torch.Tensor, classes: torch.T
     normalized = net.normalize(images)
     if not normalized.requires_grad:
         normalized = normalized.detach().requires_grad_(True)
-    logits = net.head(net.features(normalized))
+    with second_order_graph():
+        logits = net.head(net.features(normalized))
     scores = logits.gather(1, classes.view(-1, 1)).sum()
     (grads,) = torch.autograd.grad(scores, normalized, create_graph=True)
     return logits, (grads * normalized).sum(dim=1)
