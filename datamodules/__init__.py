@@ -1,4 +1,5 @@
-"""Datamodules of the embedded synthetic data, ImageNet and COCO, by config name (``data.name``).
+"""Datamodules of the embedded synthetic data, ImageNet, COCO and a user's own folders, by config
+name (``data.name``).
 
 Every datamodule is a :class:`ClassificationDataModule`; the readers of the on-disk formats live
 in the modules of their format (:mod:`.images`, :mod:`.imagefolder`, :mod:`.coco`,
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 
 from .base import DATASETS, ClassificationDataModule
 from .coco import COCODataModule
+from .folder import FolderDataModule
 from .imagenet import ImageNetDataModule
 from .synthetic import SyntheticDataModule
 
@@ -24,6 +26,7 @@ def build_datamodule(config: Mapping) -> ClassificationDataModule:
 
 __all__ = [
     "COCODataModule",
+    "FolderDataModule",
     "ClassificationDataModule",
     "DATASETS",
     "ImageNetDataModule",

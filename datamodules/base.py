@@ -150,6 +150,12 @@ class ClassificationDataModule(LightningDataModule, abc.ABC):
             self._localization_sets[geometry] = self._build_localization_dataset(geometry)
         return self._localization_sets[geometry]
 
+    def localization_unavailable(self) -> str:
+        """Why :meth:`localization_dataset` is None here, for the error that refuses the
+        localisation metrics."""
+        return (f"needs ground-truth object masks or boxes, and data {self.name!r} provides none (use data with "
+                "masks: synthetic, coco, imagenet with data.box_dir, folder with data.val_annotations)")
+
     @abc.abstractmethod
     def _build_localization_dataset(self, geometry: TrialGeometry) -> Dataset | None:
         """The trials under ``geometry`` (its ``image_size`` is None: set the data set's own where

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .base import ClassificationDataModule, existing_dir
 from .images import IMAGE_EXTENSIONS, Sample, Transform, image_sample, load_rgb_or_skip
 
 
@@ -116,3 +117,32 @@ class ClassFolderDataset(LabelledImageDataset):
         if not samples:
             raise ValueError(f"no image files {IMAGE_EXTENSIONS} in the class folders of {root}")
         super().__init__(root, samples, classes, transform, skip_corrupt)
+
+
+class ClassFolderDataModule(ClassificationDataModule):
+    """A data set whose classes are the sorted folders of ``data_dir/train`` (ImageNet, a user's
+    own folders); ``layout`` is shown where a split's folder is missing."""
+
+    layout: str
+
+    def __init__(self, data_dir, **loading) -> None:
+        super().__init__(data_dir, **loading)
+        self._class_names: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The training folders' names, read once (the model is built from their count)."""
+        if self._class_names is None:
+            self._class_names = list_class_folders(self._split_dir("train"))
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _split_dir(self, split: str) -> Path:
+        existing_dir("data_dir", self.data_dir)
+        split_dir = self.data_dir / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"data.data_dir: {split_dir} not found.\n{self.layout}")
+        return split_dir

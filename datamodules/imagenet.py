@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
-from .imagefolder import ClassFolderDataset, LabelledImageDataset, list_class_folders
+from .base import DATASETS, DataOptions, existing_dir
+from .imagefolder import ClassFolderDataModule, ClassFolderDataset, LabelledImageDataset, list_class_folders
 from .images import (
     IMAGE_EXTENSIONS,
     Sample,
@@ -156,7 +156,7 @@ class ImageNetOptions(DataOptions):
 
 
 @DATASETS.register("imagenet", ImageNetOptions)
-class ImageNetDataModule(ClassificationDataModule):
+class ImageNetDataModule(ClassFolderDataModule):
     """ILSVRC-2012 classification: ``data_dir/train/<wnid>/*.JPEG``, and the validation images
     either flat (``data_dir/val/*.JPEG``, as the archive unpacks) or in class folders
     (``data_dir/val/<wnid>/*.JPEG``). Classes are the sorted training wnids.
@@ -172,6 +172,7 @@ class ImageNetDataModule(ClassificationDataModule):
 
     name = "imagenet"
     multilabel = False
+    layout = VAL_LAYOUT
 
     def __init__(self, data_dir: str | Path, *, box_dir: str | Path | None, **loading) -> None:
         """``box_dir``: the validation box XML files, or None (next to the images); ``loading``:
@@ -179,19 +180,7 @@ class ImageNetDataModule(ClassificationDataModule):
         super().__init__(data_dir, **loading)
         self.box_dir = Path(box_dir) if box_dir is not None else None
         self.save_hyperparameters()
-        self._class_names: list[str] | None = None
         self._annotations: dict[Path, IlsvrcBoxes] | None = None
-
-    @property
-    def class_names(self) -> list[str]:
-        """The wnids of the training folders, read once (the model is built from their count)."""
-        if self._class_names is None:
-            self._class_names = list_class_folders(self._split_dir("train"))
-        return self._class_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def _xml_path(self, image: Path) -> Path:
         return (self.box_dir if self.box_dir is not None else image.parent) / f"{image.stem}.xml"
@@ -215,13 +204,6 @@ class ImageNetDataModule(ClassificationDataModule):
                 return None  # class folders without box files: no localisation
             self._annotations = self._read_annotations(paths)
         return BoxMaskDataset(val_set, self._annotations, geometry._replace(image_size=self.image_size))
-
-    def _split_dir(self, split: str) -> Path:
-        existing_dir("data_dir", self.data_dir)
-        split_dir = self.data_dir / split
-        if not split_dir.is_dir():
-            raise FileNotFoundError(f"{split_dir} not found.\n{VAL_LAYOUT}")
-        return split_dir
 
     def _build_val_dataset(self) -> LabelledImageDataset:
         # Here, although class-folder validation images read their box files only for the

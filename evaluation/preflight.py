@@ -11,7 +11,7 @@ from datamodules import ClassificationDataModule
 from datamodules.images import TrialGeometry
 from evaluation.explainers.base import check_explainer
 from evaluation.metrics.registry import METRICS, family_members
-from gcmodels.networks import build_network
+from gcmodels.networks import network_from_config
 from gcmodels.options import ConfigError
 
 
@@ -25,8 +25,7 @@ def unsupported_metrics(datamodule: ClassificationDataModule, metrics: Sequence[
     # Only asked when needed: building the trials reads every annotation file.
     if localization and datamodule.localization_dataset(geometry) is None:
         for name in localization:
-            reasons[name] = (f"needs ground-truth object masks or boxes, and data {datamodule.name!r} provides "
-                             "none (use data with masks: synthetic, coco, imagenet with data.box_dir)")
+            reasons[name] = datamodule.localization_unavailable()
     if datamodule.multilabel:
         for name in metrics:
             if METRICS[name].single_label_only:
@@ -71,7 +70,7 @@ def check_checkpoint_explainer(explainer, path, hparams: dict, key: str = "expla
     config holds the explainer."""
     model = hparams["model"]
     with torch.device("meta"):
-        net = build_network(model["name"], hparams["num_classes"], model["pooling"], False, model["output_stride"])
+        net = network_from_config(model, hparams["num_classes"], pretrained=False)
     try:
         check_explainer(explainer, net, key)
     except (ValueError, NotImplementedError) as err:

@@ -147,3 +147,49 @@ def write_coco(root: Path, year: int = 2014, images_per_split: int = 6) -> None:
         ann_file.parent.mkdir(parents=True, exist_ok=True)
         ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
                                         "categories": list(CATEGORIES)}))
+
+
+# --------------------------------------------------------------------------- a user's own folders
+
+FOLDER_CLASSES = ("cat", "dog", "fox")
+
+
+def write_folder(root: Path, train_per_class: int = 4, val_per_class: int = 3, annotations: bool = True) -> dict:
+    """``train/<class>/*.png`` and ``val/<class>/*.jpg`` (torchvision's ImageFolder), and with
+    ``annotations`` a COCO instances json per split (``annotations/{train,val}.json``, file names
+    ``<class>/<file>``, categories named after the class folders, ids not in class order):
+    each image holds its class's object as a box, annotated as a polygon or an RLE in turn; the
+    last validation image of the first class has no annotation. Returns the val json's path and
+    the validation images' boxes by file name (0-based x, y, w, h)."""
+    categories = [{"id": 10 * (index + 1) + 3, "name": name} for index, name in enumerate(reversed(FOLDER_CLASSES))]
+    category_of = {category["name"]: category["id"] for category in categories}
+    boxes = {}
+    for split, count, extension in (("train", train_per_class, "png"), ("val", val_per_class, "jpg")):
+        images, objects = [], []
+        for label, name in enumerate(FOLDER_CLASSES):
+            for index in range(count):
+                width, height = COCO_SIZES[index % len(COCO_SIZES)]
+                image = _background((width, height), seed=1000 * (split == "val") + 10 * label + index)
+                box = (2 + 3 * index, 4 + 2 * label, 16, 14)
+                x, y, w, h = box
+                draw_box(image, (x + 1, y + 1, x + w, y + h), COLOURS[label])
+                file_name = f"{name}/{name}_{index}.{extension}"
+                path = root / split / file_name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+                image_id = len(images) + 7
+                images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+                if split == "val" and label == 0 and index == count - 1:
+                    continue  # an image without objects
+                segmentation = ([[x, y, x + w, y, x + w, y + h, x, y + h]] if index % 2 == 0
+                                else _rle(height, width, box, compressed=True))
+                objects.append({"id": len(objects) + 1, "image_id": image_id, "category_id": category_of[name],
+                                "iscrowd": 0, "segmentation": segmentation, "area": float(w * h), "bbox": list(box)})
+                if split == "val":
+                    boxes[file_name] = box
+        if annotations:
+            ann_file = root / "annotations" / f"{split}.json"
+            ann_file.parent.mkdir(parents=True, exist_ok=True)
+            ann_file.write_text(json.dumps({"images": images, "annotations": objects, "categories": categories}))
+    return {"val_annotations": root / "annotations" / "val.json",
+            "train_annotations": root / "annotations" / "train.json", "boxes": boxes}

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from datamodules import ClassificationDataModule
 from evaluation.composites import dataset_layout
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.metrics.faithfulness import MAX_BLOCKS
@@ -63,6 +64,7 @@ class SquaresModule:
     class_names = ["a", "b", "c", "d"]
     multilabel = False
     collate_fn = staticmethod(default_collate)
+    localization_unavailable = ClassificationDataModule.localization_unavailable
 
     def __init__(self, **options):
         self.data = SquaresData(**options)
