@@ -1,5 +1,5 @@
-"""Datamodules of the embedded synthetic data, ImageNet, COCO and a user's own folders, by config
-name (``data.name``).
+"""Datamodules of the embedded synthetic data, ImageNet, COCO, CUB-200-2011 and a user's own
+folders, by config name (``data.name``).
 
 Every datamodule is a :class:`ClassificationDataModule`; the readers of the on-disk formats live
 in the modules of their format (:mod:`.images`, :mod:`.imagefolder`, :mod:`.coco`,
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from .base import DATASETS, ClassificationDataModule
 from .coco import COCODataModule
+from .cub import CUBDataModule
 from .folder import FolderDataModule
 from .imagenet import ImageNetDataModule
 from .synthetic import SyntheticDataModule
@@ -26,6 +27,7 @@ def build_datamodule(config: Mapping) -> ClassificationDataModule:
 
 __all__ = [
     "COCODataModule",
+    "CUBDataModule",
     "FolderDataModule",
     "ClassificationDataModule",
     "DATASETS",

@@ -193,3 +193,50 @@ def write_folder(root: Path, train_per_class: int = 4, val_per_class: int = 3, a
             ann_file.write_text(json.dumps({"images": images, "annotations": objects, "categories": categories}))
     return {"val_annotations": root / "annotations" / "val.json",
             "train_annotations": root / "annotations" / "train.json", "boxes": boxes}
+
+
+# --------------------------------------------------------------------------- CUB-200-2011
+
+CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+# A segmentation averages annotators: 255 where all agree, 204 where most do, 102 where few do.
+CUB_LEVELS = (255, 204, 102)
+
+
+def write_cub(root: Path, per_class: int = 4) -> dict:
+    """``CUB_200_2011/`` as distributed, and ``segmentations/`` beside ``images/``: per class,
+    images alternately in the training and test split (ids in class order, from 1), each with its
+    bird as a filled box whose ``bounding_boxes.txt`` entry is 0-based (x, y, width, height),
+    and a segmentation PNG of the box's top rows at 255, middle rows at 204, bottom rows at 102;
+    the last test image has no segmentation. Returns each image's record by relative path."""
+    lines = {name: [] for name in ("images", "classes", "image_class_labels", "train_test_split", "bounding_boxes")}
+    records = {}
+    for class_id, name in enumerate(CUB_CLASSES, start=1):
+        lines["classes"].append(f"{class_id} {name}")
+        for index in range(per_class):
+            image_id = (class_id - 1) * per_class + index + 1
+            width, height = COCO_SIZES[index % len(COCO_SIZES)]
+            box = (3 + 2 * index, 5 + class_id, 18, 15)
+            x, y, w, h = box
+            image = _background((width, height), seed=500 + image_id)
+            draw_box(image, (x + 1, y + 1, x + w, y + h), COLOURS[class_id - 1])
+            relative = f"{name}/{name.split('.')[1]}_{image_id:04d}_{index}.jpg"
+            (root / "images" / relative).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / "images" / relative, quality=95)
+            train = index % 2 == 0
+            segmentation = np.zeros((height, width), dtype=np.uint8)
+            for band, level in enumerate(CUB_LEVELS):
+                segmentation[y + 5 * band:y + 5 * (band + 1), x:x + w] = level
+            last_test = class_id == len(CUB_CLASSES) and index == per_class - 1
+            if not last_test:
+                png = root / "segmentations" / Path(relative).with_suffix(".png")
+                png.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(segmentation).save(png)
+            lines["images"].append(f"{image_id} {relative}")
+            lines["image_class_labels"].append(f"{image_id} {class_id}")
+            lines["train_test_split"].append(f"{image_id} {int(train)}")
+            lines["bounding_boxes"].append(f"{image_id} {x:.1f} {y:.1f} {w:.1f} {h:.1f}")
+            records[relative] = {"label": class_id - 1, "train": train, "box": box, "size": (width, height),
+                                 "segmented": not last_test}
+    for name, rows in lines.items():
+        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    return records
