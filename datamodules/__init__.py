@@ -1,9 +1,9 @@
-"""Datamodules of the embedded synthetic data, ImageNet, COCO, CUB-200-2011 and a user's own
-folders, by config name (``data.name``).
+"""Datamodules of the embedded synthetic data, ImageNet, COCO, PASCAL VOC 2007, CUB-200-2011 and a
+user's own folders, by config name (``data.name``).
 
 Every datamodule is a :class:`ClassificationDataModule`; the readers of the on-disk formats live
-in the modules of their format (:mod:`.images`, :mod:`.imagefolder`, :mod:`.coco`,
-:mod:`.imagenet`, :mod:`.shapes` for the synthetic generator).
+in the modules of their format (:mod:`.images`, :mod:`.imagefolder`, :mod:`.coco`, :mod:`.imagenet`,
+:mod:`.voc`, :mod:`.cub`, :mod:`.folder`, :mod:`.shapes` for the synthetic generator).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .cub import CUBDataModule
 from .folder import FolderDataModule
 from .imagenet import ImageNetDataModule
 from .synthetic import SyntheticDataModule
+from .voc import VOC2007DataModule
 
 
 def build_datamodule(config: Mapping) -> ClassificationDataModule:
@@ -33,5 +34,6 @@ __all__ = [
     "DATASETS",
     "ImageNetDataModule",
     "SyntheticDataModule",
+    "VOC2007DataModule",
     "build_datamodule",
 ]

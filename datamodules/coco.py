@@ -22,10 +22,10 @@ from torchvision.transforms import v2
 from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
 from .guidance import CocoTrainingMasks
 from .images import (
+    MultiLabelImages,
     Sample,
     Transform,
     TrialGeometry,
-    image_sample,
     load_rgb_or_skip,
     make_trial,
     to_float_image,
@@ -56,7 +56,7 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     return coco
 
 
-class CocoMultiLabelDataset(Dataset):
+class CocoMultiLabelDataset(MultiLabelImages):
     """Multi-label images of a COCO split: target = multi-hot over the categories present, and
     ``"instances"``, the number of annotations of each category (float ``[K]``).
 
@@ -107,31 +107,10 @@ class CocoMultiLabelDataset(Dataset):
         self.instances = torch.stack([instances[image_id] for image_id in self.image_ids])
         self.targets = self.instances > 0
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def label_sets(self) -> torch.Tensor:
-        """bool ``[N, K]``: the categories present in each image."""
-        return self.targets.clone()
-
-    def label_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """long ``([P], [P])``: the (image, category index) pairs present, ordered by image."""
-        return self.targets.nonzero(as_tuple=True)
-
     def keys(self) -> list[str]:
         """A name per image that does not depend on the order of the json: its file name."""
         return [str(self.coco.imgs[image_id]["file_name"]) for image_id in self.image_ids]
 
-    def __getitem__(self, index: int) -> Sample | None:
-        image = load_rgb_or_skip(self.paths[index], self.skip_corrupt)
-        if image is None:
-            return None
-        return {**image_sample(self.transform, image), "target": self.targets[index].to(torch.float32),
-                "instances": self.instances[index]}
 
 
 def image_paths(coco: COCO, image_ids: Sequence[int], image_dir: Path, ann_file: Path) -> list[Path]:

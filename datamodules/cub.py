@@ -142,6 +142,14 @@ class CubTrials(Dataset):
     def __len__(self) -> int:
         return len(self.masks.records)
 
+    @property
+    def mask_source(self) -> str:
+        """What the trials' masks are, for the report."""
+        if self.masks.kind == "box":
+            return "the bird's box (bounding_boxes.txt)"
+        return (f"the bird's segmentation (most annotators); its box for the {self.masks.missing} of {len(self)} "
+                f"images without one")
+
     def sizes(self) -> list[tuple[int, int]]:
         """Each trial's image size (height, width), from the image files' headers."""
         sizes = []

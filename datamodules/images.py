@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -186,6 +187,41 @@ def make_trial(
         "mask": mask.bool(),
         "pointing": torch.tensor(pointing),
     }
+
+
+class MultiLabelImages(Dataset):
+    """Multi-label images (COCO's, VOC's): ``paths``, ``instances`` (float ``[N, K]``, the objects
+    of each class in each image) and ``targets`` (their multi-hot), set by the subclass with
+    ``transform`` and ``skip_corrupt``. A sample: the image, target = the multi-hot, and
+    ``"instances"`` (the GC composites draw the explained class over them, ``loss.positive``)."""
+
+    paths: list[Path]
+    instances: Tensor
+    targets: Tensor
+    transform: Transform
+    skip_corrupt: bool
+
+    @property
+    def num_classes(self) -> int:
+        return self.instances.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label_sets(self) -> Tensor:
+        """bool ``[N, K]``: the classes present in each image."""
+        return self.targets.clone()
+
+    def label_pairs(self) -> tuple[Tensor, Tensor]:
+        """long ``([P], [P])``: the (image, class index) pairs present, ordered by image."""
+        return self.targets.nonzero(as_tuple=True)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        image = load_rgb_or_skip(self.paths[index], self.skip_corrupt)
+        if image is None:
+            return None
+        return {**image_sample(self.transform, image), "target": self.targets[index].to(torch.float32),
+                "instances": self.instances[index]}
 
 
 def size_buckets(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -20,7 +20,7 @@ from datamodules import DATASETS, ClassificationDataModule, build_datamodule
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import EXPLAINERS, Explainer, build_explainer
 from evaluation.figures import save_faithfulness_curves, save_overlay_grid
-from evaluation.metrics.registry import MetricNames
+from evaluation.metrics.registry import MetricNames, family_members
 from evaluation.panels import explanation_panels
 from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, resolve_device, unsupported_metrics
 from evaluation.report import REFERENCE_LABELS, reference_results, write_reports
@@ -105,6 +105,10 @@ def run(cfg: DictConfig) -> dict:
     run_settings = {"explainer": explainer_name, "explainer_options": explainer_options, "data": datamodule.name,
                     "metrics": metrics,
                     "max_images": options.max_images, **settings.to_dict()}
+    if family_members(metrics, "localization"):
+        # Where a data set falls back from segmentations to boxes, the report says for how many.
+        trials = datamodule.localization_dataset(settings.trial_geometry)
+        run_settings["masks"] = getattr(trials, "mask_source", None)
     reports = write_reports(rows, options.output_dir, run_settings)
     curves = [(checkpoint_label(row), row["results"], False) for row in rows]
     # The reference maps' curves do not depend on the model: the first checkpoint's stand for all.

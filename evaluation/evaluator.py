@@ -173,29 +173,34 @@ class ExplanationEvaluator:
         the trials' indices in the data set, which seed their random draws."""
         masks, classes = batch["mask"], batch["target"]
         pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
+        # "difficult": the trials of a data set's difficult subset (VOC 2007's), where it has one.
+        trials = {"classes": classes, "difficult": batch.get("difficult")}
         self._update_localization_metrics(self._family("localization"), self.explainer(net, batch["image"], classes),
-                                          masks, classes, pointing, map_seeds(batch["index"], 0))
+                                          masks, {**trials, "seeds": map_seeds(batch["index"], 0)}, pointing)
         count, (height, width) = len(masks), masks.shape[-2:]
         references = self._reference_family("localization")
         if references and references["center"]:
             self._update_localization_metrics(references["center"],
                                               centre_maps(count, height, width, masks.device),
-                                              masks, classes, pointing, map_seeds(batch["index"], 0))
+                                              masks, {**trials, "seeds": map_seeds(batch["index"], 0)}, pointing)
             for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
                 seeds = map_seeds(batch["index"], number)
                 noise = trial_noise_maps(self.settings.seed, seeds, height, width, masks.device)
-                self._update_localization_metrics(references["noise"], noise, masks, classes, pointing, seeds)
+                self._update_localization_metrics(references["noise"], noise, masks, {**trials, "seeds": seeds},
+                                                  pointing)
 
     @staticmethod
     def _update_localization_metrics(metrics: dict[str, Metric], heatmaps: torch.Tensor, masks: torch.Tensor,
-                                     classes: torch.Tensor, pointing: torch.Tensor, seeds: torch.Tensor) -> None:
+                                     trials: dict[str, torch.Tensor | None], pointing: torch.Tensor) -> None:
         """``pointing`` False: a trial scored only by the metrics that score every trial (CH; the
-        authors' difficult-only images). Each metric takes the trial inputs it names
-        (``trial_inputs``: PG counts per class, SPG seeds its draws per trial)."""
-        every = (heatmaps, masks, {"classes": classes, "seeds": seeds})
+        authors' difficult-only images). Each metric takes the trial inputs it names of ``trials``
+        (``trial_inputs``: PG counts per class and difficult subset, SPG seeds its draws per trial;
+        None where the data has no such input)."""
+        every = (heatmaps, masks, trials)
         # The pointing trials, selected once for every metric that needs them (masks may be large).
         pointed = every if pointing.all() else (heatmaps[pointing], masks[pointing],
-                                                {"classes": classes[pointing], "seeds": seeds[pointing]})
+                                                {key: None if value is None else value[pointing]
+                                                 for key, value in trials.items()})
         for metric in metrics.values():
             maps, trial_masks, inputs = pointed if metric.pointing_only else every
             if len(maps):

@@ -161,7 +161,7 @@ def zero_map_columns(columns: list[tuple[str, str]], zero_maps: str) -> tuple[li
     for key, heading in columns:
         widened.append((key, heading))
         spec = registry.column_metric(key)
-        if spec.family == "localization":
+        if spec.family == "localization" and key == spec.name:  # not beside PG (difficult): PG's count
             widened.append((f"{group}/{spec.name}", f"{heading} {label}"))
     return widened, note
 
@@ -223,6 +223,8 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
                             + [results.get("zero_maps_uniform", {}).get(key) for key in uniform_keys])
 
     lines = [f"# Explanation evaluation ({settings['explainer']} on {settings['data']})", ""]
+    if settings.get("masks"):
+        lines += [f"Localisation masks: {settings['masks']}.", ""]
     if columns:
         lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", ""]
         shown = columns

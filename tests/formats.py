@@ -48,18 +48,20 @@ def draw_box(image: Image.Image, box: tuple[int, int, int, int], colour) -> None
     image.paste(Image.fromarray(pixels))
 
 
-def box_xml(path: Path, image_name: str, size: tuple[int, int], objects) -> None:
-    """An ILSVRC2012 validation box file: ``objects`` = [(wnid, (xmin, ymin, xmax, ymax), difficult)]."""
+def box_xml(path: Path, image_name: str, size: tuple[int, int], objects, database: str = "ILSVRC_2012",
+            segmented: bool = False) -> None:
+    """An ILSVRC2012 validation box file or a PASCAL VOC annotation (the same schema):
+    ``objects`` = [(class, (xmin, ymin, xmax, ymax), difficult[, truncated])]."""
     body = "".join(
-        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<object><name>{name}</name><pose>Unspecified</pose><truncated>{int(truncated)}</truncated>"
         f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
         f"<ymax>{y1}</ymax></bndbox></object>"
-        for wnid, (x0, y0, x1, y1), difficult in objects
+        for name, (x0, y0, x1, y1), difficult, truncated in ((*entry, False)[:4] for entry in objects)
     )
     path.write_text(
-        f"<annotation><folder>val</folder><filename>{Path(image_name).stem}</filename><source><database>ILSVRC_2012"
+        f"<annotation><folder>val</folder><filename>{image_name}</filename><source><database>{database}"
         f"</database></source><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
-        f"<segmented>0</segmented>{body}</annotation>"
+        f"<segmented>{int(segmented)}</segmented>{body}</annotation>"
     )
 
 
@@ -84,7 +86,7 @@ def write_imagenet(root: Path, flat: bool = True, train_per_class: int = 4) -> l
         folder = root / "val" if flat else root / "val" / WNIDS[label]
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / name, quality=95)
-        box_xml(folder / name.replace(".JPEG", ".xml"), name, size, objects)
+        box_xml(folder / name.replace(".JPEG", ".xml"), Path(name).stem, size, objects)
         images.append({"path": folder / name, "label": label, "size": size, "objects": objects})
     return images
 
@@ -239,4 +241,85 @@ def write_cub(root: Path, per_class: int = 4) -> dict:
                                  "segmented": not last_test}
     for name, rows in lines.items():
         (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    return records
+
+
+# --------------------------------------------------------------------------- PASCAL VOC 2007
+
+# Test images: (id, (width, height), [(class, box, PASCAL difficult, truncated)], segmented);
+# boxes 1-based and inclusive as in the XML files.
+VOC_TEST = (
+    # A small dog (a quarter of the image is 480 px; its box 120) beside a large person: the dog
+    # is in Zhang et al.'s difficult subset, the person is not. Segmented, the dog in front.
+    ("000001", (48, 40), [("dog", (5, 5, 16, 14), False, False), ("person", (3, 2, 46, 38), False, True)], True),
+    # One large cat: easy.
+    ("000002", (40, 40), [("cat", (2, 2, 39, 39), False, False)], False),
+    # A cat in two boxes, one PASCAL-difficult (its union counts), and a dog whose only box is
+    # PASCAL-difficult: no dog trial (TorchRay skips it).
+    ("000004", (48, 36), [("cat", (2, 2, 12, 12), False, True), ("cat", (30, 20, 44, 33), True, False),
+                          ("dog", (20, 4, 28, 12), True, False)], True),
+    # A small person alone: not difficult (no other class).
+    ("000007", (40, 48), [("person", (10, 10, 18, 20), False, False)], False),
+)
+VOC_TRAIN = (
+    ("000005", (48, 40), [("cat", (4, 4, 30, 30), False, False), ("person", (32, 6, 46, 38), False, False)], True),
+    ("000006", (40, 40), [("dog", (6, 8, 34, 36), False, False)], False),
+    ("000009", (48, 36), [("person", (2, 3, 20, 34), False, False), ("dog", (24, 10, 46, 30), True, False)], False),
+    ("000012", (40, 48), [("cat", (8, 12, 36, 44), False, True)], False),
+)
+
+
+def _voc_palette() -> list[int]:
+    """VOC's colour map: a palette index's bits spread over R, G and B from the high bit down."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        for shift in range(8):
+            red |= ((index >> (3 * shift)) & 1) << (7 - shift)
+            green |= ((index >> (3 * shift + 1)) & 1) << (7 - shift)
+            blue |= ((index >> (3 * shift + 2)) & 1) << (7 - shift)
+        palette += [red, green, blue]
+    return palette
+
+
+def write_voc(root: Path, classes: tuple[str, ...]) -> dict:
+    """``VOC2007/`` as distributed (``classes``: VOC's 20 names, in their order): JPEGImages,
+    Annotations (with PASCAL-difficult and truncated objects), ImageSets/Main/{trainval,test}.txt
+    and, for the segmented images, SegmentationClass palette PNGs (index k + 1 for class k, 0 the
+    background, a 1-pixel 255 border around each object) and SegmentationObject PNGs. Each object
+    is drawn as a filled box, later objects over earlier ones. Returns each image's entry by id."""
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main", "SegmentationClass", "SegmentationObject"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    records = {}
+    for split, images in (("test", VOC_TEST), ("trainval", VOC_TRAIN)):
+        for image_id, size, objects, segmented in images:
+            image = _background(size, seed=700 + int(image_id))
+            labels = np.zeros((size[1], size[0]), dtype=np.uint8)
+            instances = np.zeros_like(labels)
+            # Largest first, so that the smaller objects are in front, as in the pictures.
+            order = sorted(range(len(objects)), key=lambda i: -(objects[i][1][2] - objects[i][1][0]))
+            for rank, index in enumerate(order, start=1):
+                name, (x0, y0, x1, y1), _, _ = objects[index]
+                draw_box(image, (x0, y0, x1, y1), COLOURS[classes.index(name) % len(COLOURS)])
+                labels[y0 - 2:y1 + 1, x0 - 2:x1 + 1] = 255
+                instances[y0 - 2:y1 + 1, x0 - 2:x1 + 1] = 255
+                labels[y0 - 1:y1, x0 - 1:x1] = classes.index(name) + 1
+                instances[y0 - 1:y1, x0 - 1:x1] = rank
+            image.save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            box_xml(root / "Annotations" / f"{image_id}.xml", f"{image_id}.jpg", size, objects, "The VOC2007 Database",
+                    segmented)
+            if segmented:
+                for folder, pixels in (("SegmentationClass", labels), ("SegmentationObject", instances)):
+                    png = Image.fromarray(pixels, mode="P")
+                    png.putpalette(_voc_palette())
+                    png.save(root / folder / f"{image_id}.png")
+            records[image_id] = {"split": split, "size": size, "objects": objects, "segmented": segmented,
+                                 "segmentation": labels if segmented else None}
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text(
+            "".join(f"{image_id}\n" for image_id, *_ in images))
+        # The per-class lists beside them, as distributed: "<id> 1|-1|0".
+        for name in ("cat", "dog", "person"):
+            (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
+                "".join(f"{image_id} {1 if any(o[0] == name for o in objects) else -1}\n"
+                        for image_id, _, objects, _ in images))
     return records

@@ -546,14 +546,14 @@ def test_coco_datamodule_rejects_mismatched_categories(tmp_path):
 
 
 def test_datamodules_are_registered_under_their_config_name():
-    assert DATASETS.names() == ["coco", "cub", "folder", "imagenet", "synthetic"]
+    assert DATASETS.names() == ["coco", "cub", "folder", "imagenet", "synthetic", "voc2007"]
     for name in DATASETS.names():
         cls = DATASETS[name].target
         assert cls.name == name and isinstance(cls.multilabel, bool)
     assert DATASETS["coco"].target.multilabel and not DATASETS["imagenet"].target.multilabel
 
 
-@pytest.mark.parametrize("name", ["synthetic", "imagenet", "coco", "folder", "cub"])
+@pytest.mark.parametrize("name", ["synthetic", "imagenet", "coco", "folder", "cub", "voc2007"])
 def test_every_data_config_builds_its_datamodule(tmp_path, name):
     config = OmegaConf.load(CONF_DATA / f"{name}.yaml")
     assert "monitor" not in config  # derived from multilabel, not a constructor argument

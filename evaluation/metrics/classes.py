@@ -128,6 +128,12 @@ class _MeanScore(Metric):
         return {self.score_name: _fraction(self.score_sum, self.scored), "skipped": self.skipped.double()}
 
 
+def _class_mean(hits: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
+    """The mean over the classes that had trials of each class's hits / trials."""
+    tried = trials > 0
+    return _fraction(hits[tried], trials[tried]).mean()
+
+
 @register_metric("pg")
 class PointingGame(_ZeroMaps, _MeanScore):
     """Pointing game: hit iff the heatmap's maximum lies within the tolerance of the mask (see the
@@ -137,17 +143,25 @@ class PointingGame(_ZeroMaps, _MeanScore):
     ``{"pg": hits / trials, "skipped"}``. With ``num_classes`` every update needs ``classes``
     (long ``[B]``: the class each heatmap explains; on COCO each (image, class) pair is one
     trial) and "pg" is the mean of the per-class accuracies over the classes that had trials
-    (TorchRay's COCO convention), with the pooled hits / trials as "pg_micro".
+    (TorchRay's COCO convention), with the pooled hits / trials as "pg_micro". ``difficult``
+    (bool ``[B]``, with ``classes``): the trials of a difficult subset (TorchRay's VOC 2007
+    benchmark), whose per-class mean is "pg_difficult" where any trial was difficult.
     """
 
     higher_is_better = True
     score_name = "pg"
     family = "localization"
-    scores = {"pg": Score(True, "PG"), "pg_micro": Score(True)}
+    scores = {"pg": Score(True, "PG"), "pg_micro": Score(True), "pg_difficult": Score(True, "PG (difficult)")}
     # What an update takes besides maps and masks; and whether it scores only the trials that
     # point (the authors' difficult-only ImageNet images count in CH alone).
-    trial_inputs = ("classes",)
+    trial_inputs = ("classes", "difficult")
     pointing_only = True
+
+    @classmethod
+    def logged_scores(cls, settings, multilabel: bool) -> list[str]:
+        # Not "pg_difficult": only data with a difficult subset (VOC 2007) logs it, so no
+        # checkpoint monitor may name it.
+        return [cls.score_name, f"{cls.score_name}_micro"]
 
     @classmethod
     def from_settings(cls, settings, num_classes: int, multilabel: bool) -> PointingGame:
@@ -162,10 +176,11 @@ class PointingGame(_ZeroMaps, _MeanScore):
         self.tolerance_at = tolerance_at
         self.num_classes = num_classes
         if num_classes is not None:
-            self.add_state("class_hits", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-            self.add_state("class_trials", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+            for state in ("class_hits", "class_trials", "difficult_hits", "difficult_trials"):
+                self.add_state(state, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None) -> None:
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None,
+               difficult: torch.Tensor | None = None) -> None:
         if (classes is None) != (self.num_classes is None):
             raise ValueError("PointingGame: pass classes to update() if and only if num_classes was given")
         if classes is not None:
@@ -180,14 +195,19 @@ class PointingGame(_ZeroMaps, _MeanScore):
             return
         self.class_trials += torch.bincount(classes[valid], minlength=self.num_classes)
         self.class_hits += torch.bincount(classes[hits], minlength=self.num_classes)
+        if difficult is not None:
+            self.difficult_trials += torch.bincount(classes[valid & difficult], minlength=self.num_classes)
+            self.difficult_hits += torch.bincount(classes[hits & difficult], minlength=self.num_classes)
 
     def compute(self) -> dict[str, torch.Tensor]:
         pooled = self._with_uniform(super().compute())
         if self.num_classes is None:
             return pooled
-        tried = self.class_trials > 0
-        per_class = _fraction(self.class_hits[tried], self.class_trials[tried])
-        return {self.score_name: per_class.mean(), f"{self.score_name}_micro": pooled.pop(self.score_name), **pooled}
+        results = {self.score_name: _class_mean(self.class_hits, self.class_trials),
+                   f"{self.score_name}_micro": pooled.pop(self.score_name), **pooled}
+        if self.difficult_trials.any():
+            results[f"{self.score_name}_difficult"] = _class_mean(self.difficult_hits, self.difficult_trials)
+        return results
 
 
 @register_metric("spg")
