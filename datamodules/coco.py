@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
 from .guidance import CocoTrainingMasks
 from .images import (
+    DifficultFlags,
     MultiLabelImages,
     Sample,
     Transform,
@@ -184,6 +185,7 @@ class CocoMaskDataset(Dataset):
         geometry: TrialGeometry,
         skip_corrupt: bool,
         coco: COCO | None = None,
+        difficult_flags: Path | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
@@ -201,6 +203,10 @@ class CocoMaskDataset(Dataset):
             raise ValueError(f"no annotated objects of the evaluated classes in {ann_file}")
         image_ids = sorted({image_id for image_id, _ in self.trials})
         self.paths = dict(zip(image_ids, image_paths(self.coco, image_ids, self.image_dir, Path(ann_file))))
+        # TorchRay's difficult subset, by file name without extension (its key).
+        self.stems = {image_id: Path(self.coco.imgs[image_id]["file_name"]).stem for image_id in image_ids}
+        self.flags = (DifficultFlags(difficult_flags, len(self.category_ids), list(self.stems.values()))
+                      if difficult_flags is not None else None)
         boxes_only = sum(not ann.get("segmentation") for ann in self.coco.dataset["annotations"])
         if boxes_only:
             log.warning("%d annotation(s) of %s have no segmentation: their boxes serve as masks", boxes_only,
@@ -221,7 +227,15 @@ class CocoMaskDataset(Dataset):
         if image is None:
             return None
         mask = coco_masks(self.coco, image_id, {class_index: self.category_ids[class_index]})[class_index]
-        return make_trial(path, image, mask, class_index, self.geometry)
+        trial = make_trial(path, image, mask, class_index, self.geometry)
+        if self.flags is None:
+            return trial
+        return {**trial, "difficult": torch.tensor(self.flags(self.stems[image_id], class_index))}
+
+    @property
+    def mask_source(self) -> str | None:
+        """The difficult subset, for the report, where there is one."""
+        return None if self.flags is None else f"PG (difficult): {self.flags.describe()}"
 
 
 VAL_TRANSFORMS = ("square", "center_crop")
@@ -232,6 +246,8 @@ class COCOOptions(DataOptions):
     train_split: str
     val_split: str
     val_transform: Literal[VAL_TRANSFORMS]
+    # TorchRay's pointing_game_ebp_coco_difficult.txt: PG on its difficult subset beside PG.
+    difficult_flags: str | None = None
 
     @field_validator("val_split")
     @classmethod
@@ -260,14 +276,16 @@ class COCODataModule(ClassificationDataModule):
     guidance_masks = "boxes"
 
     def __init__(self, data_dir: str | Path, *, train_split: str, val_split: str, val_transform: str,
-                 **loading) -> None:
+                 difficult_flags: str | None = None, **loading) -> None:
         """``train_split``, ``val_split``: folder names (``train2014``, ``val2017``, ...);
-        ``val_transform``: ``square`` or ``center_crop``; ``loading``: the options of
-        :class:`ClassificationDataModule`."""
+        ``val_transform``: ``square`` or ``center_crop``; ``difficult_flags``: TorchRay's table
+        of the pointing game's difficult subset (:class:`DifficultFlags`); ``loading``: the
+        options of :class:`ClassificationDataModule`."""
         super().__init__(data_dir, **loading)
         self.train_split = train_split
         self.val_split = val_split
         self.val_transform = val_transform
+        self.difficult_flags = Path(difficult_flags) if difficult_flags else None
         self.save_hyperparameters()
 
     @property
@@ -287,7 +305,8 @@ class COCODataModule(ClassificationDataModule):
         mask."""
         val_set = self.val_dataset()
         return CocoMaskDataset(self.data_dir / self.val_split, self.val_annotation_file, val_set.category_ids,
-                               geometry._replace(image_size=self.image_size), self.skip_corrupt, coco=val_set.coco)
+                               geometry._replace(image_size=self.image_size), self.skip_corrupt, coco=val_set.coco,
+                               difficult_flags=self.difficult_flags)
 
     def _ann_file(self, split: str) -> Path:
         return self.data_dir / "annotations" / f"instances_{split}.json"

@@ -189,6 +189,43 @@ def make_trial(
     }
 
 
+class DifficultFlags:
+    """TorchRay's table of a pointing benchmark's "difficult" subset
+    (``pointing_game_ebp_{voc07,coco}_difficult.txt``, ``data.difficult_flags``): a line per
+    image, its name (the file name without extension) and a 0/1 flag per class. Called with an
+    image's name and a class: whether the pair is in the subset; an image the table has no line
+    for is in it, as TorchRay keeps it (counted in the log and in :meth:`describe`). A table that
+    names none of the split's ``images`` is refused: it belongs to another split."""
+
+    def __init__(self, path: Path, num_classes: int, images: Sequence[str]):
+        if not path.is_file():
+            raise FileNotFoundError(f"data.difficult_flags: file not found: {path}")
+        self.path, self.rows = path, {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 1 + num_classes or any(flag not in ("0", "1") for flag in fields[1:]):
+                raise ValueError(f"data.difficult_flags: {path}, line {number}: an image id and {num_classes} flags "
+                                 f"0/1 expected, got {line!r}")
+            self.rows[fields[0]] = [flag == "1" for flag in fields[1:]]
+        if not self.rows.keys() & set(images):
+            raise ValueError(f"data.difficult_flags: {path} has a line for none of the split's images "
+                             f"(e.g. {images[0]}): a table of another split?")
+        self.unflagged = sorted(set(images) - self.rows.keys())
+        if self.unflagged:
+            log.warning("data.difficult_flags: %d image(s) of the split have no line in %s (e.g. %s): their trials "
+                        "count in the difficult subset, as in TorchRay", len(self.unflagged), path, self.unflagged[0])
+
+    def __call__(self, image: str, class_index: int) -> bool:
+        row = self.rows.get(image)
+        return row is None or row[class_index]
+
+    def describe(self) -> str:
+        unflagged = f", and the {len(self.unflagged)} image(s) it has no line for" if self.unflagged else ""
+        return f"the flags of {self.path.name}{unflagged}"
+
+
 class MultiLabelImages(Dataset):
     """Multi-label images (COCO's, VOC's): ``paths``, ``instances`` (float ``[N, K]``, the objects
     of each class in each image) and ``targets`` (their multi-hot), set by the subclass with

@@ -18,7 +18,16 @@ from torchvision.transforms import v2
 from .base import DATASETS, ClassificationDataModule, DataOptions, existing_dir
 from .guidance import grow
 from .imagenet import IlsvrcBoxes, ilsvrc_box_mask, read_ilsvrc_boxes
-from .images import MultiLabelImages, Sample, Transform, TrialGeometry, load_rgb_or_skip, make_trial, to_float_image
+from .images import (
+    DifficultFlags,
+    MultiLabelImages,
+    Sample,
+    Transform,
+    TrialGeometry,
+    load_rgb_or_skip,
+    make_trial,
+    to_float_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +90,6 @@ def ebp_difficult(annotation: IlsvrcBoxes, class_index: int) -> bool:
     return bool(area < annotation.width * annotation.height / 4) and bool(others)
 
 
-def read_difficult_flags(path: Path) -> dict[str, list[bool]]:
-    """TorchRay's ``pointing_game_ebp_voc07_difficult.txt``: ``<id>\\t<20 flags>`` per line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data.difficult_flags: file not found: {path}")
-    flags = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 1 + len(VOC_CLASSES) or any(flag not in ("0", "1") for flag in fields[1:]):
-            raise ValueError(f"data.difficult_flags: {path}, line {number}: an image id and 20 flags 0/1 expected, "
-                             f"got {line!r}")
-        flags[fields[0]] = [flag == "1" for flag in fields[1:]]
-    return flags
-
-
 class VOCMultiLabelDataset(MultiLabelImages):
     """Images of a VOC split: target = multi-hot over the 20 classes of its objects ("difficult"
     ones included: the object is there), and ``"instances"``, the number of objects of each."""
@@ -151,33 +144,24 @@ class VOCTrials(Dataset):
     """TorchRay's pointing-game trials: one per (image, class present), masked by
     :class:`VOCMasks`; a class whose boxes are all "difficult" (PASCAL's flag) has no trial, as
     TorchRay skips it. ``"difficult"``: the pair is in the difficult subset: TorchRay's flags
-    file where given (``flags_file``; an image it has no line for is kept in the subset, as
-    TorchRay keeps it), else Zhang et al.'s rule (:func:`ebp_difficult`). ``boxes_for_masks``
+    file where given (``flags_file``, :class:`DifficultFlags`), else Zhang et al.'s rule
+    (:func:`ebp_difficult`). ``boxes_for_masks``
     counts the trials masked by boxes under ``kind="segmentation"`` (no segmentation PNG)."""
 
     def __init__(self, masks: VOCMasks, geometry: TrialGeometry, flags_file: Path | None = None):
-        self.masks, self.geometry, self.flags_file = masks, geometry, flags_file
+        self.masks, self.geometry = masks, geometry
         images = masks.images
-        flags = read_difficult_flags(flags_file) if flags_file is not None else None
-        if flags is not None and not flags.keys() & set(images.ids):
-            raise ValueError(f"data.difficult_flags: {flags_file} has a line for none of the split's images "
-                             f"(e.g. {images.ids[0]}): a table of another split?")
-        self.unflagged = sorted(set(images.ids) - flags.keys()) if flags is not None else []
-        if self.unflagged:
-            log.warning("data.difficult_flags: %d image(s) of the split have no line in %s (e.g. %s): their trials "
-                        "count in the difficult subset, as in TorchRay", len(self.unflagged), flags_file,
-                        self.unflagged[0])
+        self.flags = DifficultFlags(flags_file, len(VOC_CLASSES), images.ids) if flags_file is not None else None
         self.trials: list[tuple[int, int, bool]] = []
         self.skipped_difficult = 0
         for index, annotation in enumerate(images.annotations):
             for class_index in sorted({VOC_CLASSES.index(box["name"]) for box in annotation.boxes}):
                 if all(box["difficult"] for box in class_boxes(annotation, class_index)):
                     self.skipped_difficult += 1
-                elif flags is not None:
-                    row = flags.get(images.ids[index])
-                    self.trials.append((index, class_index, row is None or row[class_index]))
-                else:
-                    self.trials.append((index, class_index, ebp_difficult(annotation, class_index)))
+                    continue
+                difficult = (ebp_difficult(annotation, class_index) if self.flags is None
+                             else self.flags(images.ids[index], class_index))
+                self.trials.append((index, class_index, difficult))
         self.boxes_for_masks = sum(not masks.segmented[index] for index, _, _ in self.trials) \
             if masks.kind == "segmentation" else 0
         if self.boxes_for_masks:
@@ -192,11 +176,7 @@ class VOCTrials(Dataset):
         else:
             masks = (f"the class's SegmentationClass pixels; the union of its boxes for the {self.boxes_for_masks} of "
                      f"{len(self.trials)} trials whose image has no segmentation")
-        if self.flags_file is None:
-            subset = "Zhang et al.'s rule computed from the annotations"
-        else:
-            subset = f"the flags of {self.flags_file.name}" + (
-                f", and the {len(self.unflagged)} image(s) it has no line for" if self.unflagged else "")
+        subset = "Zhang et al.'s rule computed from the annotations" if self.flags is None else self.flags.describe()
         return f"{masks}; PG (difficult): {subset}"
 
     def __len__(self) -> int:

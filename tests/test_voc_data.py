@@ -1,5 +1,5 @@
 """``data=voc2007``: PASCAL VOC 2007 in its distributed format (tests/formats.py), TorchRay's
-pointing-game trials and its "difficult" subset."""
+pointing-game trials and its "difficult" subset (on COCO too, from TorchRay's table)."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import VOC2007DataModule
+from datamodules import COCODataModule, VOC2007DataModule
 from datamodules.images import TrialGeometry
 from datamodules.voc import VOC_CLASSES
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.metrics.classes import PointingGame
 from evaluation.settings import default_settings
 from tests.conftest import REAL_DATA, assert_ok, evaluate_script, read_summary, tiny_net, train
-from tests.formats import VOC_TEST, write_voc
+from tests.formats import VOC_TEST, write_coco, write_voc
 
 CAT, DOG, PERSON = (VOC_CLASSES.index(name) for name in ("cat", "dog", "person"))
 # TorchRay's trials of the test images, by hand: (image, class, in Zhang et al.'s difficult subset).
@@ -113,6 +113,24 @@ def test_torchrays_difficult_flags_file_decides_the_subset(tmp_path):
     flags.write_text("009999" + "\t0" * 20 + "\n")
     with pytest.raises(ValueError, match=r"difficult.txt has a line for none of the split's images \(e.g. 000001\)"):
         voc(tmp_path, difficult_flags=str(flags)).localization_dataset()
+
+
+def test_coco_takes_torchrays_difficult_table_by_file_name(tmp_path):
+    write_coco(tmp_path)
+    flags = tmp_path / "pointing_game_ebp_coco_difficult.txt"
+    rows = {1: "1\t0\t0", 2: "0\t1\t1", 4: "0\t0\t0", 5: "0\t0\t0"}  # no line for image 3
+    flags.write_text("".join(f"COCO_val2014_{image_id:012d}\t{row}\n" for image_id, row in rows.items()))
+    data = COCODataModule(tmp_path, image_size=32, batch_size=4, num_workers=0, skip_corrupt=False,
+                          train_split="train2014", val_split="val2014", val_transform="square",
+                          difficult_flags=str(flags))
+    trials = data.localization_dataset()
+    assert "and the 1 image(s) it has no line for" in trials.mask_source
+    for index, (image_id, class_index) in enumerate(trials.trials):
+        expected = image_id == 3 or rows[image_id].split("\t")[class_index] == "1"
+        assert bool(trials[index]["difficult"]) == expected, (image_id, class_index)
+    assert "difficult" not in COCODataModule(tmp_path, image_size=32, batch_size=4, num_workers=0, skip_corrupt=False,
+                                             train_split="train2014", val_split="val2014",
+                                             val_transform="square").localization_dataset()[0]
 
 
 def test_bad_input_is_named(tmp_path):
