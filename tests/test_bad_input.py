@@ -10,11 +10,11 @@ pytestmark = pytest.mark.slow  # subprocesses: python train.py, DDP
 @pytest.mark.parametrize(
     "overrides, messages",
     [
-        (["model=vgg16"], ["Could not find 'model/vgg16'", "alexnet", "resnet18", "resnet50"]),
+        (["model=vgg19"], ["Could not find 'model/vgg19'", "alexnet", "resnet18", "vgg16", "vit"]),
         (["loss=focal"], ["Could not find 'loss/focal'", "ce", "gc"]),
-        (["data=mnist"], ["Could not find 'data/mnist'", "coco", "imagenet", "synthetic"]),
+        (["data=mnist"], ["Could not find 'data/mnist'", "coco", "imagenet", "synthetic", "voc2007"]),
         # The schema's refusals: the key, then the value.
-        (["model.name=vgg16"], ["ConfigError: model.name: 'vgg16'"]),
+        (["model.name=vgg19"], ["ConfigError: model.name: 'vgg19'"]),
         (["loss.name=focal"], ["ConfigError: loss.name: 'focal'"]),
         (["data.name=mnist"], ["data.name: 'mnist'"]),
         (["loss.lambda=-1", "data.context_bias=1.5", "optimizer.lr=0"],

@@ -10,12 +10,14 @@ from omegaconf import OmegaConf
 
 import train  # also registers the validation_metric resolver, as running train.py does
 from datamodules import build_datamodule
+from datamodules.voc import VOC_CLASSES
 from evaluation.callbacks import ExplanationMetricsCallback, FGSMRobustnessCallback
 from evaluation.settings import EvaluationSettings, default_settings
 from gcmodels.config import check_config, train_schema
 from gcmodels.objectives import OBJECTIVES
 from gcmodels.options import ConfigError
 from tests.conftest import ROOT
+from tests.formats import write_cub, write_voc
 from tests.test_datamodules import imagenet_tree, write_coco_split
 
 
@@ -84,13 +86,18 @@ def test_bad_settings_name_the_key(override, key):
 
 
 EXPERIMENTS = sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# The GC paper's runs; the others are the field's benchmarks (TorchRay's pointing table, CUB).
+PAPER_EXPERIMENTS = [name for name in EXPERIMENTS if name.startswith(("imagenet_", "coco_"))]
+POINTING_EXPERIMENTS = [f"pointing_{data}_{arch}" for data in ("voc2007", "coco") for arch in ("vgg16", "resnet50")]
+CUB_EXPERIMENTS = [f"cub_resnet50_{variant}" for variant in ("baseline", "gc", "cgc")]
 
 
-def test_one_experiment_per_paper_run():
+def test_one_experiment_per_paper_run_and_benchmark():
     imagenet = [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50", "alexnet")
                 for variant in ("baseline", "gc")]
     imagenet += [f"imagenet_{arch}_{variant}" for arch in ("resnet18", "resnet50") for variant in ("gmp", "gmp_gc")]
-    assert EXPERIMENTS == sorted(imagenet + ["coco_resnet18_baseline", "coco_resnet18_gc"])
+    assert PAPER_EXPERIMENTS == sorted(imagenet + ["coco_resnet18_baseline", "coco_resnet18_gc"])
+    assert EXPERIMENTS == sorted(PAPER_EXPERIMENTS + POINTING_EXPERIMENTS + CUB_EXPERIMENTS)
 
 
 def learning_rates(module, epochs: int) -> list[float]:
@@ -105,7 +112,7 @@ def learning_rates(module, epochs: int) -> list[float]:
     return rates
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
 def test_every_experiment_builds_the_papers_run(name, tmp_path):
     data, arch, variant = name.split("_", 2)
     overrides = [f"experiment={name}", f"data.data_dir={tmp_path}", "data.num_workers=0"]
@@ -137,6 +144,36 @@ def test_every_experiment_builds_the_papers_run(name, tmp_path):
         lr = 0.01 if arch == "alexnet" else 0.1
         expected = [lr] * 30 + [lr / 10] * 30 + [lr / 100] * 30
     assert learning_rates(module, cfg.trainer.max_epochs) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", POINTING_EXPERIMENTS + CUB_EXPERIMENTS)
+def test_every_benchmark_experiment_builds_its_run(name, tmp_path):
+    """TorchRay's pointing networks fine-tune torchvision's ImageNet weights with BCE; the CUB runs
+    fine-tune an ImageNet checkpoint of this project with CE, GC or CGC."""
+    pointing = name.startswith("pointing_")
+    data, arch = name.split("_")[1:3] if pointing else ("cub", "resnet50")
+    cfg = compose_config("train", f"experiment={name}", f"data.data_dir={tmp_path}", "model.init_from=imagenet.ckpt")
+    assert cfg.model.pretrained == pointing and cfg.data.name == data and cfg.trainer.strategy == "ddp"
+    check_train_config(f"experiment={name}", "model.init_from=imagenet.ckpt")
+    # Built without torchvision's weights (no download here): the config is what is checked.
+    cfg.model.pretrained = False
+    {"voc2007": lambda: write_voc(tmp_path, VOC_CLASSES), "coco": lambda: write_coco_split(tmp_path, "val2014"),
+     "cub": lambda: write_cub(tmp_path)}[data]()
+    module = train.build_module(cfg, build_datamodule(OmegaConf.to_container(cfg.data, resolve=True)))
+    hparams = module.hparams
+    assert hparams.model["name"] == arch and cfg.data.batch_size == 64
+    assert hparams.optimizer["name"] == "sgd" and hparams.optimizer["lr"] == 0.01
+    if pointing:
+        assert hparams.loss["name"] == "ce" and cfg.model.get("batch_norm", False) is False
+    else:
+        variant = name.rsplit("_", 1)[1]
+        assert hparams.loss["name"] == {"baseline": "ce", "gc": "gc", "cgc": "cgc"}[variant]
+        assert hparams.model["init_from"] == "imagenet.ckpt"
+    if data == "coco":
+        assert learning_rates(module, 36) == pytest.approx([0.01] * 24 + [0.001] * 6 + [0.0001] * 6)
+    else:  # cosine decay to 0 over the run (it takes the length from the trainer)
+        assert hparams.scheduler == {"name": "cosine", "eta_min": 0.0}
+        assert cfg.trainer.max_epochs == (20 if data == "voc2007" else 60)
 
 
 @pytest.mark.parametrize("variant", ["baseline", "gc"])

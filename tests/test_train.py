@@ -11,7 +11,7 @@ from torchmetrics.functional.classification import multilabel_f1_score
 
 from gcmodels.checkpoints import load_checkpoint
 from gcmodels.module import GCClassifier
-from tests.conftest import assert_ok, linear_net, logged_metrics, read_summary, train
+from tests.conftest import assert_ok, linear_net, logged_metrics, read_summary, run_module, train
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +177,22 @@ def test_a_non_finite_loss_stops_the_run_with_a_checkpoint_or_is_skipped(tmp_pat
     assert summary["status"] == "finished" and 1 <= summary["nonfinite_skipped"] <= summary["global_step"] == 4
     assert max(float(row["train/nonfinite_skipped"]) for row in logged_metrics(tmp_path / "skip")
                if row.get("train/nonfinite_skipped")) == summary["nonfinite_skipped"]
+
+
+@pytest.mark.parametrize("model", ["vgg16", "convnext_tiny", "vit"])
+def test_new_networks_train_with_gc_and_are_scored_beside_the_reference_maps(tmp_path, data_dir, model):
+    """``python train.py model=... loss=gc`` on the synthetic data (64 px: a multiple of every
+    stride), then ``python -m evaluation`` of its checkpoint with the reference rows."""
+    run = train(tmp_path / "run", data_dir, f"model={model}", "loss=gc")
+    assert_ok(run)
+    summary = read_summary(tmp_path / "run")
+    assert summary["model"] == model
+    rows = logged_metrics(tmp_path / "run")
+    assert any(row.get("train/gc_epoch") for row in rows)  # the GC term was computed
+    out = tmp_path / "eval"
+    assert_ok(run_module("evaluation", out, data_dir, f"ckpt_path={summary['last_checkpoint']}",
+                         "metrics=[acc,pg,ch,nqh]", "heatmap_images=2"))
+    report = (out / "report.md").read_text()
+    assert "reference: centred peak" in report and "reference: uniform noise" in report
+    results = json.loads((out / "report.json").read_text())["checkpoints"][0]["results"]
+    assert 0 <= results["pg"] <= 1 and 0 <= results["nqh"] <= 1
