@@ -3,6 +3,8 @@ pointing-game trials and its "difficult" subset (on COCO too, from TorchRay's ta
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from datamodules.voc import VOC_CLASSES
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.metrics.classes import PointingGame
 from evaluation.settings import default_settings
-from tests.conftest import REAL_DATA, assert_ok, evaluate_script, read_summary, tiny_net, train
+from tests.conftest import REAL_DATA, ROOT, assert_ok, evaluate_script, read_summary, tiny_net, train
 from tests.formats import VOC_TEST, write_coco, write_voc
 
 CAT, DOG, PERSON = (VOC_CLASSES.index(name) for name in ("cat", "dog", "person"))
@@ -227,7 +229,8 @@ def test_the_evaluator_reports_both_pointing_numbers_on_voc(tmp_path):
 @pytest.mark.slow
 def test_train_and_evaluate_voc_as_distributed(tmp_path):
     """GC and energy guidance train a step on VOC 2007; the GC checkpoint is scored under both
-    protocols, with PG on all trials and on the difficult subset, beside the reference maps."""
+    protocols, with PG on all trials and on the difficult subset, beside the reference maps; the
+    two form a committee for the consensus script."""
     root = tmp_path / "VOC2007"
     write_voc(root, VOC_CLASSES)
     common = ["data=voc2007", f"data.data_dir={root}", "model=resnet18", "trainer.max_epochs=1", "heatmap_images=2",
@@ -246,3 +249,11 @@ def test_train_and_evaluate_voc_as_distributed(tmp_path):
         assert "| PG (difficult) |" in report and "reference: centred peak" in report
         assert "boxes for the 2 of 5 trials whose image has no segmentation" in report
     assert_ok(train(tmp_path / "energy", None, *common, "loss=energy"))
+    # The committee consensus of the two, scored against VOC's masks too.
+    members = f"ckpts=[{checkpoint},{read_summary(tmp_path / 'energy')['last_checkpoint']}]"
+    consensus = subprocess.run([sys.executable, "-m", "evaluation.consensus", f"hydra.run.dir={tmp_path / 'cons'}",
+                                "data=voc2007", f"data.data_dir={root}", *REAL_DATA, members, "num_images=4",
+                                "explainer=gradcam"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert_ok(consensus)
+    table = json.loads((tmp_path / "cons" / "consensus.json").read_text())
+    assert len(table["members"]) == 2 and "mAP of the consensus" in (tmp_path / "cons" / "consensus.md").read_text()
