@@ -118,6 +118,8 @@ def test_target_placement_is_where_the_network_sees_each_cell(name, side, near, 
     expected = placed(lambda k: own[k])
     scale = own.abs().max()
     difference = (composite - expected).abs().amax(dim=0) / scale
+    print(f"{name}: largest difference where the receptive field stays in the cell {difference[region].max():.2g}, "
+          f"smallest just outside {difference[cells & ~region].min():.2g} (of the features' maximum)")
     assert difference[region].max() < 1e-5
     assert difference[cells & ~region].min() > 5e-5
     if name == "alexnet":
