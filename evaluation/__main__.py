@@ -17,12 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BeforeValidator, Field, create_model
 
 from datamodules import DATASETS, ClassificationDataModule, build_datamodule
+from evaluation.distributed import start_processes
 from evaluation.evaluator import ExplanationEvaluator
 from evaluation.explainers import EXPLAINERS, Explainer, build_explainer
 from evaluation.figures import save_faithfulness_curves, save_overlay_grid
 from evaluation.metrics.registry import MetricNames, family_members
 from evaluation.panels import explanation_panels
-from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, resolve_device, unsupported_metrics
+from evaluation.preflight import check_checkpoint_explainer, check_trained_classes, unsupported_metrics
 from evaluation.report import REFERENCE_LABELS, reference_results, write_reports
 from evaluation.sampling import validation_sample
 from evaluation.settings import EvaluationSettings
@@ -56,6 +57,8 @@ def evaluate_schema() -> type[Options]:
         # None: every validation image.
         max_images=(Annotated[int, Field(ge=1)] | None, ...),
         device=(str, ...),
+        devices=(Annotated[int, Field(ge=1)], ...),
+        num_nodes=(Annotated[int, Field(ge=1)], ...),
         seed=(Count, ...),
         heatmap_images=(Count, ...),
         heatmap_composites=(Count, ...),
@@ -82,9 +85,12 @@ def run(cfg: DictConfig) -> dict:
     settings: EvaluationSettings = options.evaluation
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     hparams = [check_checkpoint(path, datamodule, explainer) for path in paths]
-    device = resolve_device(options.device)
+    fabric = start_processes(options.device, options.devices, options.num_nodes)
+    device, rank, world_size = fabric.device, fabric.global_rank, fabric.world_size
+    lead = rank == 0
 
-    datamodule.prepare_data()
+    with fabric.rank_zero_first():  # the synthetic data is generated once
+        datamodule.prepare_data()
     unsupported = unsupported_metrics(datamodule, metrics, settings.trial_geometry)
     if unsupported:
         raise ValueError("; ".join(f"metric {name!r} {reason}" for name, reason in unsupported.items()))
@@ -93,18 +99,24 @@ def run(cfg: DictConfig) -> dict:
     for path, saved in zip(paths, hparams):
         row = describe_checkpoint(path, saved)
         net = GCClassifier.from_checkpoint(path).net.to(device).eval()
-        print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name}")
+        if lead:
+            print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name} "
+                  f"in {world_size} process(es)")
         evaluator = ExplanationEvaluator(explainer, metrics, datamodule.num_classes, datamodule.multilabel, settings)
-        row["results"] = evaluator.run(net, datamodule, max_images=options.max_images)
+        # Each process scores its shard of the images; compute() reduces the states over all.
+        row["results"] = evaluator.run(net, datamodule, max_images=options.max_images, rank=rank,
+                                       world_size=world_size, progress=lead)
         rows.append(row)
-        if options.heatmap_images > 0:
+        if lead and options.heatmap_images > 0:
             panels = explanation_panels(net, explainer, validation_sample(datamodule, options.heatmap_images),
                                         datamodule.class_names, options.heatmap_composites,
                                         torch.Generator().manual_seed(settings.seed))
             grid.append((f"{checkpoint_label(row)}\n{path.name}", panels))
+    if not lead:  # rank 0 alone writes the reports and figures
+        return {"rows": rows, "reports": {}}
     run_settings = {"explainer": explainer_name, "explainer_options": explainer_options, "data": datamodule.name,
-                    "metrics": metrics,
-                    "max_images": options.max_images, **settings.to_dict()}
+                    "metrics": metrics, "max_images": options.max_images, "processes": world_size,
+                    **settings.to_dict()}
     if family_members(metrics, "localization"):
         # Where a data set falls back from segmentations to boxes, the report says for how many.
         trials = datamodule.localization_dataset(settings.trial_geometry)

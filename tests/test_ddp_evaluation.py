@@ -1,6 +1,7 @@
 """Evaluation under DDP equals one process: every metric of 2 gloo processes on an odd number of
 images equals that of one process, whatever the batch size (no image padded in twice, none
-dropped, and SPG's points and the noise maps drawn per trial)."""
+dropped, and SPG's points and the noise maps drawn per trial); and so does the evaluation
+script's report on 2 processes (Fabric's launcher and torchrun)."""
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.sampling import shard_indices, spread_indices
+from tests.conftest import TINY, assert_ok, read_summary, train
 from tests.ddp_evaluation import DATA, MAX_IMAGES, WORLD_SIZE, datamodule, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,39 @@ def test_two_gloo_processes_equal_one_process_on_an_odd_number_of_images(data_di
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     assert ranks[0] == ranks[1]  # both processes hold the summed states
     assert_same_results(ranks[0], evaluate(data_dir, batch_size=DATA["batch_size"]))
+
+
+def evaluation_report(out: Path, launcher: list[str], data_dir: Path, checkpoint: str, *overrides: str) -> dict:
+    """``python -m evaluation`` of ``checkpoint`` on the tiny synthetic data, launched by
+    ``launcher``; each image alone in its batch, so that every process computes every map exactly
+    as one process does. Returns report.json, after checking that one process wrote it."""
+    data = [item for item in TINY if item.startswith("data.")]
+    command = [*launcher, "-m", "evaluation", f"hydra.run.dir={out}", f"data.data_dir={data_dir}", *data,
+               f"ckpt_path={checkpoint}", "metrics=[acc,pg,spg,ch,nqh,fgsm]", "evaluation.batch_size=1",
+               "heatmap_images=1", "heatmap_composites=0", "device=cpu", *overrides]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("# Explanation evaluation") == 1  # rank 0 alone prints and writes the report
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow  # a training run and 2 processes, twice
+def test_the_evaluation_script_on_two_processes_reports_one_processs_numbers(tmp_path):
+    """``devices=2`` (Fabric's launcher) and ``torchrun --nproc-per-node=2`` give the report of one
+    process: the same trials and counts, the same scores up to the order of float64 sums."""
+    data_dir = tmp_path / "data"
+    assert_ok(train(tmp_path / "run", data_dir, "loss=gc"))
+    checkpoint = read_summary(tmp_path / "run")["last_checkpoint"]
+    one = evaluation_report(tmp_path / "one", [sys.executable], data_dir, checkpoint)
+    launchers = {"devices": ([sys.executable], "devices=2"),
+                 "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"], "seed=0")}
+    for name, (launcher, option) in launchers.items():
+        report = evaluation_report(tmp_path / name, launcher, data_dir, checkpoint, option)
+        assert report["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
+        results, expected = report["checkpoints"][0]["results"], one["checkpoints"][0]["results"]
+        assert results.keys() == expected.keys() and results["skipped"] == expected["skipped"], name
+        for key, value in expected.items():
+            if isinstance(value, float):
+                assert results[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+            else:
+                assert results[key] == value, (name, key)

@@ -14,6 +14,7 @@ from torch import nn
 from datamodules import build_datamodule
 from evaluation.__main__ import run as evaluate
 from evaluation.consensus.__main__ import run as consensus
+from evaluation.distributed import start_processes
 from evaluation.explainers import ContrastiveExcitationBackprop, GradCAM, Gradient, check_explainer
 from evaluation.metrics.registry import score_of
 from evaluation.preflight import resolve_device
@@ -199,3 +200,13 @@ def test_monitors_on_fgsm_scores_take_their_own_direction():
     assert score_of("fgsm/eps=8").higher_is_better and score_of("fgsm_clean").higher_is_better
     assert not score_of("fgsm_success/eps=8").higher_is_better
     assert score_of("zero_maps_uniform/pg") is None and score_of("pg_center") is None
+
+
+def test_the_process_options_name_their_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError) as error:
+        start_processes("cuda:0", 2, 1)
+    assert error.value.keys == ["device"] and "names one GPU, and devices=2" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        start_processes("cuda", 2, 1)
+    assert error.value.keys == ["devices"] and "this machine has 1 GPU(s)" in str(error.value)
