@@ -3,7 +3,11 @@ training callback, and bad input; plus the store on its own."""
 import csv
 import json
 import math
+import re
+import shutil
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +28,7 @@ from evaluation.metrics import functional
 from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
 from gcmodels.config import ConfigError, check_config, check_targets, compose_group
-from tests.conftest import TINY, assert_ok, read_summary, run_module, train
+from tests.conftest import ROOT, TINY, assert_ok, read_summary, run_module, train
 from tests.test_config import compose_config
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
@@ -46,6 +50,20 @@ def test_store_entries_are_complete_or_absent(tmp_path):
     np.save(store.run_dir / "half" / "explanations.npy", maps)
     assert store.load_member("half") is None
     assert settings_digest({"a": 1, "b": 2}) == settings_digest({"b": 2, "a": 1})
+
+
+def test_concurrent_writers_lose_nothing_and_leave_no_partial_entry(tmp_path):
+    """Eight threads store one member at once, and eight others a member each: every call returns,
+    every entry reads back whole, and no staging folder is left behind."""
+    store = ExplanationStore(tmp_path, {"explainer": {"name": "gradcam"}, "num_images": 4})
+    maps = np.random.default_rng(0).random((4, 8, 8)).astype(np.float16)
+    jobs = [("same", maps)] * 8 + [(f"member{index}", maps + index) for index in range(8)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda job: store.save_member(job[0], {"explanations": job[1]}, {"name": job[0]}), jobs))
+    for name, expected in dict(jobs).items():
+        entry = store.load_member(name)
+        assert entry is not None and np.array_equal(entry["explanations"], expected) and entry["meta"]["name"] == name
+    assert sorted(path.name for path in store.run_dir.iterdir()) == sorted({name for name, _ in jobs})
 
 
 def test_a_member_is_its_weights_not_its_file():
@@ -377,6 +395,42 @@ def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, com
     # LIME's perturbations go through the network in batches, not one forward pass per sample.
     if explainer == CHEAP_LIME:
         assert all(m["forward_passes"] < 6 * 24 / 4 for m in members)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["devices", "torchrun"])
+def test_two_processes_share_the_committee_and_score_as_one(tmp_path, committee, launcher):
+    """The members are dealt out over 2 processes, each computed once; rank 0 alone writes the
+    outputs, whose scores are one process's; a member already in the store is computed by nobody."""
+    paths, root = committee
+    members = f"ckpts=[{','.join(paths)}]"
+    one = tmp_path / "one"
+    assert_ok(consensus(one, root / "data", tmp_path / "store_one", members))
+    data = [item for item in TINY if item.startswith("data.")]
+    prefix = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"] if launcher == "torchrun"
+              else [sys.executable])
+    options = [] if launcher == "torchrun" else ["devices=2"]
+    store = tmp_path / "store"
+    # One member is in the store already (a run killed after it): the others are dealt out.
+    assert_ok(consensus(tmp_path / "first", root / "data", store, f"ckpts=[{paths[0]},{paths[1]}]"))
+    shutil.rmtree(next(path for path in store.glob("*/*") if path.name != "shared"
+                       and json.loads((path / "meta.json").read_text())["meta"]["checkpoint"] == paths[1]))
+    two = tmp_path / "two"
+    command = [*prefix, "-m", "evaluation.consensus", f"hydra.run.dir={two}", f"data.data_dir={root / 'data'}", *data,
+               f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2", "device=cpu", members,
+               *options]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert_ok(run)
+    # (The two processes share stdout: their lines may interleave.)
+    explaining = re.findall(r"rank (\d): explaining \[(\d)/3\]", run.stdout)
+    assert sorted(member for _, member in explaining) == ["2", "3"]  # each missing member once
+    assert {rank for rank, _ in explaining} == {"0", "1"}  # one each
+    assert run.stdout.count("consensus.json ") == 1  # rank 0 alone writes the outputs
+    expected, actual = read_json(one), read_json(two)
+    assert [m["computed_now"] for m in actual["members"]] == [False, True, True]
+    for mine, theirs in zip(actual["members"], expected["members"]):
+        for key in ("consensus_score", "rank", "accuracy", "pg", "ch", "map", "missing_explanations"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, nan_ok=True), key
 
 
 @pytest.mark.slow

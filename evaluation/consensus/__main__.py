@@ -25,9 +25,10 @@ from evaluation.consensus import committee, core, stats
 from evaluation.consensus.committee import Checkpoints, CommitteeOptions
 from evaluation.consensus.report import scatter
 from evaluation.consensus.store import ExplanationStore
+from evaluation.distributed import start_processes
 from evaluation.explainers import EXPLAINERS, build_explainer
 from evaluation.figures import Panel, save_figure, save_overlay_grid, subplots
-from evaluation.preflight import check_checkpoint_explainer, resolve_device
+from evaluation.preflight import check_checkpoint_explainer
 from evaluation.settings import EvaluationSettings
 from evaluation.tables import markdown_table, number, percent
 from gcmodels.config import check_config
@@ -79,6 +80,8 @@ class ConsensusConfig(CommitteeOptions):
     convergence: Convergence
     picture_images: Annotated[int, Field(ge=1)]
     device: str
+    devices: Annotated[int, Field(ge=1)]
+    num_nodes: Annotated[int, Field(ge=1)]
     seed: Annotated[int, Field(ge=0)]
     output_dir: str
 
@@ -142,24 +145,36 @@ def run(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
     members = committee.load_members(paths, datamodule)
     check_members(cfg, members, explainer)
-    device = resolve_device(cfg.device)
+    fabric = start_processes(cfg.device, cfg.devices, cfg.num_nodes)
 
-    datamodule.prepare_data()
+    with fabric.rank_zero_first():  # the synthetic data is generated once
+        datamodule.prepare_data()
     datamodule.setup("validate")
     images = committee.committee_images(datamodule, cfg.num_images)
     resolution = committee.effective_resolution(cfg.resolution, datamodule)
     store = ExplanationStore(cfg.store_dir, committee.run_settings(
         OmegaConf.to_container(cfg.data, resolve=True), explainer_options, cfg.target, resolution,
         settings.batch_size, len(images)))
-    shared = committee.stored_shared_arrays(store, images, datamodule, explainer, settings.batch_size)
+    with fabric.rank_zero_first():  # computed once (LIME's superpixels, the masks), read by the others
+        shared = committee.stored_shared_arrays(store, images, datamodule, explainer, settings.batch_size)
 
-    entries, computed = [], []
-    for index, member in enumerate(members, 1):
-        entry, new = committee.member_entry(member, store, explainer, images, datamodule, shared, cfg.target,
-                                            resolution, settings, device)
-        entries.append(entry)
-        computed.append(new)
-        print(f"[{index}/{len(members)}] {member.label}: {'computed' if new else 'from the store'}, "
+    # The members not in the store, dealt out over the processes in turn: each computes its share
+    # into the store (a stored member is computed by nobody); every process lists them before any
+    # of them writes, so all deal the same list. Rank 0 then scores the whole committee alone.
+    missing = [index for index, member in enumerate(members) if store.load_member(member.digest) is None]
+    fabric.barrier()
+    for turn, index in enumerate(missing):
+        if turn % fabric.world_size == fabric.global_rank:
+            print(f"rank {fabric.global_rank}: explaining [{index + 1}/{len(members)}] {members[index].label}")
+            committee.member_entry(members[index], store, explainer, images, datamodule, shared, cfg.target,
+                                   resolution, settings, fabric.device)
+    fabric.barrier()
+    if fabric.global_rank != 0:
+        return {}
+    entries, computed = [committee.stored_member(store, member) for member in members], []
+    for index, (member, entry) in enumerate(zip(members, entries)):
+        computed.append(index in missing)
+        print(f"[{index + 1}/{len(members)}] {member.label}: {'computed' if computed[-1] else 'from the store'}, "
               f"{entry['meta']['forward_passes']} forward passes")
 
     similarities = committee.similarities(entries, shared, kind, options)

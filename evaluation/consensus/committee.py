@@ -313,6 +313,15 @@ def member_entry(member: Member, store: ExplanationStore, explainer, images: Dat
     return store.load_member(member.digest), True
 
 
+def stored_member(store: ExplanationStore, member: Member) -> dict:
+    """The member's entry, which this run has stored (by whichever process computed it)."""
+    entry = store.load_member(member.digest)
+    if entry is None:
+        raise RuntimeError(f"{member.path}: its explanations are not in the store {store.run_dir} after every "
+                           f"process finished (a process failed, or the store is not shared by all of them)")
+    return entry
+
+
 # ------------------------------------------------------------------------------------ scoring
 
 
@@ -405,8 +414,9 @@ def localisation_scores(entries: Sequence[dict], shared: dict, kind: str,
     and one slice of images at a time."""
     results: dict[str, list[float]] = {"pg": [], "ch": [], "map": []}
     for entry in entries:
-        pg = PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at)
-        ch = ContentHeatmap()
+        # Scored by one process (rank 0 of a sharded committee): nothing to gather from the others.
+        pg = PointingGame(tolerance=settings.tolerance, tolerance_at=settings.tolerance_at, sync_on_compute=False)
+        ch = ContentHeatmap(sync_on_compute=False)
         precisions: list[float] = []
         for rows in _slices(len(entry["explanations"]), entry["explanations"], shared["masks"]):
             masks = torch.from_numpy(np.array(shared["masks"][rows]))

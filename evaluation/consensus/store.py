@@ -5,7 +5,8 @@ data) has a digest; a member is the SHA-256 of its network's description and wei
 (``committee.weights_digest``). Each (run, member)
 entry is a folder of ``.npy`` arrays (explanations in float16) and a ``meta.json`` written last, so
 an entry is either complete or absent: re-running with one more checkpoint computes only that
-member, and a crash never leaves half an entry that a later run would trust. Arrays are read back
+member, a crash never leaves half an entry that a later run would trust, and of two writers of
+one entry (processes sharing the store) the first to finish wins and the other keeps its copy. Arrays are read back
 memory-mapped, so scoring a committee never holds more than the slices it is working on.
 """
 from __future__ import annotations
@@ -45,13 +46,19 @@ class ExplanationStore:
         return {"meta": meta["meta"], **arrays}
 
     def _write(self, folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        with staged(folder, directory=True) as staging:
-            for name, array in arrays.items():
-                np.save(staging / f"{name}.npy", array)
-            record = {"arrays": sorted(arrays), "meta": meta, "run": self.run_settings}
-            (staging / META).write_text(json.dumps(record, indent=1))  # last: marks completion
-            if folder.exists():
-                shutil.rmtree(folder)  # an older, incomplete or replaced entry
+        try:
+            with staged(folder, directory=True) as staging:
+                for name, array in arrays.items():
+                    np.save(staging / f"{name}.npy", array)
+                record = {"arrays": sorted(arrays), "meta": meta, "run": self.run_settings}
+                (staging / META).write_text(json.dumps(record, indent=1))  # last: marks completion
+                if folder.exists() and self._read(folder) is None:
+                    shutil.rmtree(folder)  # an incomplete entry, or one damaged by hand
+        except OSError:
+            # The rename found the entry there: another writer (a process of this run, or another
+            # run on the same store) finished it first. Its arrays are the same: keep them.
+            if self._read(folder) is None:
+                raise
 
     def load_member(self, member: str) -> dict[str, Any] | None:
         """The member's arrays (memory-mapped) and ``meta``, or None when it is not stored."""
