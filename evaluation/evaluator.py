@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from datamodules import ClassificationDataModule
 from datamodules.images import size_buckets
 from evaluation.composites import CompositeDataset, dataset_layout
+from evaluation.explainers.base import Explainer as ExplainerMethod
 from evaluation.metrics.functional import upsample
 from evaluation.metrics.registry import COUNT_GROUPS, METRICS, family_members, results_of
 from evaluation.references import REFERENCES, centre_maps, map_seeds, trial_noise_maps
@@ -54,7 +55,10 @@ class ExplanationEvaluator:
         explained = [name for name in self.metrics if METRICS[name].explained]
         if explained and explainer is None:
             raise ValueError(f"metric(s) {explained} score explanations: give an explainer")
-        self.explainer = explainer
+        # Gradient-free passes (LIME's) at the settings' precision; gradients stay in float32. A
+        # plain function (a user's map, the tests' oracles) is used as it is.
+        self.explainer = (explainer.at_precision(settings.precision) if isinstance(explainer, ExplainerMethod)
+                          else explainer)
         self.num_classes = num_classes
         self.multilabel = multilabel
         self.settings = settings

@@ -64,7 +64,9 @@ def faithfulness_settings(settings: dict, keys: list[str]) -> str:
         parts.append(f"ROAD: {list(settings.get('road_percentages', []))} % removed by noisy linear imputation "
                      f"(noise {settings.get('road_noise')}), area = the curve's mean height over those percentages")
     if any(not key.startswith("mprt") for key in keys):
-        parts.append(f"score: {score} of the explained class; others: the maps of "
+        precision = settings.get("precision", "32")
+        parts.append(f"score: {score} of the explained class, forward passes in "
+                     f"{'float32' if precision == '32' else precision}; others: the maps of "
                      f"{settings.get('other_images')} other validation images on the same image")
     if any(key.startswith("mprt") for key in keys):
         parts.append(f"MPRT: {settings.get('mprt_variant')} randomisation from the logits down, Spearman rank "

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from datamodules.images import PROTOCOLS, TrialGeometry
 from evaluation.attacks import SPACES
 from evaluation.metrics.classes import ZERO_MAPS
-from evaluation.metrics.functional import PERTURBATION_SCORES, SUBSTRATES
+from evaluation.metrics.functional import PERTURBATION_SCORES, PRECISIONS, SUBSTRATES
 from gcmodels.options import Options, Sequence
 
 
@@ -69,6 +69,9 @@ class EvaluationSettings(Options):
     other_images: Annotated[int, Field(ge=0)] = 5
     mprt_variant: Literal["cascading", "independent"] = "cascading"
     mprt_threshold: Annotated[float, Field(gt=-1, le=1)] = 0.5
+    # "32" (a command line's 32 is read as the number): the passes without gradients (faithfulness
+    # steps, LIME's perturbations) may run in bf16-mixed; every gradient stays in float32.
+    precision: Annotated[Literal[PRECISIONS], BeforeValidator(str)] = "32"
 
     @property
     def trial_geometry(self) -> TrialGeometry:

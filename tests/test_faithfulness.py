@@ -7,11 +7,14 @@ import pytest
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from evaluation.explainers import GradCAM, build_explainer
 from evaluation.metrics import functional
 from evaluation.metrics.imputation import linear_imputation, noisy_linear_imputation
-from gcmodels.networks import ExplainableNet
+from gcmodels.config import compose_group
+from gcmodels.networks import ExplainableNet, build_network
 from tests.conftest import tiny_net
 
 SIZE = (9, 11)
@@ -548,3 +551,36 @@ def test_training_callbacks_log_faithfulness_and_the_script_reports_it(tmp_path)
         row = next(csv.DictReader(handle))
     assert float(row["road_morf_minus_others"]) == pytest.approx(results["road_morf_minus_others"])
     assert (report_dir / "faithfulness.png").stat().st_size > 0
+
+
+def test_bf16_forward_passes_stay_within_a_bound_of_float32():
+    """``evaluation.precision=bf16-mixed`` runs the perturbed images' forwards (and LIME's) under
+    bfloat16 autocast: on a ResNet18 at 64 px the class probabilities of insertion and deletion
+    move by less than 0.02 and the AUCs by less than 0.01; LIME's superpixel weights by less than
+    5% of the largest, with a rank correlation above 0.9 with float32's. Gradients are not
+    involved: Grad-CAM stays in float32."""
+    torch.manual_seed(0)
+    net = build_network("resnet18", 5).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 64, 64, generator=generator)
+    heatmaps = GradCAM()(net, images, torch.tensor([0, 1, 2]))
+    heatmaps = F.interpolate(heatmaps.unsqueeze(1), size=(64, 64), mode="bilinear").squeeze(1)
+    classes, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    for insertion in (True, False):
+        curves = {precision: functional.perturbation_curves(
+            net, images, heatmaps, classes, seeds, insertion=insertion, steps=8, substrate_name="blur",
+            batch_size=16, precision=precision) for precision in ("32", "bf16-mixed")}
+        (fractions, exact), (_, reduced) = curves["32"], curves["bf16-mixed"]
+        assert exact.dtype == reduced.dtype == torch.float32 and not torch.equal(exact, reduced)
+        assert (exact - reduced).abs().max() < 0.02
+        areas = [functional.curve_area(fractions, curve) for curve in (exact, reduced)]
+        assert (areas[0] - areas[1]).abs().max() < 0.01
+    # LIME on a smooth image (superpixels that follow it) with logit scores (weights well above 0).
+    lime = build_explainer(**{**compose_group("explainer", "lime"), "num_samples": 64, "num_segments": 12,
+                              "score": "logit"})
+    smooth = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(64, 64), mode="bilinear")
+    weights = {precision: lime.at_precision(precision)(net, smooth, classes[:1]) for precision in ("32", "bf16-mixed")}
+    assert lime.pass_precision == "32"  # at_precision left the configured explainer as it was
+    exact, reduced = weights["32"].flatten(1), weights["bf16-mixed"].flatten(1)
+    assert exact.unique().numel() > 3 and (exact - reduced).abs().max() < 0.05 * exact.abs().max()
+    assert functional.spearman(exact, reduced) > 0.9

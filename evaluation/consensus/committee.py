@@ -283,7 +283,7 @@ def validation_accuracy(net: torch.nn.Module, datamodule: ClassificationDataModu
 
 
 def run_settings(data: dict, explainer_options: dict, target: str, resolution: int, batch_size: int,
-                 num_images: int) -> dict:
+                 num_images: int, precision: str = "32") -> dict:
     """Everything a member's stored explanations depend on besides its checkpoint: which images
     (the ``data`` config without its loading options), the explainer and its options, the
     explained class, the common resolution (the effective one, never null) and how maps are
@@ -292,8 +292,10 @@ def run_settings(data: dict, explainer_options: dict, target: str, resolution: i
     which_images = {key: value for key, value in data.items() if key not in ("num_workers", "batch_size",
                                                                               "skip_corrupt")}
     # "reduction" keeps entries of the earlier bilinear reduction, at the same resolution, apart.
-    return {"data": which_images, "num_images": num_images, "explainer": explainer_options, "target": target,
-            "resolution": resolution, "reduction": "area", "batch_size": batch_size}
+    settings = {"data": which_images, "num_images": num_images, "explainer": explainer_options, "target": target,
+                "resolution": resolution, "reduction": "area", "batch_size": batch_size}
+    # The passes' precision where it is not float32 (so the stores of float32 runs keep their key).
+    return settings if precision == "32" else {**settings, "precision": precision}
 
 
 def member_entry(member: Member, store: ExplanationStore, explainer, images: Dataset,
@@ -305,8 +307,8 @@ def member_entry(member: Member, store: ExplanationStore, explainer, images: Dat
     if entry is not None:
         return entry, False
     net = GCClassifier.from_checkpoint(member.path).net.to(device).eval()
-    arrays, meta = explain_member(net, explainer, images, datamodule, shared, target, resolution,
-                                  settings.batch_size)
+    arrays, meta = explain_member(net, explainer.at_precision(settings.precision), images, datamodule, shared,
+                                  target, resolution, settings.batch_size)
     meta["accuracy"] = validation_accuracy(net, datamodule)
     meta["checkpoint"] = str(member.path)
     store.save_member(member.digest, arrays, meta)

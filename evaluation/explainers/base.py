@@ -47,6 +47,11 @@ class Explainer:
     def explain(self, net: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def at_precision(self, precision: str) -> Explainer:
+        """This explainer with its network passes that need no gradient at ``precision``
+        (``evaluation.precision``); itself where every pass needs one (they stay in float32)."""
+        return self
+
     def check_layer(self, net: nn.Module) -> None:
         """Raise ValueError or NotImplementedError where the explainer's ``layer`` option does not
         fit ``net`` (:func:`check_explainer`); explainers without one have nothing to check."""

@@ -3,6 +3,7 @@ perturbations of a whole batch share forward passes, and the signed superpixel w
 available to the caller (the consensus compares them across models)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -14,6 +15,7 @@ from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
 from evaluation.explainers.base import EXPLAINERS, Explainer, images_per_pass, require_eval
+from evaluation.metrics.functional import forward_precision
 
 SCORES = ("probability", "logit")
 SEGMENTATIONS = ("slic", "quickshift")
@@ -67,6 +69,15 @@ class Lime(Explainer):
     score: Literal[SCORES]
     ridge: Annotated[float, Field(ge=0)]
     samples_per_pass: Annotated[int, Field(ge=1)] | None = None
+
+    # Its perturbations' forward passes (no gradient): at_precision sets it; not an option of
+    # the explainer's config but the evaluation's (evaluation.precision).
+    pass_precision = "32"
+
+    def at_precision(self, precision: str) -> Lime:
+        explainer = copy.copy(self)
+        explainer.pass_precision = precision
+        return explainer
 
     # ------------------------------------------------------------------------------ the steps
 
@@ -167,7 +178,9 @@ class Lime(Explainer):
                     keep = masks[index][rows][:, segments[index]].unsqueeze(1)  # [k, 1, H, W]
                     batch.append(torch.where(keep, images[index], fill[index]))
                     batch_targets.append(targets[index].expand(len(keep)))
-                logits = net(torch.cat(batch)).double()
+                with forward_precision(self.pass_precision, images.device):
+                    logits = net(torch.cat(batch))
+                logits = logits.double()
                 if self.score == "probability":
                     logits = logits.softmax(dim=1)
                 scores.append(logits.gather(1, torch.cat(batch_targets).view(-1, 1)).squeeze(1))

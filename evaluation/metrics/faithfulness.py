@@ -47,11 +47,13 @@ class _OtherImageBaseline(Metric):
     family = "faithfulness"
     headlines: tuple[str, ...]
 
-    def __init__(self, points: int, *, multilabel: bool, score: str, batch_size: int, **kwargs):
+    def __init__(self, points: int, *, multilabel: bool, score: str, batch_size: int, precision: str = "32",
+                 **kwargs):
         super().__init__(**kwargs)
         self.multilabel = multilabel
         self.score = score
         self.batch_size = batch_size
+        self.precision = precision  # of the forward passes (functional.forward_precision)
         for prefix in ("", "others_"):
             self.add_state(f"{prefix}curve_sum", _zeros(points), dist_reduce_fx="sum")
             self.add_state(f"{prefix}value_sum", _zeros(len(self.headlines)), dist_reduce_fx="sum")
@@ -121,7 +123,7 @@ class _PerturbationAUC(_OtherImageBaseline):
     def from_settings(cls, settings, num_classes: int, multilabel: bool):
         substrate = settings.insertion_substrate if cls.insertion else settings.deletion_substrate
         return cls(steps=settings.perturbation_steps, substrate_name=substrate, score=settings.faithfulness_score,
-                   multilabel=multilabel, batch_size=settings.batch_size)
+                   multilabel=multilabel, batch_size=settings.batch_size, precision=settings.precision)
 
     def __init__(self, *, steps: int, substrate_name: str, score: str, multilabel: bool, batch_size: int, **kwargs):
         super().__init__(steps + 1, multilabel=multilabel, score=score, batch_size=batch_size, **kwargs)
@@ -132,7 +134,7 @@ class _PerturbationAUC(_OtherImageBaseline):
         fractions, curves = functional.perturbation_curves(
             net, images, heatmaps, classes, seeds, insertion=self.insertion, steps=self.steps,
             substrate_name=self.substrate_name, score=self.score, multilabel=self.multilabel,
-            batch_size=self.batch_size)
+            batch_size=self.batch_size, precision=self.precision)
         return curves, functional.curve_area(fractions, curves).unsqueeze(1)
 
     def _curve_keys(self) -> list[str]:
@@ -182,7 +184,8 @@ class ROAD(_OtherImageBaseline):
     @classmethod
     def from_settings(cls, settings, num_classes: int, multilabel: bool) -> ROAD:
         return cls(percentages=settings.road_percentages, noise=settings.road_noise,
-                   score=settings.faithfulness_score, multilabel=multilabel, batch_size=settings.batch_size)
+                   score=settings.faithfulness_score, multilabel=multilabel, batch_size=settings.batch_size,
+                   precision=settings.precision)
 
     def __init__(self, *, percentages: Sequence[float], noise: float, score: str, multilabel: bool, batch_size: int,
                  **kwargs):
@@ -194,7 +197,7 @@ class ROAD(_OtherImageBaseline):
         """``[B, 2P]``: MoRF's points, then LeRF's; ``[B, 2]``: their areas."""
         halves = [functional.road(net, images, heatmaps, classes, seeds, percentages=self.percentages, order=order,
                                   noise=self.noise, score=self.score, multilabel=self.multilabel,
-                                  batch_size=self.batch_size)
+                                  batch_size=self.batch_size, precision=self.precision)
                   for order in functional.ROAD_ORDERS]
         if len(self.percentages) == 1:
             areas = [half[:, 0] for half in halves]

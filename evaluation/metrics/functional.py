@@ -533,16 +533,33 @@ def class_scores(logits: torch.Tensor, classes: torch.Tensor, score: str, multil
     raise ValueError(f"unknown score {score!r}; known: {list(PERTURBATION_SCORES)}")
 
 
+# Arithmetic of the passes that need no gradient (evaluation.precision): float32, or bfloat16
+# under autocast where the numbers allow it (a test bounds the difference).
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def forward_precision(precision: str, device: torch.device):
+    """The context of a forward-only pass at ``precision`` (:data:`PRECISIONS`) on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
 def _scores_of_perturbed(net: torch.nn.Module, count: int, points: int, classes: torch.Tensor,
-                         perturbed, score: str, multilabel: bool, batch_size: int) -> torch.Tensor:
+                         perturbed, score: str, multilabel: bool, batch_size: int,
+                         precision: str = "32") -> torch.Tensor:
     """float ``[count, points]``: the class scores of ``perturbed(images, points) -> images``, each
-    item (image ``b``, point ``k``) of the ``count * points`` once, ``batch_size`` per forward."""
+    item (image ``b``, point ``k``) of the ``count * points`` once, ``batch_size`` per forward, at
+    ``precision``."""
     scores = []
     with torch.no_grad():
         for start in range(0, count * points, batch_size):
             items = torch.arange(start, min(start + batch_size, count * points), device=classes.device)
             image, point = items.div(points, rounding_mode="floor"), items.remainder(points)
-            scores.append(class_scores(net(perturbed(image, point)), classes[image], score, multilabel))
+            inputs = perturbed(image, point)  # in float32: ROAD's imputation solves a linear system
+            with forward_precision(precision, classes.device):
+                logits = net(inputs)
+            scores.append(class_scores(logits, classes[image], score, multilabel))
     if not scores:
         return torch.empty(count, points, device=classes.device)
     return torch.cat(scores).view(count, points)
@@ -559,8 +576,8 @@ def perturbation_steps(pixels: int, steps: int) -> torch.Tensor:
 
 def perturbation_curves(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
                         seeds: torch.Tensor, *, insertion: bool, steps: int, substrate_name: str,
-                        score: str = "probability", multilabel: bool = False,
-                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                        score: str = "probability", multilabel: bool = False, batch_size: int = 64,
+                        precision: str = "32") -> tuple[torch.Tensor, torch.Tensor]:
     """``(fractions [steps + 1], curves [B, steps + 1])``: the class score after each step of insertion
     (start from the substrate, put the image's pixels back, first-ranked first) or deletion
     (start from the image, replace its pixels by the substrate's), ``fractions`` the share of the
@@ -577,7 +594,8 @@ def perturbation_curves(net: torch.nn.Module, images: torch.Tensor, heatmaps: to
         moved = (ranks[image] < counts[point].unsqueeze(1)).view(-1, 1, *images.shape[2:])
         return torch.where(moved, first[image], rest[image])
 
-    curves = _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size)
+    curves = _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size,
+                                  precision)
     return counts.to(curves.dtype) / pixels, curves
 
 
@@ -623,7 +641,8 @@ def road_removed(ranks: torch.Tensor, count: torch.Tensor, order: str) -> torch.
 
 def road(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, classes: torch.Tensor,
          seeds: torch.Tensor, *, percentages: Sequence[float], order: str, noise: float = 0.01,
-         score: str = "probability", multilabel: bool = False, batch_size: int = 64) -> torch.Tensor:
+         score: str = "probability", multilabel: bool = False, batch_size: int = 64,
+         precision: str = "32") -> torch.Tensor:
     """ROAD (Rong et al., ICML 2022), float ``[B, P]``: the class score after removing
     ``round(p / 100 * H * W)`` pixels for each ``p`` of ``percentages`` (in (0, 100)), in ``order``
     (:func:`road_removed`), by noisy linear imputation (:mod:`evaluation.metrics.imputation`; the
@@ -645,7 +664,8 @@ def road(net: torch.nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, cla
         draws = trial_normals("road", noise_seeds, images.shape[1:], images.dtype).to(images.device)
         return noisy_linear_imputation(images[image], removed, noise * draws)
 
-    return _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size)
+    return _scores_of_perturbed(net, len(images), len(counts), classes, perturbed, score, multilabel, batch_size,
+                                precision)
 
 
 # --- Randomisation sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018) ---
