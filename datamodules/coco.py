@@ -203,10 +203,11 @@ class CocoMaskDataset(Dataset):
             raise ValueError(f"no annotated objects of the evaluated classes in {ann_file}")
         image_ids = sorted({image_id for image_id, _ in self.trials})
         self.paths = dict(zip(image_ids, image_paths(self.coco, image_ids, self.image_dir, Path(ann_file))))
-        # TorchRay's difficult subset, by file name without extension (its key).
-        self.stems = {image_id: Path(self.coco.imgs[image_id]["file_name"]).stem for image_id in image_ids}
-        self.flags = (DifficultFlags(difficult_flags, len(self.category_ids), list(self.stems.values()))
-                      if difficult_flags is not None else None)
+        # TorchRay's difficult subset, keyed by file name without extension.
+        self.flags, self.stems = None, {}
+        if difficult_flags is not None:
+            self.stems = {image_id: Path(self.coco.imgs[image_id]["file_name"]).stem for image_id in image_ids}
+            self.flags = DifficultFlags(difficult_flags, len(self.category_ids), list(self.stems.values()))
         boxes_only = sum(not ann.get("segmentation") for ann in self.coco.dataset["annotations"])
         if boxes_only:
             log.warning("%d annotation(s) of %s have no segmentation: their boxes serve as masks", boxes_only,

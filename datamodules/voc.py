@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-# SegmentationClass PNGs: palette index k + 1 is class k, 0 the background, 255 the objects' borders.
-SEGMENTATION_BORDER = 255
-
 VOC_LAYOUT = """\
 data.data_dir must hold PASCAL VOC 2007 as distributed (VOCdevkit/VOC2007 of the trainval and
 test archives, unpacked into one tree):
@@ -98,7 +95,6 @@ class VOCMultiLabelDataset(MultiLabelImages):
                  skip_corrupt: bool):
         self.root, self.ids, self.annotations = root, list(ids), list(annotations)
         self.transform, self.skip_corrupt = transform, skip_corrupt
-        self.classes = list(VOC_CLASSES)
         self.paths = [root / "JPEGImages" / f"{image_id}.jpg" for image_id in self.ids]
         missing = [path for path in self.paths if not path.is_file()]
         if missing:
@@ -130,13 +126,14 @@ class VOCMasks:
         if self.segmented[index]:
             with Image.open(self.files[index]) as segmentation:
                 labels = np.asarray(segmentation)
+            # Palette index k + 1 is class k, 0 the background, 255 the objects' borders.
             return torch.from_numpy(labels == class_index + 1)
         mask = np.zeros((annotation.height, annotation.width), dtype=bool)
         for box in class_boxes(annotation, class_index):
             xmin, ymin, xmax, ymax = box["box"]
-            grown = ilsvrc_box_mask([box["box"]], annotation.width, annotation.height, annotation.width,
-                                    annotation.height).numpy()
-            mask |= grow(grown, int(self.dilation * (ymax - ymin + 1)), int(self.dilation * (xmax - xmin + 1)))
+            box_mask = ilsvrc_box_mask([box["box"]], annotation.width, annotation.height, annotation.width,
+                                       annotation.height).numpy()
+            mask |= grow(box_mask, int(self.dilation * (ymax - ymin + 1)), int(self.dilation * (xmax - xmin + 1)))
         return torch.from_numpy(mask)
 
 
@@ -145,8 +142,8 @@ class VOCTrials(Dataset):
     :class:`VOCMasks`; a class whose boxes are all "difficult" (PASCAL's flag) has no trial, as
     TorchRay skips it. ``"difficult"``: the pair is in the difficult subset: TorchRay's flags
     file where given (``flags_file``, :class:`DifficultFlags`), else Zhang et al.'s rule
-    (:func:`ebp_difficult`). ``boxes_for_masks``
-    counts the trials masked by boxes under ``kind="segmentation"`` (no segmentation PNG)."""
+    (:func:`ebp_difficult`). ``boxes_for_masks`` counts the trials masked by boxes under
+    ``kind="segmentation"`` (no segmentation PNG)."""
 
     def __init__(self, masks: VOCMasks, geometry: TrialGeometry, flags_file: Path | None = None):
         self.masks, self.geometry = masks, geometry

@@ -179,14 +179,15 @@ class ExplanationEvaluator:
         pointing = batch["pointing"] if "pointing" in batch else torch.ones_like(classes, dtype=torch.bool)
         # "difficult": the trials of a data set's difficult subset (VOC 2007's), where it has one.
         trials = {"classes": classes, "difficult": batch.get("difficult")}
+        explained = {**trials, "seeds": map_seeds(batch["index"], 0)}  # the explainer's maps and the centred peak
         self._update_localization_metrics(self._family("localization"), self.explainer(net, batch["image"], classes),
-                                          masks, {**trials, "seeds": map_seeds(batch["index"], 0)}, pointing)
+                                          masks, explained, pointing)
         count, (height, width) = len(masks), masks.shape[-2:]
         references = self._reference_family("localization")
         if references and references["center"]:
             self._update_localization_metrics(references["center"],
                                               centre_maps(count, height, width, masks.device),
-                                              masks, {**trials, "seeds": map_seeds(batch["index"], 0)}, pointing)
+                                              masks, explained, pointing)
             for number in range(1, self.settings.noise_seeds + 1):  # one pooled mean over the maps
                 seeds = map_seeds(batch["index"], number)
                 noise = trial_noise_maps(self.settings.seed, seeds, height, width, masks.device)

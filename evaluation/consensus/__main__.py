@@ -171,10 +171,10 @@ def run(cfg: DictConfig) -> dict:
     fabric.barrier()
     if fabric.global_rank != 0:
         return {}
-    entries, computed = [committee.stored_member(store, member) for member in members], []
+    entries = [committee.stored_member(store, member) for member in members]
+    computed = [index in missing for index in range(len(members))]
     for index, (member, entry) in enumerate(zip(members, entries)):
-        computed.append(index in missing)
-        print(f"[{index + 1}/{len(members)}] {member.label}: {'computed' if computed[-1] else 'from the store'}, "
+        print(f"[{index + 1}/{len(members)}] {member.label}: {'computed' if computed[index] else 'from the store'}, "
               f"{entry['meta']['forward_passes']} forward passes")
 
     similarities = committee.similarities(entries, shared, kind, options)

@@ -6,8 +6,8 @@ data) has a digest; a member is the SHA-256 of its network's description and wei
 entry is a folder of ``.npy`` arrays (explanations in float16) and a ``meta.json`` written last, so
 an entry is either complete or absent: re-running with one more checkpoint computes only that
 member, a crash never leaves half an entry that a later run would trust, and of two writers of
-one entry (processes sharing the store) the first to finish wins and the other keeps its copy. Arrays are read back
-memory-mapped, so scoring a committee never holds more than the slices it is working on.
+one entry (processes sharing the store) the first to finish wins and the other keeps its copy.
+Arrays are read back memory-mapped, so scoring a committee never holds more than the slices it is working on.
 """
 from __future__ import annotations
 
