@@ -8,6 +8,9 @@ data, then runs ``python -m evaluation.consensus`` as a user would, in one run:
 - per explainer (Grad-CAM, SmoothGrad with 25 samples, LIME with 1,000 perturbations: the
   configs' defaults), seconds per member per image: the wall time of a run on an empty store less
   that of the same run on the filled store (start-up and scoring), over members x images;
+- the arithmetic of the forward passes side by side (``evaluation.channels_last=true``,
+  ``evaluation.precision=bf16-mixed``) against the default, per member per image, for SmoothGrad
+  (gradients: channels_last only) and LIME with 250 perturbations;
 - the committee's wall time on an empty store with 1 and with 2 processes (``devices=2``: gloo on
   the CPU, NCCL on GPUs), side by side, for LIME with 250 perturbations; on the CPU each of the
   2 processes gets half the cores' threads (``OMP_NUM_THREADS``, as torchrun sets it);
@@ -28,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPLAINERS = {"gradcam": ["explainer=gradcam"], "smoothgrad": ["explainer=smoothgrad"], "lime": ["explainer=lime"]}
+LIME_250 = [*EXPLAINERS["lime"], "explainer.num_samples=250"]
+ARITHMETIC = {"default": [], "channels_last": ["evaluation.channels_last=true"],
+              "bf16-mixed": ["evaluation.precision=bf16-mixed"]}
 PAPERS_COMMITTEE = {"members": 81, "images": 1000, "processes": 8}
 
 
@@ -63,19 +69,32 @@ def main() -> None:
                     f"ckpts=[{','.join(checkpoints)}]", f"num_images={args.images}", f"store_dir={store}",
                     f"device={args.device}", "convergence.enabled=false", *options], env)
 
+    def per_member_image(name: str, *options: str) -> tuple[float, float, float]:
+        """Wall times on an empty and on the filled store, and their difference per member per image."""
+        empty = consensus(f"{name}_empty", work / f"store_{name}", *options)
+        filled = consensus(f"{name}_filled", work / f"store_{name}", *options)
+        return empty, filled, (empty - filled) / (args.members * args.images)
+
     print(f"{args.members} ResNet18 members, {args.images} images of {args.size} px, device {args.device}")
     per_image = {}
     print(f"{'explainer':>11} {'empty store s':>14} {'filled store s':>15} {'s / member / image':>19}")
     for name, options in EXPLAINERS.items():
-        empty = consensus(f"{name}_empty", work / f"store_{name}", *options)
-        filled = consensus(f"{name}_filled", work / f"store_{name}", *options)
-        per_image[name] = (empty - filled) / (args.members * args.images)
+        empty, filled, per_image[name] = per_member_image(name, *options)
         print(f"{name:>11} {empty:14.1f} {filled:15.1f} {per_image[name]:19.3f}")
 
-    lime = [*EXPLAINERS["lime"], "explainer.num_samples=250"]
-    one = consensus("one", work / "store_one", *lime)
+    print(f"{'explainer':>11} {'arithmetic':>14} {'s / member / image':>19} {'/ default':>10}")
+    for name, options in (("smoothgrad", EXPLAINERS["smoothgrad"]), ("lime_250", LIME_250)):
+        default = None
+        for arithmetic, extra in ARITHMETIC.items():
+            if name == "smoothgrad" and arithmetic == "bf16-mixed":
+                continue  # its passes need gradients: they stay in float32
+            cost = per_member_image(f"{name}_{arithmetic}", *options, *extra)[2]
+            default = default or cost
+            print(f"{name:>11} {arithmetic:>14} {cost:19.3f} {cost / default:10.2f}")
+
+    one = consensus("one", work / "store_one", *LIME_250)
     threads = str(max(1, (os.cpu_count() or 2) // 2))
-    two = consensus("two", work / "store_two", *lime, "devices=2", env={**os.environ, "OMP_NUM_THREADS": threads})
+    two = consensus("two", work / "store_two", *LIME_250, "devices=2", env={**os.environ, "OMP_NUM_THREADS": threads})
     print(f"LIME (250 perturbations) committee on an empty store: 1 process {one:.1f} s, 2 processes of "
           f"{threads} thread(s) {two:.1f} s (speed-up {one / two:.2f}x)")
     members, images, processes = PAPERS_COMMITTEE.values()

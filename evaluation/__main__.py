@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
     rows, grid = [], []
     for path, saved in zip(paths, hparams):
         row = describe_checkpoint(path, saved)
-        net = GCClassifier.from_checkpoint(path).net.to(device).eval()
+        net = GCClassifier.from_checkpoint(path).net.to(device, memory_format=settings.memory_format).eval()
         if lead:
             print(f"evaluating {path} ({row['model']}, loss={row['loss']}) with {explainer_name} "
                   f"in {world_size} process(es)")

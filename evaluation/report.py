@@ -227,6 +227,11 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     lines = [f"# Explanation evaluation ({settings['explainer']} on {settings['data']})", ""]
     if settings.get("masks"):
         lines += [f"Localisation masks: {settings['masks']}.", ""]
+    if "processes" in settings:
+        precision = settings.get("precision", "32")
+        lines += [f"Run: {settings['processes']} process(es); passes without gradients in "
+                  f"{'float32' if precision == '32' else precision}; networks in "
+                  f"{'channels_last' if settings.get('channels_last') else 'contiguous (NCHW)'} memory.", ""]
     if columns:
         lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", ""]
         shown = columns

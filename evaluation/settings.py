@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import torch
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from datamodules.images import PROTOCOLS, TrialGeometry
@@ -72,6 +73,9 @@ class EvaluationSettings(Options):
     # "32" (a command line's 32 is read as the number): the passes without gradients (faithfulness
     # steps, LIME's perturbations) may run in bf16-mixed; every gradient stays in float32.
     precision: Annotated[Literal[PRECISIONS], BeforeValidator(str)] = "32"
+    # The networks the scripts load (python -m evaluation, the committee's members) in NHWC: faster
+    # convolutions on GPUs (and mostly on CPUs), the same numbers up to float rounding.
+    channels_last: bool = False
 
     @property
     def trial_geometry(self) -> TrialGeometry:
@@ -83,6 +87,19 @@ class EvaluationSettings(Options):
         """The image side the tolerance refers to when scored: None (original pixels) under the
         authors' protocol."""
         return None if self.protocol == "authors" else self.tolerance_at
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The memory format of the networks the scripts load (``channels_last``)."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def arithmetic(self) -> dict:
+        """The settings that change the networks' numbers by rounding alone (``precision``,
+        ``channels_last``), where they are not the default: part of a consensus store's key, so
+        that a store of default runs keeps its key."""
+        return {key: getattr(self, key) for key in ("precision", "channels_last")
+                if getattr(self, key) != type(self).model_fields[key].default}
 
     def to_dict(self) -> dict:
         return self.model_dump()

@@ -3,10 +3,13 @@ training callback, and bad input; plus the store on its own."""
 import csv
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -430,6 +433,49 @@ def test_two_processes_share_the_committee_and_score_as_one(tmp_path, committee,
     assert [m["computed_now"] for m in actual["members"]] == [False, True, True]
     for mine, theirs in zip(actual["members"], expected["members"]):
         for key in ("consensus_score", "rank", "accuracy", "pg", "ch", "map", "missing_explanations"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, nan_ok=True), key
+
+
+def stored_members(store: Path) -> set[str]:
+    """The checkpoints of the complete member entries in ``store`` (not the shared arrays, not a
+    staging folder a killed writer left)."""
+    entries = [path for path in store.glob("*/*") if path.name != "shared" and not path.name.startswith(".")]
+    return {json.loads((path / "meta.json").read_text())["meta"]["checkpoint"] for path in entries
+            if (path / "meta.json").is_file()}
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_committee_resumes_with_the_members_it_finished(tmp_path, committee):
+    """SIGKILL once the first member is stored; the next run computes only the others, and scores
+    as a run that was never interrupted."""
+    paths, root = committee
+    members = f"ckpts=[{','.join(paths)}]"
+    explainer = ["explainer=smoothgrad", "explainer.num_samples=12"]  # a member takes seconds, not less
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "evaluation.consensus", f"hydra.run.dir={tmp_path / 'killed'}",
+               f"data.data_dir={root / 'data'}", *[item for item in TINY if item.startswith("data.")],
+               f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2", members, *explainer]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not stored_members(store) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    finished = stored_members(store)
+    assert 1 <= len(finished) < 3, finished  # killed mid-committee
+    assert not (tmp_path / "killed" / "consensus.json").exists()
+
+    resumed = consensus(tmp_path / "resumed", root / "data", store, members, *explainer)
+    assert_ok(resumed)
+    report = read_json(tmp_path / "resumed")
+    assert [m["computed_now"] for m in report["members"]] == [path not in finished for path in paths]
+    assert_ok(consensus(tmp_path / "whole", root / "data", tmp_path / "store_whole", members, *explainer))
+    for mine, theirs in zip(report["members"], read_json(tmp_path / "whole")["members"]):
+        for key in ("consensus_score", "rank", "accuracy", "map", "missing_explanations"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6, nan_ok=True), key
 
 

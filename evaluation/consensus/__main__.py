@@ -154,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
     resolution = committee.effective_resolution(cfg.resolution, datamodule)
     store = ExplanationStore(cfg.store_dir, committee.run_settings(
         OmegaConf.to_container(cfg.data, resolve=True), explainer_options, cfg.target, resolution,
-        settings.batch_size, len(images), settings.precision))
+        settings.batch_size, len(images), settings.arithmetic))
     with fabric.rank_zero_first():  # computed once (LIME's superpixels, the masks), read by the others
         shared = committee.stored_shared_arrays(store, images, datamodule, explainer, settings.batch_size)
 

@@ -96,7 +96,7 @@ class ConsensusCallback(pl.Callback):
         resolution = committee_lib.effective_resolution(self.resolution, datamodule)
         store = ExplanationStore(self.store_dir, committee_lib.run_settings(
             self.data, self.explainer_options, self.target, resolution, self.settings.batch_size, len(images),
-            self.settings.precision))
+            self.settings.arithmetic))
         shared = committee_lib.stored_shared_arrays(store, images, datamodule, self.explainer, self.settings.batch_size)
         entries = [committee_lib.member_entry(member, store, self.explainer, images, datamodule, shared, self.target,
                                               resolution, self.settings, pl_module.device)[0]

@@ -283,19 +283,19 @@ def validation_accuracy(net: torch.nn.Module, datamodule: ClassificationDataModu
 
 
 def run_settings(data: dict, explainer_options: dict, target: str, resolution: int, batch_size: int,
-                 num_images: int, precision: str = "32") -> dict:
+                 num_images: int, arithmetic: dict | None = None) -> dict:
     """Everything a member's stored explanations depend on besides its checkpoint: which images
     (the ``data`` config without its loading options), the explainer and its options, the
     explained class, the common resolution (the effective one, never null) and how maps are
     brought to it, and the batch size (SmoothGrad's noise depends on an image's position in its
-    batch)."""
+    batch), and the arithmetic where it is not the default (``EvaluationSettings.arithmetic``:
+    the precision, the memory format), so that the stores of default runs keep their key."""
     which_images = {key: value for key, value in data.items() if key not in ("num_workers", "batch_size",
                                                                               "skip_corrupt")}
     # "reduction" keeps entries of the earlier bilinear reduction, at the same resolution, apart.
     settings = {"data": which_images, "num_images": num_images, "explainer": explainer_options, "target": target,
                 "resolution": resolution, "reduction": "area", "batch_size": batch_size}
-    # The passes' precision where it is not float32 (so the stores of float32 runs keep their key).
-    return settings if precision == "32" else {**settings, "precision": precision}
+    return {**settings, **(arithmetic or {})}
 
 
 def member_entry(member: Member, store: ExplanationStore, explainer, images: Dataset,
@@ -306,7 +306,7 @@ def member_entry(member: Member, store: ExplanationStore, explainer, images: Dat
     entry = store.load_member(member.digest)
     if entry is not None:
         return entry, False
-    net = GCClassifier.from_checkpoint(member.path).net.to(device).eval()
+    net = GCClassifier.from_checkpoint(member.path).net.to(device, memory_format=settings.memory_format).eval()
     arrays, meta = explain_member(net, explainer.at_precision(settings.precision), images, datamodule, shared,
                                   target, resolution, settings.batch_size)
     meta["accuracy"] = validation_accuracy(net, datamodule)
