@@ -89,7 +89,8 @@ def main() -> None:
             if name == "smoothgrad" and arithmetic == "bf16-mixed":
                 continue  # its passes need gradients: they stay in float32
             cost = per_member_image(f"{name}_{arithmetic}", *options, *extra)[2]
-            default = default or cost
+            if default is None:
+                default = cost
             print(f"{name:>11} {arithmetic:>14} {cost:19.3f} {cost / default:10.2f}")
 
     one = consensus("one", work / "store_one", *LIME_250)

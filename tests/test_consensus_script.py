@@ -455,16 +455,18 @@ def test_a_run_killed_mid_committee_resumes_with_the_members_it_finished(tmp_pat
     command = [sys.executable, "-m", "evaluation.consensus", f"hydra.run.dir={tmp_path / 'killed'}",
                f"data.data_dir={root / 'data'}", *[item for item in TINY if item.startswith("data.")],
                f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2", members, *explainer]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    log = tmp_path / "killed.log"  # a file, not a pipe: nothing blocks the run while it is watched
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while not stored_members(store) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     finished = stored_members(store)
     assert 1 <= len(finished) < 3, finished  # killed mid-committee
     assert not (tmp_path / "killed" / "consensus.json").exists()
