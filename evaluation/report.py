@@ -51,6 +51,12 @@ def faithfulness_keys(rows: list[dict]) -> list[str]:
     return [key for key in keys if any(key in row["results"] for row in rows)]
 
 
+def precision_words(settings: dict) -> str:
+    """The arithmetic of the passes without gradients (``evaluation.precision``), in words."""
+    precision = settings.get("precision", "32")
+    return "float32" if precision == "32" else precision
+
+
 def faithfulness_settings(settings: dict, keys: list[str]) -> str:
     """The settings that decide whether a faithfulness number compares with another, in words."""
     score = settings.get("faithfulness_score")
@@ -64,10 +70,8 @@ def faithfulness_settings(settings: dict, keys: list[str]) -> str:
         parts.append(f"ROAD: {list(settings.get('road_percentages', []))} % removed by noisy linear imputation "
                      f"(noise {settings.get('road_noise')}), area = the curve's mean height over those percentages")
     if any(not key.startswith("mprt") for key in keys):
-        precision = settings.get("precision", "32")
-        parts.append(f"score: {score} of the explained class, forward passes in "
-                     f"{'float32' if precision == '32' else precision}; others: the maps of "
-                     f"{settings.get('other_images')} other validation images on the same image")
+        parts.append(f"score: {score} of the explained class, forward passes in {precision_words(settings)}; "
+                     f"others: the maps of {settings.get('other_images')} other validation images on the same image")
     if any(key.startswith("mprt") for key in keys):
         parts.append(f"MPRT: {settings.get('mprt_variant')} randomisation from the logits down, Spearman rank "
                      f"correlation of |map| with the original, a step unchanged at >= {settings.get('mprt_threshold')}")
@@ -228,9 +232,8 @@ def write_reports(rows: list[dict], out_dir: str | Path, settings: dict) -> dict
     if settings.get("masks"):
         lines += [f"Localisation masks: {settings['masks']}.", ""]
     if "processes" in settings:
-        precision = settings.get("precision", "32")
         lines += [f"Run: {settings['processes']} process(es); passes without gradients in "
-                  f"{'float32' if precision == '32' else precision}; networks in "
+                  f"{precision_words(settings)}; networks in "
                   f"{'channels_last' if settings.get('channels_last') else 'contiguous (NCHW)'} memory.", ""]
     if columns:
         lines += ["Table 1: accuracy and explanation quality (%; NQH lower is better).", ""]

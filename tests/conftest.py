@@ -36,11 +36,22 @@ def train(out: Path, data_dir: Path | None, *overrides: str, multirun: bool = Fa
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def run_module(module: str, out: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run ``python -m module`` (a Hydra script that reads ``data``) on the tiny synthetic data."""
-    command = [sys.executable, "-m", module, f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
-               *[item for item in TINY if item.startswith("data.")], *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+# How a script is started: one process, or torchrun's two (each sees LOCAL_WORLD_SIZE).
+PYTHON = (sys.executable,)
+TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2")
+
+
+def module_command(module: str, out: Path, data_dir: Path, *overrides: str, launcher=PYTHON) -> list[str]:
+    """``python -m module`` (a Hydra script that reads ``data``) on the tiny synthetic data, as
+    ``launcher`` starts it."""
+    return [*launcher, "-m", module, f"hydra.run.dir={out}", f"data.data_dir={data_dir}",
+            *[item for item in TINY if item.startswith("data.")], *overrides]
+
+
+def run_module(module: str, out: Path, data_dir: Path, *overrides: str, launcher=PYTHON) -> subprocess.CompletedProcess:
+    """Run :func:`module_command`."""
+    return subprocess.run(module_command(module, out, data_dir, *overrides, launcher=launcher), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
 
 
 # Data read from disk in its distributed format (tests/formats.py), at a size for the CPU.

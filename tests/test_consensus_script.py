@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ from evaluation.metrics import functional
 from evaluation.references import trial_noise_maps
 from evaluation.settings import default_settings
 from gcmodels.config import ConfigError, check_config, check_targets, compose_group
-from tests.conftest import ROOT, TINY, assert_ok, read_summary, run_module, train
+from tests.conftest import PYTHON, ROOT, TINY, TORCHRUN_2, assert_ok, module_command, read_summary, run_module, train
 from tests.test_config import compose_config
 
 CHEAP_LIME = ["explainer=lime", "explainer.num_samples=24", "explainer.num_segments=8"]
@@ -313,9 +312,13 @@ def test_report_options_are_refused_by_key(tmp_path, overrides, keys):
     assert config.label == ("m1", "18")
 
 
-def consensus(out: Path, data_dir: Path, store: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_module("evaluation.consensus", out, data_dir, f"store_dir={store}", "num_images=6", "resolution=16",
-                      "picture_images=2", *overrides)
+# The committee's images, resolution and pictures in every run of the consensus script here.
+CONSENSUS = ["num_images=6", "resolution=16", "picture_images=2"]
+
+
+def consensus(out: Path, data_dir: Path, store: Path, *overrides: str, launcher=PYTHON) -> subprocess.CompletedProcess:
+    return run_module("evaluation.consensus", out, data_dir, f"store_dir={store}", *CONSENSUS, *overrides,
+                      launcher=launcher)
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +403,14 @@ def test_consensus_script_writes_every_output_and_reuses_the_store(tmp_path, com
         assert all(m["forward_passes"] < 6 * 24 / 4 for m in members)
 
 
+def stored_entries(store: Path) -> dict[str, Path]:
+    """The complete member entries in ``store`` by checkpoint (not the shared arrays, not a staging
+    folder a killed writer left)."""
+    entries = [path for path in store.glob("*/*") if path.name != "shared" and not path.name.startswith(".")]
+    return {json.loads((path / "meta.json").read_text())["meta"]["checkpoint"]: path for path in entries
+            if (path / "meta.json").is_file()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["devices", "torchrun"])
 def test_two_processes_share_the_committee_and_score_as_one(tmp_path, committee, launcher):
@@ -409,20 +420,14 @@ def test_two_processes_share_the_committee_and_score_as_one(tmp_path, committee,
     members = f"ckpts=[{','.join(paths)}]"
     one = tmp_path / "one"
     assert_ok(consensus(one, root / "data", tmp_path / "store_one", members))
-    data = [item for item in TINY if item.startswith("data.")]
-    prefix = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"] if launcher == "torchrun"
-              else [sys.executable])
+    start = TORCHRUN_2 if launcher == "torchrun" else PYTHON
     options = [] if launcher == "torchrun" else ["devices=2"]
     store = tmp_path / "store"
     # One member is in the store already (a run killed after it): the others are dealt out.
     assert_ok(consensus(tmp_path / "first", root / "data", store, f"ckpts=[{paths[0]},{paths[1]}]"))
-    shutil.rmtree(next(path for path in store.glob("*/*") if path.name != "shared"
-                       and json.loads((path / "meta.json").read_text())["meta"]["checkpoint"] == paths[1]))
+    shutil.rmtree(stored_entries(store)[paths[1]])
     two = tmp_path / "two"
-    command = [*prefix, "-m", "evaluation.consensus", f"hydra.run.dir={two}", f"data.data_dir={root / 'data'}", *data,
-               f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2", "device=cpu", members,
-               *options]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = consensus(two, root / "data", store, "device=cpu", members, *options, launcher=start)
     assert_ok(run)
     # (The two processes share stdout: their lines may interleave.)
     explaining = re.findall(r"rank (\d): explaining \[(\d)/3\]", run.stdout)
@@ -436,14 +441,6 @@ def test_two_processes_share_the_committee_and_score_as_one(tmp_path, committee,
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6, nan_ok=True), key
 
 
-def stored_members(store: Path) -> set[str]:
-    """The checkpoints of the complete member entries in ``store`` (not the shared arrays, not a
-    staging folder a killed writer left)."""
-    entries = [path for path in store.glob("*/*") if path.name != "shared" and not path.name.startswith(".")]
-    return {json.loads((path / "meta.json").read_text())["meta"]["checkpoint"] for path in entries
-            if (path / "meta.json").is_file()}
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_committee_resumes_with_the_members_it_finished(tmp_path, committee):
     """SIGKILL once the first member is stored; the next run computes only the others, and scores
@@ -452,22 +449,21 @@ def test_a_run_killed_mid_committee_resumes_with_the_members_it_finished(tmp_pat
     members = f"ckpts=[{','.join(paths)}]"
     explainer = ["explainer=smoothgrad", "explainer.num_samples=12"]  # a member takes seconds, not less
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "evaluation.consensus", f"hydra.run.dir={tmp_path / 'killed'}",
-               f"data.data_dir={root / 'data'}", *[item for item in TINY if item.startswith("data.")],
-               f"store_dir={store}", "num_images=6", "resolution=16", "picture_images=2", members, *explainer]
+    command = module_command("evaluation.consensus", tmp_path / "killed", root / "data", f"store_dir={store}",
+                             *CONSENSUS, members, *explainer)
     log = tmp_path / "killed.log"  # a file, not a pipe: nothing blocks the run while it is watched
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not stored_members(store) and process.poll() is None and time.monotonic() < deadline:
+        while not stored_entries(store) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    finished = stored_members(store)
+    finished = set(stored_entries(store))
     assert 1 <= len(finished) < 3, finished  # killed mid-committee
     assert not (tmp_path / "killed" / "consensus.json").exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.sampling import shard_indices, spread_indices
-from tests.conftest import TINY, assert_ok, read_summary, train
+from tests.conftest import PYTHON, TORCHRUN_2, assert_ok, read_summary, run_module, train
 from tests.ddp_evaluation import DATA, MAX_IMAGES, WORLD_SIZE, datamodule, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +69,13 @@ def test_two_gloo_processes_equal_one_process_on_an_odd_number_of_images(data_di
     assert_same_results(ranks[0], evaluate(data_dir, batch_size=DATA["batch_size"]))
 
 
-def evaluation_report(out: Path, launcher: list[str], data_dir: Path, checkpoint: str, *overrides: str) -> dict:
+def evaluation_report(out: Path, launcher: tuple[str, ...], data_dir: Path, checkpoint: str, *overrides: str) -> dict:
     """``python -m evaluation`` of ``checkpoint`` on the tiny synthetic data, launched by
     ``launcher``; each image alone in its batch, so that every process computes every map exactly
     as one process does. Returns report.json, after checking that one process wrote it."""
-    data = [item for item in TINY if item.startswith("data.")]
-    command = [*launcher, "-m", "evaluation", f"hydra.run.dir={out}", f"data.data_dir={data_dir}", *data,
-               f"ckpt_path={checkpoint}", "metrics=[acc,pg,spg,ch,nqh,fgsm]", "evaluation.batch_size=1",
-               "heatmap_images=1", "heatmap_composites=0", "device=cpu", *overrides]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = run_module("evaluation", out, data_dir, f"ckpt_path={checkpoint}", "metrics=[acc,pg,spg,ch,nqh,fgsm]",
+                     "evaluation.batch_size=1", "heatmap_images=1", "heatmap_composites=0", "device=cpu", *overrides,
+                     launcher=launcher)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("# Explanation evaluation") == 1  # rank 0 alone prints and writes the report
     return json.loads((out / "report.json").read_text())
@@ -90,9 +88,8 @@ def test_the_evaluation_script_on_two_processes_reports_one_processs_numbers(tmp
     data_dir = tmp_path / "data"
     assert_ok(train(tmp_path / "run", data_dir, "loss=gc"))
     checkpoint = read_summary(tmp_path / "run")["last_checkpoint"]
-    one = evaluation_report(tmp_path / "one", [sys.executable], data_dir, checkpoint)
-    launchers = {"devices": ([sys.executable], "devices=2"),
-                 "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"], "seed=0")}
+    one = evaluation_report(tmp_path / "one", PYTHON, data_dir, checkpoint)
+    launchers = {"devices": (PYTHON, "devices=2"), "torchrun": (TORCHRUN_2, "seed=0")}
     for name, (launcher, option) in launchers.items():
         report = evaluation_report(tmp_path / name, launcher, data_dir, checkpoint, option)
         assert report["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
